@@ -1,0 +1,12 @@
+"""evoexport: EvoPrune visual-token pruning inside a multimodal LLM's vision encoder,
+exported as static-shape ONNX stage graphs (and TensorRT engines) with a validated runtime."""
+__version__ = "0.1.0"
+
+
+def load(build_dir, backend: str = "onnxruntime", **options):
+    """Load a build directory; returns a callable pixel_values -> Output(features, indices, ...)."""
+    from .runtime import load as _load
+    return _load(build_dir, backend=backend, **options)
+
+
+__all__ = ["load", "__version__"]

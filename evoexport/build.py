@@ -1,0 +1,163 @@
+"""`evoexport build`: tower -> EvoPrune schedule -> stage graphs -> manifest -> validation.
+
+The build is written to a temporary directory beside the target and renamed into place
+only when it is complete (and validated): a failed or interrupted build never leaves a
+half-written directory at the target nor clobbers a previous good build there.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .errors import EvoExportError
+from .manifest import SCHEMA_VERSION, write_manifest
+from .models import get_preset, load_tower
+from .models.tower import spec_from_checkpoint, spec_from_preset
+from .progress import Progress
+from .prune import (PruneParams, PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule,
+                    tower_flops)
+
+DEFAULT_ROOT = Path("graphs")
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict
+    report: dict | None
+
+
+def default_out(model: str, keep: float) -> Path:
+    return DEFAULT_ROOT / f"{model}-keep{keep:g}"
+
+
+def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None) -> tuple[float, list[PrunePoint]]:
+    """Resolve --keep / --schedule into (keep, prune points); they must agree when both are given."""
+    if schedule:
+        points = parse_schedule(schedule, depth, num_patches)
+        implied = points[-1].tokens / num_patches
+        if keep is not None and budget_for(num_patches, keep) != points[-1].tokens:
+            raise EvoExportError(f"--keep {keep} keeps {budget_for(num_patches, keep)} tokens but --schedule ends at "
+                                 f"{points[-1].tokens}; give one or make them agree")
+        return (keep if keep is not None else round(implied, 6)), points
+    keep = 0.5 if keep is None else keep
+    return keep, default_schedule(depth, num_patches, keep)
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+    return {"evoexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | None = None,
+          params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
+          out: str | Path | None = None, validate: bool = True, progress: Progress | None = None,
+          force: bool = True) -> BuildResult:
+    from .export import export_pipeline
+    from .stages import Pipeline
+    from .validate import print_report
+    from .validate import validate as run_validation
+
+    progress = progress or Progress()
+    params = params or PruneParams()
+    preset = get_preset(model)
+    # Everything the user typed is checked before the (slow) weights are touched.
+    spec = spec_from_checkpoint(preset, Path(checkpoint).expanduser()) if checkpoint else spec_from_preset(preset)
+    grid = spec.vision["image_size"] // spec.vision["patch_size"]
+    keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
+    target = Path(out) if out else default_out(model, keep)
+    if target.exists() and not (target / "manifest.json").is_file():
+        raise EvoExportError(f"--out {target} exists and is not an evoexport build; refusing to replace it")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a build is meant to be shared
+    try:
+        progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
+        tower = load_tower(model, checkpoint, seed=seed)
+        pipeline = Pipeline(tower, points, params)
+        flops_full, flops_pruned = tower_flops(tower, []), tower_flops(tower, points, params)
+        progress(f"schedule {format_schedule(points)} (after_layer:tokens of {tower.num_patches}); "
+                 f"ideal FLOP speedup {flops_full / flops_pruned:.2f}x")
+        stages = export_pipeline(pipeline, tmp, progress)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": model,
+            "family": preset.family,
+            "keep": keep,
+            "schedule": [{"after_layer": p.after_layer, "tokens": p.tokens} for p in points],
+            "prune_params": params.to_dict(),
+            **tower.weights_info,
+            "tower": {"vision": spec.vision, "projector": spec.projector, "feature_layer": spec.feature_layer,
+                      "select_strategy": spec.select_strategy, "depth": tower.depth, "image_size": tower.image_size,
+                      "grid": tower.grid, "num_patches": tower.num_patches, "has_cls": tower.has_cls,
+                      "hidden_size": tower.hidden_size, "out_features": tower.out_features},
+            "preprocess": spec.preprocess,
+            "inputs": [stages[0]["inputs"][0]],
+            "outputs": [stages[-1]["outputs"][0]] + [s["select"]["outputs"][2] for s in stages if s["select"]],
+            "stages": stages,
+            "flops": {"unpruned": flops_full, "pruned": flops_pruned, "ideal_speedup": flops_full / flops_pruned},
+            "versions": versions(),
+        }
+        write_manifest(tmp, manifest)
+        report = None
+        if validate:
+            progress("validating against PyTorch on sample photos")
+            report = run_validation(tmp, pipeline=pipeline)
+            print_report(report, file=sys.stderr)
+            if not report["passed"]:
+                raise EvoExportError(f"validation failed; nothing written to {target} (see the table above)")
+        _replace_dir(tmp, target)
+        progress(f"wrote {target}")
+        return BuildResult(target, manifest, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move a complete build into place; the previous build is removed only after the swap."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete leftovers of builds that were killed (SIGKILL cannot clean up after itself)."""
+    for prefix in (f".{target.name}.partial-", f".{target.name}.old-"):
+        for p in target.parent.glob(prefix + "*"):
+            pid = p.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if prefix.endswith("old-") and not target.exists():
+                    os.rename(p, target)  # killed mid-swap: the old build is the good one
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

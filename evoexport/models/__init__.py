@@ -1,0 +1,49 @@
+"""Model presets: a registry of vision towers by name (timm-style: configs as data).
+
+A preset names a model *family* and its full-size configuration. Each family lives in
+its own module and knows how to build its tower from the preset, or from a local Hugging
+Face checkpoint of that family (whose config.json then wins over the preset's sizes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import EvoExportError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    description: str
+    vision: dict                     # transformers CLIPVisionConfig keyword arguments
+    projector: dict | None = None    # {"out_features", "act", "bias"}; None: bare encoder
+    feature_layer: int = -2          # transformers hidden_states index fed to the projector
+    select_strategy: str = "default"  # "default": drop CLS from the features (LLaVA)
+    preprocess: dict = field(default_factory=dict)
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    if preset.name in _PRESETS:
+        raise ValueError(f"preset {preset.name!r} registered twice")
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        known = ", ".join(sorted(_PRESETS))
+        raise EvoExportError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def list_presets() -> list[Preset]:
+    return [_PRESETS[k] for k in sorted(_PRESETS)]
+
+
+from . import llava  # noqa: E402,F401  (registers the llava family)
+from .tower import VisionTower, load_tower  # noqa: E402,F401

@@ -1,0 +1,86 @@
+"""Safe, selective reading of local Hugging Face checkpoints.
+
+Only safetensors are read: a pickle (.bin/.pt/.pth) can run code when unpickled, so a
+checkpoint that has nothing else is refused. Only the tensors asked for are read, so a
+LLaVA checkpoint's language-model shards are never touched.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import EvoExportError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def read_config(ckpt: Path) -> dict:
+    if not ckpt.exists():
+        raise EvoExportError(f"checkpoint {ckpt} does not exist")
+    if not ckpt.is_dir():
+        if ckpt.suffix in PICKLE_SUFFIXES:
+            raise EvoExportError(f"checkpoint {ckpt} is a pickle file; weights load only from safetensors")
+        raise EvoExportError(f"checkpoint {ckpt} is not a directory (expected a Hugging Face checkpoint directory)")
+    cfg_path = ckpt / "config.json"
+    if not cfg_path.is_file():
+        raise EvoExportError(f"{ckpt} is not a Hugging Face checkpoint: no config.json")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvoExportError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def weight_index(ckpt: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise EvoExportError(f"{index} is not a valid safetensors index: {e}") from None
+        return {name: ckpt / fname for name, fname in weight_map.items()}
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise EvoExportError(
+                f"checkpoint {ckpt} has only pickle weights ({', '.join(pickles[:3])}); "
+                "weights load only from safetensors (convert them with transformers' save_pretrained)")
+        raise EvoExportError(f"checkpoint {ckpt} has no *.safetensors weights")
+    names: dict[str, Path] = {}
+    for f in files:
+        with _open(f) as st:
+            for k in st.keys():
+                names[k] = f
+    return names
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise EvoExportError(f"checkpoint shard {path} is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own types for bad headers
+        raise EvoExportError(f"checkpoint shard {path} is not a readable safetensors file ({e})") from None
+
+
+def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Read `wanted` = {checkpoint name: our name}, one shard at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for ck_name in wanted:
+        by_file.setdefault(index[ck_name], []).append(ck_name)
+    out: dict[str, torch.Tensor] = {}
+    for path, ck_names in sorted(by_file.items()):
+        with _open(path) as st:
+            present = set(st.keys())
+            for ck_name in ck_names:
+                if ck_name not in present:
+                    raise EvoExportError(f"checkpoint index names {ck_name} in {path.name}, but the file lacks it")
+                try:
+                    out[wanted[ck_name]] = st.get_tensor(ck_name)
+                except Exception as e:
+                    raise EvoExportError(f"checkpoint shard {path} is truncated or corrupt ({e})") from None
+    return out

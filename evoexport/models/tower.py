@@ -1,0 +1,229 @@
+"""The vision tower: transformers' CLIP vision modules + LLaVA projector, truncated at the feature layer.
+
+`VisionTower` holds transformers' own modules (CLIPVisionModel, LlavaMultiModalProjector),
+never re-typed copies, and exposes the pieces the stage builder needs: `embed`, `layers`,
+`project`. Layers after the feature layer are never built: LLaVA reads hidden_states[-2],
+so the last CLIP layer would be wasted work (and wasted weights).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import EvoExportError
+from . import Preset, get_preset
+from .checkpoint import read_config, read_tensors, weight_index
+
+# Checkpoint name prefixes under which each part of the tower is stored: transformers 5
+# saves LLaVA as "vision_tower.embeddings...", released llava-1.5 checkpoints (transformers 4)
+# as "vision_tower.vision_model.embeddings...", bare CLIP as "[vision_model.]embeddings...".
+VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
+                   "vision_tower.", "vision_model.", "")
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+@dataclass
+class TowerSpec:
+    """Everything that sizes a tower; recorded in the manifest."""
+    vision: dict            # CLIPVisionConfig.to_dict() (full depth, as in the checkpoint)
+    projector: dict | None  # {"out_features", "act", "bias"}
+    feature_layer: int
+    select_strategy: str
+    preprocess: dict
+
+    @property
+    def depth(self) -> int:
+        """Number of encoder layers actually run (up to the feature layer)."""
+        n = self.vision["num_hidden_layers"]
+        fl = self.feature_layer
+        run = fl if fl >= 0 else n + 1 + fl
+        if not 1 <= run <= n:
+            raise EvoExportError(f"feature layer {fl} is outside a {n}-layer encoder")
+        return run
+
+
+class VisionTower(nn.Module):
+    def __init__(self, spec: TowerSpec):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        self.spec = spec
+        vcfg = CLIPVisionConfig.from_dict({**spec.vision, "num_hidden_layers": spec.depth})
+        vcfg._attn_implementation = "sdpa"
+        self.config = vcfg
+        self.vision = CLIPVisionModel(vcfg).eval()
+        self.projector = _build_projector(vcfg, spec) if spec.projector else None
+        if self.projector is not None:
+            self.projector.eval()
+        self.has_cls = True  # CLIP; the selection code also handles encoders without CLS
+        self.hidden_size = vcfg.hidden_size
+        self.num_heads = vcfg.num_attention_heads
+        self.mlp_size = vcfg.intermediate_size
+        self.image_size = vcfg.image_size
+        self.grid = vcfg.image_size // vcfg.patch_size
+        self.num_patches = self.grid * self.grid
+        self.out_features = spec.projector["out_features"] if spec.projector else vcfg.hidden_size
+        self.drop_cls = spec.select_strategy == "default"
+        self.weights_info: dict = {}
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def _clip(self) -> nn.Module:
+        # transformers < 5 wraps the modules in .vision_model
+        return getattr(self.vision, "vision_model", self.vision)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._clip.encoder.layers
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vm = self._clip
+        return vm.pre_layrnorm(vm.embeddings(pixel_values))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, 1+K, D] -> output features [B, K, D_out]."""
+        feats = hidden[:, 1:] if (self.has_cls and self.drop_cls) else hidden
+        return self.projector(feats) if self.projector is not None else feats
+
+    def eager_attention_config(self):
+        """A copy of the config whose attention returns its probabilities (for the importance probe)."""
+        cfg = copy.deepcopy(self.config)
+        cfg._attn_implementation = "eager"
+        return cfg
+
+    def state_sha256(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+
+def _build_projector(vcfg, spec: TowerSpec) -> nn.Module:
+    from transformers import LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    p = spec.projector
+    lcfg = LlavaConfig(vision_config=vcfg.to_dict(),
+                       text_config={"model_type": "llama", "hidden_size": p["out_features"]},
+                       projector_hidden_act=p["act"], multimodal_projector_bias=p["bias"],
+                       vision_feature_layer=spec.feature_layer)
+    return LlavaMultiModalProjector(lcfg)
+
+
+def spec_from_preset(preset: Preset) -> TowerSpec:
+    from transformers import CLIPVisionConfig
+    return TowerSpec(vision=CLIPVisionConfig(**preset.vision).to_dict(), projector=preset.projector,
+                     feature_layer=preset.feature_layer, select_strategy=preset.select_strategy,
+                     preprocess=dict(preset.preprocess))
+
+
+def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
+    from transformers import CLIPConfig, CLIPVisionConfig, LlavaConfig
+
+    raw = read_config(ckpt)
+    kind = raw.get("model_type")
+    try:
+        if kind == "llava":
+            cfg = LlavaConfig.from_dict(raw)
+            vcfg = cfg.vision_config
+            if vcfg.model_type != "clip_vision_model":
+                raise EvoExportError(f"{ckpt}: LLaVA checkpoint with a {vcfg.model_type!r} vision tower; only CLIP is supported")
+            fl = cfg.vision_feature_layer
+            if not isinstance(fl, int):
+                raise EvoExportError(f"{ckpt}: multi-layer vision_feature_layer {fl} is not supported")
+            projector = {"out_features": cfg.text_config.hidden_size, "act": cfg.projector_hidden_act,
+                         "bias": getattr(cfg, "multimodal_projector_bias", True)}
+            strategy = cfg.vision_feature_select_strategy
+        elif kind in ("clip_vision_model", "clip"):
+            vcfg = CLIPVisionConfig.from_dict(raw) if kind == "clip_vision_model" else CLIPConfig.from_dict(raw).vision_config
+            projector, fl, strategy = None, preset.feature_layer, preset.select_strategy
+        else:
+            raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a {preset.family} checkpoint "
+                                 "(expected 'llava', 'clip_vision_model' or 'clip')")
+    except EvoExportError:
+        raise
+    except Exception as e:
+        raise EvoExportError(f"{ckpt}/config.json is not a valid {kind} config: {e}") from None
+    if strategy not in ("default", "full"):
+        raise EvoExportError(f"{ckpt}: vision_feature_select_strategy {strategy!r} is not supported")
+    return TowerSpec(vision=vcfg.to_dict(), projector=projector, feature_layer=fl,
+                     select_strategy=strategy, preprocess=_preprocess_from_checkpoint(ckpt, preset))
+
+
+def _preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
+    import json
+    pre = dict(preset.preprocess)
+    p = ckpt / "preprocessor_config.json"
+    if p.is_file():
+        try:
+            raw = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvoExportError(f"{p} is not valid JSON: {e}") from None
+        for key in ("image_mean", "image_std"):
+            if key in raw:
+                pre[key.removeprefix("image_")] = [float(v) for v in raw[key]]
+    return pre
+
+
+def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
+               expect_sha256: str | None = None, quiet: bool = False) -> VisionTower:
+    """Build the tower of preset `model`, with weights from `checkpoint` or seeded random ones."""
+    preset = get_preset(model)
+    if checkpoint is None:
+        spec = spec_from_preset(preset)
+        torch.manual_seed(seed)
+        tower = VisionTower(spec)
+        tower.weights_info = {"weights": "random", "weights_seed": seed, "checkpoint": None}
+        if not quiet:
+            print(f"WARNING: no --checkpoint given: {model} uses seeded RANDOM weights (seed {seed}). "
+                  "Shapes and speed are real; the features mean nothing.", file=sys.stderr)
+    else:
+        ckpt = Path(checkpoint).expanduser().resolve()
+        spec = spec_from_checkpoint(preset, ckpt)
+        tower = VisionTower(spec)
+        _load_weights(tower, ckpt)
+        tower.weights_info = {"weights": "checkpoint", "weights_seed": None, "checkpoint": str(ckpt)}
+    tower.weights_info["weights_sha256"] = tower.state_sha256()
+    if expect_sha256 and tower.weights_info["weights_sha256"] != expect_sha256:
+        raise EvoExportError("the weights loaded now differ from the ones the build was made from "
+                             f"(sha256 {tower.weights_info['weights_sha256'][:12]} != {expect_sha256[:12]})")
+    return tower
+
+
+def _load_weights(tower: VisionTower, ckpt: Path) -> None:
+    index = weight_index(ckpt)
+    wanted: dict[str, str] = {}
+    missing: list[str] = []
+    targets = [("vision.", VISION_PREFIXES, tower.vision.state_dict())]
+    if tower.projector is not None:
+        targets.append(("projector.", PROJECTOR_PREFIXES, tower.projector.state_dict()))
+    for ours_prefix, prefixes, state in targets:
+        for name in state:
+            base = name.removeprefix("vision_model.")
+            for pre in prefixes:
+                if pre + base in index:
+                    wanted[pre + base] = ours_prefix + name
+                    break
+            else:
+                missing.append(name)
+    if missing:
+        raise EvoExportError(f"checkpoint {ckpt} lacks {len(missing)} tower tensors (e.g. {missing[0]})")
+    tensors = read_tensors(index, wanted)
+    own = tower.state_dict()
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise EvoExportError(f"checkpoint tensor for {name} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(own[name].shape)}")
+        tensors[name] = t.to(own[name].dtype)
+    tower.load_state_dict(tensors, strict=False)

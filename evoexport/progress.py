@@ -1,0 +1,33 @@
+"""Progress lines on stderr: elapsed time and what is happening now."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def rss_gb() -> float:
+    """Current resident memory of this process, in GB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+    except OSError:
+        return peak_rss_gb()
+
+
+class Progress:
+    def __init__(self, stream=sys.stderr, enabled: bool = True):
+        self.stream, self.enabled, self.t0 = stream, enabled, time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{self.elapsed:6.1f}s {rss_gb():4.1f}GB] {message}", file=self.stream, flush=True)

@@ -1,0 +1,283 @@
+"""EvoPrune: score, select and merge patch tokens at a prune point.
+
+This module is the single implementation of token selection. The PyTorch reference
+model calls `select`, the exporter traces `SelectGraph` (a thin nn.Module around it) into
+the ONNX graph that runtimes execute between encoder stages, and the tests fuzz it.
+
+Definitions (see docs/evoprune.md for the reasoning). At a prune point with N patch
+tokens x_i (hidden states after layer L), attention importance a_i, token sizes s_i and a
+budget of K tokens:
+
+  f_i   = x_i / |x_i|                        similarity features (cosine space)
+  S_ij  = f_i . f_j                          token similarity
+  r_i   = max_{j != i} S_ij                  redundancy: a near-duplicate exists
+  u_i   = a_i / max_j a_j - beta * r_i       utility: important and not redundant
+  I     = top round(alpha*K) tokens by u     importance picks (at least 1)
+  d_i   = -max_{j in I} S_ij                 novelty w.r.t. what is already kept
+  D     = top K-|I| tokens outside I by d    diversity picks
+  kept  = I u D, in raster (ascending) order
+
+Merge (optional): every token is assigned to its most similar kept token (a kept token
+to itself) and each kept token becomes the size-weighted mean of what was assigned to it;
+sizes add up. With proportional attention the next stages add log(size) to the attention
+logits, so a merged token weighs as much as the tokens it stands for (as in ToMe).
+
+Only dense ops: matmul, sort/top-k, gather, comparisons, reductions; no scatter and no
+data-dependent shapes, so the same code exports to ONNX and TensorRT with static budgets.
+Ties break towards the lower token index everywhere (an exact pairwise rank, not a
+sort); NaN and -inf scores rank last, so a selection is always valid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import EvoExportError
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    """EvoPrune hyperparameters; every one is a CLI flag of `evoexport build`."""
+    importance_ratio: float = 0.5    # alpha: share of each budget filled by utility; the rest by novelty
+    redundancy_weight: float = 0.3   # beta: utility penalty for having a near-duplicate
+    merge: bool = True               # merge dropped tokens into their nearest kept token
+    proportional_attention: bool = True  # add log(token size) to attention logits after a merge
+
+    def __post_init__(self):
+        if not 0.0 <= self.importance_ratio <= 1.0 or math.isnan(self.importance_ratio):
+            raise EvoExportError(f"importance ratio must be in [0, 1], got {self.importance_ratio}")
+        if not math.isfinite(self.redundancy_weight) or self.redundancy_weight < 0:
+            raise EvoExportError(f"redundancy weight must be a finite number >= 0, got {self.redundancy_weight}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+@dataclass(frozen=True)
+class PrunePoint:
+    after_layer: int  # 0-based: tokens are pruned between layer `after_layer` and the next
+    tokens: int       # patch tokens kept
+
+
+# Default prune points, as fractions of the encoder depth: the first ~20% of layers run on
+# all tokens (their attention is not yet semantic), then three steps of equal ratio reach
+# the final budget by ~40% of the depth, so the remaining 60% of the layers run at budget.
+DEFAULT_PRUNE_DEPTHS = (0.2, 0.3, 0.4)
+
+
+def budget_for(num_patches: int, keep: float) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
+        raise EvoExportError(f"--keep must be a number in (0, 1], got {keep!r}")
+    if not 0 < keep <= 1:
+        raise EvoExportError(f"--keep must be in (0, 1], got {keep}")
+    k = round(num_patches * keep)
+    if k < 1:
+        raise EvoExportError(f"--keep {keep} leaves no token of {num_patches}")
+    return k
+
+
+def default_schedule(depth: int, num_patches: int, keep: float) -> list[PrunePoint]:
+    final = budget_for(num_patches, keep)
+    if final == num_patches:
+        return []
+    if depth < 2:
+        raise EvoExportError(f"a {depth}-layer encoder has no room for a prune point")
+    # after layer round(depth * f): at least one layer always runs on all tokens
+    layers = sorted({min(max(round(depth * f), 1), depth - 2) for f in DEFAULT_PRUNE_DEPTHS})
+    points, prev = [], num_patches
+    for i, layer in enumerate(layers, 1):
+        tokens = final if i == len(layers) else round(num_patches * keep ** (i / len(layers)))
+        tokens = min(max(tokens, final), prev)
+        if tokens < prev:
+            points.append(PrunePoint(layer, tokens))
+            prev = tokens
+    return points
+
+
+def parse_schedule(text: str, depth: int, num_patches: int) -> list[PrunePoint]:
+    """'LAYER:KEEP,...' with KEEP a fraction of the original patch tokens (0.7) or a count (400)."""
+    points: list[PrunePoint] = []
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        try:
+            layer_s, keep_s = item.split(":")
+            layer = int(layer_s)
+            is_fraction = "." in keep_s or "e" in keep_s.lower()
+            keep_v = float(keep_s) if is_fraction else int(keep_s)
+        except ValueError:
+            raise EvoExportError(f"--schedule item {item!r} is not LAYER:KEEP (e.g. 4:0.8,8:0.5 or 4:400,8:288)") from None
+        if is_fraction:
+            if not 0 < keep_v <= 1:
+                raise EvoExportError(f"--schedule item {item!r}: a fraction must be in (0, 1]")
+            tokens = budget_for(num_patches, keep_v)
+        else:
+            tokens = keep_v
+        points.append(PrunePoint(layer, tokens))
+    if not points:
+        raise EvoExportError("--schedule is empty")
+    check_schedule(points, depth, num_patches)
+    return points
+
+
+def check_schedule(points: list[PrunePoint], depth: int, num_patches: int) -> None:
+    prev_layer, prev_tokens = -1, num_patches
+    for p in points:
+        if not 0 <= p.after_layer <= depth - 2:
+            raise EvoExportError(f"prune point after layer {p.after_layer} does not fit a {depth}-layer encoder "
+                                 f"(allowed: 0..{depth - 2}; the last layer must run on the kept tokens)")
+        if p.after_layer <= prev_layer:
+            raise EvoExportError("--schedule prune layers must be strictly increasing")
+        if not 1 <= p.tokens < prev_tokens:
+            raise EvoExportError(f"prune point after layer {p.after_layer} keeps {p.tokens} tokens; "
+                                 f"budgets must decrease and stay >= 1 (previous: {prev_tokens})")
+        prev_layer, prev_tokens = p.after_layer, p.tokens
+
+
+def format_schedule(points: list[PrunePoint]) -> str:
+    return ",".join(f"{p.after_layer}:{p.tokens}" for p in points) or "(none)"
+
+
+# ----------------------------------------------------------------------------- selection
+
+def _rank_key(x: torch.Tensor) -> torch.Tensor:
+    """Scores made totally ordered: NaN and -inf rank below every real score."""
+    lowest = torch.finfo(x.dtype).min
+    return torch.where(torch.isnan(x) | (x == -math.inf), torch.full_like(x, lowest), x)
+
+
+def _top_mask(key: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N] -> boolean mask of the k largest keys; ties go to the lower index.
+
+    A token is in when fewer than k tokens beat it, where j beats i if key_j > key_i, or
+    key_j == key_i and j < i. The pairwise compare is dense, exact and deterministic in
+    every backend (a sort would not be: torch.topk leaves ties unspecified and ONNX has no
+    stable sort); it costs N^2 compares, less than the similarity matmul beside it.
+    """
+    n = key.shape[-1]
+    ar = torch.arange(n, device=key.device)
+    ki, kj = key.unsqueeze(-1), key.unsqueeze(-2)                  # [B, N(i), 1], [B, 1, N(j)]
+    beats = (kj > ki) | ((kj == ki) & (ar.view(1, n) < ar.view(n, 1)))
+    return beats.sum(dim=-1) < k
+
+
+def _ascending_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k True entries of each row of `mask`, ascending (raster order)."""
+    n = mask.shape[-1]
+    # keys n-i are distinct over the kept set and 0 elsewhere, so top-k is exact and tie-free
+    order_key = torch.where(mask, n - torch.arange(n, device=mask.device), 0)
+    return torch.topk(order_key, k, dim=-1, largest=True, sorted=True).indices
+
+
+def utility_scores(patches: torch.Tensor, importance: torch.Tensor, redundancy_weight: float):
+    """Returns (utility u [B,N], similarity S [B,N,N])."""
+    feats = nn.functional.normalize(patches, dim=-1, eps=1e-6)
+    sim = feats @ feats.transpose(1, 2)
+    n = patches.shape[1]
+    if n > 1:
+        eye = torch.eye(n, dtype=torch.bool, device=patches.device)
+        redundancy = sim.masked_fill(eye, -math.inf).amax(dim=-1)
+    else:
+        redundancy = torch.zeros_like(importance)
+    peak = importance.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return importance / peak - redundancy_weight * redundancy, sim
+
+
+def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
+           has_cls: bool = True, sizes: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+    """Keep `budget` patch tokens of `hidden` and merge the rest into them.
+
+    hidden     [B, c+N, D]  hidden states (c = 1 leading CLS token if has_cls, never pruned)
+    importance [B, N]       attention importance of the patch tokens
+    sizes      [B, N]       how many original patches each token stands for (default 1)
+    positions  [B, N] int64 original patch index of each token (default 0..N-1)
+    returns    hidden [B, c+K, D], sizes [B, K], positions [B, K] (ascending = raster order)
+    """
+    c = 1 if has_cls else 0
+    b, n = hidden.shape[0], hidden.shape[1] - c
+    if importance.shape != (b, n):
+        raise EvoExportError(f"importance has shape {tuple(importance.shape)}, expected {(b, n)}")
+    if not 1 <= budget <= n:
+        raise EvoExportError(f"budget {budget} must be between 1 and the {n} tokens present")
+    patches = hidden[:, c:]
+    if sizes is None:
+        sizes = torch.ones(b, n, dtype=hidden.dtype, device=hidden.device)
+    if positions is None:
+        positions = torch.arange(n, device=hidden.device).unsqueeze(0).expand(b, n)
+
+    utility, sim = utility_scores(patches, importance, params.redundancy_weight)
+    sim_key = _rank_key(sim)
+    k_imp = min(budget, max(1, round(params.importance_ratio * budget)))
+    picked = _top_mask(_rank_key(utility), k_imp)
+    if budget > k_imp:
+        # novelty: minus the similarity to the closest token already picked
+        closest = sim_key.masked_fill(~picked.unsqueeze(1), -math.inf).amax(dim=-1)
+        novelty = _rank_key(-closest).masked_fill(picked, -math.inf)  # picked tokens rank last of all
+        picked = picked | _top_mask(novelty, budget - k_imp)
+
+    kept = _ascending_indices(picked, budget)                                # [B, K]
+    new_positions = torch.gather(positions, 1, kept)
+
+    if params.merge:
+        sim_to_kept = torch.gather(sim_key, 2, kept.unsqueeze(1).expand(b, n, budget))  # [B, N, K]
+        is_self = torch.arange(n, device=hidden.device).view(1, n, 1) == kept.unsqueeze(1)
+        sim_to_kept = sim_to_kept.masked_fill(is_self, math.inf)
+        owner = sim_to_kept.argmax(dim=-1)                                               # [B, N]
+        assign = owner.unsqueeze(1) == torch.arange(budget, device=hidden.device).view(1, budget, 1)
+        assign = assign.to(hidden.dtype)                                                 # [B, K, N]
+        new_sizes = (assign @ sizes.unsqueeze(-1)).squeeze(-1)
+        merged = (assign @ (patches * sizes.unsqueeze(-1))) / new_sizes.unsqueeze(-1)
+    else:
+        new_sizes = torch.gather(sizes, 1, kept)
+        merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1]))
+    out = torch.cat([hidden[:, :c], merged], dim=1) if c else merged
+    return out, new_sizes, new_positions
+
+
+class SelectGraph(nn.Module):
+    """`select` at one prune point with a fixed budget: the module exported to ONNX."""
+
+    def __init__(self, budget: int, params: PruneParams, has_cls: bool):
+        super().__init__()
+        self.budget, self.params, self.has_cls = budget, params, has_cls
+
+    def forward(self, hidden, importance, sizes=None, positions=None):
+        return select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
+                      sizes=sizes, positions=positions)
+
+
+# ----------------------------------------------------------------------------- cost model
+
+def layer_flops(tokens: int, hidden: int, mlp: int) -> int:
+    """FLOPs (2 x multiply-accumulates) of one pre-LN ViT layer on `tokens` tokens, matmuls only."""
+    proj = 4 * tokens * hidden * hidden            # q, k, v, out
+    attn = 2 * tokens * tokens * hidden            # QK^T and AV
+    ffn = 2 * tokens * hidden * mlp                # fc1, fc2
+    return 2 * (proj + attn + ffn)
+
+
+def select_flops(n: int, hidden: int, budget: int, merge: bool) -> int:
+    flops = 2 * n * n * hidden                     # similarity
+    if merge:
+        flops += 2 * budget * n * hidden           # merge matmul
+    return flops
+
+
+def tower_flops(tower, points: list[PrunePoint], params: PruneParams | None = None) -> int:
+    """FLOPs of one image through the (pruned) tower: embedding, layers, selections, projector."""
+    d, m, n, c = tower.hidden_size, tower.mlp_size, tower.num_patches, int(tower.has_cls)
+    patch_dim = 3 * (tower.image_size // tower.grid) ** 2
+    flops = 2 * n * patch_dim * d
+    tokens, cuts = n, {p.after_layer: p.tokens for p in points}
+    for layer in range(tower.depth):
+        flops += layer_flops(tokens + c, d, m)
+        if layer in cuts:
+            flops += select_flops(tokens, d, cuts[layer], params.merge if params else True)
+            tokens = cuts[layer]
+    if tower.projector is not None:
+        out = tower.out_features
+        flops += 2 * tokens * (d * out + out * out)
+    return flops

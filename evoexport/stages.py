@@ -1,0 +1,131 @@
+"""Split a pruned tower at its prune points into static-shape graphs.
+
+The pipeline is a flat list of graphs wired by tensor name:
+
+    stage_0 (embed + layers 0..L0)  -> stage0_hidden, stage0_importance
+    select_0 (EvoPrune, K0 tokens)  -> pruned0_hidden, sizes_0, indices_0
+    stage_1 (layers L0+1..L1)       -> stage1_hidden, stage1_importance
+    select_1                        -> pruned1_hidden, sizes_1, indices_1
+    ...
+    stage_P (last layers + project) -> features
+
+A runtime keeps a dict of named tensors and feeds each graph the inputs it names: the
+same loop in Python today and in C++ tomorrow. Every token count is static; only the
+batch axis varies. `Pipeline.run` is the PyTorch reference that every backend is
+validated against; the exporter traces exactly these modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models.tower import VisionTower
+from .prune import PrunePoint, PruneParams, SelectGraph, check_schedule
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    kind: str                   # "encoder" | "select"
+    module: nn.Module
+    inputs: list[str]
+    outputs: list[str]
+    layers: tuple[int, int] | None = None   # encoder: [first, last+1)
+    tokens_in: int = 0                      # patch tokens entering
+    tokens_out: int = 0                     # patch tokens leaving
+    meta: dict = field(default_factory=dict)
+
+
+class EncoderStage(nn.Module):
+    """Layers [first, last) of the tower; optionally the embedding in front and, at the end,
+    either the attention-importance probe (before a prune point) or the projector."""
+
+    def __init__(self, tower: VisionTower, first: int, last: int, *, embed: bool, probe: bool,
+                 project: bool, proportional: bool):
+        super().__init__()
+        self.tower = tower
+        self.first, self.last = first, last
+        self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
+        self._captured: dict[str, torch.Tensor] = {}
+        if probe:
+            attn = tower.layers[last - 1].self_attn
+            # Eager attention on this one layer returns its probabilities; the others keep SDPA.
+            attn.config = tower.eager_attention_config()
+            attn.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        self._captured["attn"] = output[1]
+
+    def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None):
+        hidden = self.tower.embed(x) if self.embed else x
+        mask = None
+        if self.proportional and sizes is not None:
+            # proportional attention: a token standing for s patches gets log(s) on its logits
+            log_sizes = torch.log(sizes)
+            if self.tower.has_cls:
+                log_sizes = torch.cat([torch.zeros_like(log_sizes[:, :1]), log_sizes], dim=1)
+            mask = log_sizes[:, None, None, :]
+        for layer in self.tower.layers[self.first:self.last]:
+            hidden = layer(hidden, mask)
+        if self.project:
+            return (self.tower.project(hidden),)
+        if self.probe:
+            probs = self._captured.pop("attn")            # [B, heads, T, T]
+            if self.tower.has_cls:
+                importance = probs[:, :, 0, 1:].mean(dim=1)  # CLS -> patch attention
+            else:
+                importance = probs.mean(dim=(1, 2))          # mean attention received
+            return hidden, importance
+        return (hidden,)
+
+
+class Pipeline:
+    """The pruned tower as a list of graphs, with a PyTorch reference executor."""
+
+    def __init__(self, tower: VisionTower, points: list[PrunePoint], params: PruneParams):
+        check_schedule(points, tower.depth, tower.num_patches)
+        self.tower, self.points, self.params = tower, list(points), params
+        self.graphs: list[GraphSpec] = []
+        cuts = [p.after_layer + 1 for p in points] + [tower.depth]
+        first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, "pixel_values", None
+        for i, last in enumerate(cuts):
+            final = i == len(points)
+            proportional = params.merge and params.proportional_attention and prev_sizes is not None
+            stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
+                                 proportional=proportional)
+            inputs = [prev_hidden] + ([prev_sizes] if proportional else [])
+            outputs = ["features"] if final else [f"stage{i}_hidden", f"stage{i}_importance"]
+            tokens_out = tokens if final else points[i].tokens
+            self.graphs.append(GraphSpec(f"stage_{i}", "encoder", stage, inputs, outputs, (first, last),
+                                         tokens, tokens_out, {"proportional_attention": proportional}))
+            if final:
+                break
+            budget = points[i].tokens
+            sel_inputs = [f"stage{i}_hidden", f"stage{i}_importance"]
+            if i > 0:
+                sel_inputs += [f"sizes_{i - 1}", f"indices_{i - 1}"]
+            self.graphs.append(GraphSpec(f"select_{i}", "select", SelectGraph(budget, params, tower.has_cls),
+                                         sel_inputs, [f"pruned{i}_hidden", f"sizes_{i}", f"indices_{i}"],
+                                         None, tokens, budget, {"after_layer": points[i].after_layer}))
+            first, tokens, prev_hidden, prev_sizes = last, budget, f"pruned{i}_hidden", f"sizes_{i}"
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["features"] + [f"indices_{i}" for i in range(len(self.points))]
+
+    @torch.inference_mode()
+    def run(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every named tensor of the pipeline, computed in PyTorch (the reference)."""
+        env = {"pixel_values": pixel_values}
+        for g in self.graphs:
+            outs = g.module(*[env[n] for n in g.inputs])
+            env.update(zip(g.outputs, outs))
+        return env
+
+    def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
+        """A consistent set of every graph input, for tracing."""
+        t = self.tower
+        x = torch.randn(batch, 3, t.image_size, t.image_size, generator=torch.Generator().manual_seed(0))
+        return self.run(x)
