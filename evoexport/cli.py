@@ -1,0 +1,202 @@
+"""Command line: a thin layer over the library (build, run, validate, bench, info, models)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EvoExportError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="evoexport")
+def cli():
+    """EvoPrune a multimodal LLM's vision encoder and export it as validated ONNX stage graphs."""
+
+
+@cli.command()
+@click.option("--model", default="llava", show_default=True, help="model preset (see `evoexport models`)")
+@click.option("--keep", type=float, default=None, help="final fraction of patch tokens kept, in (0, 1]  [default: 0.5]")
+@click.option("--schedule", default=None, metavar="L:K,...",
+              help="explicit prune points: prune after layer L (0-based) to K tokens (count) or K of the patches (fraction)")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="local Hugging Face checkpoint directory (LLaVA or CLIP vision, safetensors)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights (without --checkpoint)")
+@click.option("--out", type=click.Path(), default=None, help="build directory  [default: graphs/MODEL-keepKEEP]")
+@click.option("--importance-ratio", type=float, default=0.5, show_default=True,
+              help="share of each budget filled by importance (rest: diversity)")
+@click.option("--redundancy-weight", type=float, default=0.3, show_default=True,
+              help="penalty on tokens that have a near-duplicate")
+@click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
+@click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
+              help="weight attention by merged token size")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="check the build against PyTorch")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, merge,
+          proportional_attention, validate, quiet):
+    """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
+    from .build import build as run_build
+    from .progress import Progress, peak_rss_gb
+    from .prune import PruneParams
+
+    params = PruneParams(importance_ratio=importance_ratio, redundancy_weight=redundancy_weight,
+                         merge=merge, proportional_attention=proportional_attention)
+    progress = Progress(enabled=not quiet)
+    result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
+                       out=out, validate=validate, progress=progress)
+    m = result.manifest
+    if m["weights"] == "random":
+        click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)
+    click.echo(f"built {result.path}: {len(m['stages'])} stages, keep {m['keep']} "
+               f"({m['stages'][-1]['tokens_out']} of {m['tower']['num_patches']} tokens), "
+               f"ideal FLOP speedup {m['flops']['ideal_speedup']:.2f}x, "
+               f"{progress.elapsed:.1f} s, peak memory {peak_rss_gb():.2f} GB")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--input", "input_path", required=True, type=click.Path(),
+              help="an image file, or a .npy of normalized pixel values float32 [B,3,H,W]")
+@click.option("--output", required=True, type=click.Path(), help="output .npz")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch", "tensorrt"]))
+def run(build_dir, input_path, output, backend):
+    """Run a build on one input; writes features, indices and indices_0.. to an .npz."""
+    import numpy as np
+
+    from .runtime import load
+
+    runner = load(build_dir, backend=backend)
+    pixels = _read_input(Path(input_path), runner.manifest)
+    out = runner(pixels)
+    to_np = runner.backend.to_numpy
+    arrays = {"features": to_np(out.features), "indices": np.asarray(to_np(out.indices) if not isinstance(out.indices, np.ndarray) else out.indices)}
+    for i, idx in enumerate(out.indices_per_point):
+        arrays[f"indices_{i}"] = to_np(idx)
+    tmp = Path(output).with_name(Path(output).name + ".partial.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, output)
+    click.echo(f"wrote {output}: features {list(arrays['features'].shape)}, indices {list(arrays['indices'].shape)}")
+
+
+def _read_input(path: Path, manifest: dict):
+    import numpy as np
+
+    from .images import load_image, preprocess
+
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise EvoExportError(f"input {path} does not exist")
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise EvoExportError(f"input {path} is not a plain .npy array ({e}); pickled arrays are refused") from None
+        except OSError as e:
+            raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
+    image = load_image(path)
+    return preprocess(image, manifest["tower"]["image_size"], manifest["preprocess"])[None]
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]))
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
+def validate(build_dir, backend, as_json):
+    """Compare a build with the PyTorch model on sample photos (non-zero exit beyond tolerances)."""
+    from .validate import format_report
+    from .validate import validate as run_validation
+
+    report = run_validation(build_dir, backend=backend)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--batch", "batches", type=int, multiple=True, default=(1, 4), show_default=True, help="batch sizes")
+@click.option("--iters", type=int, default=10, show_default=True, help="timed iterations per measurement")
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--baseline", type=click.Path(), default=None,
+              help="unpruned build (keep 1.0) to compare with  [default: exported now, same weights]")
+@click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baseline")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
+def bench(build_dir, batches, iters, warmup, baseline, no_hf, json_path):
+    """Latency of the pruned chain vs the unpruned export vs transformers' PyTorch model."""
+    from .bench import format_bench, run_bench
+
+    result = run_bench(build_dir, batches=batches, iters=iters, warmup=warmup, baseline=baseline, hf=not no_hf)
+    click.echo(format_bench(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--fp16", is_flag=True, help="allow FP16 kernels")
+@click.option("--opt-batch", type=int, default=1, show_default=True, help="batch size the engines are tuned for")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="largest batch (video frames) accepted")
+def engines(build_dir, fp16, opt_batch, max_batch):
+    """Build TensorRT engines for every graph of a build (needs TensorRT and a GPU)."""
+    from .engines import build_engines
+    from .progress import Progress
+
+    info = build_engines(build_dir, fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, progress=Progress())
+    click.echo(f"wrote {len(info['engines'])} engines to {build_dir} (TensorRT {info['tensorrt']}, {info['gpu']})")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+def info(build_dir):
+    """Summarize a build's manifest (graphs, tensors, schedule, weights)."""
+    from .manifest import graph_entries, read_manifest
+
+    m = read_manifest(build_dir, verify=False)
+    click.echo(f"{build_dir}: model {m['model']}, keep {m['keep']}, weights {m['weights']} "
+               f"(sha256 {m.get('weights_sha256', '?')[:12]}), schema {m['schema_version']}")
+    click.echo(f"  prune params: {m['prune_params']}")
+    for g in graph_entries(m):
+        ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"])
+        outs = ", ".join(f"{t['name']}{t['shape']}" for t in g["outputs"])
+        click.echo(f"  {g['name']:<9} {ins} -> {outs}")
+
+
+@cli.command()
+def models():
+    """List the model presets."""
+    from .models import list_presets
+
+    for p in list_presets():
+        click.echo(f"{p.name:<12} {p.description}")
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="evoexport", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return e.exit_code or 2
+    except EvoExportError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def _entry() -> None:
+    sys.exit(main())
