@@ -30,12 +30,14 @@ def cli():
               help="share of each budget filled by importance (rest: diversity)")
 @click.option("--redundancy-weight", type=float, default=0.3, show_default=True,
               help="penalty on tokens that have a near-duplicate")
+@click.option("--diversity-rounds", type=int, default=4, show_default=True,
+              help="rounds in which the diversity share is picked (novelty refreshed each round)")
 @click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
 @click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
               help="weight attention by merged token size")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the build against PyTorch")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, merge,
+def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds, merge,
           proportional_attention, validate, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from .build import build as run_build
@@ -43,7 +45,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     from .prune import PruneParams
 
     params = PruneParams(importance_ratio=importance_ratio, redundancy_weight=redundancy_weight,
-                         merge=merge, proportional_attention=proportional_attention)
+                         diversity_rounds=diversity_rounds, merge=merge, proportional_attention=proportional_attention)
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                        out=out, validate=validate, progress=progress)

@@ -13,8 +13,9 @@ budget of K tokens:
   r_i   = max_{j != i} S_ij                  redundancy: a near-duplicate exists
   u_i   = a_i / max_j a_j - beta * r_i       utility: important and not redundant
   I     = top round(alpha*K) tokens by u     importance picks (at least 1)
-  d_i   = -max_{j in I} S_ij                 novelty w.r.t. what is already kept
-  D     = top K-|I| tokens outside I by d    diversity picks
+  d_i   = -max_{j picked} S_ij               novelty w.r.t. what is already kept
+  D     = top K-|I| tokens by d, picked in   diversity picks (novelty refreshed
+          up to R rounds of equal size        after each round: near-greedy coverage)
   kept  = I u D, in raster (ascending) order
 
 Merge (optional): every token is assigned to its most similar kept token (a kept token
@@ -45,12 +46,15 @@ class PruneParams:
     redundancy_weight: float = 0.3   # beta: utility penalty for having a near-duplicate
     merge: bool = True               # merge dropped tokens into their nearest kept token
     proportional_attention: bool = True  # add log(token size) to attention logits after a merge
+    diversity_rounds: int = 4        # diversity picks are made in up to this many rounds, novelty refreshed each time
 
     def __post_init__(self):
         if not 0.0 <= self.importance_ratio <= 1.0 or math.isnan(self.importance_ratio):
             raise EvoExportError(f"importance ratio must be in [0, 1], got {self.importance_ratio}")
         if not math.isfinite(self.redundancy_weight) or self.redundancy_weight < 0:
             raise EvoExportError(f"redundancy weight must be a finite number >= 0, got {self.redundancy_weight}")
+        if not isinstance(self.diversity_rounds, int) or not 1 <= self.diversity_rounds <= 64:
+            raise EvoExportError(f"diversity rounds must be an integer in [1, 64], got {self.diversity_rounds}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +186,11 @@ def utility_scores(patches: torch.Tensor, importance: torch.Tensor, redundancy_w
         redundancy = sim.masked_fill(eye, -math.inf).amax(dim=-1)
     else:
         redundancy = torch.zeros_like(importance)
-    peak = importance.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    # NaN importance ranks last; the normalizing peak is taken over finite values only, so
+    # one bad score cannot poison its whole row
+    importance = importance.masked_fill(torch.isnan(importance), -math.inf)
+    finite = torch.where(torch.isfinite(importance), importance, torch.zeros_like(importance))
+    peak = finite.amax(dim=-1, keepdim=True).clamp_min(1e-12)
     return importance / peak - redundancy_weight * redundancy, sim
 
 
@@ -212,11 +220,15 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     sim_key = _rank_key(sim)
     k_imp = min(budget, max(1, round(params.importance_ratio * budget)))
     picked = _top_mask(_rank_key(utility), k_imp)
-    if budget > k_imp:
-        # novelty: minus the similarity to the closest token already picked
+    remaining = budget - k_imp
+    rounds = min(params.diversity_rounds, remaining)
+    for r in range(rounds):  # a static loop: unrolled in the exported graph
+        take = math.ceil(remaining / (rounds - r))
+        # novelty: minus the similarity to the closest token picked so far
         closest = sim_key.masked_fill(~picked.unsqueeze(1), -math.inf).amax(dim=-1)
         novelty = _rank_key(-closest).masked_fill(picked, -math.inf)  # picked tokens rank last of all
-        picked = picked | _top_mask(novelty, budget - k_imp)
+        picked = picked | _top_mask(novelty, take)
+        remaining -= take
 
     kept = _ascending_indices(picked, budget)                                # [B, K]
     new_positions = torch.gather(positions, 1, kept)

@@ -115,10 +115,17 @@ def _build_projector(vcfg, spec: TowerSpec) -> nn.Module:
 
     p = spec.projector
     lcfg = LlavaConfig(vision_config=vcfg.to_dict(),
-                       text_config={"model_type": "llama", "hidden_size": p["out_features"]},
+                       text_config=_stub_text_config(p["out_features"]),
                        projector_hidden_act=p["act"], multimodal_projector_bias=p["bias"],
                        vision_feature_layer=spec.feature_layer)
     return LlavaMultiModalProjector(lcfg)
+
+
+def _stub_text_config(hidden_size: int) -> dict:
+    """The language model LlavaConfig insists on: only its width matters (the projector's
+    output); it has no layers and is never run."""
+    return {"model_type": "llama", "hidden_size": hidden_size, "num_hidden_layers": 0, "vocab_size": 16,
+            "intermediate_size": 16, "num_attention_heads": 1, "num_key_value_heads": 1}
 
 
 def spec_from_preset(preset: Preset) -> TowerSpec:
@@ -227,3 +234,46 @@ def _load_weights(tower: VisionTower, ckpt: Path) -> None:
                                  f"config.json implies {tuple(own[name].shape)}")
         tensors[name] = t.to(own[name].dtype)
     tower.load_state_dict(tensors, strict=False)
+
+
+def hf_image_features(tower: VisionTower):
+    """transformers' own image-feature path carrying this tower's weights, for baselines.
+
+    LLaVA: `LlavaModel.get_image_features` with a full-depth CLIP tower (the layers past the
+    feature layer run too, as they do in transformers) and a language model of zero layers
+    (never called). Bare CLIP: `CLIPVisionModel(..., output_hidden_states=True)`.
+    Returns fn(pixel_values) -> features [B, K, D_out].
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaModel
+
+    spec = tower.spec
+    vcfg = CLIPVisionConfig.from_dict(spec.vision)
+    vcfg._attn_implementation = "sdpa"
+    vision_state = {k.removeprefix("vision_model."): v for k, v in tower.vision.state_dict().items()}
+    if spec.projector is None:
+        model = CLIPVisionModel(vcfg).eval()
+        missing = model.load_state_dict(vision_state, strict=False).missing_keys
+        fl, drop = spec.feature_layer, tower.drop_cls
+
+        def run(pixel_values):
+            hs = model(pixel_values, output_hidden_states=True).hidden_states[fl]
+            return hs[:, 1:] if drop else hs
+    else:
+        p = spec.projector
+        cfg = LlavaConfig(vision_config=vcfg.to_dict(),
+                          text_config=_stub_text_config(p["out_features"]),
+                          projector_hidden_act=p["act"], multimodal_projector_bias=p["bias"],
+                          vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy)
+        cfg._attn_implementation = "sdpa"
+        model = LlavaModel(cfg).eval()
+        missing = model.vision_tower.load_state_dict(vision_state, strict=False).missing_keys
+        model.multi_modal_projector.load_state_dict(tower.projector.state_dict())
+
+        def run(pixel_values):
+            out = model.get_image_features(pixel_values, vision_feature_layer=spec.feature_layer,
+                                           vision_feature_select_strategy=spec.select_strategy)
+            return torch.stack(list(out.pooler_output))
+    # only the unused layers past the feature layer (and post_layernorm) may be left at init
+    assert all(".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= tower.depth or "post_layernorm" in k
+               for k in missing), missing
+    return run

@@ -1,0 +1,212 @@
+"""EvoPrune selection, schedule and cost model, checked against independent brute-force code."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoexport.errors import EvoExportError
+from evoexport.prune import (PruneParams, PrunePoint, default_schedule, layer_flops, parse_schedule, select,
+                             tower_flops)
+
+
+def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4):
+    """Straight-line NumPy/Python version of the definitions in prune.py's docstring."""
+    c = int(has_cls)
+    x = hidden[c:].astype(np.float64)
+    n = x.shape[0]
+    f = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+    s = f @ f.T
+    red = np.array([max(s[i, j] for j in range(n) if j != i) for i in range(n)]) if n > 1 else np.zeros(n)
+    u = importance / max(importance.max(), 1e-12) - beta * red
+    k_imp = min(budget, max(1, round(alpha * budget)))
+    order = sorted(range(n), key=lambda i: (-u[i], i))
+    picked = set(order[:k_imp])
+    remaining = budget - k_imp
+    rounds = min(rounds, remaining)
+    for r in range(rounds):
+        take = -(-remaining // (rounds - r))
+        nov = {i: -max(s[i, j] for j in picked) for i in range(n) if i not in picked}
+        picked |= set(sorted(nov, key=lambda i: (-nov[i], i))[:take])
+        remaining -= take
+    kept = sorted(picked)
+    # merge: each token to its most similar kept token (self for kept), size-weighted mean
+    owner = [i if i in picked else kept[int(np.argmax([s[i, k] for k in kept]))] for i in range(n)]
+    merged = np.stack([x[[i for i in range(n) if owner[i] == k]].mean(0) for k in kept])
+    sizes = np.array([sum(1 for i in range(n) if owner[i] == k) for k in kept], dtype=np.float64)
+    return kept, merged, sizes
+
+
+@pytest.mark.parametrize("alpha,beta,rounds", [(0.5, 0.3, 4), (1.0, 0.0, 4), (0.25, 1.0, 1), (0.0, 0.3, 3)])
+def test_select_matches_brute_force(alpha, beta, rounds):
+    g = torch.Generator().manual_seed(1)
+    b, n, d, k = 3, 30, 16, 11
+    hidden = torch.randn(b, 1 + n, d, generator=g)
+    importance = torch.rand(b, n, generator=g)
+    params = PruneParams(importance_ratio=alpha, redundancy_weight=beta, diversity_rounds=rounds)
+    out, sizes, pos = select(hidden, importance, k, params)
+    for i in range(b):
+        kept, merged, ref_sizes = brute_force_select(hidden[i].numpy(), importance[i].numpy(), k, alpha, beta,
+                                                     rounds=rounds)
+        assert pos[i].tolist() == kept
+        np.testing.assert_allclose(out[i, 1:].numpy(), merged, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sizes[i].numpy(), ref_sizes)
+        assert torch.equal(out[i, 0], hidden[i, 0])  # CLS untouched
+
+
+def test_no_merge_gathers_kept_tokens_and_carries_sizes_and_positions():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 1 + 20, 8, generator=g)
+    sizes = torch.rand(2, 20, generator=g) + 1
+    positions = torch.arange(100, 120).expand(2, 20)
+    out, new_sizes, pos = select(hidden, torch.rand(2, 20, generator=g), 7, PruneParams(merge=False),
+                                 sizes=sizes, positions=positions)
+    local = pos - 100
+    assert torch.equal(out[:, 1:], torch.gather(hidden[:, 1:], 1, local[..., None].expand(2, 7, 8)))
+    assert torch.equal(new_sizes, torch.gather(sizes, 1, local))
+
+
+def test_merge_conserves_total_size_and_mass():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 1 + 40, 8, generator=g)
+    sizes = torch.randint(1, 5, (4, 40), generator=g).float()
+    out, new_sizes, _ = select(hidden, torch.rand(4, 40, generator=g), 9, PruneParams(), sizes=sizes)
+    torch.testing.assert_close(new_sizes.sum(1), sizes.sum(1))
+    # size-weighted sum of features is conserved by a size-weighted mean merge
+    torch.testing.assert_close((out[:, 1:] * new_sizes[..., None]).sum(1), (hidden[:, 1:] * sizes[..., None]).sum(1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_importance_only_keeps_the_top_attended_tokens():
+    hidden = torch.randn(1, 1 + 10, 4)
+    importance = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.0, 0.6, 0.5, 0.4]])
+    _, _, pos = select(hidden, importance, 4, PruneParams(importance_ratio=1.0, redundancy_weight=0.0))
+    assert pos.tolist() == [[1, 3, 5, 7]]
+
+
+def test_diversity_covers_distinct_clusters():
+    # 3 clusters of near-identical tokens; importance says cluster A everywhere.
+    a, b_, c = torch.eye(3)
+    tokens = torch.stack([a] * 6 + [b_] * 3 + [c] * 3) + 1e-3 * torch.randn(12, 3)
+    hidden = torch.cat([torch.zeros(1, 3), tokens])[None]
+    importance = torch.tensor([[1.0] * 6 + [0.1] * 6])
+    _, _, only_imp = select(hidden, importance, 3, PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False))
+    assert set(only_imp[0].tolist()) <= set(range(6))
+    _, _, mixed = select(hidden, importance, 3, PruneParams(importance_ratio=0.34, redundancy_weight=0.0, merge=False))
+    clusters = {0 if i < 6 else 1 if i < 9 else 2 for i in mixed[0].tolist()}
+    assert clusters == {0, 1, 2}
+
+
+def test_ties_break_to_the_lower_index():
+    hidden = torch.ones(2, 1 + 12, 4)          # all tokens identical
+    importance = torch.full((2, 12), 0.5)      # all scores equal
+    _, _, pos = select(hidden, importance, 5, PruneParams())
+    assert pos.tolist() == [[0, 1, 2, 3, 4]] * 2
+
+
+def test_nan_and_neg_inf_scores_rank_last():
+    hidden = torch.randn(1, 1 + 8, 4, generator=torch.Generator().manual_seed(0))
+    importance = torch.tensor([[float("nan"), 0.5, -float("inf"), 0.4, 0.3, 0.2, 0.1, 0.05]])
+    _, _, pos = select(hidden, importance, 3, PruneParams(importance_ratio=1.0, redundancy_weight=0.0))
+    assert pos.tolist() == [[1, 3, 4]]
+
+
+def test_encoder_without_cls():
+    hidden = torch.randn(2, 16, 8)
+    out, sizes, pos = select(hidden, torch.rand(2, 16), 6, PruneParams(), has_cls=False)
+    assert out.shape == (2, 6, 8) and sizes.sum(1).tolist() == [16.0, 16.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(1, 24), d=st.integers(1, 6), data=st.data(),
+       pattern=st.sampled_from(["random", "ties", "nan", "inf", "equal", "zero_features"]))
+def test_selection_is_always_valid_and_deterministic(b, n, d, data, pattern):
+    k = data.draw(st.integers(1, n))
+    alpha = data.draw(st.floats(0, 1))
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, 1 + n, d, generator=g)
+    imp = torch.rand(b, n, generator=g)
+    if pattern == "ties":
+        imp = torch.round(imp * 2) / 2
+    elif pattern == "nan":
+        imp[torch.rand(b, n, generator=g) < 0.5] = float("nan")
+    elif pattern == "inf":
+        imp[torch.rand(b, n, generator=g) < 0.3] = float("inf")
+        imp[torch.rand(b, n, generator=g) < 0.3] = -float("inf")
+    elif pattern == "equal":
+        imp = torch.full((b, n), 0.25)
+    elif pattern == "zero_features":
+        hidden[:, 1:] = 0
+    params = PruneParams(importance_ratio=alpha)
+    out, sizes, pos = select(hidden, imp, k, params)
+    again = select(hidden, imp, k, params)
+    assert torch.equal(pos, again[2]) and torch.equal(sizes, again[1])
+    assert pos.shape == (b, k) and out.shape == (b, 1 + k, d)
+    for row in pos.tolist():
+        assert row == sorted(set(row)) and 0 <= row[0] and row[-1] < n  # unique, raster order, in range
+    torch.testing.assert_close(sizes.sum(1), torch.full((b,), float(n)))
+    assert torch.isfinite(out).all()
+
+
+def test_select_rejects_bad_budgets():
+    with pytest.raises(EvoExportError):
+        select(torch.randn(1, 5, 2), torch.rand(1, 4), 0, PruneParams())
+    with pytest.raises(EvoExportError):
+        select(torch.randn(1, 5, 2), torch.rand(1, 4), 5, PruneParams())
+
+
+def test_default_llava_schedule():
+    points = default_schedule(23, 576, 0.5)
+    assert [p.after_layer for p in points] == [5, 7, 9]
+    assert [p.tokens for p in points] == [457, 363, 288]
+    assert default_schedule(23, 576, 1.0) == []
+
+
+@pytest.mark.parametrize("text,msg", [("3:0.5,2:0.25", "increasing"), ("30:0.5", "does not fit"),
+                                      ("3:0.5,5:0.7", "decrease"), ("3:x", "LAYER:KEEP"), ("3:1.5", "fraction"),
+                                      ("21:100", "does not fit")])
+def test_parse_schedule_errors(text, msg):
+    with pytest.raises(EvoExportError, match=msg):
+        parse_schedule(text, 22, 576)
+
+
+def test_parse_schedule_fractions_and_counts():
+    assert parse_schedule("4:0.75, 8:288", 23, 576) == [PrunePoint(4, 432), PrunePoint(8, 288)]
+
+
+def test_layer_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4)
+    cfg._attn_implementation = "eager"
+    layer = CLIPEncoderLayer(cfg).eval()
+    x = torch.randn(1, 50, 64)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        layer(x, None)
+    assert counter.get_total_flops() == layer_flops(50, 64, 256)
+
+
+def test_tower_flops_match_torch_flop_counter_on_the_pipeline():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from evoexport.models import load_tower
+    from evoexport.stages import Pipeline
+
+    tower = load_tower("llava-tiny", quiet=True)
+    tower.config._attn_implementation = "eager"  # FlopCounterMode does not see CPU SDPA kernels
+    x = torch.randn(1, 3, tower.image_size, tower.image_size)
+    for points in ([], default_schedule(tower.depth, tower.num_patches, 0.5)):
+        with FlopCounterMode(display=False) as counter:
+            Pipeline(tower, points, PruneParams()).run(x)
+        counted, modeled = counter.get_total_flops(), tower_flops(tower, points)
+        # the model leaves out the tiny size-sum matmul of a merge; everything else is exact
+        assert abs(counted - modeled) / counted < 0.005, (points, counted, modeled)
+        if not points:
+            assert counted == modeled
