@@ -64,8 +64,7 @@ def versions() -> dict:
 
 def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | None = None,
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
-          out: str | Path | None = None, validate: bool = True, progress: Progress | None = None,
-          force: bool = True) -> BuildResult:
+          out: str | Path | None = None, validate: bool = True, progress: Progress | None = None) -> BuildResult:
     from .export import export_pipeline
     from .stages import Pipeline
     from .validate import print_report

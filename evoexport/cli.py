@@ -74,7 +74,7 @@ def run(build_dir, input_path, output, backend):
     pixels = _read_input(Path(input_path), runner.manifest)
     out = runner(pixels)
     to_np = runner.backend.to_numpy
-    arrays = {"features": to_np(out.features), "indices": np.asarray(to_np(out.indices) if not isinstance(out.indices, np.ndarray) else out.indices)}
+    arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
     for i, idx in enumerate(out.indices_per_point):
         arrays[f"indices_{i}"] = to_np(idx)
     tmp = Path(output).with_name(Path(output).name + ".partial.npz")

@@ -95,7 +95,8 @@ class TrtBackend:
         return dict(self.runners[entry["name"]].infer(feeds, copy_outputs_to_host=False))
 
     def to_numpy(self, value):
-        return value.detach().cpu().numpy()
+        import numpy as np
+        return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
 
     def __del__(self):
         for r in getattr(self, "runners", {}).values():

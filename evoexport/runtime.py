@@ -120,7 +120,7 @@ class TorchBackend:
         return dict(zip([o["name"] for o in entry["outputs"]], outs))
 
     def to_numpy(self, value) -> np.ndarray:
-        return value.detach().cpu().numpy()
+        return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
 
 
 class Runner:
