@@ -91,10 +91,13 @@ def _read_input(path: Path, manifest: dict):
     if path.suffix == ".npy":
         if not path.is_file():
             raise EvoExportError(f"input {path} does not exist")
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise EvoExportError(f"input {path} is not a readable .npy file (no NumPy header)")
         try:
             return np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise EvoExportError(f"input {path} is not a plain .npy array ({e}); pickled arrays are refused") from None
+        except ValueError:
+            raise EvoExportError(f"input {path} holds Python objects; pickled arrays are refused") from None
         except OSError as e:
             raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
     image = load_image(path)
@@ -174,14 +177,23 @@ def models():
         click.echo(f"{p.name:<12} {p.description}")
 
 
+def _terminate(signum, frame):
+    # SIGTERM (kill, timeouts, CI cancels) cleans up like Ctrl-C: the build's temporary
+    # directory is removed and a previous build is left untouched.
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    import signal
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="evoexport", standalone_mode=False)
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt (Ctrl-C, SIGTERM)
+        click.echo("error: interrupted", err=True)
         return 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
@@ -196,9 +208,15 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+def threading_is_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
     sys.exit(main())

@@ -116,12 +116,17 @@ class Pipeline:
         return ["features"] + [f"indices_{i}" for i in range(len(self.points))]
 
     @torch.inference_mode()
-    def run(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every named tensor of the pipeline, computed in PyTorch (the reference)."""
+    def run(self, pixel_values: torch.Tensor, rescore=None) -> dict[str, torch.Tensor]:
+        """Every named tensor of the pipeline, computed in PyTorch (the reference).
+
+        `rescore(importance) -> importance`, if given, replaces every stage's importance
+        before selection (ablations such as random selection; never used by a build)."""
         env = {"pixel_values": pixel_values}
         for g in self.graphs:
             outs = g.module(*[env[n] for n in g.inputs])
             env.update(zip(g.outputs, outs))
+            if rescore is not None and g.kind == "encoder" and len(g.outputs) == 2:
+                env[g.outputs[1]] = rescore(env[g.outputs[1]])
         return env
 
     def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:

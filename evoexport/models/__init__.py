@@ -45,5 +45,5 @@ def list_presets() -> list[Preset]:
     return [_PRESETS[k] for k in sorted(_PRESETS)]
 
 
-from . import llava  # noqa: E402,F401  (registers the llava family)
+from . import llava, vit_digits  # noqa: E402,F401  (register the presets)
 from .tower import VisionTower, load_tower  # noqa: E402,F401

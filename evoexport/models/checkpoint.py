@@ -64,7 +64,7 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own types for bad headers
-        raise EvoExportError(f"checkpoint shard {path} is not a readable safetensors file ({e})") from None
+        raise EvoExportError(f"checkpoint shard {path} is truncated or corrupt: not a readable safetensors file ({e})") from None
 
 
 def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,79 @@
+"""Does EvoPrune keep what matters? Accuracy of a trained digits ViT under token pruning.
+
+Random weights cannot answer this, so `digits-vit` (models/vit_digits.py) is trained on
+scikit-learn's digits (scripts/train_digits_vit.py, weights in tests/fixtures/digits-vit)
+and classified from its CLS token while EvoPrune and its ablations prune its patch tokens.
+The PyTorch reference Pipeline is evaluated, i.e. exactly what the exported graphs compute.
+Used by tests/test_accuracy.py and scripts/digits_accuracy.py (the table in docs/).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .models import load_tower
+from .models.vit_digits import digits_split
+from .prune import PruneParams, PrunePoint, default_schedule, parse_schedule, tower_flops
+from .stages import Pipeline
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "digits-vit"
+
+# selection methods compared
+EVOPRUNE = "evoprune"
+ATTENTION_TOPK = "attention top-k"
+RANDOM = "random"
+
+
+@dataclass
+class Result:
+    method: str
+    keep: float
+    schedule: str
+    merge: bool
+    accuracy: float
+    gflops: float
+
+
+class DigitsBench:
+    def __init__(self, checkpoint: str | Path = FIXTURE):
+        self.tower = load_tower("digits-vit", checkpoint, quiet=True)
+        head = load_file(Path(checkpoint) / "head.safetensors")
+        self.head = torch.nn.Linear(self.tower.hidden_size, 10)
+        self.head.load_state_dict(head)
+        self.post_norm = self.tower._clip.post_layernorm
+        _, _, x, y = digits_split()
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def schedule(self, keep: float, first_layer: bool = False) -> list[PrunePoint]:
+        t = self.tower
+        if first_layer:  # one cut straight after layer 0
+            return parse_schedule(f"0:{keep}", t.depth, t.num_patches)
+        return default_schedule(t.depth, t.num_patches, keep)
+
+    @torch.inference_mode()
+    def accuracy(self, points: list[PrunePoint], params: PruneParams, rescore=None) -> float:
+        pipe = Pipeline(self.tower, points, params)
+        correct = 0
+        for i in range(0, len(self.x), 128):
+            feats = pipe.run(self.x[i:i + 128], rescore=rescore)["features"]
+            logits = self.head(self.post_norm(feats[:, 0]))
+            correct += int((logits.argmax(1) == self.y[i:i + 128]).sum())
+        return correct / len(self.x)
+
+    def evaluate(self, method: str, keep: float, merge: bool = True, first_layer: bool = False,
+                 seed: int = 0) -> Result:
+        points = [] if keep == 1.0 else self.schedule(keep, first_layer)
+        rescore = None
+        if method == EVOPRUNE:
+            params = PruneParams(merge=merge)
+        else:  # plain top-k on a score: no redundancy, no diversity, no merge
+            params = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
+            if method == RANDOM:
+                g = torch.Generator().manual_seed(seed)
+                rescore = lambda imp: torch.rand(imp.shape, generator=g)  # noqa: E731
+        acc = self.accuracy(points, params, rescore)
+        sched = ",".join(f"{p.after_layer}:{p.tokens}" for p in points) or "-"
+        return Result(method, keep, sched, params.merge, acc, tower_flops(self.tower, points, params) / 1e9)
