@@ -27,12 +27,15 @@ LLAVA = register(Preset(
     preprocess=CLIP_PREPROCESS,
 ))
 
+# test-size CLIP tower: 6 layers at 56 px, 7x7 patches of 8 px
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                   image_size=56, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
 register(Preset(
     name="llava-tiny",
     family="llava",
     description="test-size LLaVA path: 6-layer CLIP ViT at 56 px (7x7 patches of 8 px) + projector 64 -> 96 -> 96",
-    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                image_size=56, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    vision=TINY_VISION,
     projector=dict(out_features=96, act="gelu", bias=True),
     feature_layer=-2,
     preprocess=CLIP_PREPROCESS,
@@ -42,8 +45,7 @@ register(Preset(
     name="clip-tiny",
     family="llava",
     description="test-size bare CLIP vision encoder (no projector): 6 layers at 56 px, last hidden state without CLS",
-    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                image_size=56, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    vision=TINY_VISION,
     projector=None,
     feature_layer=-1,
     preprocess=CLIP_PREPROCESS,
