@@ -1,9 +1,9 @@
 """`evoexport bench`: latency of the pruned chain vs the unpruned export vs transformers.
 
 All three run in one process on the same photos and threads, one after the other in
-blocks (interleaving them lets one runtime's spinning worker threads steal the cores
-from the next). Reported: median
-and p90 latency per batch size, measured speedups, and the ideal speedup from FLOPs.
+blocks (interleaving them lets one runtime's spinning worker threads steal the cores from
+the next). Reported: median and p90 latency per batch size, measured speedups, and the
+ideal speedup from FLOPs.
 """
 from __future__ import annotations
 
@@ -44,27 +44,32 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     systems = {"pruned (onnxruntime)": Runner(build_dir)}
+    tower = None
     with tempfile.TemporaryDirectory(prefix="evoexport-bench-") as tmp:
         if baseline is None:
             progress("exporting the unpruned encoder (keep 1.0, same weights) for comparison")
-            baseline = build(manifest["model"], 1.0, checkpoint=manifest.get("checkpoint"),
-                             seed=manifest.get("weights_seed") or 0, out=Path(tmp) / "unpruned", validate=False,
-                             progress=Progress(enabled=False)).path
+            result = build(manifest["model"], 1.0, checkpoint=manifest.get("checkpoint"),
+                           seed=manifest.get("weights_seed") or 0, out=Path(tmp) / "unpruned", validate=False,
+                           progress=Progress(enabled=False))
+            baseline, tower = result.path, result.tower
+            del result
         base_manifest = read_manifest(baseline)
         if base_manifest["schedule"] or base_manifest.get("weights_sha256") != manifest.get("weights_sha256"):
             raise EvoExportError(f"--baseline {baseline} must be an unpruned (keep 1.0) build of the same weights")
         systems["unpruned (onnxruntime)"] = Runner(baseline)
         if hf:
             progress("loading transformers' PyTorch model with the same weights")
-            tower = load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
-                               expect_sha256=manifest.get("weights_sha256"), quiet=True)
+            if tower is None:  # --baseline given: nothing loaded the weights yet
+                tower = load_tower(manifest["model"], manifest.get("checkpoint"),
+                                   seed=manifest.get("weights_seed") or 0,
+                                   expect_sha256=manifest.get("weights_sha256"), quiet=True)
             hf_run = hf_image_features(tower)
-            del tower
 
             def hf_call(x, _run=hf_run):
                 with torch.inference_mode():
                     return _run(torch.from_numpy(x))
             systems["transformers (torch)"] = hf_call
+        del tower  # transformers' model holds its own copy of the weights
 
         size = manifest["tower"]["image_size"]
         photos = sample_batch(size, manifest["preprocess"])

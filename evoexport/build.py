@@ -32,6 +32,7 @@ class BuildResult:
     path: Path
     manifest: dict
     report: dict | None
+    tower: object = None    # the loaded VisionTower, for callers that go on to use it (bench)
 
 
 def default_out(model: str, keep: float) -> Path:
@@ -123,7 +124,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
                 raise EvoExportError(f"validation failed; nothing written to {target} (see the table above)")
         _replace_dir(tmp, target)
         progress(f"wrote {target}")
-        return BuildResult(target, manifest, report)
+        return BuildResult(target, manifest, report, tower)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -185,7 +185,8 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     import signal
-    if threading_is_main():
+    import threading
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
         signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="evoexport", standalone_mode=False)
@@ -206,12 +207,6 @@ def main(argv=None) -> int:
         return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
-
-
-
-def threading_is_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def _entry() -> None:

@@ -168,7 +168,7 @@ class Runner:
         if per_point:
             final = per_point[-1]
         else:  # nothing pruned: every patch is kept, in raster order
-            b, n = self.backend.to_numpy(env["features"]).shape[0], self.manifest["tower"]["num_patches"]
+            b, n = pixel_values.shape[0], self.manifest["tower"]["num_patches"]
             final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
         return Output(env["features"], final, per_point)
 

@@ -49,6 +49,8 @@ def assert_one_error_line(code, err, msg):
     (["--schedule", "9:20"], "does not fit a 5-layer encoder"),
     (["--schedule", "1:60"], "budgets must decrease"),
     (["--importance-ratio", "2"], "importance ratio must be in [0, 1]"),
+    (["--keep", "abc"], "'abc' is not a valid float"),
+    (["--checkpoint", "/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt does not exist"),
 ])
 def test_bad_build_flags(args, msg, tmp_path):
     code, err, _ = cli("build", "--model", "llava-tiny", "--out", tmp_path / "o", *args)
@@ -116,6 +118,11 @@ def test_tampered_builds_are_refused_everywhere(tiny_build, tmp_path, how, msg):
 
 
 # ---------------------------------------------------------------- run inputs
+
+def test_run_on_a_missing_build(tmp_path):
+    code, err, _ = cli("run", tmp_path / "nope", "--input", "x.png", "--output", tmp_path / "o.npz")
+    assert_one_error_line(code, err, "does not exist")
+
 
 @pytest.mark.parametrize("make,msg", [
     (lambda p: np.save(p / "x.npy", np.zeros((3, 56, 56), np.float32)), "rank 4"),

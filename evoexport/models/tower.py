@@ -273,7 +273,9 @@ def hf_image_features(tower: VisionTower):
             out = model.get_image_features(pixel_values, vision_feature_layer=spec.feature_layer,
                                            vision_feature_select_strategy=spec.select_strategy)
             return torch.stack(list(out.pooler_output))
-    # only the unused layers past the feature layer (and post_layernorm) may be left at init
-    assert all(".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= tower.depth or "post_layernorm" in k
-               for k in missing), missing
+    # only what LLaVA never reads may be left at init: the layers past the feature layer
+    unused = tuple(f"encoder.layers.{i}." for i in range(tower.depth, vcfg.num_hidden_layers)) + ("post_layernorm.",)
+    unexpected = [k for k in missing if not k.removeprefix("vision_model.").startswith(unused)]
+    if unexpected:
+        raise RuntimeError(f"transformers' model did not take the tower's weights: {unexpected[:3]}")
     return run
