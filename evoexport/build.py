@@ -109,7 +109,9 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
                       "hidden_size": tower.hidden_size, "out_features": tower.out_features},
             "preprocess": spec.preprocess,
             "inputs": [stages[0]["inputs"][0]],
-            "outputs": [stages[-1]["outputs"][0]] + [s["select"]["outputs"][2] for s in stages if s["select"]],
+            "precision": "fp32",
+            # features, then per prune point the decisions: indices_i, merge_i, picks_i
+            "outputs": [stages[-1]["outputs"][0]] + [o for s in stages if s["select"] for o in s["select"]["outputs"][2:]],
             "stages": stages,
             "flops": {"unpruned": flops_full, "pruned": flops_pruned, "ideal_speedup": flops_full / flops_pruned},
             "versions": versions(),

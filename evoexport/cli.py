@@ -65,7 +65,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
 @click.option("--output", required=True, type=click.Path(), help="output .npz")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch", "tensorrt"]))
 def run(build_dir, input_path, output, backend):
-    """Run a build on one input; writes features, indices and indices_0.. to an .npz."""
+    """Run a build on one input; writes features, indices and, per prune point, indices_i, merge_i, picks_i to an .npz."""
     import numpy as np
 
     from .runtime import load
@@ -75,8 +75,9 @@ def run(build_dir, input_path, output, backend):
     out = runner(pixels)
     to_np = runner.backend.to_numpy
     arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
-    for i, idx in enumerate(out.indices_per_point):
-        arrays[f"indices_{i}"] = to_np(idx)
+    for kind in ("indices", "merge", "picks"):
+        for i, value in enumerate(getattr(out, f"{kind}_per_point")):
+            arrays[f"{kind}_{i}"] = to_np(value)
     tmp = Path(output).with_name(Path(output).name + ".partial.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, output)
@@ -107,13 +108,23 @@ def _read_input(path: Path, manifest: dict):
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]))
+@click.option("--threads", type=int, default=0, help="onnxruntime: intra-op threads  [default: all cores]")
+@click.option("--optimization", type=click.Choice(["all", "extended", "basic", "disable"]), default="all",
+              show_default=True, help="onnxruntime: graph optimization level")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
-def validate(build_dir, backend, as_json):
-    """Compare a build with the PyTorch model on sample photos (non-zero exit beyond tolerances)."""
+def validate(build_dir, backend, threads, optimization, as_json):
+    """Compare a build with the PyTorch model on sample photos (exit 1 beyond tolerances).
+
+    Decisions are compared as decisions: a kept set or merge map that differs from
+    PyTorch's passes only where PyTorch's own scores call it a near-tie; outputs are then
+    compared tightly under the backend's decisions (docs/validation.md)."""
     from .validate import format_report
     from .validate import validate as run_validation
 
-    report = run_validation(build_dir, backend=backend)
+    if threads < 0:
+        raise EvoExportError(f"--threads must be >= 0, got {threads}")
+    options = {"threads": threads, "optimization": optimization} if backend == "onnxruntime" else {}
+    report = run_validation(build_dir, backend=backend, **options)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         sys.exit(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import EvoExportError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: selection graphs also output their decisions (merge_i, picks_i); `precision`
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("schema_version", "model", "keep", "weights", "stages", "inputs", "outputs")
 

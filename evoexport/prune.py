@@ -23,6 +23,12 @@ to itself) and each kept token becomes the size-weighted mean of what was assign
 sizes add up. With proportional attention the next stages add log(size) to the attention
 logits, so a merged token weighs as much as the tokens it stands for (as in ToMe).
 
+Decisions are outputs too: `merge` (for each entering token, the kept slot it went to)
+and `picks` (the step that kept each token). A validator replays the same steps on the
+reference's own scores with those decisions forced (`pick_steps(forced_picks=...)`,
+`merge_affinity`) to tell a near-tie from a wrong decision (decisions.py), and applies
+them with `select(forced=...)` to compare continuous outputs under identical decisions.
+
 Only dense ops: matmul, sort/top-k, gather, comparisons, reductions; no scatter and no
 data-dependent shapes, so the same code exports to ONNX and TensorRT with static budgets.
 Ties break towards the lower token index everywhere (an exact pairwise rank, not a
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -194,15 +201,78 @@ def utility_scores(patches: torch.Tensor, importance: torch.Tensor, redundancy_w
     return importance / peak - redundancy_weight * redundancy, sim
 
 
+class Selection(NamedTuple):
+    """What `select` returns: the continuous outputs and the decisions that made them."""
+    hidden: torch.Tensor     # [B, c+K, D] CLS (if any) + kept (merged) tokens
+    sizes: torch.Tensor      # [B, K] original patches each kept token stands for
+    positions: torch.Tensor  # [B, K] original patch position of each kept token, ascending
+    merge: torch.Tensor      # [B, N] int64: kept slot (0..K-1) each entering token went to; -1 dropped, no merge
+    picks: torch.Tensor      # [B, N] int64: step that kept the token (0 importance, r diversity round r); -1 dropped
+
+
+def step_sizes(budget: int, params: PruneParams) -> list[int]:
+    """Tokens picked at each step: [importance picks, diversity round 1, ..., round R]."""
+    k_imp = min(budget, max(1, round(params.importance_ratio * budget)))
+    sizes, remaining = [k_imp], budget - k_imp
+    rounds = min(params.diversity_rounds, remaining)
+    for r in range(rounds):
+        take = math.ceil(remaining / (rounds - r))
+        sizes.append(take)
+        remaining -= take
+    return sizes
+
+
+def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: PruneParams,
+               forced_picks: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
+    """Run the pick steps; returns picks [B, N] (step that kept each token, -1 if dropped).
+
+    Step 0 keeps the top tokens by utility; step r >= 1 the top tokens by novelty against
+    everything kept in steps < r. `forced_picks` replays another executor's picks instead of
+    choosing (the scores of each step are still computed from `utility` and `sim`, so a
+    validator can judge those picks); `on_step(step, key, picked_before, chosen, take)` sees
+    every step's rank keys. Picked tokens rank below everything (-inf), NaN just above.
+    """
+    sim_key = _rank_key(sim)
+    picks = torch.full(utility.shape, -1, dtype=torch.int64, device=utility.device)
+    picked = torch.zeros(utility.shape, dtype=torch.bool, device=utility.device)
+    for step, take in enumerate(step_sizes(budget, params)):  # a static loop: unrolled in the exported graph
+        if step == 0:
+            key = _rank_key(utility)
+        else:  # novelty: minus the similarity to the closest token picked so far
+            closest = sim_key.masked_fill(~picked.unsqueeze(1), -math.inf).amax(dim=-1)
+            key = _rank_key(-closest).masked_fill(picked, -math.inf)
+        chosen = _top_mask(key, take) if forced_picks is None else forced_picks == step
+        if on_step is not None:
+            on_step(step, key, picked, chosen, take)
+        picks = torch.where(chosen, step, picks)
+        picked = picked | chosen
+    return picks
+
+
+def merge_affinity(sim: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[B, N, K] rank keys of each token's similarity to each kept token; a kept token's own slot is +inf."""
+    b, n, _ = sim.shape
+    affinity = torch.gather(_rank_key(sim), 2, kept.unsqueeze(1).expand(b, n, kept.shape[1]))
+    return affinity.masked_fill(_is_self(kept, n), math.inf)
+
+
+def _is_self(kept: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.arange(n, device=kept.device).view(1, n, 1) == kept.unsqueeze(1)     # [B, N, K]
+
+
 def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
-           has_cls: bool = True, sizes: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+           has_cls: bool = True, sizes: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+           forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
     """Keep `budget` patch tokens of `hidden` and merge the rest into them.
 
     hidden     [B, c+N, D]  hidden states (c = 1 leading CLS token if has_cls, never pruned)
     importance [B, N]       attention importance of the patch tokens
     sizes      [B, N]       how many original patches each token stands for (default 1)
     positions  [B, N] int64 original patch index of each token (default 0..N-1)
-    returns    hidden [B, c+K, D], sizes [B, K], positions [B, K] (ascending = raster order)
+    forced     (picks, merge) decisions of another executor to apply instead of deciding
+               (validation: the reference's continuous outputs under a backend's decisions)
+    returns    Selection(hidden [B, c+K, D], sizes [B, K], positions [B, K] ascending = raster
+               order, merge [B, N], picks [B, N])
     """
     c = 1 if has_cls else 0
     b, n = hidden.shape[0], hidden.shape[1] - c
@@ -216,28 +286,21 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     if positions is None:
         positions = torch.arange(n, device=hidden.device).unsqueeze(0).expand(b, n)
 
-    utility, sim = utility_scores(patches, importance, params.redundancy_weight)
-    sim_key = _rank_key(sim)
-    k_imp = min(budget, max(1, round(params.importance_ratio * budget)))
-    picked = _top_mask(_rank_key(utility), k_imp)
-    remaining = budget - k_imp
-    rounds = min(params.diversity_rounds, remaining)
-    for r in range(rounds):  # a static loop: unrolled in the exported graph
-        take = math.ceil(remaining / (rounds - r))
-        # novelty: minus the similarity to the closest token picked so far
-        closest = sim_key.masked_fill(~picked.unsqueeze(1), -math.inf).amax(dim=-1)
-        novelty = _rank_key(-closest).masked_fill(picked, -math.inf)  # picked tokens rank last of all
-        picked = picked | _top_mask(novelty, take)
-        remaining -= take
-
-    kept = _ascending_indices(picked, budget)                                # [B, K]
+    if forced is None:
+        utility, sim = utility_scores(patches, importance, params.redundancy_weight)
+        picks = pick_steps(utility, sim, budget, params)
+        kept = _ascending_indices(picks >= 0, budget)                                # [B, K]
+        if params.merge:
+            owner = merge_affinity(sim, kept).argmax(dim=-1)                         # [B, N]
+        else:  # a kept token is its own slot; a dropped one went nowhere
+            is_self = _is_self(kept, n)
+            owner = torch.where(is_self.any(dim=-1), is_self.to(torch.int64).argmax(dim=-1), -1)
+    else:
+        picks, owner = forced
+        kept = _ascending_indices(picks >= 0, budget)
     new_positions = torch.gather(positions, 1, kept)
 
     if params.merge:
-        sim_to_kept = torch.gather(sim_key, 2, kept.unsqueeze(1).expand(b, n, budget))  # [B, N, K]
-        is_self = torch.arange(n, device=hidden.device).view(1, n, 1) == kept.unsqueeze(1)
-        sim_to_kept = sim_to_kept.masked_fill(is_self, math.inf)
-        owner = sim_to_kept.argmax(dim=-1)                                               # [B, N]
         assign = owner.unsqueeze(1) == torch.arange(budget, device=hidden.device).view(1, budget, 1)
         assign = assign.to(hidden.dtype)                                                 # [B, K, N]
         new_sizes = (assign @ sizes.unsqueeze(-1)).squeeze(-1)
@@ -246,7 +309,7 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
         new_sizes = torch.gather(sizes, 1, kept)
         merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1]))
     out = torch.cat([hidden[:, :c], merged], dim=1) if c else merged
-    return out, new_sizes, new_positions
+    return Selection(out, new_sizes, new_positions, owner, picks)
 
 
 class SelectGraph(nn.Module):
@@ -257,8 +320,13 @@ class SelectGraph(nn.Module):
         self.budget, self.params, self.has_cls = budget, params, has_cls
 
     def forward(self, hidden, importance, sizes=None, positions=None):
-        return select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
-                      sizes=sizes, positions=positions)
+        return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
+                            sizes=sizes, positions=positions))
+
+    def forced(self, hidden, importance, sizes=None, positions=None, *, picks, merge):
+        """The same outputs, computed under given decisions (never exported)."""
+        return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
+                            sizes=sizes, positions=positions, forced=(picks, merge)))
 
 
 # ----------------------------------------------------------------------------- cost model

@@ -2,7 +2,7 @@
 
     runner = evoexport.load("graphs/llava-keep0.5", backend="onnxruntime")
     out = runner(pixel_values)          # float32 [B, 3, H, W]
-    out.features, out.indices, out.indices_per_point
+    out.features, out.indices, out.indices_per_point, out.merge_per_point, out.picks_per_point
 
 Backends share one interface (`run_graph(entry, feeds) -> dict`), Polygraphy-style:
   onnxruntime  ONNX Runtime; CPU here, CUDA when onnxruntime-gpu is installed, with
@@ -28,13 +28,15 @@ class Output(NamedTuple):
     features: object             # [B, K, D_out]
     indices: object              # [B, K] final kept patch positions (raster order, 0-based)
     indices_per_point: list      # [B, K_i] after each prune point
+    merge_per_point: list        # [B, N_i] kept slot each entering token went to (-1: dropped, no merge)
+    picks_per_point: list        # [B, N_i] step that kept each entering token (-1: dropped)
 
 
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, build_dir: Path, manifest: dict, providers: list[str] | None = None, threads: int = 0,
-                 low_memory: bool = False):
+                 low_memory: bool = False, optimization: str = "all"):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -43,8 +45,14 @@ class OrtBackend:
         unknown = [p for p in providers if p not in available]
         if unknown:
             raise EvoExportError(f"ONNX Runtime provider(s) {unknown} not available here (have: {available})")
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if optimization not in levels:
+            raise EvoExportError(f"ONNX Runtime optimization level {optimization!r} is not one of {', '.join(levels)}")
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = levels[optimization]
         if threads:
             opts.intra_op_num_threads = threads
         # Each graph has its own session and thread pool. Spinning workers of the graph that
@@ -164,13 +172,14 @@ class Runner:
 
     def __call__(self, pixel_values) -> Output:
         env = self.run_all(pixel_values)
-        per_point = [env[f"indices_{i}"] for i in range(len(self.manifest["schedule"]))]
-        if per_point:
-            final = per_point[-1]
+        points = range(len(self.manifest["schedule"]))
+        per_point = {kind: [env[f"{kind}_{i}"] for i in points] for kind in ("indices", "merge", "picks")}
+        if per_point["indices"]:
+            final = per_point["indices"][-1]
         else:  # nothing pruned: every patch is kept, in raster order
             b, n = pixel_values.shape[0], self.manifest["tower"]["num_patches"]
             final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
-        return Output(env["features"], final, per_point)
+        return Output(env["features"], final, per_point["indices"], per_point["merge"], per_point["picks"])
 
 
 def load(build_dir: str | Path, backend: str = "onnxruntime", **options) -> Runner:

@@ -3,16 +3,18 @@
 The pipeline is a flat list of graphs wired by tensor name:
 
     stage_0 (embed + layers 0..L0)  -> stage0_hidden, stage0_importance
-    select_0 (EvoPrune, K0 tokens)  -> pruned0_hidden, sizes_0, indices_0
+    select_0 (EvoPrune, K0 tokens)  -> pruned0_hidden, sizes_0, indices_0, merge_0, picks_0
     stage_1 (layers L0+1..L1)       -> stage1_hidden, stage1_importance
-    select_1                        -> pruned1_hidden, sizes_1, indices_1
+    select_1                        -> pruned1_hidden, sizes_1, indices_1, merge_1, picks_1
     ...
     stage_P (last layers + project) -> features
 
 A runtime keeps a dict of named tensors and feeds each graph the inputs it names: the
 same loop in Python today and in C++ tomorrow. Every token count is static; only the
 batch axis varies. `Pipeline.run` is the PyTorch reference that every backend is
-validated against; the exporter traces exactly these modules.
+validated against; the exporter traces exactly these modules. `merge_i` and `picks_i` are
+the selection's decisions; `Pipeline.run(forced=...)` re-runs the reference under another
+executor's decisions.
 """
 from __future__ import annotations
 
@@ -81,6 +83,11 @@ class EncoderStage(nn.Module):
         return (hidden,)
 
 
+def select_outputs(i: int) -> list[str]:
+    """Output names of selection graph i, in the order `select` returns them."""
+    return [f"pruned{i}_hidden", f"sizes_{i}", f"indices_{i}", f"merge_{i}", f"picks_{i}"]
+
+
 class Pipeline:
     """The pruned tower as a list of graphs, with a PyTorch reference executor."""
 
@@ -107,23 +114,26 @@ class Pipeline:
             if i > 0:
                 sel_inputs += [f"sizes_{i - 1}", f"indices_{i - 1}"]
             self.graphs.append(GraphSpec(f"select_{i}", "select", SelectGraph(budget, params, tower.has_cls),
-                                         sel_inputs, [f"pruned{i}_hidden", f"sizes_{i}", f"indices_{i}"],
+                                         sel_inputs, select_outputs(i),
                                          None, tokens, budget, {"after_layer": points[i].after_layer}))
             first, tokens, prev_hidden, prev_sizes = last, budget, f"pruned{i}_hidden", f"sizes_{i}"
 
-    @property
-    def output_names(self) -> list[str]:
-        return ["features"] + [f"indices_{i}" for i in range(len(self.points))]
-
     @torch.inference_mode()
-    def run(self, pixel_values: torch.Tensor, rescore=None) -> dict[str, torch.Tensor]:
+    def run(self, pixel_values: torch.Tensor, rescore=None, forced: dict | None = None) -> dict[str, torch.Tensor]:
         """Every named tensor of the pipeline, computed in PyTorch (the reference).
 
         `rescore(importance) -> importance`, if given, replaces every stage's importance
-        before selection (ablations such as random selection; never used by a build)."""
+        before selection (ablations such as random selection; never used by a build).
+        `forced` maps tensor names `picks_i` and `merge_i` to another executor's decisions:
+        every selection then applies those instead of deciding (validation)."""
         env = {"pixel_values": pixel_values}
         for g in self.graphs:
-            outs = g.module(*[env[n] for n in g.inputs])
+            args = [env[n] for n in g.inputs]
+            if forced is not None and g.kind == "select":
+                merge_name, picks_name = g.outputs[3:5]
+                outs = g.module.forced(*args, merge=forced[merge_name], picks=forced[picks_name])
+            else:
+                outs = g.module(*args)
             env.update(zip(g.outputs, outs))
             if rescore is not None and g.kind == "encoder" and len(g.outputs) == 2:
                 env[g.outputs[1]] = rescore(env[g.outputs[1]])

@@ -27,6 +27,12 @@ def test_manifest_contract(tiny_build):
         assert a["tokens_out"] == b["tokens_in"] == a["select"]["tokens_out"]
         assert a["layers"][1] - 1 == a["select"]["after_layer"]
     assert stages[-1]["tokens_out"] == round(0.5 * m["tower"]["num_patches"])
+    assert m["precision"] == "fp32"
+    outputs = {t["name"]: t for t in m["outputs"]}
+    assert list(outputs) == ["features", "indices_0", "merge_0", "picks_0", "indices_1", "merge_1", "picks_1"]
+    for i, stage in enumerate(stages[:-1]):   # decisions: one entry per token entering the prune point
+        assert outputs[f"merge_{i}"]["shape"] == outputs[f"picks_{i}"]["shape"] == ["batch", stage["select"]["tokens_in"]]
+        assert outputs[f"merge_{i}"]["dtype"] == "int64"
     for g in graph_entries(m):
         assert sha256_file(tiny_build / g["file"]) == g["sha256"]
         onnx.checker.check_model(str(tiny_build / g["file"]))
@@ -69,8 +75,17 @@ def test_cli_run_on_an_image_and_on_npy(tiny_build, tmp_path):
     r = np.load(out)
     assert r["features"].shape == (1, 24, 96)
     np.testing.assert_array_equal(r["indices"], r["indices_1"])
-    assert set(r.files) == {"features", "indices", "indices_0", "indices_1"}
+    assert set(r.files) == {"features", "indices", "indices_0", "indices_1", "merge_0", "merge_1", "picks_0", "picks_1"}
     assert set(r["indices_1"][0]) <= set(r["indices_0"][0])   # later kept sets come from earlier ones
+    # the merge map: one entry per entering token (49, then 35), each naming a kept slot;
+    # a kept token is its own slot, and the picks say which tokens were kept
+    for i, (n_in, k) in enumerate([(49, 35), (35, 24)]):
+        merge, picks = r[f"merge_{i}"][0], r[f"picks_{i}"][0]
+        assert merge.shape == picks.shape == (n_in,) and ((merge >= 0) & (merge < k)).all()
+        kept = np.flatnonzero(picks >= 0)
+        assert len(kept) == k and (merge[kept] == np.arange(k)).all()
+    entering = r["indices_0"][0]                                # positions of the tokens entering point 1
+    np.testing.assert_array_equal(entering[np.flatnonzero(r["picks_1"][0] >= 0)], r["indices_1"][0])
 
     x = sample_batch(56, read_manifest(tiny_build)["preprocess"])[:2]
     np.save(tmp_path / "x.npy", x)

@@ -26,19 +26,24 @@ def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, ro
     k_imp = min(budget, max(1, round(alpha * budget)))
     order = sorted(range(n), key=lambda i: (-u[i], i))
     picked = set(order[:k_imp])
+    step = {i: 0 for i in picked}
     remaining = budget - k_imp
     rounds = min(rounds, remaining)
     for r in range(rounds):
         take = -(-remaining // (rounds - r))
         nov = {i: -max(s[i, j] for j in picked) for i in range(n) if i not in picked}
-        picked |= set(sorted(nov, key=lambda i: (-nov[i], i))[:take])
+        new = set(sorted(nov, key=lambda i: (-nov[i], i))[:take])
+        step.update({i: r + 1 for i in new})
+        picked |= new
         remaining -= take
     kept = sorted(picked)
     # merge: each token to its most similar kept token (self for kept), size-weighted mean
     owner = [i if i in picked else kept[int(np.argmax([s[i, k] for k in kept]))] for i in range(n)]
     merged = np.stack([x[[i for i in range(n) if owner[i] == k]].mean(0) for k in kept])
     sizes = np.array([sum(1 for i in range(n) if owner[i] == k) for k in kept], dtype=np.float64)
-    return kept, merged, sizes
+    slots = [kept.index(o) for o in owner]                       # the merge map: kept slot of each token
+    picks = [step.get(i, -1) for i in range(n)]                  # the step that kept each token
+    return kept, merged, sizes, slots, picks
 
 
 @pytest.mark.parametrize("alpha,beta,rounds", [(0.5, 0.3, 4), (1.0, 0.0, 4), (0.25, 1.0, 1), (0.0, 0.3, 3)])
@@ -48,11 +53,12 @@ def test_select_matches_brute_force(alpha, beta, rounds):
     hidden = torch.randn(b, 1 + n, d, generator=g)
     importance = torch.rand(b, n, generator=g)
     params = PruneParams(importance_ratio=alpha, redundancy_weight=beta, diversity_rounds=rounds)
-    out, sizes, pos = select(hidden, importance, k, params)
+    out, sizes, pos, merge, picks = select(hidden, importance, k, params)
     for i in range(b):
-        kept, merged, ref_sizes = brute_force_select(hidden[i].numpy(), importance[i].numpy(), k, alpha, beta,
-                                                     rounds=rounds)
+        kept, merged, ref_sizes, slots, steps = brute_force_select(hidden[i].numpy(), importance[i].numpy(), k,
+                                                                   alpha, beta, rounds=rounds)
         assert pos[i].tolist() == kept
+        assert merge[i].tolist() == slots and picks[i].tolist() == steps
         np.testing.assert_allclose(out[i, 1:].numpy(), merged, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(sizes[i].numpy(), ref_sizes)
         assert torch.equal(out[i, 0], hidden[i, 0])  # CLS untouched
@@ -63,18 +69,22 @@ def test_no_merge_gathers_kept_tokens_and_carries_sizes_and_positions():
     hidden = torch.randn(2, 1 + 20, 8, generator=g)
     sizes = torch.rand(2, 20, generator=g) + 1
     positions = torch.arange(100, 120).expand(2, 20)
-    out, new_sizes, pos = select(hidden, torch.rand(2, 20, generator=g), 7, PruneParams(merge=False),
-                                 sizes=sizes, positions=positions)
+    out, new_sizes, pos, merge, picks = select(hidden, torch.rand(2, 20, generator=g), 7, PruneParams(merge=False),
+                                               sizes=sizes, positions=positions)
     local = pos - 100
     assert torch.equal(out[:, 1:], torch.gather(hidden[:, 1:], 1, local[..., None].expand(2, 7, 8)))
     assert torch.equal(new_sizes, torch.gather(sizes, 1, local))
+    for row in range(2):  # the merge map: kept tokens map to their own slot, dropped ones nowhere
+        expect = [local[row].tolist().index(t) if t in local[row] else -1 for t in range(20)]
+        assert merge[row].tolist() == expect
+        assert ((picks[row] >= 0) == (merge[row] >= 0)).all()
 
 
 def test_merge_conserves_total_size_and_mass():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(4, 1 + 40, 8, generator=g)
     sizes = torch.randint(1, 5, (4, 40), generator=g).float()
-    out, new_sizes, _ = select(hidden, torch.rand(4, 40, generator=g), 9, PruneParams(), sizes=sizes)
+    out, new_sizes, _, *_ = select(hidden, torch.rand(4, 40, generator=g), 9, PruneParams(), sizes=sizes)
     torch.testing.assert_close(new_sizes.sum(1), sizes.sum(1))
     # size-weighted sum of features is conserved by a size-weighted mean merge
     torch.testing.assert_close((out[:, 1:] * new_sizes[..., None]).sum(1), (hidden[:, 1:] * sizes[..., None]).sum(1),
@@ -84,7 +94,7 @@ def test_merge_conserves_total_size_and_mass():
 def test_importance_only_keeps_the_top_attended_tokens():
     hidden = torch.randn(1, 1 + 10, 4)
     importance = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.0, 0.6, 0.5, 0.4]])
-    _, _, pos = select(hidden, importance, 4, PruneParams(importance_ratio=1.0, redundancy_weight=0.0))
+    _, _, pos, *_ = select(hidden, importance, 4, PruneParams(importance_ratio=1.0, redundancy_weight=0.0))
     assert pos.tolist() == [[1, 3, 5, 7]]
 
 
@@ -94,9 +104,9 @@ def test_diversity_covers_distinct_clusters():
     tokens = torch.stack([a] * 6 + [b_] * 3 + [c] * 3) + 1e-3 * torch.randn(12, 3)
     hidden = torch.cat([torch.zeros(1, 3), tokens])[None]
     importance = torch.tensor([[1.0] * 6 + [0.1] * 6])
-    _, _, only_imp = select(hidden, importance, 3, PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False))
+    _, _, only_imp, *_ = select(hidden, importance, 3, PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False))
     assert set(only_imp[0].tolist()) <= set(range(6))
-    _, _, mixed = select(hidden, importance, 3, PruneParams(importance_ratio=0.34, redundancy_weight=0.0, merge=False))
+    _, _, mixed, *_ = select(hidden, importance, 3, PruneParams(importance_ratio=0.34, redundancy_weight=0.0, merge=False))
     clusters = {0 if i < 6 else 1 if i < 9 else 2 for i in mixed[0].tolist()}
     assert clusters == {0, 1, 2}
 
@@ -104,20 +114,20 @@ def test_diversity_covers_distinct_clusters():
 def test_ties_break_to_the_lower_index():
     hidden = torch.ones(2, 1 + 12, 4)          # all tokens identical
     importance = torch.full((2, 12), 0.5)      # all scores equal
-    _, _, pos = select(hidden, importance, 5, PruneParams())
+    _, _, pos, *_ = select(hidden, importance, 5, PruneParams())
     assert pos.tolist() == [[0, 1, 2, 3, 4]] * 2
 
 
 def test_nan_and_neg_inf_scores_rank_last():
     hidden = torch.randn(1, 1 + 8, 4, generator=torch.Generator().manual_seed(0))
     importance = torch.tensor([[float("nan"), 0.5, -float("inf"), 0.4, 0.3, 0.2, 0.1, 0.05]])
-    _, _, pos = select(hidden, importance, 3, PruneParams(importance_ratio=1.0, redundancy_weight=0.0))
+    _, _, pos, *_ = select(hidden, importance, 3, PruneParams(importance_ratio=1.0, redundancy_weight=0.0))
     assert pos.tolist() == [[1, 3, 4]]
 
 
 def test_encoder_without_cls():
     hidden = torch.randn(2, 16, 8)
-    out, sizes, pos = select(hidden, torch.rand(2, 16), 6, PruneParams(), has_cls=False)
+    out, sizes, pos, *_ = select(hidden, torch.rand(2, 16), 6, PruneParams(), has_cls=False)
     assert out.shape == (2, 6, 8) and sizes.sum(1).tolist() == [16.0, 16.0]
 
 
@@ -143,7 +153,7 @@ def test_selection_is_always_valid_and_deterministic(b, n, d, data, pattern):
     elif pattern == "zero_features":
         hidden[:, 1:] = 0
     params = PruneParams(importance_ratio=alpha)
-    out, sizes, pos = select(hidden, imp, k, params)
+    out, sizes, pos, *_ = select(hidden, imp, k, params)
     again = select(hidden, imp, k, params)
     assert torch.equal(pos, again[2]) and torch.equal(sizes, again[1])
     assert pos.shape == (b, k) and out.shape == (b, 1 + k, d)

@@ -190,7 +190,8 @@ def select_session(tmp_path_factory):
     d = tmp_path_factory.mktemp("sel")
     params = PruneParams()
     graph = GraphSpec("select_x", "select", SelectGraph(7, params, True),
-                      ["h", "imp", "sizes", "pos"], ["h_out", "sizes_out", "pos_out"], None, 20, 7)
+                      ["h", "imp", "sizes", "pos"], ["h_out", "sizes_out", "pos_out", "merge_out", "picks_out"],
+                      None, 20, 7)
     example = {"h": torch.randn(2, 21, 6), "imp": torch.rand(2, 20), "sizes": torch.ones(2, 20),
                "pos": torch.arange(20).expand(2, 20).contiguous()}
     export_graph(graph, example, d)
@@ -223,6 +224,8 @@ def test_exported_selection_matches_torch_exactly(select_session, b, seed, patte
     ref = module(h, imp, sizes, pos)
     got = sess.run(None, {"h": h.numpy(), "imp": imp.numpy(), "sizes": sizes.numpy(), "pos": pos.numpy()})
     np.testing.assert_array_equal(got[2], ref[2].numpy())                 # the same tokens, in the same order
+    np.testing.assert_array_equal(got[3], ref[3].numpy())                 # merged into the same kept tokens
+    np.testing.assert_array_equal(got[4], ref[4].numpy())                 # picked at the same steps
     np.testing.assert_array_equal(got[1], ref[1].numpy())
     np.testing.assert_allclose(got[0], ref[0].numpy(), rtol=1e-5, atol=1e-5)
     for row in got[2]:

@@ -1,0 +1,139 @@
+"""Judge a backend's selection decisions on the reference's own scores.
+
+Two executors that see the same hidden states (ONNX Runtime vs PyTorch, one CPU vs
+another, fp32 vs fp16) compute scores that differ in the last bits. Where two tokens score
+that close, either choice is right, and each executor may make the other one. So a
+decision is checked as a decision: the backend's picks are replayed, step by step, on the
+*reference's* scores (prune.pick_steps with the picks forced, so the formulas are the
+selection's own), and every step's choice gets a margin:
+
+  margin = best score the backend left out  -  worst score the backend took   (>= 0 only on a flip)
+
+in the step's own units (utility for the importance picks, novelty = -cosine for the
+diversity rounds). For the merge map, the margin of a dropped token is its similarity to
+the reference's best kept token minus its similarity to the one the backend merged it into.
+A choice that agrees with the reference has margin <= 0; a flip within the tolerance is a
+near-tie; a flip beyond it, or a structurally impossible decision (wrong count per step, a
+kept token not owning itself), is an error.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .prune import PruneParams, merge_affinity, pick_steps, step_sizes, utility_scores
+
+
+def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, tolerance: float):
+    """Per row: (margin of the choice, tokens chosen that the reference would not, close calls).
+
+    key: rank keys (NaN already ranked low); eligible: tokens this step could take."""
+    k = key.double()
+    inf = torch.tensor(math.inf, dtype=k.dtype)
+    left_out = torch.where(eligible & ~chosen, k, -inf).amax(dim=-1)
+    taken = torch.where(chosen, k, inf).amin(dim=-1)
+    margin = torch.nan_to_num(left_out - taken, nan=0.0)          # inf - inf: equal infinite scores tie
+    # the reference's own choice: the same number of the best eligible keys (lowest index on ties)
+    take = chosen.sum(dim=-1, keepdim=True)
+    ranked = torch.where(eligible, k, -inf)
+    beats = ranked.unsqueeze(-2) > ranked.unsqueeze(-1)
+    n = k.shape[-1]
+    ar = torch.arange(n)
+    beats = beats | ((ranked.unsqueeze(-2) == ranked.unsqueeze(-1)) & (ar.view(1, n) < ar.view(n, 1)))
+    ref_chosen = eligible & (beats.sum(dim=-1) < take)
+    flips = (chosen & ~ref_chosen).sum(dim=-1)
+    # close calls: tokens whose own side of the cut is within tolerance of the other side
+    ref_left_out = torch.where(eligible & ~ref_chosen, k, -inf).amax(dim=-1, keepdim=True)
+    ref_taken = torch.where(ref_chosen, k, inf).amin(dim=-1, keepdim=True)
+    close = (ref_chosen & (k - ref_left_out <= tolerance)) | (eligible & ~ref_chosen & (ref_taken - k <= tolerance))
+    return margin, flips, close.sum(dim=-1)
+
+
+def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
+                    has_cls: bool, picks: torch.Tensor, merge: torch.Tensor, tolerance: float) -> dict:
+    """Check `picks` and `merge` (a backend's) against the reference's scores on `hidden`/`importance`.
+
+    Returns counts over the batch: decisions examined, flips (differ from the reference),
+    near_ties (flips within tolerance), worst_margin, close_calls (reference margins within
+    tolerance, flipped or not), `invalid` (a structural error, or None) and ok."""
+    c = int(has_cls)
+    hidden, importance = hidden.float(), importance.float()
+    picks, merge = torch.as_tensor(picks).long(), torch.as_tensor(merge).long()
+    b, n = importance.shape
+    result = {"decisions": 0, "flips": 0, "near_ties": 0, "worst_margin": 0.0, "close_calls": 0, "invalid": None}
+    sizes = step_sizes(budget, params)
+    if picks.shape != (b, n) or merge.shape != (b, n):
+        result["invalid"] = f"decision tensors have shapes {list(picks.shape)}, {list(merge.shape)}; expected {[b, n]}"
+        return _finish(result, tolerance)
+    counts = [(picks == s).sum(dim=-1) for s in range(len(sizes))]
+    bad = [s for s, want in enumerate(sizes) if not bool((counts[s] == want).all())]
+    if bad or not bool(((picks >= -1) & (picks < len(sizes))).all()):
+        got = [int(x) for x in counts[bad[0]]] if bad else "out of range"
+        result["invalid"] = (f"picks per step must be {sizes}; step {bad[0] if bad else '?'} took {got} "
+                             "(not a near-tie: other prune parameters or a broken graph)")
+        return _finish(result, tolerance)
+
+    utility, sim = utility_scores(hidden[:, c:], importance, params.redundancy_weight)
+    margins, flips, close = [], [], []
+
+    def on_step(step, key, picked_before, chosen, take):
+        m, f, cc = _margins(key, ~picked_before, chosen, tolerance)
+        margins.append(m)
+        flips.append(f)
+        close.append(cc)
+
+    pick_steps(utility, sim, budget, params, forced_picks=picks, on_step=on_step)
+    result["decisions"] += b * n
+    kept_mask = picks >= 0
+    kept = torch.sort(torch.where(kept_mask, torch.arange(n), n), dim=-1).values[:, :budget]   # ascending
+    slot_of = torch.full((b, n), -1, dtype=torch.long)
+    slot_of.scatter_(1, kept, torch.arange(budget).expand(b, budget))
+    if not bool((merge[kept_mask] == slot_of[kept_mask]).all()):
+        result["invalid"] = "a kept token is not merged into itself (merge map broken)"
+        return _finish(result, tolerance)
+    dropped = ~kept_mask
+    if params.merge:
+        if not bool(((merge >= 0) & (merge < budget)).all()):
+            result["invalid"] = f"merge map points outside the {budget} kept tokens"
+            return _finish(result, tolerance)
+        affinity = merge_affinity(sim, kept).double()                                # [B, N, K]
+        top2 = affinity.masked_fill(affinity == math.inf, -math.inf).topk(min(2, budget), dim=-1).values
+        taken = torch.gather(affinity, 2, merge.unsqueeze(-1)).squeeze(-1)
+        m = torch.where(dropped, top2[..., 0] - taken, torch.zeros_like(taken))
+        margins.append(m.amax(dim=-1))
+        flips.append((dropped & (merge != affinity.argmax(dim=-1))).sum(dim=-1))   # argmax: lowest index on ties
+        runner_up = top2[..., 1] if budget > 1 else torch.full_like(taken, -math.inf)
+        close.append((dropped & (top2[..., 0] - runner_up <= tolerance)).sum(dim=-1))
+        result["decisions"] += int(dropped.sum())
+    elif not bool((merge[dropped] == -1).all()):
+        result["invalid"] = "without merge, a dropped token must map to -1"
+        return _finish(result, tolerance)
+
+    margin = torch.stack(margins).amax(dim=0) if margins else torch.zeros(b)
+    result["worst_margin"] = max(float(margin.max()), 0.0) if margin.numel() else 0.0
+    result["flips"] = int(torch.stack(flips).sum()) if flips else 0
+    result["close_calls"] = int(torch.stack(close).sum()) if close else 0
+    return _finish(result, tolerance)
+
+
+def _finish(result: dict, tolerance: float) -> dict:
+    result["tolerance"] = tolerance
+    result["ok"] = result["invalid"] is None and result["worst_margin"] <= tolerance
+    result["near_ties"] = result["flips"] if result["ok"] else None
+    return result
+
+
+def make_ties(hidden: torch.Tensor, importance: torch.Tensor, sizes: torch.Tensor | None, has_cls: bool):
+    """Inputs built to tie exactly: token 2j+1 becomes a copy of token 2j (state, importance,
+    size). Executors may split such pairs either way; validation must accept both."""
+    c = int(has_cls)
+    hidden, importance = hidden.clone(), importance.clone()
+    n = importance.shape[1]
+    odd = torch.arange(1, n, 2)
+    hidden[:, c + odd] = hidden[:, c + odd - 1]
+    importance[:, odd] = importance[:, odd - 1]
+    if sizes is not None:
+        sizes = sizes.clone()
+        sizes[:, odd] = sizes[:, odd - 1]
+    return hidden, importance, sizes
