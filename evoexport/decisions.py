@@ -22,31 +22,24 @@ import math
 
 import torch
 
-from .prune import PruneParams, merge_affinity, pick_steps, step_sizes, utility_scores
+from .prune import PruneParams, kept_indices, merge_affinity, pick_steps, step_sizes, utility_scores
 
 
-def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, tolerance: float):
-    """Per row: (margin of the choice, tokens chosen that the reference would not, close calls).
-
-    key: rank keys (NaN already ranked low); eligible: tokens this step could take."""
+def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, own_choice: torch.Tensor,
+             tolerance: float):
+    """Per row: (margin of the backend's choice, tokens it took that the reference would not,
+    close calls). key: the step's rank keys; eligible: tokens the step could take;
+    own_choice: what the reference takes on these keys (lowest index on ties)."""
     k = key.double()
     inf = torch.tensor(math.inf, dtype=k.dtype)
     left_out = torch.where(eligible & ~chosen, k, -inf).amax(dim=-1)
     taken = torch.where(chosen, k, inf).amin(dim=-1)
     margin = torch.nan_to_num(left_out - taken, nan=0.0)          # inf - inf: equal infinite scores tie
-    # the reference's own choice: the same number of the best eligible keys (lowest index on ties)
-    take = chosen.sum(dim=-1, keepdim=True)
-    ranked = torch.where(eligible, k, -inf)
-    beats = ranked.unsqueeze(-2) > ranked.unsqueeze(-1)
-    n = k.shape[-1]
-    ar = torch.arange(n)
-    beats = beats | ((ranked.unsqueeze(-2) == ranked.unsqueeze(-1)) & (ar.view(1, n) < ar.view(n, 1)))
-    ref_chosen = eligible & (beats.sum(dim=-1) < take)
-    flips = (chosen & ~ref_chosen).sum(dim=-1)
-    # close calls: tokens whose own side of the cut is within tolerance of the other side
-    ref_left_out = torch.where(eligible & ~ref_chosen, k, -inf).amax(dim=-1, keepdim=True)
-    ref_taken = torch.where(ref_chosen, k, inf).amin(dim=-1, keepdim=True)
-    close = (ref_chosen & (k - ref_left_out <= tolerance)) | (eligible & ~ref_chosen & (ref_taken - k <= tolerance))
+    flips = (chosen & ~own_choice).sum(dim=-1)
+    # close calls: tokens whose side of the reference's cut is within tolerance of the other side
+    ref_left_out = torch.where(eligible & ~own_choice, k, -inf).amax(dim=-1, keepdim=True)
+    ref_taken = torch.where(own_choice, k, inf).amin(dim=-1, keepdim=True)
+    close = (own_choice & (k - ref_left_out <= tolerance)) | (eligible & ~own_choice & (ref_taken - k <= tolerance))
     return margin, flips, close.sum(dim=-1)
 
 
@@ -77,8 +70,8 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
     utility, sim = utility_scores(hidden[:, c:], importance, params.redundancy_weight)
     margins, flips, close = [], [], []
 
-    def on_step(step, key, picked_before, chosen, take):
-        m, f, cc = _margins(key, ~picked_before, chosen, tolerance)
+    def on_step(step, key, picked_before, chosen, own_choice):
+        m, f, cc = _margins(key, ~picked_before, chosen, own_choice, tolerance)
         margins.append(m)
         flips.append(f)
         close.append(cc)
@@ -86,7 +79,7 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
     pick_steps(utility, sim, budget, params, forced_picks=picks, on_step=on_step)
     result["decisions"] += b * n
     kept_mask = picks >= 0
-    kept = torch.sort(torch.where(kept_mask, torch.arange(n), n), dim=-1).values[:, :budget]   # ascending
+    kept = kept_indices(picks, budget)
     slot_of = torch.full((b, n), -1, dtype=torch.long)
     slot_of.scatter_(1, kept, torch.arange(budget).expand(b, budget))
     if not bool((merge[kept_mask] == slot_of[kept_mask]).all()):

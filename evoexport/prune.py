@@ -229,8 +229,9 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
     Step 0 keeps the top tokens by utility; step r >= 1 the top tokens by novelty against
     everything kept in steps < r. `forced_picks` replays another executor's picks instead of
     choosing (the scores of each step are still computed from `utility` and `sim`, so a
-    validator can judge those picks); `on_step(step, key, picked_before, chosen, take)` sees
-    every step's rank keys. Picked tokens rank below everything (-inf), NaN just above.
+    validator can judge those picks); `on_step(step, key, picked_before, chosen, own_choice)`
+    sees every step's rank keys, the choice taken and the one these scores make.
+    Picked tokens rank below everything (-inf), NaN just above.
     """
     sim_key = _rank_key(sim)
     picks = torch.full(utility.shape, -1, dtype=torch.int64, device=utility.device)
@@ -241,12 +242,18 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
         else:  # novelty: minus the similarity to the closest token picked so far
             closest = sim_key.masked_fill(~picked.unsqueeze(1), -math.inf).amax(dim=-1)
             key = _rank_key(-closest).masked_fill(picked, -math.inf)
-        chosen = _top_mask(key, take) if forced_picks is None else forced_picks == step
+        own_choice = _top_mask(key, take)
+        chosen = own_choice if forced_picks is None else forced_picks == step
         if on_step is not None:
-            on_step(step, key, picked, chosen, take)
+            on_step(step, key, picked, chosen, own_choice)
         picks = torch.where(chosen, step, picks)
         picked = picked | chosen
     return picks
+
+
+def kept_indices(picks: torch.Tensor, budget: int) -> torch.Tensor:
+    """[B, K] indices of the kept tokens (picks >= 0), ascending = raster order."""
+    return _ascending_indices(picks >= 0, budget)
 
 
 def merge_affinity(sim: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -289,7 +296,7 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     if forced is None:
         utility, sim = utility_scores(patches, importance, params.redundancy_weight)
         picks = pick_steps(utility, sim, budget, params)
-        kept = _ascending_indices(picks >= 0, budget)                                # [B, K]
+        kept = kept_indices(picks, budget)                                           # [B, K]
         if params.merge:
             owner = merge_affinity(sim, kept).argmax(dim=-1)                         # [B, N]
         else:  # a kept token is its own slot; a dropped one went nowhere
@@ -297,7 +304,7 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
             owner = torch.where(is_self.any(dim=-1), is_self.to(torch.int64).argmax(dim=-1), -1)
     else:
         picks, owner = forced
-        kept = _ascending_indices(picks >= 0, budget)
+        kept = kept_indices(picks, budget)
     new_positions = torch.gather(positions, 1, kept)
 
     if params.merge:
