@@ -63,7 +63,8 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
 @click.option("--input", "input_path", required=True, type=click.Path(),
               help="an image file, or a .npy of normalized pixel values float32 [B,3,H,W]")
 @click.option("--output", required=True, type=click.Path(), help="output .npz")
-@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch", "tensorrt"]))
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]))
 def run(build_dir, input_path, output, backend):
     """Run a build on one input; writes features, indices and, per prune point, indices_i, merge_i, picks_i to an .npz."""
     import numpy as np
@@ -107,12 +108,15 @@ def _read_input(path: Path, manifest: dict):
 
 @cli.command()
 @click.argument("build_dir", type=click.Path())
-@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]))
-@click.option("--threads", type=int, default=0, help="onnxruntime: intra-op threads  [default: all cores]")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "openvino", "tensorrt"]))
+@click.option("--threads", type=int, default=0, help="onnxruntime, openvino: threads  [default: all cores]")
 @click.option("--optimization", type=click.Choice(["all", "extended", "basic", "disable"]), default="all",
               show_default=True, help="onnxruntime: graph optimization level")
+@click.option("--inference-precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="openvino: precision of the encoder stages  [default: OpenVINO's choice for this CPU]")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
-def validate(build_dir, backend, threads, optimization, as_json):
+def validate(build_dir, backend, threads, optimization, inference_precision, as_json):
     """Compare a build with the PyTorch model on sample photos (exit 1 beyond tolerances).
 
     Decisions are compared as decisions: a kept set or merge map that differs from
@@ -123,7 +127,8 @@ def validate(build_dir, backend, threads, optimization, as_json):
 
     if threads < 0:
         raise EvoExportError(f"--threads must be >= 0, got {threads}")
-    options = {"threads": threads, "optimization": optimization} if backend == "onnxruntime" else {}
+    options = {"onnxruntime": {"threads": threads, "optimization": optimization},
+               "openvino": {"threads": threads, "precision": inference_precision}}.get(backend, {})
     report = run_validation(build_dir, backend=backend, **options)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
@@ -137,13 +142,16 @@ def validate(build_dir, backend, threads, optimization, as_json):
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--baseline", type=click.Path(), default=None,
               help="unpruned build (keep 1.0) to compare with  [default: exported now, same weights]")
-@click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baseline")
+@click.option("--backend", "backends", multiple=True, default=("onnxruntime", "openvino"), show_default=True,
+              type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]), help="backends to time (repeatable)")
+@click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baselines (fp32 and bf16 autocast)")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
-def bench(build_dir, batches, iters, warmup, baseline, no_hf, json_path):
-    """Latency of the pruned chain vs the unpruned export vs transformers' PyTorch model."""
+def bench(build_dir, batches, iters, warmup, baseline, backends, no_hf, json_path):
+    """Latency of the pruned chain vs the unpruned export (per backend) vs transformers' PyTorch model."""
     from .bench import format_bench, run_bench
 
-    result = run_bench(build_dir, batches=batches, iters=iters, warmup=warmup, baseline=baseline, hf=not no_hf)
+    result = run_bench(build_dir, batches=batches, iters=iters, warmup=warmup, baseline=baseline, hf=not no_hf,
+                       backends=backends)
     click.echo(format_bench(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

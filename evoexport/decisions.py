@@ -27,8 +27,8 @@ from .prune import PruneParams, kept_indices, merge_affinity, pick_steps, step_s
 
 def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, own_choice: torch.Tensor,
              tolerance: float):
-    """Per row: (margin of the backend's choice, tokens it took that the reference would not,
-    close calls). key: the step's rank keys; eligible: tokens the step could take;
+    """Per row: (margin of the backend's choice, tokens it took that the reference would not);
+    per token: close call (within tolerance of this step's cut). key: the step's rank keys; eligible: tokens the step could take;
     own_choice: what the reference takes on these keys (lowest index on ties)."""
     k = key.double()
     inf = torch.tensor(math.inf, dtype=k.dtype)
@@ -40,7 +40,7 @@ def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, ow
     ref_left_out = torch.where(eligible & ~own_choice, k, -inf).amax(dim=-1, keepdim=True)
     ref_taken = torch.where(own_choice, k, inf).amin(dim=-1, keepdim=True)
     close = (own_choice & (k - ref_left_out <= tolerance)) | (eligible & ~own_choice & (ref_taken - k <= tolerance))
-    return margin, flips, close.sum(dim=-1)
+    return margin, flips, close
 
 
 def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
@@ -68,13 +68,15 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
         return _finish(result, tolerance)
 
     utility, sim = utility_scores(hidden[:, c:], importance, params.redundancy_weight)
-    margins, flips, close = [], [], []
+    margins, flips = [], []
+    close_token = torch.zeros(b, n, dtype=torch.bool)   # a token counts once, however many steps it was close in
 
     def on_step(step, key, picked_before, chosen, own_choice):
+        nonlocal close_token
         m, f, cc = _margins(key, ~picked_before, chosen, own_choice, tolerance)
         margins.append(m)
         flips.append(f)
-        close.append(cc)
+        close_token = close_token | cc
 
     pick_steps(utility, sim, budget, params, forced_picks=picks, on_step=on_step)
     result["decisions"] += b * n
@@ -86,6 +88,7 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
         result["invalid"] = "a kept token is not merged into itself (merge map broken)"
         return _finish(result, tolerance)
     dropped = ~kept_mask
+    close_merge = 0
     if params.merge:
         if not bool(((merge >= 0) & (merge < budget)).all()):
             result["invalid"] = f"merge map points outside the {budget} kept tokens"
@@ -97,7 +100,7 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
         margins.append(m.amax(dim=-1))
         flips.append((dropped & (merge != affinity.argmax(dim=-1))).sum(dim=-1))   # argmax: lowest index on ties
         runner_up = top2[..., 1] if budget > 1 else torch.full_like(taken, -math.inf)
-        close.append((dropped & (top2[..., 0] - runner_up <= tolerance)).sum(dim=-1))
+        close_merge = int((dropped & (top2[..., 0] - runner_up <= tolerance)).sum())
         result["decisions"] += int(dropped.sum())
     elif not bool((merge[dropped] == -1).all()):
         result["invalid"] = "without merge, a dropped token must map to -1"
@@ -106,7 +109,7 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
     margin = torch.stack(margins).amax(dim=0) if margins else torch.zeros(b)
     result["worst_margin"] = max(float(margin.max()), 0.0) if margin.numel() else 0.0
     result["flips"] = int(torch.stack(flips).sum()) if flips else 0
-    result["close_calls"] = int(torch.stack(close).sum()) if close else 0
+    result["close_calls"] = int(close_token.sum()) + close_merge
     return _finish(result, tolerance)
 
 

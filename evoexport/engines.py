@@ -1,7 +1,7 @@
 """TensorRT engines for a build, through Polygraphy's loaders and runner (kept thin on purpose).
 
     evoexport engines graphs/llava-keep0.5 --fp16 --max-batch 32
-    evoexport.load("graphs/llava-keep0.5", backend="tensorrt")
+    evoexport.load("graphs/llava-keep0.5", backend="tensorrt")     # backends/tensorrt.py
 
 One engine per graph (stages and selections alike: the selection graph is TopK, Gather,
 MatMul and elementwise ops, all TensorRT layers), each with one optimization profile over
@@ -60,47 +60,3 @@ def build_engines(build_dir: str | Path, fp16: bool = False, opt_batch: int = 1,
             "fp16": fp16, "batch": {"min": 1, "opt": opt_batch, "max": max_batch}, "engines": entries}
     (build_dir / ENGINES).write_text(json.dumps(info, indent=2) + "\n")
     return info
-
-
-class TrtBackend:
-    """Runs every graph as a TensorRT engine; tensors stay on the GPU between graphs."""
-    name = "tensorrt"
-
-    def __init__(self, build_dir: Path, manifest: dict, device: str = "cuda"):
-        _require_tensorrt()
-        import torch
-        from polygraphy.backend.trt import EngineFromPath, TrtRunner
-
-        path = build_dir / ENGINES
-        if not path.is_file():
-            raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
-        info = json.loads(path.read_text())
-        by_name = {e["name"]: e for e in info["engines"]}
-        self.torch, self.device = torch, torch.device(device)
-        self.runners = {}
-        for g in graph_entries(manifest):
-            e = by_name.get(g["name"])
-            if e is None or not (build_dir / e["file"]).is_file():
-                raise EvoExportError(f"{build_dir}: engine for {g['name']} is missing; rebuild the engines")
-            if sha256_file(build_dir / e["file"]) != e["sha256"]:
-                raise EvoExportError(f"{build_dir}: {e['file']} does not match its sha256 in {ENGINES}")
-            runner = TrtRunner(EngineFromPath(str(build_dir / e["file"])), name=g["name"])
-            runner.activate()
-            self.runners[g["name"]] = runner
-
-    def as_input(self, array):
-        return self.torch.as_tensor(array).to(self.device)
-
-    def run_graph(self, entry: dict, feeds: dict) -> dict:
-        return dict(self.runners[entry["name"]].infer(feeds, copy_outputs_to_host=False))
-
-    def to_numpy(self, value):
-        import numpy as np
-        return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
-
-    def __del__(self):
-        for r in getattr(self, "runners", {}).values():
-            try:
-                r.deactivate()
-            except Exception:
-                pass

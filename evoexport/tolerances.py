@@ -8,12 +8,18 @@ Two kinds of number:
   dimensionless: utility a/max(a) - beta*cos, novelty -cos, merge affinity cos.
 
 fp32 (ONNX Runtime or another CPU vs PyTorch): a selection graph alone, on identical
-inputs, reproduces scores to about 1e-6 (a 1024-long dot product in float32); the chain
-end to end carries each stage's rounding into the next prune point, measured at up to
-~1e-5 on the full-size LLaVA tower (docs/validation.md). 1e-4 leaves a 10x margin over
-that while a wrong decision (another prune parameter, a wrong weight) misses by 1e-2 or
-more. Lower precisions get their own rows when those builds exist (fp16, bf16, int8);
-their margins scale with the format's rounding (fp16 ~1e-3, bf16 ~8e-3 per operation).
+inputs, reproduces the reference's scores to the last bits; the chain end to end carries
+each stage's rounding into the next prune point: a simulated other CPU's rounding flipped
+one merge at margin 6e-8 on the full-size LLaVA tower (docs/validation.md). 1e-4 leaves
+wide room over that, while a wrong decision (another prune parameter, a wrong weight)
+misses by 1e-2 or more.
+
+bf16 (OpenVINO's default stages, 8 significant bits, ~4e-3 rounding per operation): on
+the full-size LLaVA tower a stage on identical inputs is within rel 3.6e-3 (cosine
+0.999995), the chain's features within rel 1.3e-2 (cosine 0.99995) of the reference
+under the chain's decisions, and the chain's flips had margins up to 9e-5 (its selection
+graphs run in fp32; the drift comes from the bf16 stages before them). The rows leave 4x
+(continuous) and 50x (decisions) of room. fp16 and int8 rows come with those builds.
 """
 from __future__ import annotations
 
@@ -27,6 +33,14 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "e2e_cosine_min": 0.9999,       # chain features vs the reference re-run with the chain's decisions
         "e2e_rel_err_max": 1e-3,
         "batch_rel_err_max": 1e-3,      # batch-1 row vs the same image inside a batch (same decisions)
+    },
+    "bf16": {   # OpenVINO's default on CPUs with AMX or AVX-512 BF16; selection graphs stay fp32
+        "graph_cosine_min": 0.999,
+        "graph_rel_err_max": 5e-2,
+        "decision_margin": 5e-3,
+        "e2e_cosine_min": 0.999,
+        "e2e_rel_err_max": 5e-2,
+        "batch_rel_err_max": 5e-2,
     },
 }
 

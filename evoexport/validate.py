@@ -31,7 +31,8 @@ import numpy as np
 from .decisions import check_decisions, make_ties
 from .images import SAMPLE_PHOTOS, sample_batch
 from .manifest import graph_entries, read_manifest
-from .runtime import Runner, TorchBackend
+from .backends.torch import TorchBackend
+from .runtime import Runner
 from .tolerances import tolerances_for
 
 REPORT = "validation.json"
@@ -142,12 +143,12 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    precision = manifest.get("precision", "fp32")
-    tol = tolerances_for(precision)
     if runner is None:
         if backend == "onnxruntime":
             backend_options.setdefault("low_memory", True)
         runner = Runner(build_dir, backend=backend, **backend_options)
+    precision = runner.backend.precision   # what the stages really compute in (OpenVINO may pick bf16)
+    tol = tolerances_for(precision)
     reference = TorchBackend(build_dir, manifest, pipeline=pipeline)
     pipe = reference.pipeline
     specs = {g.name: g for g in pipe.graphs}

@@ -144,13 +144,20 @@ def test_keep_one_has_no_prune_points_and_all_indices(tmp_path):
 
 
 def test_bench_reports_consistent_ratios(tiny_build):
-    from evoexport.bench import run_bench
+    from evoexport.bench import HF_BF16, HF_FP32, run_bench
     from evoexport.progress import Progress
-    r = run_bench(tiny_build, batches=(1, 2), iters=3, warmup=1, progress=Progress(enabled=False))
+    r = run_bench(tiny_build, batches=(1, 2), iters=3, warmup=1, backends=("onnxruntime", "openvino"),
+                  progress=Progress(enabled=False))
+    systems = {f"{kind} ({b})" for kind in ("pruned", "unpruned") for b in ("onnxruntime", "openvino")}
     assert {(row["batch"], row["system"]) for row in r["rows"]} == {
-        (b, s) for b in (1, 2) for s in ("pruned (onnxruntime)", "unpruned (onnxruntime)", "transformers (torch)")}
+        (b, s) for b in (1, 2) for s in systems | {HF_FP32, HF_BF16}}
     for s in r["summary"]:
         rows = {row["system"]: row for row in r["rows"] if row["batch"] == s["batch"]}
-        assert s["speedup_vs_unpruned"] == pytest.approx(
-            rows["unpruned (onnxruntime)"]["median_ms"] / rows["pruned (onnxruntime)"]["median_ms"])
+        for b in s["backends"]:
+            name = b["backend"]
+            assert b["speedup_vs_unpruned"] == pytest.approx(
+                rows[f"unpruned ({name})"]["median_ms"] / rows[f"pruned ({name})"]["median_ms"])
+        fastest_unpruned = min((n for n in rows if not n.startswith("pruned")), key=lambda n: rows[n]["median_ms"])
+        assert s["best_unpruned"] == fastest_unpruned and s["best_pruned"].startswith("pruned")
+        assert s["best_vs_best"] == pytest.approx(rows[fastest_unpruned]["median_ms"] / rows[s["best_pruned"]]["median_ms"])
         assert all(row["p90_ms"] >= row["median_ms"] >= row["min_ms"] > 0 for row in rows.values())

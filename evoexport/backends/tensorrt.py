@@ -1,0 +1,59 @@
+"""TensorRT engines (built by `evoexport engines`, see engines.py) run through Polygraphy's
+TrtRunner on torch CUDA tensors: tensors stay on the GPU between graphs.
+
+Not run in this project's CI: TensorRT cannot be installed on its machines (see README).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..engines import ENGINES, _require_tensorrt
+from ..errors import EvoExportError
+from ..manifest import graph_entries, sha256_file
+
+
+class TrtBackend:
+    """Runs every graph as a TensorRT engine; tensors stay on the GPU between graphs."""
+    name = "tensorrt"
+
+    def __init__(self, build_dir: Path, manifest: dict, device: str = "cuda"):
+        _require_tensorrt()
+        import torch
+        from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+        path = build_dir / ENGINES
+        if not path.is_file():
+            raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
+        info = json.loads(path.read_text())
+        # weakly typed fp16 engines compute in fp16 whatever the ONNX says; validation needs to know
+        self.precision = "fp16" if info.get("fp16") else manifest.get("precision", "fp32")
+        by_name = {e["name"]: e for e in info["engines"]}
+        self.torch, self.device = torch, torch.device(device)
+        self.runners = {}
+        for g in graph_entries(manifest):
+            e = by_name.get(g["name"])
+            if e is None or not (build_dir / e["file"]).is_file():
+                raise EvoExportError(f"{build_dir}: engine for {g['name']} is missing; rebuild the engines")
+            if sha256_file(build_dir / e["file"]) != e["sha256"]:
+                raise EvoExportError(f"{build_dir}: {e['file']} does not match its sha256 in {ENGINES}")
+            runner = TrtRunner(EngineFromPath(str(build_dir / e["file"])), name=g["name"])
+            runner.activate()
+            self.runners[g["name"]] = runner
+
+    def as_input(self, array):
+        return self.torch.as_tensor(array).to(self.device)
+
+    def run_graph(self, entry: dict, feeds: dict) -> dict:
+        return dict(self.runners[entry["name"]].infer(feeds, copy_outputs_to_host=False))
+
+    def to_numpy(self, value):
+        import numpy as np
+        return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+
+    def __del__(self):
+        for r in getattr(self, "runners", {}).values():
+            try:
+                r.deactivate()
+            except Exception:
+                pass

@@ -1,0 +1,81 @@
+"""Backends behind one interface: OpenVINO next to ONNX Runtime, checked against the reference."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import openvino as ov
+import pytest
+
+import evoexport
+from evoexport.cli import main
+from evoexport.errors import EvoExportError
+from evoexport.images import sample_batch
+from evoexport.manifest import read_manifest
+from evoexport.tolerances import tolerances_for
+
+
+def _photos(build):
+    return sample_batch(56, read_manifest(build)["preprocess"])
+
+
+def test_openvino_fp32_matches_the_reference_tightly(tiny_build, tmp_path):
+    x = _photos(tiny_build)
+    got = evoexport.load(tiny_build, backend="openvino", precision="fp32", cache_dir=tmp_path / "cache")(x)
+    ref = evoexport.load(tiny_build, backend="torch")(x)
+    for a, b in zip(got.picks_per_point + got.merge_per_point, ref.picks_per_point + ref.merge_per_point):
+        np.testing.assert_array_equal(a, b.numpy())
+    np.testing.assert_allclose(got.features, ref.features.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_openvino_defaults_run_stages_in_its_precision_and_selections_in_fp32(tiny_build, tmp_path):
+    runner = evoexport.load(tiny_build, backend="openvino", cache_dir=tmp_path / "cache")
+    be = runner.backend
+    hints = {name: r.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") for name, r in be.requests.items()}
+    assert all(hints[n] == ov.Type.f32 for n in hints if n.startswith("select"))
+    stage = hints["stage_0"]
+    assert be.precision == {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}[stage]
+    cpu_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert (be.precision == "bf16") == cpu_bf16      # OpenVINO's own default: bf16 where the CPU has it
+    assert any((tmp_path / "cache").iterdir())      # compiled models were cached
+
+
+@pytest.mark.parametrize("precision", [None, "fp32"])
+def test_openvino_validates_with_the_tolerances_of_its_precision(tiny_build, tmp_path, precision):
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    flags = ["--inference-precision", precision] if precision else []
+    assert main(["validate", str(build), "--backend", "openvino", *flags]) == 0
+    report = json.loads((build / "validation.json").read_text())
+    assert report["backend"] == "openvino" and report["passed"]
+    expect = precision or evoexport.load(build, backend="openvino").backend.precision
+    assert report["precision"] == expect and report["tolerances"] == tolerances_for(expect)
+
+
+def test_cli_run_on_openvino_equals_the_library(tiny_build, tmp_path):
+    x = _photos(tiny_build)[:2]
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out.npz"
+    assert main(["run", str(tiny_build), "--input", str(tmp_path / "x.npy"), "--output", str(out),
+                 "--backend", "openvino"]) == 0
+    r = np.load(out)
+    lib = evoexport.load(tiny_build, backend="openvino")(x)
+    np.testing.assert_array_equal(r["features"], lib.features)
+    np.testing.assert_array_equal(r["merge_1"], lib.merge_per_point[1])
+
+
+def test_openvino_outputs_are_not_overwritten_by_the_next_call(tiny_build):
+    runner = evoexport.load(tiny_build, backend="openvino")
+    x = _photos(tiny_build)
+    first = runner(x[:1])
+    kept = first.features.copy()
+    runner(x[1:2])
+    np.testing.assert_array_equal(first.features, kept)
+
+
+def test_unknown_backend_options_are_named(tiny_build):
+    with pytest.raises(EvoExportError, match="backend openvino takes no option.*optimization"):
+        evoexport.load(tiny_build, backend="openvino", optimization="all")
+    with pytest.raises(EvoExportError, match="precision 'int4'"):
+        evoexport.load(tiny_build, backend="openvino", precision="int4")
