@@ -63,6 +63,21 @@ class DigitsBench:
             correct += int((logits.argmax(1) == self.y[i:i + 128]).sum())
         return correct / len(self.x)
 
+    @torch.inference_mode()
+    def build_accuracy(self, build_dir, backend: str = "onnxruntime", **options) -> float:
+        """Accuracy of an exported build of these weights (any precision) on a backend."""
+        from .runtime import load
+
+        runner = load(build_dir, backend=backend, **options)
+        if runner.manifest.get("weights_sha256") != self.tower.weights_info["weights_sha256"]:
+            raise ValueError(f"{build_dir} was not built from the digits-vit weights")
+        correct = 0
+        for i in range(0, len(self.x), 128):
+            feats = torch.as_tensor(runner.backend.to_numpy(runner(self.x[i:i + 128].numpy()).features))
+            logits = self.head(self.post_norm(feats[:, 0]))
+            correct += int((logits.argmax(1) == self.y[i:i + 128]).sum())
+        return correct / len(self.x)
+
     def evaluate(self, method: str, keep: float, merge: bool = True, first_layer: bool = False,
                  seed: int = 0) -> Result:
         points = [] if keep == 1.0 else self.schedule(keep, first_layer)

@@ -35,8 +35,11 @@ class BuildResult:
     tower: object = None    # the loaded VisionTower, for callers that go on to use it (bench)
 
 
-def default_out(model: str, keep: float) -> Path:
-    return DEFAULT_ROOT / f"{model}-keep{keep:g}"
+PRECISIONS = ("fp32", "int8")   # fp16 / bf16 ONNX builds: not yet (OpenVINO computes fp32 builds in bf16 already)
+
+
+def default_out(model: str, keep: float, precision: str = "fp32") -> Path:
+    return DEFAULT_ROOT / (f"{model}-keep{keep:g}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
 def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None) -> tuple[float, list[PrunePoint]]:
@@ -65,7 +68,10 @@ def versions() -> dict:
 
 def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | None = None,
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
-          out: str | Path | None = None, validate: bool = True, progress: Progress | None = None) -> BuildResult:
+          out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
+          progress: Progress | None = None) -> BuildResult:
+    """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
+    `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/)."""
     from .export import export_pipeline
     from .stages import Pipeline
     from .validate import print_report
@@ -73,12 +79,16 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
 
     progress = progress or Progress()
     params = params or PruneParams()
+    if precision not in PRECISIONS:
+        raise EvoExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if calib is not None and precision != "int8":
+        raise EvoExportError("--calib is only used by --precision int8")
     preset = get_preset(model)
     # Everything the user typed is checked before the (slow) weights are touched.
     spec = spec_from_checkpoint(preset, Path(checkpoint).expanduser()) if checkpoint else spec_from_preset(preset)
     grid = spec.vision["image_size"] // spec.vision["patch_size"]
     keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
-    target = Path(out) if out else default_out(model, keep)
+    target = Path(out) if out else default_out(model, keep, precision)
     if target.exists() and not (target / "manifest.json").is_file():
         raise EvoExportError(f"--out {target} exists and is not an evoexport build; refusing to replace it")
 
@@ -94,6 +104,13 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         progress(f"schedule {format_schedule(points)} (after_layer:tokens of {tower.num_patches}); "
                  f"ideal FLOP speedup {flops_full / flops_pruned:.2f}x")
         stages = export_pipeline(pipeline, tmp, progress)
+        calibration = None
+        if precision == "int8":
+            from .quantize import calibration_pixels, quantize_build
+            pixels = calibration_pixels(calib, tower.image_size, spec.preprocess, progress)
+            quantize_build(pipeline, stages, tmp, pixels, progress)
+            calibration = {"images": int(len(pixels)),
+                           "source": "pixel values" if hasattr(calib, "shape") else str(calib or "calib/ (default)")}
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -109,7 +126,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
                       "hidden_size": tower.hidden_size, "out_features": tower.out_features},
             "preprocess": spec.preprocess,
             "inputs": [stages[0]["inputs"][0]],
-            "precision": "fp32",
+            "precision": precision,
+            "calibration": calibration,
             # features, then per prune point the decisions: indices_i, merge_i, picks_i
             "outputs": [stages[-1]["outputs"][0]] + [o for s in stages if s["select"] for o in s["select"]["outputs"][2:]],
             "stages": stages,

@@ -35,10 +35,14 @@ def cli():
 @click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
 @click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
               help="weight attention by merged token size")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="encoder stages in fp32, or int8 (QDQ, calibrated; selections stay fp32)")
+@click.option("--calib", type=click.Path(), default=None,
+              help="int8: folder of calibration images  [default: calib/, photos shipped by scikit-image]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the build against PyTorch")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds, merge,
-          proportional_attention, validate, quiet):
+          proportional_attention, precision, calib, validate, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from .build import build as run_build
     from .progress import Progress, peak_rss_gb
@@ -48,7 +52,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
                          diversity_rounds=diversity_rounds, merge=merge, proportional_attention=proportional_attention)
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
-                       out=out, validate=validate, progress=progress)
+                       out=out, validate=validate, precision=precision, calib=calib, progress=progress)
     m = result.manifest
     if m["weights"] == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)

@@ -52,13 +52,39 @@ class EncoderStage(nn.Module):
         self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
         self._captured: dict[str, torch.Tensor] = {}
         if probe:
+            # The probe reads the last layer's query and key projections rather than its
+            # attention probabilities: every layer keeps fused attention (SDPA; fused MHA in
+            # TensorRT and OpenVINO), and no runtime has to keep an N x N probability tensor
+            # alive for a second consumer (OpenVINO's int8 pipeline zeroed it past batch row 0).
             attn = tower.layers[last - 1].self_attn
-            # Eager attention on this one layer returns its probabilities; the others keep SDPA.
-            attn.config = tower.eager_attention_config()
-            attn.register_forward_hook(self._capture)
+            self.heads, self.scale = attn.num_heads, attn.scale
+            attn.q_proj.register_forward_hook(self._capture("q"))
+            attn.k_proj.register_forward_hook(self._capture("k"))
 
-    def _capture(self, module, args, output):
-        self._captured["attn"] = output[1]
+    def _capture(self, key: str):
+        def hook(module, args, output):
+            self._captured[key] = output
+        return hook
+
+    def _importance(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention importance of the patch tokens in the probed layer, from its q and k.
+
+        With CLS: softmax(q_cls . K^T * scale + mask) averaged over heads, one row instead of
+        T (the same numbers eager attention's probabilities give). Without CLS: attention
+        received, averaged over heads and all queries."""
+        q, k = self._captured.pop("q"), self._captured.pop("k")
+        b, t, d = k.shape
+        if self.tower.has_cls:
+            q = q[:, :1]
+        q = q.reshape(b, q.shape[1], self.heads, d // self.heads).transpose(1, 2)     # [B, H, Q, hd]
+        k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)              # [B, H, T, hd]
+        logits = (q @ k.transpose(-1, -2)) * self.scale                                 # [B, H, Q, T]
+        if mask is not None:
+            logits = logits + mask
+        probs = torch.softmax(logits.float(), dim=-1)
+        if self.tower.has_cls:
+            return probs[:, :, 0, 1:].mean(dim=1)        # CLS -> patch attention
+        return probs.mean(dim=(1, 2))                    # mean attention received
 
     def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None):
         hidden = self.tower.embed(x) if self.embed else x
@@ -74,12 +100,7 @@ class EncoderStage(nn.Module):
         if self.project:
             return (self.tower.project(hidden),)
         if self.probe:
-            probs = self._captured.pop("attn")            # [B, heads, T, T]
-            if self.tower.has_cls:
-                importance = probs[:, :, 0, 1:].mean(dim=1)  # CLS -> patch attention
-            else:
-                importance = probs.mean(dim=(1, 2))          # mean attention received
-            return hidden, importance
+            return hidden, self._importance(mask)
         return (hidden,)
 
 

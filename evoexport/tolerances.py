@@ -19,7 +19,14 @@ the full-size LLaVA tower a stage on identical inputs is within rel 3.6e-3 (cosi
 0.999995), the chain's features within rel 1.3e-2 (cosine 0.99995) of the reference
 under the chain's decisions, and the chain's flips had margins up to 9e-5 (its selection
 graphs run in fp32; the drift comes from the bf16 stages before them). The rows leave 4x
-(continuous) and 50x (decisions) of room. fp16 and int8 rows come with those builds.
+(continuous) and 50x (decisions) of room.
+
+int8 (QDQ, calibrated on calib/): on the full-size tower a stage on identical inputs is
+within rel 4.5e-2 (cosine 0.99916), the chain's features within rel 5.1e-2 (cosine
+0.99901) under the chain's decisions, and its flips had margins up to 1.6e-3. The rows
+leave about 3x (relative error), 5x (1 - cosine) and 12x (decisions) of room. Whether int8
+keeps a model's *answers* is a separate question, answered by the digits accuracy gate
+(tests/test_int8.py), not by these numbers. fp16 gets its row with fp16 builds.
 """
 from __future__ import annotations
 
@@ -41,6 +48,14 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "e2e_cosine_min": 0.999,
         "e2e_rel_err_max": 5e-2,
         "batch_rel_err_max": 5e-2,
+    },
+    "int8": {   # QDQ encoder stages (weights per channel, activations per tensor); selections fp32
+        "graph_cosine_min": 0.995,
+        "graph_rel_err_max": 0.15,
+        "decision_margin": 2e-2,
+        "e2e_cosine_min": 0.995,
+        "e2e_rel_err_max": 0.15,
+        "batch_rel_err_max": 0.15,
     },
 }
 

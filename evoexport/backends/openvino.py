@@ -66,8 +66,8 @@ class OpenVinoBackend:
             self.ports[g["name"]] = [(o["name"], compiled.output(o["name"])) for o in g["outputs"]]
         # the precision the stages really compute in: validation picks its tolerances by it
         ours = {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}
-        found = {ours.get(t, "fp32") for t in stage_precisions}
-        self.precision = next((p for p in ("bf16", "fp16", "fp32") if p in found), "fp32")   # the loosest wins
+        found = {ours.get(t, "fp32") for t in stage_precisions} | {manifest.get("precision", "fp32")}
+        self.precision = next(p for p in ("int8", "bf16", "fp16", "fp32") if p in found)   # the loosest wins
 
     def as_input(self, array: np.ndarray):
         return np.ascontiguousarray(array)

@@ -7,7 +7,6 @@ so the last CLIP layer would be wasted work (and wasted weights).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -93,12 +92,6 @@ class VisionTower(nn.Module):
         """Final hidden states [B, 1+K, D] -> output features [B, K, D_out]."""
         feats = hidden[:, 1:] if (self.has_cls and self.drop_cls) else hidden
         return self.projector(feats) if self.projector is not None else feats
-
-    def eager_attention_config(self):
-        """A copy of the config whose attention returns its probabilities (for the importance probe)."""
-        cfg = copy.deepcopy(self.config)
-        cfg._attn_implementation = "eager"
-        return cfg
 
     def state_sha256(self) -> str:
         h = hashlib.sha256()

@@ -1,0 +1,79 @@
+"""int8 builds: QDQ-quantized encoder stages, calibrated on real images, checked like any build."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from evoexport.accuracy import FIXTURE, DigitsBench
+from evoexport.build import build
+from evoexport.models.vit_digits import digits_split
+from evoexport.progress import Progress
+from evoexport.validate import validate
+
+from .test_reliability import assert_one_error_line, cli
+
+
+@pytest.fixture(scope="module")
+def int8_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    return build("llava-tiny", 0.5, precision="int8", out=out, progress=Progress(enabled=False))
+
+
+def _ops(path):
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_int8_build_quantizes_the_stages_and_nothing_else(int8_build):
+    m = int8_build.manifest
+    assert m["precision"] == "int8" and m["calibration"]["images"] >= 10
+    assert int8_build.report["passed"] and int8_build.report["precision"] == "int8"
+    for stage in m["stages"]:
+        model = onnx.load(str(int8_build.path / stage["file"]))
+        int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+        matmul_weights = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+        assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8_build.path / stage["file"])
+        assert len(int8_weights) >= 6                      # q, k, v, out, fc1, fc2 of at least one layer
+        assert matmul_weights > len(int8_weights)          # attention's own matmuls stay float
+        if stage["select"]:
+            assert not {"QuantizeLinear", "DequantizeLinear"} & _ops(int8_build.path / stage["select"]["file"])
+    for t in m["inputs"] + m["outputs"]:
+        assert t["dtype"] in ("float32", "int64")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_build_runs_and_validates_on(int8_build, backend):
+    r = validate(int8_build.path, backend=backend, write=False)
+    assert r["passed"] and r["precision"] == "int8", r["summary"]
+
+
+def test_calibration_flags_are_checked(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, msg in [(["--calib", str(empty)], "--calib is only used by --precision int8"),
+                      (["--precision", "int8", "--calib", str(tmp_path / "nope")], "is not a directory of images"),
+                      (["--precision", "int8", "--calib", str(empty)], "holds no images")]:
+        code, err, _ = cli("build", "--model", "llava-tiny", "--out", tmp_path / "o", *args)
+        assert_one_error_line(code, err, msg)
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not (FIXTURE / "model.safetensors").is_file(), reason="digits fixture missing")
+def test_every_precision_and_backend_keeps_digits_accuracy(tmp_path):
+    """keep 0.5, fp32 and int8 builds, on ONNX Runtime and OpenVINO (its defaults: bf16 where the
+    CPU has it): each within 1 accuracy point of the unpruned fp32 model."""
+    bench = DigitsBench()
+    unpruned = bench.evaluate("evoprune", 1.0).accuracy
+    train_x, *_ = digits_split()
+    results = {}
+    for precision in ("fp32", "int8"):
+        calib = np.ascontiguousarray(train_x[:64]) if precision == "int8" else None
+        b = build("digits-vit", 0.5, checkpoint=str(FIXTURE), precision=precision, calib=calib,
+                  out=tmp_path / precision, progress=Progress(enabled=False))
+        for backend in ("onnxruntime", "openvino"):
+            results[(precision, backend)] = bench.build_accuracy(b.path, backend)
+    (tmp_path / "results.json").write_text(json.dumps({f"{k[0]} {k[1]}": v for k, v in results.items()}))
+    for key, acc in results.items():
+        assert acc >= unpruned - 0.01, (key, acc, unpruned)
