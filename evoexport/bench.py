@@ -162,7 +162,7 @@ def format_bench(r: dict) -> str:
                                         f"({'meets' if b['meets_target'] else 'MISSES'} the {100 * r['target']:.0f}% target)")
             lines.append(f"  batch {s['batch']}, {b['backend']}: pruned vs unpruned {b['speedup_vs_unpruned']:.2f}x, "
                          f"FLOP ideal {s['ideal_speedup']:.2f}x{verdict}")
+        ideal = "" if mixed else f" ({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)"
         lines.append(f"  batch {s['batch']}, best vs best: {s['best_pruned']} is {s['best_vs_best']:.2f}x faster than "
-                     f"the fastest unpruned option, {s['best_unpruned']} "
-                     f"({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)")
+                     f"the fastest unpruned option, {s['best_unpruned']}{ideal}")
     return "\n".join(lines)
