@@ -1,7 +1,6 @@
 """EvoPrune selection, schedule and cost model, checked against independent brute-force code."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
