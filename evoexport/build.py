@@ -35,7 +35,7 @@ class BuildResult:
     tower: object = None    # the loaded VisionTower, for callers that go on to use it (bench)
 
 
-PRECISIONS = ("fp32", "int8")   # fp16 / bf16 ONNX builds: not yet (OpenVINO computes fp32 builds in bf16 already)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def default_out(model: str, keep: float, precision: str = "fp32") -> Path:
@@ -103,7 +103,13 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         flops_full, flops_pruned = tower_flops(tower, []), tower_flops(tower, points, params)
         progress(f"schedule {format_schedule(points)} (after_layer:tokens of {tower.num_patches}); "
                  f"ideal FLOP speedup {flops_full / flops_pruned:.2f}x")
-        stages = export_pipeline(pipeline, tmp, progress)
+        stage_source = None
+        if precision in ("fp16", "bf16"):   # stages carry weights and math in that dtype; selections stay fp32
+            import torch
+            half = tower.reduced_precision_copy(torch.float16 if precision == "fp16" else torch.bfloat16)
+            stage_source = Pipeline(half, points, params)
+        stages = export_pipeline(pipeline, tmp, progress, stage_source=stage_source)
+        del stage_source
         calibration = None
         if precision == "int8":
             from .quantize import calibration_pixels, quantize_build
@@ -138,7 +144,9 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         report = None
         if validate:
             progress("validating against PyTorch on sample photos")
-            report = run_validation(tmp, pipeline=pipeline)
+            # ONNX Runtime's CPU provider has no bf16 kernels: such builds are checked on OpenVINO
+            report = run_validation(tmp, backend="openvino" if precision == "bf16" else "onnxruntime",
+                                    pipeline=pipeline)
             print_report(report, file=sys.stderr)
             if not report["passed"]:
                 raise EvoExportError(f"validation failed; nothing written to {target} (see the table above)")

@@ -35,8 +35,9 @@ def cli():
 @click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
 @click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
               help="weight attention by merged token size")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="encoder stages in fp32, or int8 (QDQ, calibrated; selections stay fp32)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+              help="what the encoder stages compute in: fp16/bf16 inside the ONNX (LayerNorm, importance, "
+                   "inputs and outputs fp32), int8 QDQ (calibrated); selections always fp32")
 @click.option("--calib", type=click.Path(), default=None,
               help="int8: folder of calibration images  [default: calib/, photos shipped by scikit-image]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the build against PyTorch")

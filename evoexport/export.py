@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -15,7 +16,7 @@ from .stages import GraphSpec, Pipeline
 OPSET = 20
 BATCH_DIM = "batch"
 MAX_BATCH = 4096
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
                 onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
 
 
@@ -70,11 +71,16 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> dict:
     return {"name": value.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
 
 
-def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None) -> list[dict]:
-    """Export every graph; returns the manifest's `stages` list (selects nested in their stage)."""
+def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_source: Pipeline | None = None) -> list[dict]:
+    """Export every graph; returns the manifest's `stages` list (selects nested in their stage).
+
+    `stage_source`: the same schedule on a reduced-precision copy of the tower (fp16/bf16
+    builds); its encoder stages are exported instead, the selections always from `pipeline`."""
     example = pipeline.example_inputs(batch=2)
     stages: list[dict] = []
     for i, graph in enumerate(pipeline.graphs):
+        if stage_source is not None and graph.kind == "encoder":
+            graph = replace(graph, module=stage_source.graphs[i].module)
         if progress:
             what = (f"layers {graph.layers[0]}-{graph.layers[1] - 1}, {graph.tokens_in} tokens"
                     if graph.kind == "encoder" else f"keep {graph.tokens_out} of {graph.tokens_in} tokens")

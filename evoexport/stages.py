@@ -72,7 +72,7 @@ class EncoderStage(nn.Module):
         With CLS: softmax(q_cls . K^T * scale + mask) averaged over heads, one row instead of
         T (the same numbers eager attention's probabilities give). Without CLS: attention
         received, averaged over heads and all queries."""
-        q, k = self._captured.pop("q"), self._captured.pop("k")
+        q, k = self._captured.pop("q").float(), self._captured.pop("k").float()   # fp32 in any build
         b, t, d = k.shape
         if self.tower.has_cls:
             q = q[:, :1]
@@ -87,7 +87,10 @@ class EncoderStage(nn.Module):
         return probs.mean(dim=(1, 2))                    # mean attention received
 
     def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None):
-        hidden = self.tower.embed(x) if self.embed else x
+        # A reduced-precision tower (fp16/bf16 builds) computes in its own dtype inside the
+        # graph; inputs, outputs, LayerNorm statistics and the importance stay fp32.
+        dtype = self.tower.compute_dtype
+        hidden = self.tower.embed(x) if self.embed else x.to(dtype)   # pixels enter the fp32 patch conv
         mask = None
         if self.proportional and sizes is not None:
             # proportional attention: a token standing for s patches gets log(s) on its logits
@@ -96,12 +99,12 @@ class EncoderStage(nn.Module):
                 log_sizes = torch.cat([torch.zeros_like(log_sizes[:, :1]), log_sizes], dim=1)
             mask = log_sizes[:, None, None, :]
         for layer in self.tower.layers[self.first:self.last]:
-            hidden = layer(hidden, mask)
+            hidden = layer(hidden, None if mask is None else mask.to(dtype))
         if self.project:
-            return (self.tower.project(hidden),)
+            return (self.tower.project(hidden).float(),)
         if self.probe:
-            return hidden, self._importance(mask)
-        return (hidden,)
+            return hidden.float(), self._importance(mask)
+        return (hidden.float(),)
 
 
 def select_outputs(i: int) -> list[str]:

@@ -45,6 +45,9 @@ class OrtBackend:
             opts.enable_cpu_mem_arena = False
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.precision = manifest.get("precision", "fp32")   # ORT computes in what the ONNX says
+        if self.precision == "bf16" and self.device == "cpu":
+            raise EvoExportError("ONNX Runtime's CPU provider has no bf16 kernels for this build's stages; "
+                                 "use --backend openvino (or torch)")
         self.sessions = {}
         for g in graph_entries(manifest):
             try:

@@ -7,6 +7,7 @@ so the last CLIP layer would be wasted work (and wasted weights).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,23 @@ class VisionTower(nn.Module):
         return len(self.layers)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.layers[0].mlp.fc1.weight.dtype
+
+    def reduced_precision_copy(self, dtype: torch.dtype) -> "VisionTower":
+        """A copy whose weights and math are in `dtype` (fp16/bf16 builds), except LayerNorm,
+        which keeps fp32 weights and statistics: CLIP's activation outliers would otherwise
+        lose their mean and variance to rounding."""
+        twin = copy.deepcopy(self).to(dtype)
+        for module in list(twin.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.LayerNorm):
+                    setattr(module, name, Float32LayerNorm.from_layer_norm(child))
+                elif isinstance(child, nn.Conv2d):   # ONNX Conv has no bf16; pixels keep full precision
+                    setattr(module, name, Float32Conv2d.from_conv(child, dtype))
+        return twin
+
+    @property
     def _clip(self) -> nn.Module:
         # transformers < 5 wraps the modules in .vision_model
         return getattr(self.vision, "vision_model", self.vision)
@@ -100,6 +118,35 @@ class VisionTower(nn.Module):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 inside a reduced-precision tower (a Cast island in the ONNX)."""
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm) -> "Float32LayerNorm":
+        out = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine)
+        out.load_state_dict({k: v.float() for k, v in ln.state_dict().items()})
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class Float32Conv2d(nn.Conv2d):
+    """The patch embedding of a reduced-precision tower, computed in fp32 on the fp32 pixels;
+    its output joins the tower's dtype."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, out_dtype: torch.dtype) -> "Float32Conv2d":
+        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None)
+        out.load_state_dict({k: v.float() for k, v in conv.state_dict().items()})
+        out.out_dtype = out_dtype
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(self.out_dtype)
 
 
 def _build_projector(vcfg, spec: TowerSpec) -> nn.Module:

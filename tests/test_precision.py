@@ -1,4 +1,5 @@
-"""int8 builds: QDQ-quantized encoder stages, calibrated on real images, checked like any build."""
+"""Reduced-precision builds: fp16/bf16 stages inside the ONNX, int8 QDQ stages calibrated on
+real images; selections always fp32; checked like any build, and on a trained model."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,41 @@ def test_int8_build_quantizes_the_stages_and_nothing_else(int8_build):
         assert t["dtype"] in ("float32", "int64")
 
 
+@pytest.fixture(scope="module")
+def half_builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("half")
+    return {p: build("llava-tiny", 0.5, precision=p, out=root / p, progress=Progress(enabled=False))
+            for p in ("fp16", "bf16")}
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", onnx.TensorProto.FLOAT16), ("bf16", onnx.TensorProto.BFLOAT16)])
+def test_half_builds_carry_their_dtype_inside_the_stages_and_fp32_around_them(half_builds, precision, dtype):
+    b = half_builds[precision]
+    assert b.manifest["precision"] == precision and b.report["passed"]
+    for stage in b.manifest["stages"]:
+        model = onnx.load(str(b.path / stage["file"]))
+        weights = {t.name: t.data_type for t in model.graph.initializer if len(t.dims) == 2}
+        assert weights and all(t == dtype for t in weights.values())          # every weight matrix
+        inits = {t.name: t.data_type for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "LayerNormalization":                       # fp32 statistics and weights
+                assert all(inits.get(i, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for i in node.input[1:])
+        for t in list(model.graph.input) + list(model.graph.output):
+            assert t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # graph inputs and outputs
+        if stage["select"]:
+            sel = onnx.load(str(b.path / stage["select"]["file"]))
+            assert not {t.data_type for t in sel.graph.initializer} & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def test_half_builds_validate_where_they_run(half_builds):
+    assert validate(half_builds["fp16"].path, backend="onnxruntime", write=False)["precision"] == "fp16"
+    for p in ("fp16", "bf16"):
+        r = validate(half_builds[p].path, backend="openvino", write=False)
+        assert r["passed"], (p, r["summary"])
+    code, err, _ = cli("validate", half_builds["bf16"].path)   # ONNX Runtime's CPU provider: no bf16 kernels
+    assert_one_error_line(code, err, "no bf16 kernels")
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_int8_build_runs_and_validates_on(int8_build, backend):
     r = validate(int8_build.path, backend=backend, write=False)
@@ -62,17 +98,17 @@ def test_calibration_flags_are_checked(tmp_path):
 
 @pytest.mark.skipif(not (FIXTURE / "model.safetensors").is_file(), reason="digits fixture missing")
 def test_every_precision_and_backend_keeps_digits_accuracy(tmp_path):
-    """keep 0.5, fp32 and int8 builds, on ONNX Runtime and OpenVINO (its defaults: bf16 where the
-    CPU has it): each within 1 accuracy point of the unpruned fp32 model."""
+    """keep 0.5, every precision, on ONNX Runtime and OpenVINO (its defaults: bf16 where the CPU
+    has it; bf16 builds on OpenVINO only): each within 1 accuracy point of the unpruned fp32 model."""
     bench = DigitsBench()
     unpruned = bench.evaluate("evoprune", 1.0).accuracy
     train_x, *_ = digits_split()
     results = {}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "fp16", "bf16", "int8"):
         calib = np.ascontiguousarray(train_x[:64]) if precision == "int8" else None
         b = build("digits-vit", 0.5, checkpoint=str(FIXTURE), precision=precision, calib=calib,
                   out=tmp_path / precision, progress=Progress(enabled=False))
-        for backend in ("onnxruntime", "openvino"):
+        for backend in ("onnxruntime", "openvino") if precision != "bf16" else ("openvino",):
             results[(precision, backend)] = bench.build_accuracy(b.path, backend)
     (tmp_path / "results.json").write_text(json.dumps({f"{k[0]} {k[1]}": v for k, v in results.items()}))
     for key, acc in results.items():
