@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .backends import BACKENDS
 from .errors import EvoExportError
 
 
@@ -69,7 +70,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
               help="an image file, or a .npy of normalized pixel values float32 [B,3,H,W]")
 @click.option("--output", required=True, type=click.Path(), help="output .npz")
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]))
+              type=click.Choice(BACKENDS))
 def run(build_dir, input_path, output, backend):
     """Run a build on one input; writes features, indices and, per prune point, indices_i, merge_i, picks_i to an .npz."""
     import numpy as np
@@ -148,7 +149,7 @@ def validate(build_dir, backend, threads, optimization, inference_precision, as_
 @click.option("--baseline", type=click.Path(), default=None,
               help="unpruned build (keep 1.0) to compare with  [default: exported now, same weights]")
 @click.option("--backend", "backends", multiple=True, default=("onnxruntime", "openvino"), show_default=True,
-              type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]), help="backends to time (repeatable)")
+              type=click.Choice(BACKENDS), help="backends to time (repeatable)")
 @click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baselines (fp32 and bf16 autocast)")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
 def bench(build_dir, batches, iters, warmup, baseline, backends, no_hf, json_path):

@@ -27,9 +27,9 @@ from .prune import PruneParams, kept_indices, merge_affinity, pick_steps, step_s
 
 def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, own_choice: torch.Tensor,
              tolerance: float):
-    """Per row: (margin of the backend's choice, tokens it took that the reference would not);
-    per token: close call (within tolerance of this step's cut). key: the step's rank keys; eligible: tokens the step could take;
-    own_choice: what the reference takes on these keys (lowest index on ties)."""
+    """Per row: margin of the backend's choice and tokens it took that the reference would not;
+    per token: close call (within tolerance of this step's cut). key: the step's rank keys;
+    eligible: tokens the step could take; own_choice: what the reference takes on these keys."""
     k = key.double()
     inf = torch.tensor(math.inf, dtype=k.dtype)
     left_out = torch.where(eligible & ~chosen, k, -inf).amax(dim=-1)

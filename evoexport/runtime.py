@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backends import BACKENDS, make_backend  # noqa: F401  (BACKENDS: re-exported for callers)
+from .backends import make_backend
 from .errors import EvoExportError
 from .manifest import graph_entries, read_manifest
 

@@ -18,6 +18,7 @@ executor's decisions.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,14 @@ class GraphSpec:
     meta: dict = field(default_factory=dict)
 
 
+def _capture_into(stage_ref, key: str):
+    def hook(module, args, output):
+        stage = stage_ref()
+        if stage is not None:
+            stage._captured[key] = output
+    return hook
+
+
 class EncoderStage(nn.Module):
     """Layers [first, last) of the tower; optionally the embedding in front and, at the end,
     either the attention-importance probe (before a prune point) or the projector."""
@@ -58,13 +67,12 @@ class EncoderStage(nn.Module):
             # alive for a second consumer (OpenVINO's int8 pipeline zeroed it past batch row 0).
             attn = tower.layers[last - 1].self_attn
             self.heads, self.scale = attn.num_heads, attn.scale
-            attn.q_proj.register_forward_hook(self._capture("q"))
-            attn.k_proj.register_forward_hook(self._capture("k"))
-
-    def _capture(self, key: str):
-        def hook(module, args, output):
-            self._captured[key] = output
-        return hook
+            # The hooks hold the stage weakly and go when it does: many Pipelines over one
+            # tower (ablations, benches) do not pile them up or keep each other alive.
+            stage = weakref.ref(self)
+            handles = [attn.q_proj.register_forward_hook(_capture_into(stage, "q")),
+                       attn.k_proj.register_forward_hook(_capture_into(stage, "k"))]
+            weakref.finalize(self, lambda: [h.remove() for h in handles])
 
     def _importance(self, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention importance of the patch tokens in the probed layer, from its q and k.
