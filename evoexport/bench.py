@@ -35,9 +35,11 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: int = 2, baseline: str | None = None,
-              hf: bool = True, backends=("onnxruntime",), progress: Progress | None = None) -> dict:
+              hf: bool = True, backends=("onnxruntime",), precisions=(), progress: Progress | None = None) -> dict:
     """Time the pruned chain and the unpruned export on each backend, and transformers'
-    model in fp32 and under bf16 autocast, on the same photos; medians, p90 and ratios."""
+    model in fp32 and under bf16 autocast, on the same photos; medians, p90 and ratios.
+    `precisions`: also time builds of these precisions (same weights, schedule and
+    parameters), exported now, on each backend that runs them."""
     import torch
 
     from .build import build
@@ -53,7 +55,7 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     systems = {f"pruned ({b})": Runner(build_dir, backend=b) for b in backends}
-    precisions = {b: systems[f"pruned ({b})"].backend.precision for b in backends}
+    computes_in = {b: systems[f"pruned ({b})"].backend.precision for b in backends}
     tower = None
     with tempfile.TemporaryDirectory(prefix="evoexport-bench-") as tmp:
         if baseline is None:
@@ -67,6 +69,8 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
         if base_manifest["schedule"] or base_manifest.get("weights_sha256") != manifest.get("weights_sha256"):
             raise EvoExportError(f"--baseline {baseline} must be an unpruned (keep 1.0) build of the same weights")
         systems.update({f"unpruned ({b})": Runner(baseline, backend=b) for b in backends})
+        extra = _other_precisions(manifest, precisions, backends, Path(tmp), progress)
+        systems.update(extra["systems"])
         if hf:
             progress("loading transformers' PyTorch model with the same weights")
             if tower is None:  # --baseline given: nothing loaded the weights yet
@@ -105,10 +109,38 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
     summary = [_summarize(b, [r for r in rows if r["batch"] == b], backends, ideal) for b in batches]
     import onnxruntime
     return {"build": str(build_dir), "model": manifest["model"], "keep": manifest["keep"],
-            "weights": manifest["weights"], "threads": threads, "cpu": _cpu_name(), "precisions": precisions,
-            "build_precision": manifest.get("precision", "fp32"),
+            "weights": manifest["weights"], "threads": threads, "cpu": _cpu_name(), "precisions": computes_in,
+            "build_precision": manifest.get("precision", "fp32"), "other_precisions": extra["computed"],
+            "skipped": extra["skipped"],
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, **_openvino_version(backends)},
             "flops_per_image": manifest["flops"], "rows": rows, "summary": summary, "target": SPEEDUP_TARGET}
+
+
+def _other_precisions(manifest: dict, precisions, backends, tmp: Path, progress: Progress) -> dict:
+    """Builds of the same weights, schedule and parameters in other precisions, loaded on
+    each backend that can run them: systems "pruned PREC (backend)"."""
+    from .build import build
+    from .prune import PruneParams
+
+    systems, computed, skipped = {}, {}, []
+    schedule = ",".join(f"{p['after_layer']}:{p['tokens']}" for p in manifest["schedule"])
+    for prec in dict.fromkeys(precisions):
+        if prec == manifest.get("precision", "fp32"):
+            continue
+        progress(f"exporting a {prec} build of the same weights and schedule for comparison")
+        result = build(manifest["model"], None if schedule else 1.0, schedule=schedule or None,
+                       params=PruneParams(**manifest["prune_params"]), checkpoint=manifest.get("checkpoint"),
+                       seed=manifest.get("weights_seed") or 0, out=tmp / f"pruned-{prec}", validate=False,
+                       precision=prec, progress=Progress(enabled=False))
+        for b in backends:
+            try:
+                runner = Runner(result.path, backend=b)
+            except EvoExportError as e:   # e.g. bf16 on ONNX Runtime's CPU provider
+                skipped.append(f"{prec} on {b}: {e}")
+                continue
+            systems[f"pruned {prec} ({b})"] = runner
+            computed[f"{prec} on {b}"] = runner.backend.precision
+    return {"systems": systems, "computed": computed, "skipped": skipped}
 
 
 def _summarize(batch: int, rows: list[dict], backends: list[str], ideal: float) -> dict:
@@ -147,11 +179,14 @@ def _cpu_name() -> str:
 def format_bench(r: dict) -> str:
     lines = [f"bench {r['build']} ({r['model']}, keep {r['keep']}, {r['weights']} weights) on {r['cpu']}, "
              f"{r['threads']} threads; stages compute in "
-             + ", ".join(f"{p} on {b}" for b, p in r["precisions"].items()),
+             + ", ".join(f"{p} on {b}" for b, p in r["precisions"].items())
+             + "".join(f"; {k} build: {p}" for k, p in r.get("other_precisions", {}).items()),
              f"  {'batch':>5}  {'system':<36} {'median ms':>10} {'p90 ms':>10} {'ms/image':>9}"]
     for row in r["rows"]:
         lines.append(f"  {row['batch']:>5}  {row['system']:<36} {row['median_ms']:>10.1f} {row['p90_ms']:>10.1f} "
                      f"{row['median_ms'] / row['batch']:>9.1f}")
+    for note in r.get("skipped", []):
+        lines.append(f"  not timed: {note}")
     mixed = r.get("build_precision", "fp32") != "fp32"
     if mixed:
         lines.append(f"  (the pruned build is {r['build_precision']}, the unpruned export fp32: the speedups below are "
@@ -162,7 +197,8 @@ def format_bench(r: dict) -> str:
                                         f"({'meets' if b['meets_target'] else 'MISSES'} the {100 * r['target']:.0f}% target)")
             lines.append(f"  batch {s['batch']}, {b['backend']}: pruned vs unpruned {b['speedup_vs_unpruned']:.2f}x, "
                          f"FLOP ideal {s['ideal_speedup']:.2f}x{verdict}")
-        ideal = "" if mixed else f" ({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)"
+        other = s["best_pruned"] not in {f"pruned ({b})" for b in r["precisions"]}   # a build of another precision
+        ideal = "" if mixed or other else f" ({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)"
         lines.append(f"  batch {s['batch']}, best vs best: {s['best_pruned']} is {s['best_vs_best']:.2f}x faster than "
                      f"the fastest unpruned option, {s['best_unpruned']}{ideal}")
     return "\n".join(lines)

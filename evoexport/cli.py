@@ -115,14 +115,16 @@ def _read_input(path: Path, manifest: dict):
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "openvino", "tensorrt"]))
+              type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]))
 @click.option("--threads", type=int, default=0, help="onnxruntime, openvino: threads  [default: all cores]")
 @click.option("--optimization", type=click.Choice(["all", "extended", "basic", "disable"]), default="all",
               show_default=True, help="onnxruntime: graph optimization level")
 @click.option("--inference-precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="openvino: precision of the encoder stages  [default: OpenVINO's choice for this CPU]")
+              help="openvino, torch: precision of the encoder stages  [default: OpenVINO's choice for this CPU; "
+                   "torch: the build's on cuda, fp32 on cpu]")
+@click.option("--device", default="cpu", show_default=True, help="torch: cpu or cuda (the chain replayed as CUDA graphs)")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
-def validate(build_dir, backend, threads, optimization, inference_precision, as_json):
+def validate(build_dir, backend, threads, optimization, inference_precision, device, as_json):
     """Compare a build with the PyTorch model on sample photos (exit 1 beyond tolerances).
 
     Decisions are compared as decisions: a kept set or merge map that differs from
@@ -133,8 +135,11 @@ def validate(build_dir, backend, threads, optimization, inference_precision, as_
 
     if threads < 0:
         raise EvoExportError(f"--threads must be >= 0, got {threads}")
+    if device != "cpu" and backend != "torch":
+        raise EvoExportError("--device is an option of --backend torch")
     options = {"onnxruntime": {"threads": threads, "optimization": optimization},
-               "openvino": {"threads": threads, "precision": inference_precision}}.get(backend, {})
+               "openvino": {"threads": threads, "precision": inference_precision},
+               "torch": {"device": device, "precision": inference_precision}}.get(backend, {})
     report = run_validation(build_dir, backend=backend, **options)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
@@ -143,22 +148,40 @@ def validate(build_dir, backend, threads, optimization, inference_precision, as_
 
 @cli.command()
 @click.argument("build_dir", type=click.Path())
-@click.option("--batch", "batches", type=int, multiple=True, default=(1, 4), show_default=True, help="batch sizes")
-@click.option("--iters", type=int, default=10, show_default=True, help="timed iterations per measurement")
-@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: the chain on each --backend; cuda: the torch chain eager and as CUDA graphs, "
+                   "transformers, and ONNX Runtime's CUDA provider when installed")
+@click.option("--batch", "batches", type=int, multiple=True, help="batch sizes  [default: 1 4 on cpu, 1 8 32 on cuda]")
+@click.option("--iters", type=int, default=None, help="timed iterations per measurement  [default: 10 cpu, 50 cuda]")
+@click.option("--warmup", type=int, default=None, help="warm-up iterations  [default: 2 cpu, 10 cuda]")
 @click.option("--baseline", type=click.Path(), default=None,
-              help="unpruned build (keep 1.0) to compare with  [default: exported now, same weights]")
+              help="unpruned build (keep 1.0) to compare with  [default on cpu: exported now, same weights]")
 @click.option("--backend", "backends", multiple=True, default=("onnxruntime", "openvino"), show_default=True,
-              type=click.Choice(BACKENDS), help="backends to time (repeatable)")
-@click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baselines (fp32 and bf16 autocast)")
+              type=click.Choice(BACKENDS), help="cpu: backends to time (repeatable)")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+              help="cpu: also time builds of these precisions, exported now with the same weights (repeatable); "
+                   "cuda: what the torch chains compute in  [default: bf16]")
+@click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baselines")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
-def bench(build_dir, batches, iters, warmup, baseline, backends, no_hf, json_path):
-    """Latency of the pruned chain vs the unpruned export (per backend) vs transformers' PyTorch model."""
-    from .bench import format_bench, run_bench
+def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisions, no_hf, json_path):
+    """Latency of the pruned chain vs the unpruned encoder vs transformers' PyTorch model, in one run."""
+    from .progress import Progress
 
-    result = run_bench(build_dir, batches=batches, iters=iters, warmup=warmup, baseline=baseline, hf=not no_hf,
-                       backends=backends)
-    click.echo(format_bench(result))
+    if device == "cuda":
+        from .bench_cuda import format_cuda_bench, run_cuda_bench
+        if "int8" in precisions:
+            raise EvoExportError("--device cuda times the torch chain in fp32, bf16 or fp16; int8 is a CPU build")
+        result = run_cuda_bench(build_dir, batches=batches or (1, 8, 32), iters=iters or 50,
+                                warmup=10 if warmup is None else warmup, precisions=precisions or ("bf16",),
+                                hf=not no_hf, baseline=baseline, progress=Progress())
+        text = format_cuda_bench(result)
+    else:
+        from .bench import format_bench, run_bench
+        result = run_bench(build_dir, batches=batches or (1, 4), iters=iters or 10,
+                           warmup=2 if warmup is None else warmup, baseline=baseline, hf=not no_hf,
+                           backends=backends, precisions=precisions)
+        text = format_bench(result)
+    click.echo(text)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
 

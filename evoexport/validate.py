@@ -149,7 +149,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
         runner = Runner(build_dir, backend=backend, **backend_options)
     precision = runner.backend.precision   # what the stages really compute in (OpenVINO may pick bf16)
     tol = tolerances_for(precision)
-    reference = TorchBackend(build_dir, manifest, pipeline=pipeline)
+    reference = TorchBackend(build_dir, manifest, precision="fp32", pipeline=pipeline)
     pipe = reference.pipeline
     specs = {g.name: g for g in pipe.graphs}
     x = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"], images)

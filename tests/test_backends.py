@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import openvino as ov
 import pytest
+import torch
 
 import evoexport
 from evoexport.cli import main
@@ -79,3 +80,31 @@ def test_unknown_backend_options_are_named(tiny_build):
         evoexport.load(tiny_build, backend="openvino", optimization="all")
     with pytest.raises(EvoExportError, match="precision 'int4'"):
         evoexport.load(tiny_build, backend="openvino", precision="int4")
+
+
+def test_torch_backend_in_bf16_computes_in_bf16_and_validates_with_its_tolerances(tiny_build):
+    from evoexport.validate import validate
+    fp32 = evoexport.load(tiny_build, backend="torch")
+    bf16 = evoexport.load(tiny_build, backend="torch", precision="bf16")
+    assert fp32.backend.precision == "fp32" and bf16.backend.precision == "bf16"
+    stage = bf16.backend.pipeline.graphs[0].module.tower
+    assert stage.compute_dtype == torch.bfloat16
+    # the reference's own tower is untouched (a bf16 copy, not a cast in place)
+    assert fp32.backend.pipeline.tower.compute_dtype == torch.float32
+    x = _photos(tiny_build)
+    a, b = fp32(x).features.numpy(), bf16(x).features.numpy()
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    report = validate(tiny_build, backend="torch", precision="bf16", write=False)
+    assert report["precision"] == "bf16" and report["tolerances"] == tolerances_for("bf16")
+    assert report["passed"], report["summary"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_error(tiny_build, capsys):
+    with pytest.raises(EvoExportError, match="sees no CUDA GPU"):
+        evoexport.load(tiny_build, backend="torch", device="cuda")
+    assert main(["bench", str(tiny_build), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: device cuda asked for")
+    assert main(["validate", str(tiny_build), "--device", "cuda"]) == 2
+    assert "--device is an option of --backend torch" in capsys.readouterr().err

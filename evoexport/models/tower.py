@@ -276,8 +276,9 @@ def _load_weights(tower: VisionTower, ckpt: Path) -> None:
     tower.load_state_dict(tensors, strict=False)
 
 
-def hf_image_features(tower: VisionTower):
-    """transformers' own image-feature path carrying this tower's weights, for baselines.
+def hf_image_features(tower: VisionTower, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """transformers' own image-feature path carrying this tower's weights, for baselines
+    (on `device`, with its weights cast to `dtype` if given: a user's `model.to(torch.bfloat16)`).
 
     LLaVA: `LlavaModel.get_image_features` with a full-depth CLIP tower (the layers past the
     feature layer run too, as they do in transformers) and a language model of zero layers
@@ -318,4 +319,5 @@ def hf_image_features(tower: VisionTower):
     unexpected = [k for k in missing if not k.removeprefix("vision_model.").startswith(unused)]
     if unexpected:
         raise RuntimeError(f"transformers' model did not take the tower's weights: {unexpected[:3]}")
+    model.to(device=device, dtype=dtype)
     return run
