@@ -41,18 +41,19 @@ def _timed(fn, x, iters: int, warmup: int, sync) -> list[float]:
     return ts
 
 
-def _graph_times(pipeline, x, reps: int = 20) -> dict:
-    """ms per graph of the chain: each graph as its own CUDA graph (event-timed), and eager."""
+def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
+    """ms per graph of the chain: each graph as its own CUDA graph (event-timed), and eager
+    (`modules`: the compiled selections the chain runs)."""
     import torch
 
     from .cuda_graphs import GraphedCall
 
-    env = pipeline.run(x)
+    env = pipeline.run(x, modules=modules)
     out = {}
     for g in pipeline.graphs:
         args = [env[n] for n in g.inputs]
         with torch.inference_mode():
-            graphed = GraphedCall(g.module, *args)
+            graphed = GraphedCall(modules.get(g.name, g.module), *args)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
@@ -85,7 +86,9 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
     device = resolve_device("cuda")
     progress = progress or Progress()
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
+    # the torch chains are rebuilt from the manifest, their weights checked against its
+    # sha256; the graph files are hashed where they are read (ONNX Runtime's Runner)
+    manifest = read_manifest(build_dir, verify=False, files=False)
     tower = load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
                        expect_sha256=manifest.get("weights_sha256"), quiet=True)
     points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
@@ -98,12 +101,17 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
             run = hf_image_features(tower, device, dtype)
             systems[f"transformers {prec} (eager)"] = lambda x, _run=run: _run(x)
         for label, pipe in (("pruned", Pipeline(tower, points, params)), ("unpruned", Pipeline(tower, [], params))):
-            eager = TorchChain(pipe, device, prec, cuda_graphs=False)
-            graphed = TorchChain(eager.pipeline, device, prec, cuda_graphs=True)   # shares eager's weights
+            eager = TorchChain(pipe, device, prec, cuda_graphs=False, compile_selections=False)
+            # the others share eager's weights (same precision: no copy)
             systems[f"{label} {prec} (eager)"] = eager
-            systems[f"{label} {prec} (CUDA graph)"] = graphed
+            systems[f"{label} {prec} (CUDA graph)"] = TorchChain(eager.pipeline, device, prec, cuda_graphs=True,
+                                                                 compile_selections=False)
             if label == "pruned":
-                pruned_pipes[prec] = eager.pipeline
+                progress(f"compiling the {prec} selections (torch.compile)")
+                default = TorchChain(eager.pipeline, device, prec)   # compiled selections + CUDA graphs
+                if default.compiled:
+                    systems[f"{label} {prec} (compiled, CUDA graph)"] = default
+                pruned_pipes[prec] = default
     ort_systems = _ort_systems(build_dir, baseline)
     systems.update(ort_systems)
 
@@ -120,16 +128,18 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
                 ts = _timed(fn, arg, iters, warmup, sync)
             rows.append({"batch": b, "system": name, "median_ms": statistics.median(ts),
                          "p90_ms": float(np.percentile(ts, 90)), "min_ms": min(ts), "iters": len(ts)})
-        for prec, pipe in pruned_pipes.items():
+        for prec, chain in pruned_pipes.items():
             with torch.inference_mode():
-                per_graph[f"{prec} batch {b}"] = times = _graph_times(pipe, x)
+                times = _graph_times(chain.pipeline, x, chain.modules)
             per_graph[f"{prec} batch {b}"] = {"graphs": times, "select_share_graph": _share(times, "graph_ms"),
                                               "select_share_eager": _share(times, "eager_ms")}
             with torch.inference_mode():
-                a, g = systems[f"pruned {prec} (eager)"](x), systems[f"pruned {prec} (CUDA graph)"](x)
+                a = systems[f"pruned {prec} (eager)"](x)
+                g = systems.get(f"pruned {prec} (compiled, CUDA graph)", systems[f"pruned {prec} (CUDA graph)"])(x)
             same = all(torch.equal(a[k], g[k]) for k in a if k.startswith(("picks_", "merge_")))
             diff = float((a["features"] - g["features"]).abs().max() / a["features"].abs().max().clamp_min(1e-30))
-            checks[f"{prec} batch {b}"] = {"same_decisions": same, "features_rel_diff": diff}
+            checks[f"{prec} batch {b}"] = {"same_decisions": same, "features_rel_diff": diff,
+                                           "compiled": chain.compiled}
     ideal = manifest["flops"]["ideal_speedup"]
     summary = [_summarize(b, [r for r in rows if r["batch"] == b], precisions, ideal) for b in batches]
     import onnxruntime
@@ -174,8 +184,10 @@ def _summarize(batch: int, rows: list[dict], precisions, ideal: float) -> dict:
     by = {r["system"]: r["median_ms"] for r in rows}
     per = []
     for prec in precisions:
-        for mode in ("CUDA graph", "eager"):
-            speedup = by[f"unpruned {prec} ({mode})"] / by[f"pruned {prec} ({mode})"]
+        for mode, base in (("compiled, CUDA graph", "CUDA graph"), ("CUDA graph", "CUDA graph"), ("eager", "eager")):
+            if f"pruned {prec} ({mode})" not in by:   # torch.compile unavailable there
+                continue
+            speedup = by[f"unpruned {prec} ({base})"] / by[f"pruned {prec} ({mode})"]
             per.append({"precision": prec, "mode": mode, "speedup_vs_unpruned": speedup,
                         "fraction_of_ideal": speedup / ideal})
     pruned = min((n for n in by if n.startswith("pruned")), key=by.get)
@@ -200,9 +212,11 @@ def format_cuda_bench(r: dict) -> str:
         lines.append(f"  batch {s['batch']}, best vs best: {s['best_pruned']} is {s['best_vs_best']:.2f}x faster than "
                      f"{s['best_unpruned']} ({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)")
     for key, p in r["per_graph"].items():
-        lines.append(f"  {key}: selection share of the chain {100 * p['select_share_graph']:.1f}% as CUDA graphs, "
+        lines.append(f"  {key}: selection share of the chain {100 * p['select_share_graph']:.1f}% as CUDA graphs "
+                     "(selections as the default chain runs them), "
                      f"{100 * p['select_share_eager']:.1f}% eager")
     for key, c in r["graph_vs_eager"].items():
-        lines.append(f"  {key}: CUDA graph vs eager: {'same' if c['same_decisions'] else 'DIFFERENT'} decisions, "
+        what = "compiled selections + CUDA graph" if c.get("compiled") else "CUDA graph"
+        lines.append(f"  {key}: {what} vs eager: {'same' if c['same_decisions'] else 'different (near-tie?)'} decisions, "
                      f"features rel diff {c['features_rel_diff']:.1e}")
     return "\n".join(lines)

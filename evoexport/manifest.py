@@ -43,8 +43,10 @@ def graph_entries(manifest: dict) -> list[dict]:
     return out
 
 
-def read_manifest(build_dir: str | Path, verify: bool = True) -> dict:
-    """Load and check a build's manifest; with `verify`, hash every file it names."""
+def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True) -> dict:
+    """Load and check a build's manifest; with `verify`, hash every file it names. Without
+    `files` the graph files are not looked at (readers that never open them: the torch
+    backend rebuilds the chain from the manifest and checks the weights' own sha256)."""
     build_dir = Path(build_dir)
     path = build_dir / MANIFEST
     if not build_dir.is_dir():
@@ -63,7 +65,7 @@ def read_manifest(build_dir: str | Path, verify: bool = True) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise EvoExportError(f"{path} lacks required keys: {', '.join(missing)}")
-    for g in graph_entries(manifest):
+    for g in graph_entries(manifest) if files else []:
         for key_file, key_hash in (("file", "sha256"), ("data_file", "data_sha256")):
             name = g.get(key_file)
             if not name:

@@ -38,7 +38,8 @@ class Runner:
 
     def __init__(self, build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, **options):
         self.build_dir = Path(build_dir)
-        self.manifest = read_manifest(self.build_dir, verify=verify)
+        # the torch backend rebuilds the chain from the manifest and never opens a graph file
+        self.manifest = read_manifest(self.build_dir, verify=verify, files=backend != "torch")
         self.graphs = graph_entries(self.manifest)
         self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
         spec = self.manifest["inputs"][0]

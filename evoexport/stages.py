@@ -151,11 +151,14 @@ class Pipeline:
             first, tokens, prev_hidden, prev_sizes = last, budget, f"pruned{i}_hidden", f"sizes_{i}"
 
     @torch.inference_mode()
-    def run(self, pixel_values: torch.Tensor, rescore=None, forced: dict | None = None) -> dict[str, torch.Tensor]:
+    def run(self, pixel_values: torch.Tensor, rescore=None, forced: dict | None = None,
+            modules: dict | None = None) -> dict[str, torch.Tensor]:
         """Every named tensor of the pipeline, computed in PyTorch (the reference).
 
         `rescore(importance) -> importance`, if given, replaces every stage's importance
         before selection (ablations such as random selection; never used by a build).
+        `modules` maps graph names to callables run in place of their modules (the GPU
+        chain's compiled selections).
         `forced` maps tensor names `picks_i` and `merge_i` to another executor's decisions:
         every selection then applies those instead of deciding (validation)."""
         env = {"pixel_values": pixel_values}
@@ -165,7 +168,7 @@ class Pipeline:
                 merge_name, picks_name = g.outputs[3:5]
                 outs = g.module.forced(*args, merge=forced[merge_name], picks=forced[picks_name])
             else:
-                outs = g.module(*args)
+                outs = (modules or {}).get(g.name, g.module)(*args)
             env.update(zip(g.outputs, outs))
             if rescore is not None and g.kind == "encoder" and len(g.outputs) == 2:
                 env[g.outputs[1]] = rescore(env[g.outputs[1]])
@@ -175,4 +178,4 @@ class Pipeline:
         """A consistent set of every graph input, for tracing."""
         t = self.tower
         x = torch.randn(batch, 3, t.image_size, t.image_size, generator=torch.Generator().manual_seed(0))
-        return self.run(x)
+        return self.run(x.to(t.layers[0].mlp.fc1.weight.device))

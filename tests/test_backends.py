@@ -108,3 +108,32 @@ def test_cuda_without_a_gpu_is_one_clear_error(tiny_build, capsys):
     assert len(err) == 1 and err[0].startswith("error: device cuda asked for")
     assert main(["validate", str(tiny_build), "--device", "cuda"]) == 2
     assert "--device is an option of --backend torch" in capsys.readouterr().err
+
+
+def test_compiled_selections_pass_the_fp32_validation(tiny_build):
+    """torch.compile'd selections (the GPU chain's default; here on the CPU) decide like the
+    reference: validated with fp32 tolerances, per graph and end to end."""
+    from evoexport.validate import validate
+    runner = evoexport.load(tiny_build, backend="torch", compile_selections=True)
+    assert runner.backend.chain.compiled
+    assert set(runner.backend.chain.modules) == {"select_0", "select_1"}
+    report = validate(tiny_build, backend="torch", runner=runner, write=False)
+    assert report["precision"] == "fp32"
+    assert report["passed"], report["summary"]
+
+
+def test_torch_backend_needs_only_the_manifest(tiny_build, tmp_path):
+    """The torch backend rebuilds the chain from the manifest (weights checked by their own
+    sha256); graph-file backends still refuse a build whose files are missing."""
+    shutil.copy(tiny_build / "manifest.json", tmp_path / "manifest.json")
+    x = _photos(tiny_build)
+    alone = evoexport.load(tmp_path, backend="torch")(x)
+    full = evoexport.load(tiny_build, backend="torch")(x)
+    np.testing.assert_array_equal(alone.features.numpy(), full.features.numpy())
+    with pytest.raises(EvoExportError, match="stage_0.onnx named by the manifest is missing"):
+        evoexport.load(tmp_path, backend="onnxruntime")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["weights_sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvoExportError, match="weights loaded now differ"):
+        evoexport.load(tmp_path, backend="torch")

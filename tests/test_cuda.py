@@ -30,6 +30,7 @@ def _decisions(out):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_graph_replay_equals_eager_and_takes_new_inputs(tiny_build, precision):
     eager = evoexport.load(tiny_build, backend="torch", device="cuda", precision=precision, cuda_graphs=False)
+    assert eager.backend.chain.compiled, "torch.compile of the selections failed on this GPU machine"
     graphed = evoexport.load(tiny_build, backend="torch", device="cuda", precision=precision)
     x = _photos(tiny_build)
     first = graphed(x)

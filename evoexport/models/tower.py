@@ -80,14 +80,16 @@ class VisionTower(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.layers[0].mlp.fc1.weight.dtype
 
-    def reduced_precision_copy(self, dtype: torch.dtype) -> "VisionTower":
+    def reduced_precision_copy(self, dtype: torch.dtype, fp32_norms: bool = True) -> "VisionTower":
         """A copy whose weights and math are in `dtype` (fp16/bf16 builds), except LayerNorm,
         which keeps fp32 weights and statistics: CLIP's activation outliers would otherwise
-        lose their mean and variance to rounding."""
+        lose their mean and variance to rounding. `fp32_norms=False` leaves LayerNorm in
+        `dtype` (the GPU chain: PyTorch's CUDA kernel accumulates its statistics in fp32
+        anyway, and the casts around an fp32 island cost ~10% of a layer there)."""
         twin = copy.deepcopy(self).to(dtype)
         for module in list(twin.modules()):
             for name, child in module.named_children():
-                if isinstance(child, nn.LayerNorm):
+                if isinstance(child, nn.LayerNorm) and fp32_norms:
                     setattr(module, name, Float32LayerNorm.from_layer_norm(child))
                 elif isinstance(child, nn.Conv2d):   # ONNX Conv has no bf16; pixels keep full precision
                     setattr(module, name, Float32Conv2d.from_conv(child, dtype))
