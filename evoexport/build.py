@@ -69,9 +69,10 @@ def versions() -> dict:
 def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | None = None,
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
           out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
-          progress: Progress | None = None) -> BuildResult:
+          target_runtime: str | None = None, progress: Progress | None = None) -> BuildResult:
     """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
-    `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/)."""
+    `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/).
+    target_runtime "tensorrt": the graphs must also pass the static TensorRT check (trt_check.py)."""
     from .export import export_pipeline
     from .stages import Pipeline
     from .validate import print_report
@@ -134,6 +135,9 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
             "inputs": [stages[0]["inputs"][0]],
             "precision": precision,
             "calibration": calibration,
+            # batch range engines are built for (TensorRT optimization profile); every graph
+            # takes any batch, the only dynamic axis
+            "batch_profile": {"min": 1, "opt": 1, "max": 32},
             # features, then per prune point the decisions: indices_i, merge_i, picks_i
             "outputs": [stages[-1]["outputs"][0]] + [o for s in stages if s["select"] for o in s["select"]["outputs"][2:]],
             "stages": stages,
@@ -141,6 +145,13 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
             "versions": versions(),
         }
         write_manifest(tmp, manifest)
+        if target_runtime == "tensorrt":
+            from .trt_check import check_build, format_check
+            progress("checking the graphs against TensorRT's ONNX operator table")
+            checked = check_build(tmp)
+            if not checked["ok"]:
+                print(format_check(checked), file=sys.stderr)
+                raise EvoExportError(f"the TensorRT check failed; nothing written to {target} (see above)")
         report = None
         if validate:
             progress("validating against PyTorch on sample photos")

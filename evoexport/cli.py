@@ -42,9 +42,11 @@ def cli():
 @click.option("--calib", type=click.Path(), default=None,
               help="int8: folder of calibration images  [default: calib/, photos shipped by scikit-image]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the build against PyTorch")
+@click.option("--target", type=click.Choice(["tensorrt"]), default=None,
+              help="also require the static check for this runtime (`evoexport check`) to pass")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds, merge,
-          proportional_attention, precision, calib, validate, quiet):
+          proportional_attention, precision, calib, validate, target, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from .build import build as run_build
     from .progress import Progress, peak_rss_gb
@@ -54,7 +56,8 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
                          diversity_rounds=diversity_rounds, merge=merge, proportional_attention=proportional_attention)
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
-                       out=out, validate=validate, precision=precision, calib=calib, progress=progress)
+                       out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
+                       progress=progress)
     m = result.manifest
     if m["weights"] == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)
@@ -188,16 +191,46 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
 
 @cli.command()
 @click.argument("build_dir", type=click.Path())
-@click.option("--fp16", is_flag=True, help="allow FP16 kernels")
-@click.option("--opt-batch", type=int, default=1, show_default=True, help="batch size the engines are tuned for")
-@click.option("--max-batch", type=int, default=16, show_default=True, help="largest batch (video frames) accepted")
-def engines(build_dir, fp16, opt_batch, max_batch):
-    """Build TensorRT engines for every graph of a build (needs TensorRT and a GPU)."""
+@click.option("--min-batch", type=int, default=None, help="smallest batch accepted  [default: the manifest's batch_profile]")
+@click.option("--opt-batch", type=int, default=None, help="batch the engines are tuned for  [default: the manifest's]")
+@click.option("--max-batch", type=int, default=None, help="largest batch (video frames, tiles)  [default: the manifest's]")
+@click.option("--timing-cache", type=click.Path(), default=None,
+              help="TensorRT timing cache file: read if present, written back (faster rebuilds, as with trtexec)")
+@click.option("--fp16", is_flag=True, hidden=True)
+def engines(build_dir, min_batch, opt_batch, max_batch, timing_cache, fp16):
+    """Strongly typed TensorRT engines for every graph of a build (needs TensorRT >= 10 and an NVIDIA GPU).
+
+    Precision comes from the build: make an fp16 build (`build --precision fp16`) for fp16
+    engines; its selections stay fp32."""
     from .engines import build_engines
     from .progress import Progress
 
-    info = build_engines(build_dir, fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, progress=Progress())
-    click.echo(f"wrote {len(info['engines'])} engines to {build_dir} (TensorRT {info['tensorrt']}, {info['gpu']})")
+    if fp16:
+        raise EvoExportError("--fp16 (weakly typed fp16) is gone: TensorRT 11 removed it and it wrecks ViT accuracy; "
+                             "build with `evoexport build --precision fp16` and run `engines` on that build")
+    info = build_engines(build_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                         timing_cache=timing_cache, progress=Progress())
+    click.echo(f"wrote {len(info['engines'])} engines to {build_dir} (TensorRT {info['tensorrt']}, {info['gpu']}, "
+               f"sm {info['compute_capability']}, batch {info['batch_profile']['min']}..{info['batch_profile']['max']})")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
+              help="the runtime whose ONNX parser the graphs are checked against")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report")
+def check(build_dir, target, as_json):
+    """Static check that TensorRT would take a build's graphs (runs on a CPU; exit 1 on a problem).
+
+    Every graph against onnx-tensorrt's operator table for TensorRT 10 (vendored, source
+    named in the report): ops and input types, Cast targets, opset, TopK K, constant axes,
+    no ArgMax, fp32 selections, fp16/bf16 weights in such builds."""
+    from .trt_check import check_build, format_check
+
+    report = check_build(build_dir)
+    click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
+    if not report["ok"]:
+        sys.exit(1)
 
 
 @cli.command()

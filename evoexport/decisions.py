@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .prune import PruneParams, kept_indices, merge_affinity, pick_steps, step_sizes, utility_scores
+from .prune import PruneParams, first_max_index, kept_indices, merge_affinity, pick_steps, step_sizes, utility_scores
 
 
 def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, own_choice: torch.Tensor,
@@ -98,7 +98,7 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
         taken = torch.gather(affinity, 2, merge.unsqueeze(-1)).squeeze(-1)
         m = torch.where(dropped, top2[..., 0] - taken, torch.zeros_like(taken))
         margins.append(m.amax(dim=-1))
-        flips.append((dropped & (merge != affinity.argmax(dim=-1))).sum(dim=-1))   # argmax: lowest index on ties
+        flips.append((dropped & (merge != first_max_index(affinity))).sum(dim=-1))   # lowest index on ties
         runner_up = top2[..., 1] if budget > 1 else torch.full_like(taken, -math.inf)
         close_merge = int((dropped & (top2[..., 0] - runner_up <= tolerance)).sum())
         result["decisions"] += int(dropped.sum())

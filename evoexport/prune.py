@@ -29,8 +29,8 @@ reference's own scores with those decisions forced (`pick_steps(forced_picks=...
 `merge_affinity`) to tell a near-tie from a wrong decision (decisions.py), and applies
 them with `select(forced=...)` to compare continuous outputs under identical decisions.
 
-Only dense ops: matmul, sort/top-k, gather, comparisons, reductions; no scatter and no
-data-dependent shapes, so the same code exports to ONNX and TensorRT with static budgets.
+Only dense ops: matmul, top-k, gather, comparisons, reductions; no scatter, no ArgMax and
+no data-dependent shapes, so the same code exports to ONNX and TensorRT with static budgets.
 Ties break towards the lower token index everywhere (an exact pairwise rank, not a
 sort); NaN and -inf scores rank last, so a selection is always valid.
 """
@@ -175,6 +175,18 @@ def _top_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     return beats.sum(dim=-1) < k
 
 
+def first_max_index(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [...] index of the largest entry; ties go to the lowest index.
+
+    Written out (ReduceMax, Equal, the smallest index where equal) rather than ArgMax:
+    TensorRT lowers ArgMax to TopK(k=1) and documents no tie rule, and the merge owner
+    must break ties the same way on every backend."""
+    k = x.shape[-1]
+    peak = x.amax(dim=-1, keepdim=True)
+    index = torch.arange(k, device=x.device)
+    return torch.where(x == peak, index, k).amin(dim=-1)
+
+
 def _ascending_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k True entries of each row of `mask`, ascending (raster order)."""
     n = mask.shape[-1]
@@ -189,7 +201,10 @@ def utility_scores(patches: torch.Tensor, importance: torch.Tensor, redundancy_w
     sim = feats @ feats.transpose(1, 2)
     n = patches.shape[1]
     if n > 1:
-        eye = torch.eye(n, dtype=torch.bool, device=patches.device)
+        # written out rather than torch.eye, whose export leaves a UINT16 Equal that
+        # TensorRT rejects (found by `evoexport check --target tensorrt`)
+        ar = torch.arange(n, device=patches.device)
+        eye = ar.view(n, 1) == ar.view(1, n)
         redundancy = sim.masked_fill(eye, -math.inf).amax(dim=-1)
     else:
         redundancy = torch.zeros_like(importance)
@@ -298,10 +313,10 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
         picks = pick_steps(utility, sim, budget, params)
         kept = kept_indices(picks, budget)                                           # [B, K]
         if params.merge:
-            owner = merge_affinity(sim, kept).argmax(dim=-1)                         # [B, N]
+            owner = first_max_index(merge_affinity(sim, kept))                       # [B, N]
         else:  # a kept token is its own slot; a dropped one went nowhere
             is_self = _is_self(kept, n)
-            owner = torch.where(is_self.any(dim=-1), is_self.to(torch.int64).argmax(dim=-1), -1)
+            owner = torch.where(is_self.any(dim=-1), first_max_index(is_self.to(torch.int64)), -1)
     else:
         picks, owner = forced
         kept = kept_indices(picks, budget)

@@ -1,14 +1,15 @@
 """TensorRT engines (built by `evoexport engines`, see engines.py) run through Polygraphy's
 TrtRunner on torch CUDA tensors: tensors stay on the GPU between graphs.
 
-Not run in this project's CI: TensorRT cannot be installed on its machines (see README).
+Not run in this project: TensorRT cannot be installed on its machines (see README).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..engines import ENGINES, _require_tensorrt
+from .. import engines
+from ..engines import ENGINES, _require_tensorrt, check_engines_match
 from ..errors import EvoExportError
 from ..manifest import graph_entries, sha256_file
 
@@ -18,28 +19,35 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cuda"):
-        _require_tensorrt()
-        import torch
-        from polygraphy.backend.trt import EngineFromPath, TrtRunner
-
+        trt = _require_tensorrt()
         path = build_dir / ENGINES
         if not path.is_file():
             raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
         info = json.loads(path.read_text())
-        # weakly typed fp16 engines compute in fp16 whatever the ONNX says; validation needs to know
-        self.precision = "fp16" if info.get("fp16") else manifest.get("precision", "fp32")
+        check_engines_match(info, trt, engines.gpu_info())
+        # strongly typed engines compute in what the ONNX says
+        self.precision = manifest.get("precision", "fp32")
         by_name = {e["name"]: e for e in info["engines"]}
-        self.torch, self.device = torch, torch.device(device)
-        self.runners = {}
+        files = []
         for g in graph_entries(manifest):
             e = by_name.get(g["name"])
             if e is None or not (build_dir / e["file"]).is_file():
                 raise EvoExportError(f"{build_dir}: engine for {g['name']} is missing; rebuild the engines")
+            if e.get("onnx_sha256") != g["sha256"]:
+                raise EvoExportError(f"{build_dir}: {e['file']} was built from another {g['file']}; rebuild the engines")
             if sha256_file(build_dir / e["file"]) != e["sha256"]:
                 raise EvoExportError(f"{build_dir}: {e['file']} does not match its sha256 in {ENGINES}")
-            runner = TrtRunner(EngineFromPath(str(build_dir / e["file"])), name=g["name"])
+            files.append((g["name"], build_dir / e["file"]))
+
+        import torch
+        from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+        self.torch, self.device = torch, torch.device(device)
+        self.runners = {}
+        for name, file in files:
+            runner = TrtRunner(EngineFromPath(str(file)), name=name)
             runner.activate()
-            self.runners[g["name"]] = runner
+            self.runners[name] = runner
 
     def as_input(self, array):
         return self.torch.as_tensor(array).to(self.device)
