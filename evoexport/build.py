@@ -69,11 +69,12 @@ def versions() -> dict:
 def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | None = None,
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
           out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
-          target_runtime: str | None = None, progress: Progress | None = None) -> BuildResult:
+          target_runtime: str | None = None, opset: int = 20, progress: Progress | None = None) -> BuildResult:
     """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
     `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/).
-    target_runtime "tensorrt": the graphs must also pass the static TensorRT check (trt_check.py)."""
-    from .export import export_pipeline
+    target_runtime "tensorrt": the graphs must also pass the static TensorRT check (trt_check.py).
+    opset 23: attention exported as ONNX's Attention op (fused in TensorRT >= 10.14)."""
+    from .export import OPSETS, export_pipeline
     from .stages import Pipeline
     from .validate import print_report
     from .validate import validate as run_validation
@@ -82,6 +83,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     params = params or PruneParams()
     if precision not in PRECISIONS:
         raise EvoExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if opset not in OPSETS:
+        raise EvoExportError(f"--opset {opset} is not one of {', '.join(map(str, OPSETS))}")
     if calib is not None and precision != "int8":
         raise EvoExportError("--calib is only used by --precision int8")
     preset = get_preset(model)
@@ -100,7 +103,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     try:
         progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
         tower = load_tower(model, checkpoint, seed=seed)
-        pipeline = Pipeline(tower, points, params)
+        square = opset >= 23   # the Attention op's mask spells out its query axis
+        pipeline = Pipeline(tower, points, params, square_mask=square)
         flops_full, flops_pruned = tower_flops(tower, []), tower_flops(tower, points, params)
         progress(f"schedule {format_schedule(points)} (after_layer:tokens of {tower.num_patches}); "
                  f"ideal FLOP speedup {flops_full / flops_pruned:.2f}x")
@@ -108,8 +112,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         if precision in ("fp16", "bf16"):   # stages carry weights and math in that dtype; selections stay fp32
             import torch
             half = tower.reduced_precision_copy(torch.float16 if precision == "fp16" else torch.bfloat16)
-            stage_source = Pipeline(half, points, params)
-        stages = export_pipeline(pipeline, tmp, progress, stage_source=stage_source)
+            stage_source = Pipeline(half, points, params, square_mask=square)
+        stages = export_pipeline(pipeline, tmp, progress, stage_source=stage_source, opset=opset)
         del stage_source
         calibration = None
         if precision == "int8":

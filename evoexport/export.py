@@ -14,13 +14,14 @@ from .manifest import sha256_file
 from .stages import GraphSpec, Pipeline
 
 OPSET = 20
+OPSETS = (20, 23)   # 23: attention as ONNX's Attention op (fused MHA in TensorRT >= 10.14, ONNX Runtime)
 BATCH_DIM = "batch"
 MAX_BATCH = 4096
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
                 onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
 
 
-def export_graph(graph: GraphSpec, example: dict[str, torch.Tensor], out_dir: Path) -> dict:
+def export_graph(graph: GraphSpec, example: dict[str, torch.Tensor], out_dir: Path, opset: int = OPSET) -> dict:
     """Write `graph` to out_dir/<name>.onnx (+ .onnx.data for its weights); return its manifest entry."""
     path = out_dir / f"{graph.name}.onnx"
     args = tuple(example[n] for n in graph.inputs)
@@ -33,7 +34,7 @@ def export_graph(graph: GraphSpec, example: dict[str, torch.Tensor], out_dir: Pa
         try:
             program = torch.onnx.export(graph.module, args, dynamo=True, dynamic_shapes=dynamic,
                                         input_names=graph.inputs, output_names=graph.outputs,
-                                        opset_version=OPSET, optimize=True, verbose=False)
+                                        opset_version=opset, optimize=True, verbose=False)
         except Exception as e:  # the exporter's errors are long; keep the cause
             raise RuntimeError(f"ONNX export of {graph.name} failed: {type(e).__name__}: {e}") from e
     has_weights = any(True for _ in graph.module.parameters())
@@ -50,7 +51,7 @@ def export_graph(graph: GraphSpec, example: dict[str, torch.Tensor], out_dir: Pa
         "tokens_out": graph.tokens_out,
         "inputs": [_tensor_spec(v) for v in model.graph.input],
         "outputs": [_tensor_spec(v) for v in model.graph.output],
-        "opset": OPSET,
+        "opset": opset,
     }
     if data_name and (out_dir / data_name).is_file():
         entry["data_file"] = data_name
@@ -71,7 +72,8 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> dict:
     return {"name": value.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
 
 
-def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_source: Pipeline | None = None) -> list[dict]:
+def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_source: Pipeline | None = None,
+                    opset: int = OPSET) -> list[dict]:
     """Export every graph; returns the manifest's `stages` list (selects nested in their stage).
 
     `stage_source`: the same schedule on a reduced-precision copy of the tower (fp16/bf16
@@ -85,7 +87,7 @@ def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_sour
             what = (f"layers {graph.layers[0]}-{graph.layers[1] - 1}, {graph.tokens_in} tokens"
                     if graph.kind == "encoder" else f"keep {graph.tokens_out} of {graph.tokens_in} tokens")
             progress(f"exporting {graph.name} ({what}) [{i + 1}/{len(pipeline.graphs)}]")
-        entry = export_graph(graph, example, out_dir)
+        entry = export_graph(graph, example, out_dir, opset)
         if graph.kind == "encoder":
             entry["select"] = None
             stages.append(entry)

@@ -54,11 +54,12 @@ class EncoderStage(nn.Module):
     either the attention-importance probe (before a prune point) or the projector."""
 
     def __init__(self, tower: VisionTower, first: int, last: int, *, embed: bool, probe: bool,
-                 project: bool, proportional: bool):
+                 project: bool, proportional: bool, square_mask: bool = False):
         super().__init__()
         self.tower = tower
         self.first, self.last = first, last
         self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
+        self.square_mask = square_mask
         self._captured: dict[str, torch.Tensor] = {}
         if probe:
             # The probe reads the last layer's query and key projections rather than its
@@ -77,22 +78,22 @@ class EncoderStage(nn.Module):
     def _importance(self, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention importance of the patch tokens in the probed layer, from its q and k.
 
-        With CLS: softmax(q_cls . K^T * scale + mask) averaged over heads, one row instead of
-        T (the same numbers eager attention's probabilities give). Without CLS: attention
-        received, averaged over heads and all queries."""
+        One query row against every key, never the T x T probabilities, so every layer keeps
+        fused attention. With CLS: softmax(q_cls . K^T * scale + mask) averaged over heads
+        (the same numbers eager attention's CLS row gives). Without CLS (SigLIP-style
+        encoders): the same with the mean query, softmax(mean_i q_i . K^T * scale + mask).
+        Since mean_i q_i . k_j is the mean logit token j receives, this ranks tokens by how
+        strongly the whole image attends to them on average (docs/evoprune.md)."""
         q, k = self._captured.pop("q").float(), self._captured.pop("k").float()   # fp32 in any build
         b, t, d = k.shape
-        if self.tower.has_cls:
-            q = q[:, :1]
+        q = q[:, :1] if self.tower.has_cls else q.mean(dim=1, keepdim=True)
         q = q.reshape(b, q.shape[1], self.heads, d // self.heads).transpose(1, 2)     # [B, H, Q, hd]
         k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)              # [B, H, T, hd]
         logits = (q @ k.transpose(-1, -2)) * self.scale                                 # [B, H, Q, T]
         if mask is not None:
             logits = logits + mask
         probs = torch.softmax(logits.float(), dim=-1)
-        if self.tower.has_cls:
-            return probs[:, :, 0, 1:].mean(dim=1)        # CLS -> patch attention
-        return probs.mean(dim=(1, 2))                    # mean attention received
+        return probs[:, :, 0, int(self.tower.has_cls):].mean(dim=1)   # [B, N] patch tokens
 
     def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None):
         # A reduced-precision tower (fp16/bf16 builds) computes in its own dtype inside the
@@ -106,8 +107,13 @@ class EncoderStage(nn.Module):
             if self.tower.has_cls:
                 log_sizes = torch.cat([torch.zeros_like(log_sizes[:, :1]), log_sizes], dim=1)
             mask = log_sizes[:, None, None, :]
+        layer_mask = mask
+        if mask is not None and self.square_mask:
+            # ONNX's Attention op (opset 23) in ONNX Runtime wants the mask's query axis
+            # spelled out: [B, 1, T, T] rather than [B, 1, 1, T]; same numbers
+            layer_mask = mask.expand(-1, -1, mask.shape[-1], -1)
         for layer in self.tower.layers[self.first:self.last]:
-            hidden = layer(hidden, None if mask is None else mask.to(dtype))
+            hidden = layer(hidden, None if layer_mask is None else layer_mask.to(dtype))
         if self.project:
             return (self.tower.project(hidden).float(),)
         if self.probe:
@@ -123,7 +129,7 @@ def select_outputs(i: int) -> list[str]:
 class Pipeline:
     """The pruned tower as a list of graphs, with a PyTorch reference executor."""
 
-    def __init__(self, tower: VisionTower, points: list[PrunePoint], params: PruneParams):
+    def __init__(self, tower: VisionTower, points: list[PrunePoint], params: PruneParams, square_mask: bool = False):
         check_schedule(points, tower.depth, tower.num_patches)
         self.tower, self.points, self.params = tower, list(points), params
         self.graphs: list[GraphSpec] = []
@@ -133,7 +139,7 @@ class Pipeline:
             final = i == len(points)
             proportional = params.merge and params.proportional_attention and prev_sizes is not None
             stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
-                                 proportional=proportional)
+                                 proportional=proportional, square_mask=square_mask)
             inputs = [prev_hidden] + ([prev_sizes] if proportional else [])
             outputs = ["features"] if final else [f"stage{i}_hidden", f"stage{i}_importance"]
             tokens_out = tokens if final else points[i].tokens

@@ -165,7 +165,9 @@ def _load(path: Path):
     try:   # fold constants as TensorRT will (small graphs: the selections)
         if not any(i.external_data for i in model.graph.initializer):
             from polygraphy.backend.onnx import fold_constants
-            model = fold_constants(model, error_ok=True)
+            from polygraphy.logger import G_LOGGER
+            with G_LOGGER.verbosity(G_LOGGER.CRITICAL):   # its progress lines are not ours to print
+                model = fold_constants(model, error_ok=True)
     except Exception:   # folding is a help, not a requirement
         pass
     return model

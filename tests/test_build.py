@@ -161,3 +161,22 @@ def test_bench_reports_consistent_ratios(tiny_build):
         assert s["best_unpruned"] == fastest_unpruned and s["best_pruned"].startswith("pruned")
         assert s["best_vs_best"] == pytest.approx(rows[fastest_unpruned]["median_ms"] / rows[s["best_pruned"]]["median_ms"])
         assert all(row["p90_ms"] >= row["median_ms"] >= row["min_ms"] > 0 for row in rows.values())
+
+
+def test_opset_23_exports_every_attention_as_the_attention_op_and_validates(tmp_path):
+    import onnx
+
+    from evoexport.build import build
+    from evoexport.errors import EvoExportError
+    from evoexport.progress import Progress
+    from evoexport.trt_check import check_build
+
+    r = build("llava-tiny", 0.5, out=tmp_path / "b", opset=23, target_runtime="tensorrt", progress=Progress(enabled=False))
+    assert r.report["passed"], r.report["summary"]
+    for stage in r.manifest["stages"]:
+        ops = [n.op_type for n in onnx.load(str(r.path / stage["file"]), load_external_data=False).graph.node]
+        first, last = stage["layers"]
+        assert stage["opset"] == 23 and ops.count("Attention") == last - first
+    assert check_build(r.path)["ok"]
+    with pytest.raises(EvoExportError, match="--opset 21 is not one of 20, 23"):
+        build("llava-tiny", 0.5, out=tmp_path / "c", opset=21, progress=Progress(enabled=False))

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Time two or more builds of the same model on one backend, in one process: medians, p90
+and each build's ratio to the first. Blocks of iterations alternate between the builds so
+that drift (thermal, other load) hits them alike.
+
+    .venv/bin/python scripts/compare_builds.py graphs/llava-keep0.5 graphs/llava-keep0.5-opset23 \
+        --backend onnxruntime --batch 1 --rounds 5 --iters 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+import evoexport
+from evoexport.bench import _cpu_name
+from evoexport.images import sample_batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("builds", nargs="+")
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating blocks per build")
+    ap.add_argument("--iters", type=int, default=4, help="timed iterations per block")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    runners = [evoexport.load(b, backend=args.backend) for b in args.builds]
+    m = runners[0].manifest
+    x = sample_batch(m["tower"]["image_size"], m["preprocess"])
+    x = np.ascontiguousarray(np.resize(x, (args.batch, *x.shape[1:])))
+    for r in runners:   # warm-up
+        r(x)
+    times = [[] for _ in runners]
+    for _ in range(args.rounds):
+        for r, ts in zip(runners, times):
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                r(x)
+                ts.append((time.perf_counter() - t0) * 1e3)
+    rows = [{"build": b, "median_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90)),
+             "ratio_to_first": statistics.median(times[0]) / statistics.median(ts)} for b, ts in zip(args.builds, times)]
+    print(f"{args.backend}, batch {args.batch}, {len(times[0])} runs each, on {_cpu_name()}")
+    for row in rows:
+        print(f"  {row['build']:<44} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms  "
+              f"speedup vs first {row['ratio_to_first']:.3f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backend": args.backend, "batch": args.batch, "cpu": _cpu_name(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
