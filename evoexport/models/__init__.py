@@ -21,6 +21,7 @@ class Preset:
     feature_layer: int = -2          # transformers hidden_states index fed to the projector
     select_strategy: str = "default"  # "default": drop CLS from the features (LLaVA)
     preprocess: dict = field(default_factory=dict)
+    input_size: int | None = None    # pixels fed to the tower where the config's image_size is another (DINOv2)
 
 
 _PRESETS: dict[str, Preset] = {}
@@ -45,5 +46,5 @@ def list_presets() -> list[Preset]:
     return [_PRESETS[k] for k in sorted(_PRESETS)]
 
 
-from . import llava, vit_digits  # noqa: E402,F401  (register the presets)
+from . import dinov2, llava, vit_digits  # noqa: E402,F401  (register the presets)
 from .tower import VisionTower, load_tower  # noqa: E402,F401

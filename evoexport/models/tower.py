@@ -36,6 +36,7 @@ class TowerSpec:
     feature_layer: int
     select_strategy: str
     preprocess: dict
+    input_size: int | None = None   # pixels fed to the tower, where the config's image_size differs (DINOv2)
 
     @property
     def depth(self) -> int:
@@ -48,7 +49,54 @@ class TowerSpec:
         return run
 
 
-class VisionTower(nn.Module):
+class BaseTower(nn.Module):
+    """What every family's tower shares. A family supplies `embed`, `layers`, `project`,
+    `probe_attention` and its sizes; the stage builder, the selections and the exporters
+    see only this interface."""
+
+    spec: TowerSpec
+    has_cls: bool
+    weights_info: dict
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(p.dtype for n, p in self.layers[0].named_parameters() if n.endswith("weight") and p.dim() == 2)
+
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        """(attention module with q_proj and k_proj, heads, logit scale) of layer `index`."""
+        raise NotImplementedError
+
+    def reduced_precision_copy(self, dtype: torch.dtype, fp32_norms: bool = True) -> "BaseTower":
+        """A copy whose weights and math are in `dtype` (fp16/bf16 builds), except LayerNorm,
+        which keeps fp32 weights and statistics: CLIP's activation outliers would otherwise
+        lose their mean and variance to rounding. `fp32_norms=False` leaves LayerNorm in
+        `dtype` (the GPU chain: PyTorch's CUDA kernel accumulates its statistics in fp32
+        anyway, and the casts around an fp32 island cost ~10% of a layer there)."""
+        twin = copy.deepcopy(self).to(dtype)
+        for module in list(twin.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.LayerNorm) and fp32_norms:
+                    setattr(module, name, Float32LayerNorm.from_layer_norm(child))
+                elif isinstance(child, nn.Conv2d):   # ONNX Conv has no bf16; pixels keep full precision
+                    setattr(module, name, Float32Conv2d.from_conv(child, dtype))
+        return twin
+
+    def state_sha256(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+
+class VisionTower(BaseTower):
+    """CLIP (LLaVA's vision tower)."""
+
     def __init__(self, spec: TowerSpec):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -72,28 +120,9 @@ class VisionTower(nn.Module):
         self.drop_cls = spec.select_strategy == "default"
         self.weights_info: dict = {}
 
-    @property
-    def depth(self) -> int:
-        return len(self.layers)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.layers[0].mlp.fc1.weight.dtype
-
-    def reduced_precision_copy(self, dtype: torch.dtype, fp32_norms: bool = True) -> "VisionTower":
-        """A copy whose weights and math are in `dtype` (fp16/bf16 builds), except LayerNorm,
-        which keeps fp32 weights and statistics: CLIP's activation outliers would otherwise
-        lose their mean and variance to rounding. `fp32_norms=False` leaves LayerNorm in
-        `dtype` (the GPU chain: PyTorch's CUDA kernel accumulates its statistics in fp32
-        anyway, and the casts around an fp32 island cost ~10% of a layer there)."""
-        twin = copy.deepcopy(self).to(dtype)
-        for module in list(twin.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, nn.LayerNorm) and fp32_norms:
-                    setattr(module, name, Float32LayerNorm.from_layer_norm(child))
-                elif isinstance(child, nn.Conv2d):   # ONNX Conv has no bf16; pixels keep full precision
-                    setattr(module, name, Float32Conv2d.from_conv(child, dtype))
-        return twin
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        attn = self.layers[index].self_attn
+        return attn, attn.num_heads, attn.scale
 
     @property
     def _clip(self) -> nn.Module:
@@ -112,14 +141,6 @@ class VisionTower(nn.Module):
         """Final hidden states [B, 1+K, D] -> output features [B, K, D_out]."""
         feats = hidden[:, 1:] if (self.has_cls and self.drop_cls) else hidden
         return self.projector(feats) if self.projector is not None else feats
-
-    def state_sha256(self) -> str:
-        h = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach().contiguous().cpu()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
 
 
 class Float32LayerNorm(nn.LayerNorm):
@@ -225,23 +246,38 @@ def _preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
     return pre
 
 
+def family_api(preset: Preset):
+    """(tower class, spec_from_preset, spec_from_checkpoint, load_weights) of the preset's family."""
+    if preset.family == "dinov2":
+        from . import dinov2
+        return dinov2.DinoTower, dinov2.spec_from_preset, dinov2.spec_from_checkpoint, dinov2.load_weights
+    return VisionTower, spec_from_preset, spec_from_checkpoint, _load_weights
+
+
+def spec_for(model: str, checkpoint: str | Path | None = None) -> TowerSpec:
+    preset = get_preset(model)
+    _, from_preset, from_checkpoint, _ = family_api(preset)
+    return from_checkpoint(preset, Path(checkpoint).expanduser().resolve()) if checkpoint else from_preset(preset)
+
+
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
-               expect_sha256: str | None = None, quiet: bool = False) -> VisionTower:
+               expect_sha256: str | None = None, quiet: bool = False) -> BaseTower:
     """Build the tower of preset `model`, with weights from `checkpoint` or seeded random ones."""
     preset = get_preset(model)
+    tower_cls, from_preset, from_checkpoint, load_weights = family_api(preset)
     if checkpoint is None:
-        spec = spec_from_preset(preset)
+        spec = from_preset(preset)
         torch.manual_seed(seed)
-        tower = VisionTower(spec)
+        tower = tower_cls(spec)
         tower.weights_info = {"weights": "random", "weights_seed": seed, "checkpoint": None}
         if not quiet:
             print(f"WARNING: no --checkpoint given: {model} uses seeded RANDOM weights (seed {seed}). "
                   "Shapes and speed are real; the features mean nothing.", file=sys.stderr)
     else:
         ckpt = Path(checkpoint).expanduser().resolve()
-        spec = spec_from_checkpoint(preset, ckpt)
-        tower = VisionTower(spec)
-        _load_weights(tower, ckpt)
+        spec = from_checkpoint(preset, ckpt)
+        tower = tower_cls(spec)
+        load_weights(tower, ckpt)
         tower.weights_info = {"weights": "checkpoint", "weights_seed": None, "checkpoint": str(ckpt)}
     tower.weights_info["weights_sha256"] = tower.state_sha256()
     if expect_sha256 and tower.weights_info["weights_sha256"] != expect_sha256:
@@ -289,6 +325,9 @@ def hf_image_features(tower: VisionTower, device: str | torch.device = "cpu", dt
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaModel
 
+    if not isinstance(tower, VisionTower):   # another family: its own transformers model
+        from . import dinov2
+        return dinov2.hf_features(tower, device, dtype)
     spec = tower.spec
     vcfg = CLIPVisionConfig.from_dict(spec.vision)
     vcfg._attn_implementation = "sdpa"

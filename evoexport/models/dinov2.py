@@ -1,0 +1,157 @@
+"""DINOv2 family: transformers' Dinov2Model (the vision encoder of OpenVLA, Prismatic, Cambrian).
+
+The preset is ViT-S/14 at 224 px (16x16 patches + CLS). Features are Dinov2Model's
+last_hidden_state (after the final LayerNorm) for CLS and the kept patches, CLS first.
+Position embeddings are stored for a 37x37 grid (518 px) and interpolated, as
+transformers does, once at load time for the input size: the exported graphs hold the
+interpolated table as a constant, so they stay static and free of bicubic Resize ops,
+which TensorRT does not import.
+
+Only what differs from the other families lives here: the embedding, the layers, the
+probe's attention module and the output head. Everything runs transformers' own modules.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import EvoExportError
+from . import Preset, register
+from .tower import BaseTower, TowerSpec
+
+IMAGENET_PREPROCESS = {
+    "resize_shortest_edge": True,
+    "resample": "bicubic",
+    "center_crop": True,
+    "rescale": 1 / 255,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+DINOV2_S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+                  image_size=518, layer_norm_eps=1e-6, hidden_act="gelu", layerscale_value=1.0, use_swiglu_ffn=False)
+
+register(Preset(
+    name="dinov2",
+    family="dinov2",
+    description="DINOv2 ViT-S/14 at 224 px (12 layers, 256 patches + CLS), features = last_hidden_state, CLS first",
+    vision=DINOV2_S14,
+    projector=None,
+    feature_layer=-1,
+    select_strategy="full",
+    preprocess=IMAGENET_PREPROCESS,
+    input_size=224,
+))
+
+
+class DinoTower(BaseTower):
+    def __init__(self, spec: TowerSpec):
+        super().__init__()
+        from transformers import Dinov2Config, Dinov2Model
+
+        self.spec = spec
+        cfg = Dinov2Config.from_dict({**spec.vision, "num_hidden_layers": spec.depth})
+        cfg._attn_implementation = "sdpa"
+        self.config = cfg
+        self.model = Dinov2Model(cfg).eval()
+        self.has_cls = True
+        self.hidden_size = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.mlp_size = int(cfg.hidden_size * cfg.mlp_ratio)
+        self.image_size = spec.input_size or cfg.image_size
+        if self.image_size % cfg.patch_size:
+            raise EvoExportError(f"image size {self.image_size} is not a multiple of the patch size {cfg.patch_size}")
+        self.grid = self.image_size // cfg.patch_size
+        self.num_patches = self.grid * self.grid
+        self.out_features = cfg.hidden_size
+        self.projector = None
+        self.drop_cls = False
+        self.weights_info: dict = {}
+        self.register_buffer("positions", torch.zeros(1, 1 + self.num_patches, cfg.hidden_size), persistent=False)
+        self.freeze_positions()
+
+    @torch.no_grad()
+    def freeze_positions(self) -> None:
+        """Interpolate the position table to the input size with transformers' own code (call
+        after loading weights)."""
+        emb = self.model.embeddings
+        dummy = torch.zeros(1, 1 + self.num_patches, self.hidden_size, dtype=emb.position_embeddings.dtype)
+        self.positions.copy_(emb.interpolate_pos_encoding(dummy, self.image_size, self.image_size))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer
+
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        attn = self.layers[index].attention
+        return attn, attn.num_attention_heads, attn.scaling
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        emb = self.model.embeddings
+        patches = emb.patch_embeddings(pixel_values)
+        cls = emb.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+        return torch.cat([cls, patches], dim=1) + self.positions.to(patches.dtype)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.layernorm(hidden)
+
+
+def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec:
+    from transformers import Dinov2Config
+    return TowerSpec(vision=Dinov2Config(**preset.vision).to_dict(), projector=None, feature_layer=-1,
+                     select_strategy="full", preprocess=dict(preset.preprocess),
+                     input_size=image_size or preset.input_size)
+
+
+def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = None) -> TowerSpec:
+    from transformers import Dinov2Config
+    from .checkpoint import read_config
+
+    raw = read_config(ckpt)
+    if raw.get("model_type") != "dinov2":
+        raise EvoExportError(f"{ckpt}: model_type {raw.get('model_type')!r} is not a dinov2 checkpoint")
+    try:
+        cfg = Dinov2Config.from_dict(raw)
+    except Exception as e:
+        raise EvoExportError(f"{ckpt}/config.json is not a valid dinov2 config: {e}") from None
+    pre = dict(preset.preprocess)
+    p = ckpt / "preprocessor_config.json"
+    if p.is_file():
+        try:
+            pp = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvoExportError(f"{p} is not valid JSON: {e}") from None
+        pre.update({k.removeprefix("image_"): [float(v) for v in pp[k]] for k in ("image_mean", "image_std") if k in pp})
+    return TowerSpec(vision=cfg.to_dict(), projector=None, feature_layer=-1, select_strategy="full",
+                     preprocess=pre, input_size=image_size or preset.input_size)
+
+
+def load_weights(tower: DinoTower, ckpt: Path) -> None:
+    """Weights through transformers' own loader (it maps facebook/dinov2's tensor names),
+    safetensors only: pickled weights are refused."""
+    from transformers import Dinov2Model
+
+    if not any(ckpt.glob("*.safetensors")):
+        raise EvoExportError(f"checkpoint {ckpt} has no .safetensors weights (pickled weights are refused)")
+    try:
+        loaded = Dinov2Model.from_pretrained(ckpt, use_safetensors=True, config=tower.config)
+    except Exception as e:
+        raise EvoExportError(f"cannot load the dinov2 checkpoint {ckpt}: {str(e).splitlines()[0]}") from None
+    tower.model.load_state_dict(loaded.state_dict())
+    tower.freeze_positions()
+
+
+def hf_features(tower: DinoTower, device="cpu", dtype=None):
+    """transformers' Dinov2Model with the tower's weights: last_hidden_state (baselines, parity)."""
+    from transformers import Dinov2Model
+
+    model = Dinov2Model(tower.config).eval()
+    model.load_state_dict(tower.model.state_dict())
+    model.to(device=device, dtype=dtype)
+
+    def run(pixel_values):
+        return model(pixel_values).last_hidden_state
+    return run

