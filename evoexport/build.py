@@ -20,7 +20,7 @@ from .errors import EvoExportError
 from .manifest import SCHEMA_VERSION, write_manifest
 from .models import get_preset, load_tower
 from .models.tower import spec_for
-from .progress import Progress
+from .progress import Progress, check_interrupted
 from .prune import (PruneParams, PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule,
                     tower_flops)
 
@@ -165,6 +165,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
             print_report(report, file=sys.stderr)
             if not report["passed"]:
                 raise EvoExportError(f"validation failed; nothing written to {target} (see the table above)")
+        check_interrupted()   # the commit point: an interrupt swallowed on the way still counts
         _replace_dir(tmp, target)
         progress(f"wrote {target}")
         return BuildResult(target, manifest, report, tower)

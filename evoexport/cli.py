@@ -263,7 +263,10 @@ def models():
 
 def _terminate(signum, frame):
     # SIGTERM (kill, timeouts, CI cancels) cleans up like Ctrl-C: the build's temporary
-    # directory is removed and a previous build is left untouched.
+    # directory is removed and a previous build is left untouched. The flag makes sure of
+    # it where a library swallows the KeyboardInterrupt (progress.check_interrupted).
+    from .progress import mark_interrupted
+    mark_interrupted(signum)
     raise KeyboardInterrupt
 
 
@@ -272,6 +275,7 @@ def main(argv=None) -> int:
     import threading
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
         signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, _terminate)
     try:
         cli.main(args=argv, prog_name="evoexport", standalone_mode=False)
         return 0

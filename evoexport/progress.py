@@ -20,6 +20,22 @@ def rss_gb() -> float:
         return peak_rss_gb()
 
 
+# Set by the CLI's SIGINT/SIGTERM handler. The handler also raises KeyboardInterrupt at
+# once, but library code may swallow it (exporters that retry on any exception): every
+# progress step and the build's final rename check this flag, so an interrupted build
+# never completes.
+_interrupted: list[int] = []
+
+
+def mark_interrupted(signum: int) -> None:
+    _interrupted.append(signum)
+
+
+def check_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 class Progress:
     def __init__(self, stream=sys.stderr, enabled: bool = True):
         self.stream, self.enabled, self.t0 = stream, enabled, time.perf_counter()
@@ -29,5 +45,6 @@ class Progress:
         return time.perf_counter() - self.t0
 
     def __call__(self, message: str) -> None:
+        check_interrupted()
         if self.enabled:
             print(f"[{self.elapsed:6.1f}s {rss_gb():4.1f}GB] {message}", file=self.stream, flush=True)

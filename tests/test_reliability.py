@@ -229,3 +229,21 @@ def test_exported_selection_matches_torch_exactly(select_session, b, seed, patte
     np.testing.assert_allclose(got[0], ref[0].numpy(), rtol=1e-5, atol=1e-5)
     for row in got[2]:
         assert list(row) == sorted(set(row))
+
+
+def test_an_interrupt_swallowed_by_a_library_still_stops_the_build(tiny_build, tmp_path, monkeypatch):
+    """The signal handler raises KeyboardInterrupt *and* sets a flag: were the exception lost
+    inside an exporter that retries on any error, the next progress step or the final rename
+    raises it again, so the previous build stays."""
+    from evoexport import progress as progress_mod
+    from evoexport.build import build
+    from evoexport.progress import Progress
+
+    out = tmp_path / "graphs" / "tiny"
+    shutil.copytree(tiny_build, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(progress_mod, "_interrupted", [signal.SIGINT])   # as if the handler had run
+    with pytest.raises(KeyboardInterrupt):
+        build("llava-tiny", 0.5, seed=7, out=out, validate=False, progress=Progress(enabled=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]
