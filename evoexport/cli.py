@@ -236,6 +236,29 @@ def check(build_dir, target, as_json):
         sys.exit(1)
 
 
+@cli.command("eval")
+@click.option("--model", default="dinov2", show_default=True, help="model preset whose features keep CLS first")
+@click.option("--checkpoint", type=click.Path(), default=None, help="local Hugging Face checkpoint (real weights)")
+@click.option("--keep", "keeps", type=float, multiple=True, help="final fractions kept  [default: 0.5 0.25]")
+@click.option("--seeds", type=int, default=5, show_default=True, help="random-selection seeds averaged")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
+def eval_cmd(model, checkpoint, keeps, seeds, json_path):
+    """EvoPrune against random, attention-only, pooling and strided baselines on real photos:
+    CLS and token-coverage error against the unpruned tower, FLOPs per image."""
+    from .evaluate import evaluate, format_eval
+    from .models import load_tower
+    from .progress import Progress
+
+    if seeds < 1:
+        raise EvoExportError(f"--seeds must be >= 1, got {seeds}")
+    tower = load_tower(model, checkpoint)
+    result = evaluate(tower, keeps=keeps or (0.5, 0.25), seeds=seeds, progress=Progress())
+    result["weights"] = tower.weights_info
+    click.echo(format_eval(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 def info(build_dir):
