@@ -236,6 +236,33 @@ def check(build_dir, target, as_json):
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--input", "inputs", multiple=True, type=click.Path(),
+              help="image file(s)  [default: the validation photos]")
+@click.option("--output", required=True, type=click.Path(), help="output .png")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKENDS))
+def show(build_dir, inputs, output, backend):
+    """Pictures of what the selections keep: per prune point the kept patches outlined and the
+    dropped ones dimmed, then the final merge groups in colour (one row per image)."""
+    import numpy as np
+
+    from .images import sample_batch
+    from .runtime import load
+    from .show import show as render_show
+
+    if not output.lower().endswith(".png"):
+        raise EvoExportError(f"--output must be a .png file, got {output}")
+    runner = load(build_dir, backend=backend)
+    m = runner.manifest
+    if inputs:
+        pixels = np.concatenate([_read_input(Path(p), m) for p in inputs])
+    else:
+        pixels = sample_batch(m["tower"]["image_size"], m["preprocess"])
+    info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output))
+    click.echo(f"wrote {output}: {info['images']} image(s) x {info['points'] + 2} panels ({info['size'][0]}x{info['size'][1]})")
+
+
 @cli.command("eval")
 @click.option("--model", default="dinov2", show_default=True, help="model preset whose features keep CLS first")
 @click.option("--checkpoint", type=click.Path(), default=None, help="local Hugging Face checkpoint (real weights)")
