@@ -62,7 +62,7 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
             progress("exporting the unpruned encoder (keep 1.0, same weights) for comparison")
             result = build(manifest["model"], 1.0, checkpoint=manifest.get("checkpoint"),
                            seed=manifest.get("weights_seed") or 0, out=Path(tmp) / "unpruned", validate=False,
-                           progress=Progress(enabled=False))
+                           image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False))
             baseline, tower = result.path, result.tower
             del result
         base_manifest = read_manifest(baseline)
@@ -74,7 +74,7 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
         if hf:
             progress("loading transformers' PyTorch model with the same weights")
             if tower is None:  # --baseline given: nothing loaded the weights yet
-                tower = load_tower(manifest["model"], manifest.get("checkpoint"),
+                tower = load_tower(manifest["model"], manifest.get("checkpoint"), image_size=manifest["tower"]["image_size"],
                                    seed=manifest.get("weights_seed") or 0,
                                    expect_sha256=manifest.get("weights_sha256"), quiet=True)
             hf_run = hf_image_features(tower)
@@ -131,7 +131,7 @@ def _other_precisions(manifest: dict, precisions, backends, tmp: Path, progress:
         result = build(manifest["model"], None if schedule else 1.0, schedule=schedule or None,
                        params=PruneParams(**manifest["prune_params"]), checkpoint=manifest.get("checkpoint"),
                        seed=manifest.get("weights_seed") or 0, out=tmp / f"pruned-{prec}", validate=False,
-                       precision=prec, progress=Progress(enabled=False))
+                       precision=prec, image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False))
         for b in backends:
             try:
                 runner = Runner(result.path, backend=b)

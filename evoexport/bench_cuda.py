@@ -90,6 +90,7 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
     # sha256; the graph files are hashed where they are read (ONNX Runtime's Runner)
     manifest = read_manifest(build_dir, verify=False, files=False)
     tower = load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
+                       image_size=manifest["tower"]["image_size"],
                        expect_sha256=manifest.get("weights_sha256"), quiet=True)
     points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
     params = PruneParams(**manifest["prune_params"])

@@ -69,7 +69,8 @@ def versions() -> dict:
 def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | None = None,
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
           out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
-          target_runtime: str | None = None, opset: int = 20, progress: Progress | None = None) -> BuildResult:
+          target_runtime: str | None = None, opset: int = 20, image_size: int | None = None,
+          progress: Progress | None = None) -> BuildResult:
     """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
     `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/).
     target_runtime "tensorrt": the graphs must also pass the static TensorRT check (trt_check.py).
@@ -89,7 +90,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         raise EvoExportError("--calib is only used by --precision int8")
     preset = get_preset(model)
     # Everything the user typed is checked before the (slow) weights are touched.
-    spec = spec_for(model, checkpoint)
+    spec = spec_for(model, checkpoint, image_size)
     grid = (spec.input_size or spec.vision["image_size"]) // spec.vision["patch_size"]
     keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
     target = Path(out) if out else default_out(model, keep, precision)
@@ -102,7 +103,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a build is meant to be shared
     try:
         progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
-        tower = load_tower(model, checkpoint, seed=seed)
+        tower = load_tower(model, checkpoint, seed=seed, image_size=image_size)
         square = opset >= 23   # the Attention op's mask spells out its query axis
         pipeline = Pipeline(tower, points, params, square_mask=square)
         flops_full, flops_pruned = tower_flops(tower, []), tower_flops(tower, points, params)

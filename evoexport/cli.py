@@ -47,9 +47,12 @@ def cli():
 @click.option("--opset", type=click.Choice(["20", "23"]), default="20", show_default=True,
               help="ONNX opset; 23 exports attention as ONNX's Attention op (TensorRT >= 10.14 maps it to fused "
                    "attention; ONNX Runtime runs it)")
+@click.option("--image-size", type=int, default=None,
+              help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time)  "
+                   "[default: the preset's]")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds, merge,
-          proportional_attention, precision, calib, validate, target, opset, quiet):
+          proportional_attention, precision, calib, validate, target, opset, image_size, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from .build import build as run_build
     from .progress import Progress, peak_rss_gb
@@ -60,7 +63,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                        out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
-                       opset=int(opset), progress=progress)
+                       opset=int(opset), image_size=image_size, progress=progress)
     m = result.manifest
     if m["weights"] == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)

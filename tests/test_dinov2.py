@@ -85,3 +85,22 @@ def test_eval_refuses_towers_whose_features_drop_cls(capsys):
     assert main(["eval", "--model", "llava-tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: eval needs a tower whose features keep CLS first")
+
+
+def test_image_size_interpolates_positions_at_build_time(dinov2_ckpt, tmp_path, capsys):
+    """--image-size 280: a 20x20 grid whose static position table equals what transformers
+    interpolates at run time; CLIP presets and sizes off the patch grid are refused."""
+    from evoexport.cli import main
+
+    r = build("dinov2", 1.0, checkpoint=str(dinov2_ckpt), out=tmp_path / "b", image_size=280,
+              progress=Progress(enabled=False))
+    assert r.manifest["tower"]["image_size"] == 280 and r.manifest["tower"]["num_patches"] == 400
+    x = np.random.default_rng(0).standard_normal((2, 3, 280, 280)).astype(np.float32)
+    with torch.inference_mode():
+        ref = _hf(dinov2_ckpt)(torch.from_numpy(x)).last_hidden_state.numpy()
+    got = evoexport.load(r.path, backend="onnxruntime")(x).features
+    assert np.abs(got - ref).max() <= 1e-4
+    assert main(["build", "--model", "dinov2", "--image-size", "230", "--out", str(tmp_path / "c")]) == 2
+    assert "must be a multiple of the patch size 14" in capsys.readouterr().err
+    assert main(["build", "--model", "llava-tiny", "--image-size", "64", "--out", str(tmp_path / "d")]) == 2
+    assert "runs at its own 56 px" in capsys.readouterr().err

@@ -117,6 +117,7 @@ class TorchBackend:
         device = resolve_device(device)
         if pipeline is None:
             tower = load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
+                               image_size=manifest["tower"]["image_size"],
                                expect_sha256=manifest.get("weights_sha256"), quiet=True)
             points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
             pipeline = Pipeline(tower, points, PruneParams(**manifest["prune_params"]))

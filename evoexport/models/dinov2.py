@@ -99,11 +99,18 @@ class DinoTower(BaseTower):
         return self.model.layernorm(hidden)
 
 
+def _input_size(image_size: int | None, preset: Preset, patch: int) -> int:
+    size = image_size or preset.input_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < patch or size % patch:
+        raise EvoExportError(f"--image-size must be a multiple of the patch size {patch} (e.g. 224, 280, 518), got {size}")
+    return size
+
+
 def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec:
     from transformers import Dinov2Config
-    return TowerSpec(vision=Dinov2Config(**preset.vision).to_dict(), projector=None, feature_layer=-1,
-                     select_strategy="full", preprocess=dict(preset.preprocess),
-                     input_size=image_size or preset.input_size)
+    cfg = Dinov2Config(**preset.vision)
+    return TowerSpec(vision=cfg.to_dict(), projector=None, feature_layer=-1, select_strategy="full",
+                     preprocess=dict(preset.preprocess), input_size=_input_size(image_size, preset, cfg.patch_size))
 
 
 def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = None) -> TowerSpec:
@@ -126,7 +133,7 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = No
             raise EvoExportError(f"{p} is not valid JSON: {e}") from None
         pre.update({k.removeprefix("image_"): [float(v) for v in pp[k]] for k in ("image_mean", "image_std") if k in pp})
     return TowerSpec(vision=cfg.to_dict(), projector=None, feature_layer=-1, select_strategy="full",
-                     preprocess=pre, input_size=image_size or preset.input_size)
+                     preprocess=pre, input_size=_input_size(image_size, preset, cfg.patch_size))
 
 
 def load_weights(tower: DinoTower, ckpt: Path) -> None:

@@ -254,19 +254,29 @@ def family_api(preset: Preset):
     return VisionTower, spec_from_preset, spec_from_checkpoint, _load_weights
 
 
-def spec_for(model: str, checkpoint: str | Path | None = None) -> TowerSpec:
+def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int | None = None) -> TowerSpec:
+    """The tower's spec, checked before any weight is touched. `image_size` (DINOv2): the
+    input size, a multiple of the patch size; position embeddings follow it."""
     preset = get_preset(model)
     _, from_preset, from_checkpoint, _ = family_api(preset)
-    return from_checkpoint(preset, Path(checkpoint).expanduser().resolve()) if checkpoint else from_preset(preset)
+    ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
+    if image_size is not None and preset.family != "dinov2":
+        spec = from_checkpoint(preset, ckpt) if ckpt else from_preset(preset)
+        if image_size != spec.vision["image_size"]:
+            raise EvoExportError(f"--image-size: {model} runs at its own {spec.vision['image_size']} px "
+                                 "(other input sizes: --model dinov2)")
+        return spec
+    kwargs = {"image_size": image_size} if image_size is not None else {}
+    return from_checkpoint(preset, ckpt, **kwargs) if ckpt else from_preset(preset, **kwargs)
 
 
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
-               expect_sha256: str | None = None, quiet: bool = False) -> BaseTower:
+               expect_sha256: str | None = None, quiet: bool = False, image_size: int | None = None) -> BaseTower:
     """Build the tower of preset `model`, with weights from `checkpoint` or seeded random ones."""
     preset = get_preset(model)
-    tower_cls, from_preset, from_checkpoint, load_weights = family_api(preset)
+    tower_cls, _, _, load_weights = family_api(preset)
     if checkpoint is None:
-        spec = from_preset(preset)
+        spec = spec_for(model, None, image_size)
         torch.manual_seed(seed)
         tower = tower_cls(spec)
         tower.weights_info = {"weights": "random", "weights_seed": seed, "checkpoint": None}
@@ -275,7 +285,7 @@ def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
                   "Shapes and speed are real; the features mean nothing.", file=sys.stderr)
     else:
         ckpt = Path(checkpoint).expanduser().resolve()
-        spec = from_checkpoint(preset, ckpt)
+        spec = spec_for(model, ckpt, image_size)
         tower = tower_cls(spec)
         load_weights(tower, ckpt)
         tower.weights_info = {"weights": "checkpoint", "weights_seed": None, "checkpoint": str(ckpt)}
