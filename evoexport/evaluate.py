@@ -15,6 +15,8 @@ foolbox's data is installed, else scikit-image's):
   pooling             average pooling of the patch grid (1x2 at keep 0.5, 2x2 at keep
                       0.25) at the first prune layer, straight to the final count
   strided             every other column (and row) at the first prune layer
+  tome                ToMe's bipartite soft matching at the same prune points, merged tokens
+                      weighted by proportional attention (as in ToMe)
   evoprune, 1 point   EvoPrune at that same single point: pooling's FLOP budget
 
 Metrics, per image then averaged:
@@ -88,6 +90,43 @@ class GridReduce(nn.Module):
         positions = torch.nonzero(top_left).reshape(-1).expand(b, -1)
         size = torch.full((b, k), float(2 * r if self.pool else 1))
         return torch.cat([hidden[:, :1], kept], dim=1), size, positions, merge, picks
+
+
+class ToMeSelect(nn.Module):
+    """ToMe's bipartite soft matching (Bolya et al., 2023) behind a selection graph's
+    interface, as a baseline: tokens alternate into sets A and B, each A token finds its
+    most similar B token (cosine of the hidden states), the r = N - K most similar A tokens
+    are merged into their partners (size-weighted means), and everything else is kept."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.budget = budget
+
+    def forward(self, hidden, importance, sizes=None, positions=None):
+        b, n1, d = hidden.shape
+        x, n, k = hidden[:, 1:], hidden.shape[1] - 1, self.budget
+        r = n - k
+        if not 0 <= r <= n // 2:
+            raise EvoExportError(f"ToMe merges at most half the tokens per step ({n} -> {k} asked)")
+        sizes = torch.ones(b, n) if sizes is None else sizes
+        positions = torch.arange(n).expand(b, n) if positions is None else positions
+        f = torch.nn.functional.normalize(x, dim=-1)
+        a_idx, b_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
+        best, partner = (f[:, a_idx] @ f[:, b_idx].transpose(1, 2)).max(dim=-1)       # [B, |A|]
+        order = best.argsort(dim=-1, descending=True)
+        merged_a = torch.zeros(b, len(a_idx), dtype=torch.bool).scatter_(1, order[:, :r], True)
+        kept = torch.ones(b, n, dtype=torch.bool)
+        kept[:, a_idx] = ~merged_a
+        kept_idx = torch.nonzero(kept)[:, 1].reshape(b, k)                              # ascending
+        slot_of = torch.full((b, n), -1, dtype=torch.int64).scatter_(1, kept_idx, torch.arange(k).expand(b, k))
+        dest = slot_of.clone()
+        dest[:, a_idx] = torch.where(merged_a, torch.gather(slot_of[:, b_idx], 1, partner), slot_of[:, a_idx])
+        weights = torch.zeros(b, k, n).scatter_(1, dest.unsqueeze(1), sizes.unsqueeze(1))   # [B, K, N]
+        new_sizes = weights.sum(dim=-1)
+        merged = (weights @ x) / new_sizes.unsqueeze(-1)
+        picks = torch.where(kept, 0, -1)
+        out = torch.cat([hidden[:, :1], merged], dim=1)
+        return out, new_sizes, torch.gather(positions, 1, kept_idx), dest, picks
 
 
 def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Tensor:
@@ -170,6 +209,9 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
             "attention top-k": (points, plain, None, None),
             "attention top-k+merge": (points, plain_merged, None, None),
             "evoprune, 1 point": (single, default, None, None),
+            # ToMe at the same prune points, its merged tokens weighted by proportional attention
+            "tome (bipartite merge)": (points, plain_merged, None,
+                                       {f"select_{i}": ToMeSelect(p.tokens) for i, p in enumerate(points)}),
         }
         if keep in (0.5, 0.25) and tower.grid % 2 == 0:   # the grid rules reach exactly these counts
             # pooled tokens carry their size into proportional attention, as merged ones do
@@ -181,7 +223,8 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
                 progress(f"keep {keep}: {name}")
             pipe = Pipeline(tower, pts, params)
             t0 = time.perf_counter()
-            env = pipe.run(x, rescore=rescore, modules={"select_0": reduce} if reduce is not None else None)
+            modules = reduce if isinstance(reduce, dict) else ({"select_0": reduce} if reduce is not None else None)
+            env = pipe.run(x, rescore=rescore, modules=modules)
             seconds = time.perf_counter() - t0
             results[name] = (*_errors(full, env["features"]), dense_error(env, pipe), tower_flops(tower, pts, params), seconds)
         for name, params in (("random", plain), ("random+merge", plain_merged)):

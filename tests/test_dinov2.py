@@ -65,7 +65,8 @@ def test_bad_dinov2_checkpoints_are_refused(dinov2_ckpt, tmp_path):
 
 def test_evoprune_beats_every_baseline_on_the_pretrained_vit(dinov2_ckpt):
     """The #9 bar on real weights and real photos: at keep 0.5 and 0.25 EvoPrune has the
-    lowest CLS, coverage and saliency error of all methods, and cuts random's by >= 40%."""
+    lowest CLS, coverage and saliency error of all methods (but ToMe at keep 0.25, which
+    still wins there), and cuts random's by >= 40%."""
     from evoexport.evaluate import evaluate
     from evoexport.models import load_tower
 
@@ -73,8 +74,11 @@ def test_evoprune_beats_every_baseline_on_the_pretrained_vit(dinov2_ckpt):
     assert r["images"].startswith("foolbox ImageNet samples (20)") and r["saliency_decoder"]
     for keep in (0.5, 0.25):
         rows = {row["method"]: row for row in r["rows"] if row["keep"] == keep}
-        assert {"random", "random+merge", "attention top-k", "pooling", "strided"} <= set(rows)
+        assert {"random", "random+merge", "attention top-k", "pooling", "strided", "tome (bipartite merge)"} <= set(rows)
         ours = rows.pop("evoprune")
+        if keep == 0.25:   # ToMe wins at keep 0.25 (docs/evoprune.md): not yet beaten, not hidden
+            tome = rows.pop("tome (bipartite merge)")
+            assert tome["saliency_error"] < ours["saliency_error"]
         for metric in ("cls_error", "coverage_error", "saliency_error"):
             assert all(ours[metric] < other[metric] for other in rows.values()), (keep, metric)
             assert ours[metric.replace("error", "cut_vs_random")] >= 0.4, (keep, metric, ours)
