@@ -1,0 +1,1 @@
+"""Integrations with the libraries that run the language model (transformers today)."""

@@ -1,0 +1,86 @@
+"""Feed a build's pruned image features to a transformers LLaVA model.
+
+    model = LlavaForConditionalGeneration.from_pretrained(CKPT)
+    evoexport.integrations.transformers.attach(model, "graphs/llava-keep0.5")   # any backend
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = shrink_image_tokens(inputs, model)          # 576 placeholders -> the build's K
+    out = model.generate(**inputs, max_new_tokens=64)
+
+attach() replaces the model's get_image_features with the build (its runtime, on the
+backend you name); everything after it (placeholder scatter, the language model,
+generate()) is transformers' own code. The build must hold this model's vision weights:
+their sha256 is compared with the manifest's, and a mismatch is one clear error.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import EvoExportError
+
+
+def _vision_sha256(model, manifest: dict) -> str:
+    """The sha256 evoexport's tower would give this model's vision tower and projector."""
+    from ..models.tower import TowerSpec, VisionTower
+
+    t = manifest["tower"]
+    spec = TowerSpec(vision=t["vision"], projector=t["projector"], feature_layer=t["feature_layer"],
+                     select_strategy=t["select_strategy"], preprocess=manifest["preprocess"])
+    tower = VisionTower(spec)
+    inner = getattr(model, "model", model)
+    tower.vision.load_state_dict(inner.vision_tower.state_dict(), strict=False)   # layers past the feature layer unused
+    if tower.projector is not None:
+        tower.projector.load_state_dict(inner.multi_modal_projector.state_dict())
+    return tower.state_sha256()
+
+
+def attach(model, build_dir, verify_weights: bool = True, **load_options):
+    """Make `model` (LlavaForConditionalGeneration) take its image features from a build."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from ..runtime import load
+
+    runner = load(build_dir, **load_options)
+    manifest = runner.manifest
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "get_image_features") or not hasattr(inner, "multi_modal_projector"):
+        raise EvoExportError(f"attach() takes a transformers LLaVA model, got {type(model).__name__}")
+    if verify_weights and _vision_sha256(model, manifest) != manifest.get("weights_sha256"):
+        raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
+                             "(sha256 differs); build it from this model's checkpoint")
+    embed = model.get_input_embeddings().weight
+
+    def get_image_features(pixel_values, *args, **kwargs):
+        out = runner(pixel_values.detach().float().cpu().numpy() if runner.backend.name != "torch"
+                     else pixel_values.detach().float())
+        features = torch.as_tensor(runner.backend.to_numpy(out.features)).to(embed.device, embed.dtype)
+        return BaseModelOutputWithPooling(pooler_output=list(features))
+
+    inner.get_image_features = get_image_features
+    model.evoexport_runner = runner
+    model.evoexport_image_tokens = manifest["stages"][-1]["outputs"][0]["shape"][1]
+    return model
+
+
+def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
+    """Processor output with each image's run of placeholder tokens cut to the build's K
+    (left-padded again for batches; attention masks follow)."""
+    image_id = model.config.image_token_id
+    k = tokens or getattr(model, "evoexport_image_tokens", None)
+    if k is None:
+        raise EvoExportError("shrink_image_tokens: attach() the build first, or give tokens=K")
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    rows, masks = [], []
+    for ids, mask in zip(inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))):
+        ids = ids[mask.bool()]
+        keep, run = [], 0
+        for tok in ids.tolist():
+            run = run + 1 if tok == image_id else 0
+            if tok != image_id or run <= k:
+                keep.append(tok)
+        rows.append(torch.tensor(keep, dtype=ids.dtype))
+    width = max(len(r) for r in rows)
+    out = dict(inputs)
+    out["input_ids"] = torch.stack([torch.cat([torch.full((width - len(r),), pad, dtype=r.dtype), r]) for r in rows])
+    out["attention_mask"] = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long),
+                                                    torch.ones(len(r), dtype=torch.long)]) for r in rows])
+    return out
