@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Time to first token, image encoding + LLM prefill, with the build's K image tokens
+against the unpruned 576, in one process (medians of alternating runs).
+
+    .venv/bin/python scripts/ttft.py graphs/llava-keep0.5 --backend openvino --layers 4
+
+The language model is a random-weight Llama shaped like LLaVA-1.5-7B's (hidden 4096, 32
+heads, MLP 11008, vocabulary 32000) cut to --layers layers so that a CPU prefills it in
+seconds; the full 32 layers are modelled by scaling the measured per-layer prefill time
+(prefill FLOPs are linear in layers; the LM head is timed once). The encoder is the
+build's chain and the unpruned keep-1.0 export of the same weights, on --backend.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import evoexport
+from evoexport.bench import _cpu_name
+from evoexport.build import build
+from evoexport.images import sample_batch
+from evoexport.progress import Progress
+
+TEXT_TOKENS = 40   # a short prompt around the image
+
+
+def _llm(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _prefill_ms(llm, tokens: int, reps: int) -> float:
+    embeds = torch.randn(1, tokens, llm.config.hidden_size) * 0.02
+    ts = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build")
+    ap.add_argument("--backend", default="openvino")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    pruned = evoexport.load(args.build, backend=args.backend)
+    m = pruned.manifest
+    k = m["stages"][-1]["outputs"][0]["shape"][1]
+    full_tokens = m["tower"]["num_patches"]
+    x = sample_batch(m["tower"]["image_size"], m["preprocess"])[:1]
+    with tempfile.TemporaryDirectory() as tmp:
+        r = build(m["model"], 1.0, checkpoint=m.get("checkpoint"), seed=m.get("weights_seed") or 0,
+                  out=Path(tmp) / "unpruned", validate=False, progress=Progress(enabled=False))
+        unpruned = evoexport.load(r.path, backend=args.backend)
+        enc = {"pruned": [], "unpruned": []}
+        for runner in (pruned, unpruned):
+            runner(x)
+        for _ in range(args.reps):
+            for name, runner in (("pruned", pruned), ("unpruned", unpruned)):
+                t0 = time.perf_counter()
+                runner(x)
+                enc[name].append((time.perf_counter() - t0) * 1e3)
+    llm = _llm(args.layers)
+    prefill = {"pruned": _prefill_ms(llm, k + TEXT_TOKENS, args.reps),
+               "unpruned": _prefill_ms(llm, full_tokens + TEXT_TOKENS, args.reps)}
+    head = {n: _prefill_ms(_llm(0), t + TEXT_TOKENS, args.reps)
+            for n, t in (("pruned", k), ("unpruned", full_tokens))}   # embeddings, final norm, LM head
+    rows = {}
+    for name in ("pruned", "unpruned"):
+        e = statistics.median(enc[name])
+        per_layer = (prefill[name] - head[name]) / args.layers
+        rows[name] = {"image_tokens": k if name == "pruned" else full_tokens, "encode_ms": e,
+                      f"prefill_{args.layers}_layers_ms": prefill[name], f"ttft_{args.layers}_layers_ms": e + prefill[name],
+                      "prefill_32_layers_modelled_ms": head[name] + 32 * per_layer,
+                      "ttft_32_layers_modelled_ms": e + head[name] + 32 * per_layer}
+    result = {"build": args.build, "backend": args.backend, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+              "text_tokens": TEXT_TOKENS, "layers_run": args.layers, "rows": rows,
+              "speedup_ttft_measured": rows["unpruned"][f"ttft_{args.layers}_layers_ms"] / rows["pruned"][f"ttft_{args.layers}_layers_ms"],
+              "speedup_ttft_32_layers_modelled": rows["unpruned"]["ttft_32_layers_modelled_ms"] / rows["pruned"]["ttft_32_layers_modelled_ms"]}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
