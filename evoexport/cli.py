@@ -246,8 +246,9 @@ def check(build_dir, target, as_json):
 @click.option("--output", required=True, type=click.Path(), help="output .png")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKENDS))
 def show(build_dir, inputs, output, backend):
-    """Pictures of what the selections keep: per prune point the kept patches outlined and the
-    dropped ones dimmed, then the final merge groups in colour (one row per image)."""
+    """Pictures of what the selections keep: per prune point the importance heat map and the
+    kept patches outlined (dropped ones dimmed), then the final merge groups in colour
+    (one row per image)."""
     import numpy as np
 
     from .images import sample_batch
@@ -263,7 +264,7 @@ def show(build_dir, inputs, output, backend):
     else:
         pixels = sample_batch(m["tower"]["image_size"], m["preprocess"])
     info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output))
-    click.echo(f"wrote {output}: {info['images']} image(s) x {info['points'] + 2} panels ({info['size'][0]}x{info['size'][1]})")
+    click.echo(f"wrote {output}: {info['images']} image(s) x {info['panels']} panels ({info['size'][0]}x{info['size'][1]})")
 
 
 @cli.command("eval")

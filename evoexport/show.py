@@ -1,9 +1,10 @@
 """`evoexport show`: what the selections keep and where they merge the rest, in pictures.
 
-One strip of panels for an image: the photo as the model sees it (resized and cropped),
-then one panel per prune point with the patches dropped by then dimmed and the kept ones
-outlined, then the final merge groups: every original patch coloured by the kept token
-it was merged into (black: dropped without merging). Drawn with Pillow alone.
+One strip of panels for an image: the photo as the model sees it (resized and cropped);
+then, per prune point, the attention importance of the tokens entering it as a heat map
+(black to red to yellow; patches gone by then stay black) and the kept patches outlined
+with the dropped ones dimmed; then the final merge groups, every original patch coloured
+by the kept token it was merged into (black: dropped without merging). Pillow alone.
 """
 from __future__ import annotations
 
@@ -30,14 +31,35 @@ def final_owner(merges: list[np.ndarray]) -> np.ndarray:
     return owner
 
 
+def heat(values: np.ndarray) -> np.ndarray:
+    """[..] in [0, 1] -> RGB [.., 3]: black, red, yellow (red never decreases)."""
+    v = np.clip(values, 0, 1)[..., None]
+    return np.concatenate([np.minimum(1, 2 * v), np.maximum(0, 2 * v - 1), np.zeros_like(v)], axis=-1) * 255
+
+
+def _heat_panel(photo: np.ndarray, grid: int, entering: np.ndarray, importance: np.ndarray) -> Image.Image:
+    size = photo.shape[0]
+    cell = int(np.ceil(size / grid))
+    values = np.zeros(grid * grid)
+    peak = importance.max() if importance.size and importance.max() > 0 else 1.0
+    values[entering] = importance / peak
+    colour = heat(values).reshape(grid, grid, 3)
+    colour = np.kron(colour, np.ones((cell, cell, 1)))[:size, :size]
+    return Image.fromarray((0.3 * photo + 0.7 * colour).astype(np.uint8))
+
+
 def render(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list[np.ndarray],
-           merges: list[np.ndarray]) -> Image.Image:
-    """One image's strip: photo | kept after each point | merge groups."""
+           merges: list[np.ndarray], importances: list[np.ndarray] | None = None) -> Image.Image:
+    """One image's strip: photo | (importance, kept) per point | merge groups."""
     photo = _display(pixels, pre)
     size = photo.shape[0]
     cell = size / grid
     panels = [Image.fromarray(photo)]
-    for kept in indices_per_point:
+    entering = np.arange(grid * grid)
+    for i, kept in enumerate(indices_per_point):
+        if importances is not None:
+            panels.append(_heat_panel(photo, grid, entering, importances[i]))
+            entering = kept
         mask = np.full(grid * grid, DIM)
         mask[kept] = 1.0
         scale = np.kron(mask.reshape(grid, grid), np.ones((int(np.ceil(cell)),) * 2))[:size, :size]
@@ -62,16 +84,19 @@ def render(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list[np.
 
 def show(runner, pixels: np.ndarray, out: Path) -> dict:
     """Run a loaded build on pixels [B,3,H,W] and write one strip per image, stacked."""
-    result = runner(pixels)
+    env = runner.run_all(pixels)
     to_np = runner.backend.to_numpy
     m = runner.manifest
-    grid, pre = m["tower"]["grid"], m["preprocess"]
-    strips = [render(pixels[b], pre, grid, [to_np(i)[b] for i in result.indices_per_point],
-                     [to_np(mg)[b] for mg in result.merge_per_point]) for b in range(pixels.shape[0])]
+    grid, pre, points = m["tower"]["grid"], m["preprocess"], range(len(m["schedule"]))
+    indices = [to_np(env[f"indices_{i}"]) for i in points]
+    merges = [to_np(env[f"merge_{i}"]) for i in points]
+    importances = [to_np(env[f"stage{i}_importance"]) for i in points]
+    strips = [render(pixels[b], pre, grid, [x[b] for x in indices], [x[b] for x in merges], [x[b] for x in importances])
+              for b in range(pixels.shape[0])]
     sheet = Image.new("RGB", (strips[0].width, sum(s.height + 8 for s in strips) - 8), "white")
     for i, s in enumerate(strips):
         sheet.paste(s, (0, i * (s.height + 8)))
     tmp = out.with_name(out.name + ".partial.png")
     sheet.save(tmp)
     tmp.replace(out)
-    return {"images": len(strips), "points": len(result.indices_per_point), "size": sheet.size}
+    return {"images": len(strips), "points": len(indices), "panels": 2 + 2 * len(indices), "size": sheet.size}

@@ -14,15 +14,21 @@ from evoexport.show import DIM, final_owner
 def test_show_dims_exactly_the_dropped_patches_and_colours_merge_groups(tiny_build, tmp_path, capsys):
     out = tmp_path / "kept.png"
     assert main(["show", str(tiny_build), "--output", str(out)]) == 0
-    assert "3 image(s) x 4 panels" in capsys.readouterr().out
+    assert "3 image(s) x 6 panels" in capsys.readouterr().out
     m = read_manifest(tiny_build)
     size, grid = m["tower"]["image_size"], m["tower"]["grid"]
     sheet = np.asarray(Image.open(out).convert("RGB")).astype(float)
-    assert sheet.shape == (3 * (size + 8) - 8, 4 * (size + 8) - 8, 3)
+    assert sheet.shape == (3 * (size + 8) - 8, 6 * (size + 8) - 8, 3)
     x = sample_batch(size, m["preprocess"])
-    result = evoexport.load(tiny_build)(x)
+    runner = evoexport.load(tiny_build)
+    result, env = runner(x), runner.run_all(x)
     cell = size // grid
-    photo, panel = sheet[:size, :size], sheet[:size, size + 8: 2 * size + 8]
+    photo, panel = sheet[:size, :size], sheet[:size, 2 * (size + 8): 3 * size + 16]
+    # the heat map of point 0: the most important patch is the reddest
+    heat = sheet[:size, size + 8: 2 * size + 8]
+    red = np.array([(heat[r * cell + 3, c * cell + 3, 0] - 0.3 * photo[r * cell + 3, c * cell + 3, 0]) / 0.7
+                    for r in range(grid) for c in range(grid)])
+    assert abs(red[int(np.argmax(env["stage0_importance"][0]))] - 255) <= 2
     kept = set(result.indices_per_point[0][0].tolist())
     for p in range(grid * grid):
         r, c = divmod(p, grid)
@@ -31,7 +37,7 @@ def test_show_dims_exactly_the_dropped_patches_and_colours_merge_groups(tiny_bui
         assert np.abs(panel[inner] - want).max() <= 1.0, p
     # the merge panel: patches with the same final owner share one colour
     owner = final_owner([mg[0] for mg in result.merge_per_point])
-    merged = sheet[:size, 3 * (size + 8):]
+    merged = sheet[:size, 5 * (size + 8):]
     tint = (merged - 0.45 * photo) / 0.55
     means = {}
     for p in range(grid * grid):
