@@ -172,10 +172,14 @@ def validate(build_dir, backend, threads, optimization, inference_precision, dev
                    "cuda: what the torch chains compute in  [default: bf16]")
 @click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baselines")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
-def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisions, no_hf, json_path):
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="also draw latency per system and batch, with the FLOP-ideal line, to this .png")
+def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisions, no_hf, json_path, plot_path):
     """Latency of the pruned chain vs the unpruned encoder vs transformers' PyTorch model, in one run."""
     from .progress import Progress
 
+    if plot_path and not plot_path.lower().endswith(".png"):
+        raise EvoExportError(f"--plot must be a .png file, got {plot_path}")
     if device == "cuda":
         from .bench_cuda import format_cuda_bench, run_cuda_bench
         if "int8" in precisions:
@@ -193,6 +197,10 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
     click.echo(text)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if plot_path:
+        from .plot import plot_bench
+        plot_bench(result, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 @cli.command()
