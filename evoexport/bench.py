@@ -42,9 +42,8 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
     parameters), exported now, on each backend that runs them."""
     import torch
 
-    from .build import build
-    from .models import load_tower
-    from .models.tower import hf_image_features
+    from .build import rebuild
+    from .models.tower import tower_from_manifest
 
     if iters < 1 or warmup < 0 or any(b < 1 for b in batches):
         raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
@@ -60,9 +59,7 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
     with tempfile.TemporaryDirectory(prefix="evoexport-bench-") as tmp:
         if baseline is None:
             progress("exporting the unpruned encoder (keep 1.0, same weights) for comparison")
-            result = build(manifest["model"], 1.0, checkpoint=manifest.get("checkpoint"),
-                           seed=manifest.get("weights_seed") or 0, out=Path(tmp) / "unpruned", validate=False,
-                           image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False))
+            result = rebuild(manifest, Path(tmp) / "unpruned", unpruned=True)
             baseline, tower = result.path, result.tower
             del result
         base_manifest = read_manifest(baseline)
@@ -74,10 +71,8 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
         if hf:
             progress("loading transformers' PyTorch model with the same weights")
             if tower is None:  # --baseline given: nothing loaded the weights yet
-                tower = load_tower(manifest["model"], manifest.get("checkpoint"), image_size=manifest["tower"]["image_size"],
-                                   seed=manifest.get("weights_seed") or 0,
-                                   expect_sha256=manifest.get("weights_sha256"), quiet=True)
-            hf_run = hf_image_features(tower)
+                tower = tower_from_manifest(manifest)
+            hf_run = tower.hf_features()
 
             def hf_fp32(x, _run=hf_run):
                 with torch.inference_mode():
@@ -119,19 +114,14 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
 def _other_precisions(manifest: dict, precisions, backends, tmp: Path, progress: Progress) -> dict:
     """Builds of the same weights, schedule and parameters in other precisions, loaded on
     each backend that can run them: systems "pruned PREC (backend)"."""
-    from .build import build
-    from .prune import PruneParams
+    from .build import rebuild
 
     systems, computed, skipped = {}, {}, []
-    schedule = ",".join(f"{p['after_layer']}:{p['tokens']}" for p in manifest["schedule"])
     for prec in dict.fromkeys(precisions):
         if prec == manifest.get("precision", "fp32"):
             continue
         progress(f"exporting a {prec} build of the same weights and schedule for comparison")
-        result = build(manifest["model"], None if schedule else 1.0, schedule=schedule or None,
-                       params=PruneParams(**manifest["prune_params"]), checkpoint=manifest.get("checkpoint"),
-                       seed=manifest.get("weights_seed") or 0, out=tmp / f"pruned-{prec}", validate=False,
-                       precision=prec, image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False))
+        result = rebuild(manifest, tmp / f"pruned-{prec}", precision=prec)
         for b in backends:
             try:
                 runner = Runner(result.path, backend=b)

@@ -76,10 +76,7 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
     import torch
 
     from .backends.torch import TorchChain, resolve_device
-    from .models import load_tower
-    from .models.tower import hf_image_features
-    from .prune import PruneParams, PrunePoint
-    from .stages import Pipeline
+    from .stages import Pipeline, pipeline_from_manifest
 
     if iters < 1 or warmup < 0 or any(b < 1 for b in batches):
         raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
@@ -89,19 +86,16 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
     # the torch chains are rebuilt from the manifest, their weights checked against its
     # sha256; the graph files are hashed where they are read (ONNX Runtime's Runner)
     manifest = read_manifest(build_dir, verify=False, files=False)
-    tower = load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
-                       image_size=manifest["tower"]["image_size"],
-                       expect_sha256=manifest.get("weights_sha256"), quiet=True)
-    points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
-    params = PruneParams(**manifest["prune_params"])
+    pruned_pipe = pipeline_from_manifest(manifest)
+    tower, params = pruned_pipe.tower, pruned_pipe.params
     systems, pruned_pipes, checks = {}, {}, {}
     for prec in precisions:
         progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device)}")
         if hf:
             dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[prec])
-            run = hf_image_features(tower, device, dtype)
+            run = tower.hf_features(device, dtype)
             systems[f"transformers {prec} (eager)"] = lambda x, _run=run: _run(x)
-        for label, pipe in (("pruned", Pipeline(tower, points, params)), ("unpruned", Pipeline(tower, [], params))):
+        for label, pipe in (("pruned", pruned_pipe), ("unpruned", Pipeline(tower, [], params))):
             eager = TorchChain(pipe, device, prec, cuda_graphs=False, compile_selections=False)
             # the others share eager's weights (same precision: no copy)
             systems[f"{label} {prec} (eager)"] = eager
@@ -124,7 +118,10 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
         x = torch.from_numpy(x_np).to(device)
         progress(f"batch {b}: {warmup} warm-up + {iters} timed runs of each of {len(systems)} systems")
         for name, fn in systems.items():
-            arg = ort_systems[name].input(x_np) if name in ort_systems else x
+            if name in ort_systems:
+                fn, arg = fn.run_native, fn.backend.as_input(x_np)
+            else:
+                arg = x
             with torch.inference_mode():
                 ts = _timed(fn, arg, iters, warmup, sync)
             rows.append({"batch": b, "system": name, "median_ms": statistics.median(ts),
@@ -154,30 +151,15 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
             "targets": {"fraction_of_ideal_at_batch_8": SPEEDUP_TARGET, "select_share_with_cuda_graphs": SELECT_SHARE_TARGET}}
 
 
-class _OrtChain:
-    """A build on ONNX Runtime's CUDA provider, fed a device-resident input (IO binding)."""
-
-    def __init__(self, build_dir: Path):
-        from .runtime import Runner
-        self.runner = Runner(build_dir, backend="onnxruntime", providers=["CUDAExecutionProvider"])
-
-    def input(self, x_np):
-        return self.runner.backend.as_input(x_np)
-
-    def __call__(self, x):
-        env = {self.runner.input_name: x}
-        for g in self.runner.graphs:
-            env.update(self.runner.backend.run_graph(g, {i["name"]: env[i["name"]] for i in g["inputs"]}))
-        return env
-
-
 def _ort_systems(build_dir: Path, baseline) -> dict:
     import onnxruntime
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         return {}
-    out = {"pruned (onnxruntime cuda)": _OrtChain(build_dir)}
+    from .runtime import Runner   # timed from device-resident inputs (IO binding), no host copy
+    out = {"pruned (onnxruntime cuda)": Runner(build_dir, backend="onnxruntime", providers=["CUDAExecutionProvider"])}
     if baseline is not None:
-        out["unpruned (onnxruntime cuda)"] = _OrtChain(Path(baseline))
+        out["unpruned (onnxruntime cuda)"] = Runner(Path(baseline), backend="onnxruntime",
+                                                    providers=["CUDAExecutionProvider"])
     return out
 
 

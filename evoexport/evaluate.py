@@ -31,7 +31,6 @@ FLOPs per image are listed beside it.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 

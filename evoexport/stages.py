@@ -183,4 +183,13 @@ class Pipeline:
         """A consistent set of every graph input, for tracing."""
         t = self.tower
         x = torch.randn(batch, 3, t.image_size, t.image_size, generator=torch.Generator().manual_seed(0))
-        return self.run(x.to(t.layers[0].mlp.fc1.weight.device))
+        return self.run(x.to(next(t.parameters()).device))
+
+
+def pipeline_from_manifest(manifest: dict, tower: BaseTower | None = None) -> Pipeline:
+    """A build's pipeline rebuilt in PyTorch: its tower (weights checked against the
+    manifest), prune points and parameters; `tower` reuses one already loaded."""
+    from .models.tower import tower_from_manifest
+
+    points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
+    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams(**manifest["prune_params"]))

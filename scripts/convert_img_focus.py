@@ -103,7 +103,7 @@ def convert(onnx_path: Path, out: Path, verify: bool = True) -> dict:
     import onnx
     import torch
     from safetensors.torch import save_file
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config
 
     model = onnx.load(str(onnx_path))
     tensors = backbone_tensors(model)

@@ -19,14 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import evoexport
 from evoexport.bench import _cpu_name
-from evoexport.build import build
+from evoexport.build import rebuild
 from evoexport.images import sample_batch
-from evoexport.progress import Progress
 
 TEXT_TOKENS = 40   # a short prompt around the image
 
@@ -66,8 +64,7 @@ def main() -> None:
     full_tokens = m["tower"]["num_patches"]
     x = sample_batch(m["tower"]["image_size"], m["preprocess"])[:1]
     with tempfile.TemporaryDirectory() as tmp:
-        r = build(m["model"], 1.0, checkpoint=m.get("checkpoint"), seed=m.get("weights_seed") or 0,
-                  out=Path(tmp) / "unpruned", validate=False, progress=Progress(enabled=False))
+        r = rebuild(m, Path(tmp) / "unpruned", unpruned=True)
         unpruned = evoexport.load(r.path, backend=args.backend)
         enc = {"pruned": [], "unpruned": []}
         for runner in (pruned, unpruned):

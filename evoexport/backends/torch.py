@@ -110,17 +110,11 @@ class TorchBackend:
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cpu", precision: str | None = None,
                  cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None):
-        from ..models import load_tower
-        from ..prune import PruneParams, PrunePoint
-        from ..stages import Pipeline
+        from ..stages import pipeline_from_manifest
 
         device = resolve_device(device)
         if pipeline is None:
-            tower = load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
-                               image_size=manifest["tower"]["image_size"],
-                               expect_sha256=manifest.get("weights_sha256"), quiet=True)
-            points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
-            pipeline = Pipeline(tower, points, PruneParams(**manifest["prune_params"]))
+            pipeline = pipeline_from_manifest(manifest)
         if precision is None:   # on a GPU, what the build's stages compute in; the CPU reference is fp32
             built = manifest.get("precision", "fp32")
             precision = built if device.type == "cuda" and built in DTYPES else "fp32"

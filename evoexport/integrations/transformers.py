@@ -69,7 +69,7 @@ def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     if k is None:
         raise EvoExportError("shrink_image_tokens: attach() the build first, or give tokens=K")
     pad = getattr(model.config, "pad_token_id", None) or 0
-    rows, masks = [], []
+    rows = []
     for ids, mask in zip(inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))):
         ids = ids[mask.bool()]
         keep, run = [], 0

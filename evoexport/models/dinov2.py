@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import EvoExportError
 from . import Preset, register
-from .tower import BaseTower, TowerSpec
+from .tower import BaseTower, Family, TowerSpec
 
 IMAGENET_PREPROCESS = {
     "resize_shortest_edge": True,
@@ -48,6 +48,8 @@ register(Preset(
 
 
 class DinoTower(BaseTower):
+    resizable = True
+
     def __init__(self, spec: TowerSpec):
         super().__init__()
         from transformers import Dinov2Config, Dinov2Model
@@ -57,19 +59,10 @@ class DinoTower(BaseTower):
         cfg._attn_implementation = "sdpa"
         self.config = cfg
         self.model = Dinov2Model(cfg).eval()
-        self.has_cls = True
-        self.hidden_size = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.mlp_size = int(cfg.hidden_size * cfg.mlp_ratio)
-        self.image_size = spec.input_size or cfg.image_size
-        if self.image_size % cfg.patch_size:
-            raise EvoExportError(f"image size {self.image_size} is not a multiple of the patch size {cfg.patch_size}")
-        self.grid = self.image_size // cfg.patch_size
-        self.num_patches = self.grid * self.grid
-        self.out_features = cfg.hidden_size
+        self._set_sizes(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, mlp=int(cfg.hidden_size * cfg.mlp_ratio),
+                        image_size=spec.input_size or cfg.image_size, patch=cfg.patch_size,
+                        out_features=cfg.hidden_size, drop_cls=False)
         self.projector = None
-        self.drop_cls = False
-        self.weights_info: dict = {}
         self.register_buffer("positions", torch.zeros(1, 1 + self.num_patches, cfg.hidden_size), persistent=False)
         self.freeze_positions()
 
@@ -97,6 +90,18 @@ class DinoTower(BaseTower):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.layernorm(hidden)
+
+    def hf_features(self, device="cpu", dtype=None):
+        """transformers' Dinov2Model with the tower's weights: last_hidden_state."""
+        from transformers import Dinov2Model
+
+        model = Dinov2Model(self.config).eval()
+        model.load_state_dict(self.model.state_dict())
+        model.to(device=device, dtype=dtype)
+
+        def run(pixel_values):
+            return model(pixel_values).last_hidden_state
+        return run
 
 
 def _input_size(image_size: int | None, preset: Preset, patch: int) -> int:
@@ -151,14 +156,4 @@ def load_weights(tower: DinoTower, ckpt: Path) -> None:
     tower.freeze_positions()
 
 
-def hf_features(tower: DinoTower, device="cpu", dtype=None):
-    """transformers' Dinov2Model with the tower's weights: last_hidden_state (baselines, parity)."""
-    from transformers import Dinov2Model
-
-    model = Dinov2Model(tower.config).eval()
-    model.load_state_dict(tower.model.state_dict())
-    model.to(device=device, dtype=dtype)
-
-    def run(pixel_values):
-        return model(pixel_values).last_hidden_state
-    return run
+FAMILY = Family(DinoTower, spec_from_preset, spec_from_checkpoint, load_weights)

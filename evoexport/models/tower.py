@@ -12,6 +12,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -57,6 +58,24 @@ class BaseTower(nn.Module):
     spec: TowerSpec
     has_cls: bool
     weights_info: dict
+    resizable = False   # takes --image-size (position embeddings interpolated at build time)
+
+    def _set_sizes(self, *, hidden: int, heads: int, mlp: int, image_size: int, patch: int, out_features: int,
+                   drop_cls: bool) -> None:
+        """The sizes the stage builder, the cost model and the manifest read."""
+        if image_size % patch:
+            raise EvoExportError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        self.has_cls = True   # CLIP and DINOv2; the selection code also handles encoders without CLS
+        self.hidden_size, self.num_heads, self.mlp_size = hidden, heads, mlp
+        self.image_size, self.grid = image_size, image_size // patch
+        self.num_patches = self.grid * self.grid
+        self.out_features, self.drop_cls = out_features, drop_cls
+        self.weights_info = {}
+
+    def hf_features(self, device="cpu", dtype=None):
+        """transformers' own model carrying this tower's weights: fn(pixel_values) -> features
+        (baselines and parity checks)."""
+        raise NotImplementedError
 
     @property
     def depth(self) -> int:
@@ -109,20 +128,17 @@ class VisionTower(BaseTower):
         self.projector = _build_projector(vcfg, spec) if spec.projector else None
         if self.projector is not None:
             self.projector.eval()
-        self.has_cls = True  # CLIP; the selection code also handles encoders without CLS
-        self.hidden_size = vcfg.hidden_size
-        self.num_heads = vcfg.num_attention_heads
-        self.mlp_size = vcfg.intermediate_size
-        self.image_size = vcfg.image_size
-        self.grid = vcfg.image_size // vcfg.patch_size
-        self.num_patches = self.grid * self.grid
-        self.out_features = spec.projector["out_features"] if spec.projector else vcfg.hidden_size
-        self.drop_cls = spec.select_strategy == "default"
-        self.weights_info: dict = {}
+        self._set_sizes(hidden=vcfg.hidden_size, heads=vcfg.num_attention_heads, mlp=vcfg.intermediate_size,
+                        image_size=vcfg.image_size, patch=vcfg.patch_size,
+                        out_features=spec.projector["out_features"] if spec.projector else vcfg.hidden_size,
+                        drop_cls=spec.select_strategy == "default")
 
     def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
         attn = self.layers[index].self_attn
         return attn, attn.num_heads, attn.scale
+
+    def hf_features(self, device="cpu", dtype=None):
+        return hf_image_features(self, device, dtype)
 
     @property
     def _clip(self) -> nn.Module:
@@ -246,39 +262,45 @@ def _preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
     return pre
 
 
-def family_api(preset: Preset):
-    """(tower class, spec_from_preset, spec_from_checkpoint, load_weights) of the preset's family."""
+class Family(NamedTuple):
+    """What a model family module supplies to the generic loader."""
+    tower: type
+    spec_from_preset: Callable
+    spec_from_checkpoint: Callable
+    load_weights: Callable
+
+
+def family_api(preset: Preset) -> Family:
     if preset.family == "dinov2":
         from . import dinov2
-        return dinov2.DinoTower, dinov2.spec_from_preset, dinov2.spec_from_checkpoint, dinov2.load_weights
-    return VisionTower, spec_from_preset, spec_from_checkpoint, _load_weights
+        return dinov2.FAMILY
+    return Family(VisionTower, spec_from_preset, spec_from_checkpoint, _load_weights)
 
 
 def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int | None = None) -> TowerSpec:
-    """The tower's spec, checked before any weight is touched. `image_size` (DINOv2): the
-    input size, a multiple of the patch size; position embeddings follow it."""
+    """The tower's spec, checked before any weight is touched. `image_size` (families whose
+    tower is resizable): the input size, a multiple of the patch size."""
     preset = get_preset(model)
-    _, from_preset, from_checkpoint, _ = family_api(preset)
+    family = family_api(preset)
     ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
-    if image_size is not None and preset.family != "dinov2":
-        spec = from_checkpoint(preset, ckpt) if ckpt else from_preset(preset)
+    if image_size is not None and not family.tower.resizable:
+        spec = family.spec_from_checkpoint(preset, ckpt) if ckpt else family.spec_from_preset(preset)
         if image_size != spec.vision["image_size"]:
             raise EvoExportError(f"--image-size: {model} runs at its own {spec.vision['image_size']} px "
                                  "(other input sizes: --model dinov2)")
         return spec
     kwargs = {"image_size": image_size} if image_size is not None else {}
-    return from_checkpoint(preset, ckpt, **kwargs) if ckpt else from_preset(preset, **kwargs)
+    return family.spec_from_checkpoint(preset, ckpt, **kwargs) if ckpt else family.spec_from_preset(preset, **kwargs)
 
 
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
                expect_sha256: str | None = None, quiet: bool = False, image_size: int | None = None) -> BaseTower:
     """Build the tower of preset `model`, with weights from `checkpoint` or seeded random ones."""
-    preset = get_preset(model)
-    tower_cls, _, _, load_weights = family_api(preset)
+    family = family_api(get_preset(model))
     if checkpoint is None:
         spec = spec_for(model, None, image_size)
         torch.manual_seed(seed)
-        tower = tower_cls(spec)
+        tower = family.tower(spec)
         tower.weights_info = {"weights": "random", "weights_seed": seed, "checkpoint": None}
         if not quiet:
             print(f"WARNING: no --checkpoint given: {model} uses seeded RANDOM weights (seed {seed}). "
@@ -286,14 +308,22 @@ def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
     else:
         ckpt = Path(checkpoint).expanduser().resolve()
         spec = spec_for(model, ckpt, image_size)
-        tower = tower_cls(spec)
-        load_weights(tower, ckpt)
+        tower = family.tower(spec)
+        family.load_weights(tower, ckpt)
         tower.weights_info = {"weights": "checkpoint", "weights_seed": None, "checkpoint": str(ckpt)}
     tower.weights_info["weights_sha256"] = tower.state_sha256()
     if expect_sha256 and tower.weights_info["weights_sha256"] != expect_sha256:
         raise EvoExportError("the weights loaded now differ from the ones the build was made from "
                              f"(sha256 {tower.weights_info['weights_sha256'][:12]} != {expect_sha256[:12]})")
     return tower
+
+
+def tower_from_manifest(manifest: dict) -> BaseTower:
+    """A build's tower in PyTorch: its model, weights (checked against the manifest's sha256)
+    and input size."""
+    return load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
+                      image_size=manifest["tower"]["image_size"], expect_sha256=manifest.get("weights_sha256"),
+                      quiet=True)
 
 
 def _load_weights(tower: VisionTower, ckpt: Path) -> None:
@@ -324,7 +354,7 @@ def _load_weights(tower: VisionTower, ckpt: Path) -> None:
     tower.load_state_dict(tensors, strict=False)
 
 
-def hf_image_features(tower: VisionTower, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def hf_image_features(tower: "VisionTower", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """transformers' own image-feature path carrying this tower's weights, for baselines
     (on `device`, with its weights cast to `dtype` if given: a user's `model.to(torch.bfloat16)`).
 
@@ -335,9 +365,6 @@ def hf_image_features(tower: VisionTower, device: str | torch.device = "cpu", dt
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaModel
 
-    if not isinstance(tower, VisionTower):   # another family: its own transformers model
-        from . import dinov2
-        return dinov2.hf_features(tower, device, dtype)
     spec = tower.spec
     vcfg = CLIPVisionConfig.from_dict(spec.vision)
     vcfg._attn_implementation = "sdpa"
