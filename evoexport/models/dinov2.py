@@ -12,7 +12,6 @@ probe's attention module and the output head. Everything runs transformers' own 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..errors import EvoExportError
 from . import Preset, register
-from .tower import BaseTower, Family, TowerSpec
+from .tower import BaseTower, Family, TowerSpec, preprocess_from_checkpoint
 
 IMAGENET_PREPROCESS = {
     "resize_shortest_edge": True,
@@ -55,9 +54,7 @@ class DinoTower(BaseTower):
         from transformers import Dinov2Config, Dinov2Model
 
         self.spec = spec
-        cfg = Dinov2Config.from_dict({**spec.vision, "num_hidden_layers": spec.depth})
-        cfg._attn_implementation = "sdpa"
-        self.config = cfg
+        self.config = cfg = self._config(Dinov2Config, spec)
         self.model = Dinov2Model(cfg).eval()
         self._set_sizes(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, mlp=int(cfg.hidden_size * cfg.mlp_ratio),
                         image_size=spec.input_size or cfg.image_size, patch=cfg.patch_size,
@@ -129,16 +126,9 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = No
         cfg = Dinov2Config.from_dict(raw)
     except Exception as e:
         raise EvoExportError(f"{ckpt}/config.json is not a valid dinov2 config: {e}") from None
-    pre = dict(preset.preprocess)
-    p = ckpt / "preprocessor_config.json"
-    if p.is_file():
-        try:
-            pp = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvoExportError(f"{p} is not valid JSON: {e}") from None
-        pre.update({k.removeprefix("image_"): [float(v) for v in pp[k]] for k in ("image_mean", "image_std") if k in pp})
     return TowerSpec(vision=cfg.to_dict(), projector=None, feature_layer=-1, select_strategy="full",
-                     preprocess=pre, input_size=_input_size(image_size, preset, cfg.patch_size))
+                     preprocess=preprocess_from_checkpoint(ckpt, preset),
+                     input_size=_input_size(image_size, preset, cfg.patch_size))
 
 
 def load_weights(tower: DinoTower, ckpt: Path) -> None:

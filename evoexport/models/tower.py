@@ -77,6 +77,13 @@ class BaseTower(nn.Module):
         (baselines and parity checks)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _config(config_cls, spec: TowerSpec):
+        """transformers' config for the layers actually run (up to the feature layer), SDPA attention."""
+        cfg = config_cls.from_dict({**spec.vision, "num_hidden_layers": spec.depth})
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
     @property
     def depth(self) -> int:
         return len(self.layers)
@@ -121,9 +128,7 @@ class VisionTower(BaseTower):
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         self.spec = spec
-        vcfg = CLIPVisionConfig.from_dict({**spec.vision, "num_hidden_layers": spec.depth})
-        vcfg._attn_implementation = "sdpa"
-        self.config = vcfg
+        self.config = vcfg = self._config(CLIPVisionConfig, spec)
         self.vision = CLIPVisionModel(vcfg).eval()
         self.projector = _build_projector(vcfg, spec) if spec.projector else None
         if self.projector is not None:
@@ -244,10 +249,11 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
     if strategy not in ("default", "full"):
         raise EvoExportError(f"{ckpt}: vision_feature_select_strategy {strategy!r} is not supported")
     return TowerSpec(vision=vcfg.to_dict(), projector=projector, feature_layer=fl,
-                     select_strategy=strategy, preprocess=_preprocess_from_checkpoint(ckpt, preset))
+                     select_strategy=strategy, preprocess=preprocess_from_checkpoint(ckpt, preset))
 
 
-def _preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
+def preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
+    """The preset's preprocessing with the checkpoint's mean and std (preprocessor_config.json)."""
     import json
     pre = dict(preset.preprocess)
     p = ckpt / "preprocessor_config.json"
