@@ -76,49 +76,65 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 @click.option("--input", "input_path", required=True, type=click.Path(),
-              help="an image file, or a .npy of normalized pixel values float32 [B,3,H,W]")
+              help="an image file, a video file (.mp4, .mkv, .webm, ...; needs --frames), "
+                   "or a .npy of normalized pixel values float32 [B,3,H,W]")
 @click.option("--output", required=True, type=click.Path(), help="output .npz")
 @click.option("--backend", default="onnxruntime", show_default=True,
               type=click.Choice(BACKENDS))
-def run(build_dir, input_path, output, backend):
-    """Run a build on one input; writes features, indices and, per prune point, indices_i, merge_i, picks_i to an .npz."""
+@click.option("--frames", type=int, default=None,
+              help="video: frames sampled evenly (numpy.linspace(0, T-1, N).round()), run as the batch")
+@click.option("--batch", type=int, default=8, show_default=True,
+              help="largest batch per run; longer inputs go in chunks of this many frames")
+def run(build_dir, input_path, output, backend, frames, batch):
+    """Run a build on one input; writes features, indices and, per prune point, indices_i, merge_i, picks_i to an .npz.
+
+    A video's sampled frames are preprocessed exactly as image files would be and run as
+    the batch: features are [N, K, D], and `frame_numbers` says which frames were taken."""
     import numpy as np
 
+    from .images import read_pixels
+    from .progress import Progress
     from .runtime import load
+    from .video import is_video, video_pixels
 
+    if batch < 1:
+        raise EvoExportError(f"--batch must be >= 1, got {batch}")
+    video = is_video(input_path)
+    if frames is not None and not video:
+        raise EvoExportError(f"--frames applies to video inputs; {input_path} is not one")
+    if video and frames is None:
+        raise EvoExportError(f"{input_path} is a video: say how many frames to sample with --frames N")
     runner = load(build_dir, backend=backend)
-    pixels = _read_input(Path(input_path), runner.manifest)
-    out = runner(pixels)
+    progress = Progress()
+    extra = {}
+    if video:
+        m = runner.manifest
+        progress(f"decoding {input_path}")
+        pixels, numbers = video_pixels(input_path, frames, m["tower"]["image_size"], m["preprocess"])
+        extra["frame_numbers"] = numbers
+        progress(f"sampled {len(numbers)} frames: {_short_list(numbers.tolist())}")
+    else:
+        pixels = read_pixels(Path(input_path), runner.manifest)
     to_np = runner.backend.to_numpy
-    arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
-    for kind in ("indices", "merge", "picks"):
-        for i, value in enumerate(getattr(out, f"{kind}_per_point")):
-            arrays[f"{kind}_{i}"] = to_np(value)
+    chunks = []
+    for start in range(0, len(pixels), batch):
+        if len(pixels) > batch:
+            progress(f"frames {start + 1}-{min(start + batch, len(pixels))} of {len(pixels)}")
+        out = runner(np.ascontiguousarray(pixels[start:start + batch]))
+        arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
+        for kind in ("indices", "merge", "picks"):
+            for i, value in enumerate(getattr(out, f"{kind}_per_point")):
+                arrays[f"{kind}_{i}"] = to_np(value)
+        chunks.append(arrays)
+    arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} | extra
     tmp = Path(output).with_name(Path(output).name + ".partial.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, output)
     click.echo(f"wrote {output}: features {list(arrays['features'].shape)}, indices {list(arrays['indices'].shape)}")
 
 
-def _read_input(path: Path, manifest: dict):
-    import numpy as np
-
-    from .images import load_image, preprocess
-
-    if path.suffix == ".npy":
-        if not path.is_file():
-            raise EvoExportError(f"input {path} does not exist")
-        with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise EvoExportError(f"input {path} is not a readable .npy file (no NumPy header)")
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError:
-            raise EvoExportError(f"input {path} holds Python objects; pickled arrays are refused") from None
-        except OSError as e:
-            raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
-    image = load_image(path)
-    return preprocess(image, manifest["tower"]["image_size"], manifest["preprocess"])[None]
+def _short_list(values: list) -> str:
+    return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:5]))}, ..., {', '.join(map(str, values[-3:]))}]"
 
 
 @cli.command()
@@ -250,29 +266,42 @@ def check(build_dir, target, as_json):
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 @click.option("--input", "inputs", multiple=True, type=click.Path(),
-              help="image file(s)  [default: the validation photos]")
+              help="image file(s), or one video file with --frames  [default: the validation photos]")
 @click.option("--output", required=True, type=click.Path(), help="output .png")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKENDS))
-def show(build_dir, inputs, output, backend):
+@click.option("--frames", type=int, default=None, help="video: frames sampled evenly and drawn as a strip")
+def show(build_dir, inputs, output, backend, frames):
     """Pictures of what the selections keep: per prune point the importance heat map and the
     kept patches outlined (dropped ones dimmed), then the final merge groups in colour
-    (one row per image)."""
+    (one row per image; for a video, one column per sampled frame)."""
     import numpy as np
 
-    from .images import sample_batch
+    from .images import read_pixels, sample_batch
+    from .progress import Progress
     from .runtime import load
     from .show import show as render_show
+    from .video import is_video, video_pixels
 
     if not output.lower().endswith(".png"):
         raise EvoExportError(f"--output must be a .png file, got {output}")
+    videos = [p for p in inputs if is_video(p)]
+    if videos and (len(inputs) > 1 or frames is None):
+        raise EvoExportError("a video is drawn on its own: give one video --input and --frames N")
+    if frames is not None and not videos:
+        raise EvoExportError("--frames applies to a video --input")
     runner = load(build_dir, backend=backend)
     m = runner.manifest
-    if inputs:
-        pixels = np.concatenate([_read_input(Path(p), m) for p in inputs])
+    numbers = None
+    if videos:
+        Progress()(f"decoding {videos[0]}")
+        pixels, numbers = video_pixels(videos[0], frames, m["tower"]["image_size"], m["preprocess"])
+    elif inputs:
+        pixels = np.concatenate([read_pixels(Path(p), m) for p in inputs])
     else:
         pixels = sample_batch(m["tower"]["image_size"], m["preprocess"])
-    info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output))
-    click.echo(f"wrote {output}: {info['images']} image(s) x {info['panels']} panels ({info['size'][0]}x{info['size'][1]})")
+    info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output), numbers)
+    what = f"{info['images']} frame(s)" if videos else f"{info['images']} image(s)"
+    click.echo(f"wrote {output}: {what} x {info['panels']} panels ({info['size'][0]}x{info['size'][1]})")
 
 
 @cli.command("eval")

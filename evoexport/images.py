@@ -54,3 +54,22 @@ def sample_photos(names=SAMPLE_PHOTOS) -> list[Image.Image]:
 def sample_batch(size: int, pre: dict, names=SAMPLE_PHOTOS) -> np.ndarray:
     """The sample photos preprocessed for a model: float32 [len(names), 3, size, size]."""
     return np.stack([preprocess(im, size, pre) for im in sample_photos(names)])
+
+
+def read_pixels(path: Path, manifest: dict) -> np.ndarray:
+    """An input file as float32 pixel values [B,3,H,W]: a .npy as it is (never unpickled), an
+    image file preprocessed as the build's manifest says."""
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise EvoExportError(f"input {path} does not exist")
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise EvoExportError(f"input {path} is not a readable .npy file (no NumPy header)")
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError:
+            raise EvoExportError(f"input {path} holds Python objects; pickled arrays are refused") from None
+        except OSError as e:
+            raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
+    image = load_image(path)
+    return preprocess(image, manifest["tower"]["image_size"], manifest["preprocess"])[None]

@@ -1,6 +1,6 @@
 """`evoexport show`: what the selections keep and where they merge the rest, in pictures.
 
-One strip of panels for an image: the photo as the model sees it (resized and cropped);
+One strip of panels for an image (for a video, one column per sampled frame): the photo as the model sees it (resized and cropped);
 then, per prune point, the attention importance of the tokens entering it as a heat map
 (black to red to yellow; patches gone by then stay black) and the kept patches outlined
 with the dropped ones dimmed; then the final merge groups, every original patch coloured
@@ -48,13 +48,19 @@ def _heat_panel(photo: np.ndarray, grid: int, entering: np.ndarray, importance: 
     return Image.fromarray((0.3 * photo + 0.7 * colour).astype(np.uint8))
 
 
-def render(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list[np.ndarray],
-           merges: list[np.ndarray], importances: list[np.ndarray] | None = None) -> Image.Image:
-    """One image's strip: photo | (importance, kept) per point | merge groups."""
+def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list[np.ndarray],
+               merges: list[np.ndarray], importances: list[np.ndarray] | None = None,
+               label: str | None = None) -> list[Image.Image]:
+    """One image's panels: photo, (importance, kept) per point, merge groups."""
     photo = _display(pixels, pre)
     size = photo.shape[0]
     cell = size / grid
     panels = [Image.fromarray(photo)]
+    if label:
+        draw = ImageDraw.Draw(panels[0])
+        box = draw.textbbox((4, 2), label)
+        draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
+        draw.text((4, 2), label, fill=(255, 255, 255))
     entering = np.arange(grid * grid)
     for i, kept in enumerate(indices_per_point):
         if importances is not None:
@@ -76,14 +82,36 @@ def render(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list[np.
         tint = np.where(owner[:, None] >= 0, colours[np.maximum(owner, 0)], 0).reshape(grid, grid, 3)
         tint = np.kron(tint, np.ones((int(np.ceil(cell)), int(np.ceil(cell)), 1)))[:size, :size]
         panels.append(Image.fromarray((0.45 * photo + 0.55 * tint).astype(np.uint8)))
-    strip = Image.new("RGB", (len(panels) * (size + 8) - 8, size), "white")
-    for i, panel in enumerate(panels):
-        strip.paste(panel, (i * (size + 8), 0))
-    return strip
+    return panels
 
 
-def show(runner, pixels: np.ndarray, out: Path) -> dict:
-    """Run a loaded build on pixels [B,3,H,W] and write one strip per image, stacked."""
+def render(*args, **kwargs) -> Image.Image:
+    """One image's strip: photo | (importance, kept) per point | merge groups."""
+    return _sheet([panels_for(*args, **kwargs)])
+
+
+def _sheet(rows: list[list[Image.Image]], gap: int = 8, row_labels: list[str] | None = None) -> Image.Image:
+    """Panels laid out row by row, `gap` white pixels between them; `row_labels` go in a
+    column on the left."""
+    w, h = rows[0][0].size
+    left = 0
+    if row_labels:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        left = max(probe.textbbox((0, 0), line)[2] for text in row_labels for line in text.split("\n")) + 2 * gap
+    sheet = Image.new("RGB", (left + len(rows[0]) * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        if row_labels:
+            draw.multiline_text((gap, r * (h + gap) + h // 2 - 10), row_labels[r], fill=(0, 0, 0))
+        for c, panel in enumerate(row):
+            sheet.paste(panel, (left + c * (w + gap), r * (h + gap)))
+    return sheet
+
+
+def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None = None) -> dict:
+    """Run a loaded build on pixels [B,3,H,W] and write the picture: one row of panels per
+    image or, for a video's frames (`frame_numbers` given), a strip of frames: one column
+    per frame, labelled with its number, one row per kind of panel."""
     env = runner.run_all(pixels)
     to_np = runner.backend.to_numpy
     m = runner.manifest
@@ -91,12 +119,19 @@ def show(runner, pixels: np.ndarray, out: Path) -> dict:
     indices = [to_np(env[f"indices_{i}"]) for i in points]
     merges = [to_np(env[f"merge_{i}"]) for i in points]
     importances = [to_np(env[f"stage{i}_importance"]) for i in points]
-    strips = [render(pixels[b], pre, grid, [x[b] for x in indices], [x[b] for x in merges], [x[b] for x in importances])
-              for b in range(pixels.shape[0])]
-    sheet = Image.new("RGB", (strips[0].width, sum(s.height + 8 for s in strips) - 8), "white")
-    for i, s in enumerate(strips):
-        sheet.paste(s, (0, i * (s.height + 8)))
+    per_image = [panels_for(pixels[b], pre, grid, [x[b] for x in indices], [x[b] for x in merges],
+                            [x[b] for x in importances],
+                            label=None if frame_numbers is None else f"frame {int(frame_numbers[b])}")
+                 for b in range(pixels.shape[0])]
+    if frame_numbers is None:
+        sheet = _sheet(per_image)
+    else:   # a strip of frames: frames across, one row per kind of panel, named on the left
+        labels = ["frames"]
+        for p in m["schedule"]:
+            labels += [f"importance\nafter layer {p['after_layer']}", f"kept {p['tokens']}\nafter layer {p['after_layer']}"]
+        labels += ["merge groups"] if indices else []
+        sheet = _sheet([list(kind) for kind in zip(*per_image)], row_labels=labels)
     tmp = out.with_name(out.name + ".partial.png")
     sheet.save(tmp)
     tmp.replace(out)
-    return {"images": len(strips), "points": len(indices), "panels": 2 + 2 * len(indices), "size": sheet.size}
+    return {"images": len(per_image), "points": len(indices), "panels": len(per_image[0]), "size": sheet.size}
