@@ -180,7 +180,7 @@ def rebuild(manifest: dict, out: Path, *, unpruned: bool = False, precision: str
     the unpruned encoder (keep 1.0), or the same schedule and parameters in `precision`."""
     points = [] if unpruned else [PrunePoint(**p) for p in manifest["schedule"]]
     return build(manifest["model"], None if points else 1.0, schedule=format_schedule(points) if points else None,
-                 params=PruneParams(**manifest["prune_params"]), checkpoint=manifest.get("checkpoint"),
+                 params=PruneParams.from_manifest(manifest["prune_params"]), checkpoint=manifest.get("checkpoint"),
                  seed=manifest.get("weights_seed") or 0, out=out, validate=False,
                  precision=precision or ("fp32" if unpruned else manifest.get("precision", "fp32")),
                  image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False))

@@ -33,6 +33,8 @@ def cli():
               help="penalty on tokens that have a near-duplicate")
 @click.option("--diversity-rounds", type=int, default=4, show_default=True,
               help="rounds in which the diversity share is picked (novelty refreshed each round)")
+@click.option("--spatial-weight", type=float, default=0.3, show_default=True,
+              help="similarity lost per grid width between two patches (novelty and merge); 0: cosine alone")
 @click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
 @click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
               help="weight attention by merged token size")
@@ -51,15 +53,16 @@ def cli():
               help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time)  "
                    "[default: the preset's]")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds, merge,
-          proportional_attention, precision, calib, validate, target, opset, image_size, quiet):
+def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
+          spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from .build import build as run_build
     from .progress import Progress, peak_rss_gb
     from .prune import PruneParams
 
     params = PruneParams(importance_ratio=importance_ratio, redundancy_weight=redundancy_weight,
-                         diversity_rounds=diversity_rounds, merge=merge, proportional_attention=proportional_attention)
+                         diversity_rounds=diversity_rounds, spatial_weight=spatial_weight, merge=merge,
+                         proportional_attention=proportional_attention)
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                        out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,

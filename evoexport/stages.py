@@ -150,7 +150,7 @@ class Pipeline:
             sel_inputs = [f"stage{i}_hidden", f"stage{i}_importance"]
             if i > 0:
                 sel_inputs += [f"sizes_{i - 1}", f"indices_{i - 1}"]
-            self.graphs.append(GraphSpec(f"select_{i}", "select", SelectGraph(budget, params, tower.has_cls),
+            self.graphs.append(GraphSpec(f"select_{i}", "select", SelectGraph(budget, params, tower.has_cls, tower.grid),
                                          sel_inputs, select_outputs(i),
                                          None, tokens, budget, {"after_layer": points[i].after_layer}))
             first, tokens, prev_hidden, prev_sizes = last, budget, f"pruned{i}_hidden", f"sizes_{i}"
@@ -192,4 +192,4 @@ def pipeline_from_manifest(manifest: dict, tower: BaseTower | None = None) -> Pi
     from .models.tower import tower_from_manifest
 
     points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
-    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams(**manifest["prune_params"]))
+    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams.from_manifest(manifest["prune_params"]))

@@ -75,7 +75,8 @@ def _check_select(backend, entry: dict, spec, feeds: dict, tol: dict, inputs: st
     sel, args = spec.module, [feeds[n] for n in spec.inputs]
     merge, picks = torch.from_numpy(outs[merge_name]), torch.from_numpy(outs[picks_name])
     decisions = check_decisions(args[0], args[1], sel.budget, sel.params, has_cls=sel.has_cls,
-                                picks=picks, merge=merge, tolerance=tol["decision_margin"])
+                                picks=picks, merge=merge, tolerance=tol["decision_margin"],
+                                positions=args[3] if len(args) > 3 else None, grid=sel.grid)
     rows = [{"tensor": f"{picks_name}, {merge_name}", "decisions": decisions, "ok": decisions["ok"]}]
     if decisions["invalid"] is None:
         forced = sel.forced(*args, merge=merge, picks=picks)
@@ -128,7 +129,8 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
         sel = spec.module
         decisions = check_decisions(ref[spec.inputs[0]], ref[spec.inputs[1]], sel.budget, sel.params,
                                     has_cls=sel.has_cls, picks=forced[f"picks_{i}"], merge=forced[f"merge_{i}"],
-                                    tolerance=tol["decision_margin"])
+                                    tolerance=tol["decision_margin"], grid=sel.grid,
+                                    positions=ref[spec.inputs[3]] if len(spec.inputs) > 3 else None)
         points.append({"point": i, "decisions": decisions, "free_running": _versus_free_running(env, free, i),
                        "ok": decisions["ok"]})
     return {"features": features, "points": points,

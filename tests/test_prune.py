@@ -13,14 +13,22 @@ from evoexport.prune import (PruneParams, PrunePoint, default_schedule, layer_fl
                              tower_flops)
 
 
-def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4):
+def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4, gamma=0.0, grid=None,
+                       positions=None):
     """Straight-line NumPy/Python version of the definitions in prune.py's docstring."""
     c = int(has_cls)
     x = hidden[c:].astype(np.float64)
     n = x.shape[0]
     f = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
-    s = f @ f.T
-    red = np.array([max(s[i, j] for j in range(n) if j != i) for i in range(n)]) if n > 1 else np.zeros(n)
+    cos = f @ f.T
+    red = np.array([max(cos[i, j] for j in range(n) if j != i) for i in range(n)]) if n > 1 else np.zeros(n)
+    s = cos.copy()
+    if grid:   # decision similarity: cosine minus gamma per grid width between the original patches
+        pos = np.arange(n) if positions is None else positions
+        rows, cols = pos // grid, pos % grid
+        for i in range(n):
+            for j in range(n):
+                s[i, j] -= gamma * np.hypot(rows[i] - rows[j], cols[i] - cols[j]) / grid
     u = importance / max(importance.max(), 1e-12) - beta * red
     k_imp = min(budget, max(1, round(alpha * budget)))
     order = sorted(range(n), key=lambda i: (-u[i], i))
@@ -61,6 +69,39 @@ def test_select_matches_brute_force(alpha, beta, rounds):
         np.testing.assert_allclose(out[i, 1:].numpy(), merged, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(sizes[i].numpy(), ref_sizes)
         assert torch.equal(out[i, 0], hidden[i, 0])  # CLS untouched
+
+
+@pytest.mark.parametrize("gamma", [0.3, 2.0])
+def test_spatial_term_matches_brute_force(gamma):
+    """The decision similarity discounts distance on the patch grid, at the first point
+    (positions 0..N-1) and at a later one (positions = the previous point's indices)."""
+    g = torch.Generator().manual_seed(5)
+    b, n, d, k, grid = 2, 24, 8, 9, 7
+    hidden = torch.randn(b, 1 + n, d, generator=g)
+    importance = torch.rand(b, n, generator=g)
+    later = torch.stack([torch.randperm(grid * grid, generator=g)[:n].sort().values for _ in range(b)])
+    params = PruneParams(spatial_weight=gamma)
+    for positions in (None, later):
+        out, sizes, pos, merge, picks = select(hidden, importance, k, params, positions=positions, grid=grid)
+        if gamma >= 1:   # a strong spatial term changes decisions that cosine alone makes
+            plain = select(hidden, importance, k, params, positions=positions)      # no grid: cosine alone
+            assert not (torch.equal(plain.merge, merge) and torch.equal(plain.picks, picks))
+        for i in range(b):
+            p = None if positions is None else positions[i].numpy()
+            kept, merged, ref_sizes, slots, steps = brute_force_select(
+                hidden[i].numpy(), importance[i].numpy(), k, 0.5, 0.3, gamma=gamma, grid=grid, positions=p)
+            assert merge[i].tolist() == slots and picks[i].tolist() == steps
+            assert pos[i].tolist() == (kept if p is None else p[kept].tolist())
+            np.testing.assert_allclose(out[i, 1:].numpy(), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_builds_made_before_the_spatial_term_keep_cosine_alone():
+    old = {"importance_ratio": 0.5, "redundancy_weight": 0.3, "merge": True, "proportional_attention": True,
+           "diversity_rounds": 4}
+    assert PruneParams.from_manifest(old).spatial_weight == 0.0
+    assert PruneParams.from_manifest({**old, "spatial_weight": 0.7}).spatial_weight == 0.7
+    with pytest.raises(EvoExportError, match="spatial weight"):
+        PruneParams(spatial_weight=-1.0)
 
 
 def test_no_merge_gathers_kept_tokens_and_carries_sizes_and_positions():
