@@ -18,6 +18,9 @@ foolbox's data is installed, else scikit-image's):
   tome                ToMe's bipartite soft matching at the same prune points, merged tokens
                       weighted by proportional attention (as in ToMe)
   evoprune, 1 point   EvoPrune at that same single point: pooling's FLOP budget
+  evoprune, mean-query importance
+                      EvoPrune with the importance encoders without CLS use (SigLIP):
+                      the mean patch query instead of CLS's, CLS ignored
 
 Metrics, per image then averaged:
   CLS error       1 - cos(CLS_pruned, CLS_full)
@@ -193,6 +196,8 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
             "attention top-k": (points, plain, None, None),
             "attention top-k+merge": (points, plain_merged, None, None),
             "evoprune, 1 point": (single, default, None, None),
+            # the no-CLS importance (SigLIP's) on this tower: mean patch query instead of CLS's
+            "evoprune, mean-query importance": (points, default, None, "mean-query"),
             # ToMe at the same prune points, its merged tokens weighted by proportional attention
             "tome (bipartite merge)": (points, plain_merged, None,
                                        {f"select_{i}": ToMeSelect(p.tokens) for i, p in enumerate(points)}),
@@ -207,8 +212,14 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
                 progress(f"keep {keep}: {name}")
             pipe = Pipeline(tower, pts, params)
             t0 = time.perf_counter()
+            query = reduce == "mean-query"
+            reduce = None if query else reduce
             modules = reduce if isinstance(reduce, dict) else ({"select_0": reduce} if reduce is not None else None)
-            env = pipe.run(x, rescore=rescore, modules=modules)
+            tower.importance_query = "mean" if query else "cls"
+            try:
+                env = pipe.run(x, rescore=rescore, modules=modules)
+            finally:
+                tower.importance_query = "cls"
             seconds = time.perf_counter() - t0
             results[name] = (*_errors(full, env["features"]), dense_error(env, pipe), tower_flops(tower, pts, params), seconds)
         for name, params in (("random", plain), ("random+merge", plain_merged)):
@@ -248,10 +259,10 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
 def format_eval(r: dict) -> str:
     lines = [f"eval on {r['images']}, {r['count']} images; unpruned {r['unpruned_gflops']:.2f} GFLOPs/image; "
              f"random = mean of {r['seeds']} seeds",
-             f"  {'keep':>5} {'method':<22} {'CLS err':>9} {'cut':>6} {'coverage err':>13} {'cut':>6} "
+             f"  {'keep':>5} {'method':<31} {'CLS err':>9} {'cut':>6} {'coverage err':>13} {'cut':>6} "
              f"{'saliency err':>13} {'cut':>6} {'GFLOPs':>7}"]
     for row in r["rows"]:
-        lines.append(f"  {row['keep']:>5} {row['method']:<22} {row['cls_error']:>9.4f} {100 * row['cls_cut_vs_random']:>5.0f}% "
+        lines.append(f"  {row['keep']:>5} {row['method']:<31} {row['cls_error']:>9.4f} {100 * row['cls_cut_vs_random']:>5.0f}% "
                      f"{row['coverage_error']:>13.4f} {100 * row['coverage_cut_vs_random']:>5.0f}% "
                      f"{row['saliency_error']:>13.4f} {100 * row['saliency_cut_vs_random']:>5.0f}% "
                      f"{row['gflops_per_image']:>7.2f}")

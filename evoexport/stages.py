@@ -80,12 +80,18 @@ class EncoderStage(nn.Module):
         One query row against every key, never the T x T probabilities, so every layer keeps
         fused attention. With CLS: softmax(q_cls . K^T * scale + mask) averaged over heads
         (the same numbers eager attention's CLS row gives). Without CLS (SigLIP-style
-        encoders): the same with the mean query, softmax(mean_i q_i . K^T * scale + mask).
+        encoders, or `tower.importance_query = "mean"`): the same with the mean query of the
+        patch tokens, softmax(mean_i q_i . K^T * scale + mask).
         Since mean_i q_i . k_j is the mean logit token j receives, this ranks tokens by how
         strongly the whole image attends to them on average (docs/evoprune.md)."""
         q, k = self._captured.pop("q").float(), self._captured.pop("k").float()   # fp32 in any build
         b, t, d = k.shape
-        q = q[:, :1] if self.tower.has_cls else q.mean(dim=1, keepdim=True)
+        c = int(self.tower.has_cls)
+        # "mean" on a tower with CLS ignores CLS's query (evoexport eval measures the no-CLS rule there)
+        if getattr(self.tower, "importance_query", "cls") == "cls" and c:
+            q = q[:, :1]
+        else:
+            q = q[:, c:].mean(dim=1, keepdim=True)
         q = q.reshape(b, q.shape[1], self.heads, d // self.heads).transpose(1, 2)     # [B, H, Q, hd]
         k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)              # [B, H, T, hd]
         logits = (q @ k.transpose(-1, -2)) * self.scale                                 # [B, H, Q, T]

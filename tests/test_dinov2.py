@@ -77,6 +77,8 @@ def test_evoprune_beats_every_baseline_on_the_pretrained_vit(dinov2_ckpt):
         rows = {row["method"]: row for row in r["rows"] if row["keep"] == keep}
         assert {"random", "random+merge", "attention top-k", "pooling", "strided", "tome (bipartite merge)"} <= set(rows)
         ours = rows.pop("evoprune")
+        mean_query = rows["evoprune, mean-query importance"]    # the no-CLS rule (SigLIP's), CLS ignored
+        assert all(mean_query[f"{m}_cut_vs_random"] >= 0.4 for m in ("cls", "coverage", "saliency")), mean_query
         assert set(ours["by_source"]) == {"imagenet", "cifar", "scikit-image"}
         for metric in ("cls_error", "coverage_error", "saliency_error"):
             assert all(ours[metric] < other[metric] for other in rows.values()), (keep, metric)

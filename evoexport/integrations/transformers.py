@@ -39,11 +39,16 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
 
     from ..runtime import load
 
-    runner = load(build_dir, **load_options)
-    manifest = runner.manifest
     inner = getattr(model, "model", model)
     if not hasattr(inner, "get_image_features") or not hasattr(inner, "multi_modal_projector"):
         raise EvoExportError(f"attach() takes a transformers LLaVA model, got {type(model).__name__}")
+    if hasattr(inner, "image_newline"):
+        # LLaVA-NeXT / OneVision pack each tile's full token grid (unpadding, newlines, pooling):
+        # pruned tiles need a packing of their own, not written yet (docs/llm.md)
+        raise EvoExportError(f"attach() does not support {type(model).__name__} yet: its anyres packing needs "
+                             "every tile's full token grid; see docs/llm.md (tiles)")
+    runner = load(build_dir, **load_options)
+    manifest = runner.manifest
     if verify_weights and _vision_sha256(model, manifest) != manifest.get("weights_sha256"):
         raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
                              "(sha256 differs); build it from this model's checkpoint")

@@ -46,5 +46,5 @@ def list_presets() -> list[Preset]:
     return [_PRESETS[k] for k in sorted(_PRESETS)]
 
 
-from . import dinov2, llava, vit_digits  # noqa: E402,F401  (register the presets)
+from . import dinov2, llava, siglip, vit_digits  # noqa: E402,F401  (register the presets)
 from .tower import VisionTower, load_tower  # noqa: E402,F401

@@ -63,9 +63,8 @@ class BaseTower(nn.Module):
     def _set_sizes(self, *, hidden: int, heads: int, mlp: int, image_size: int, patch: int, out_features: int,
                    drop_cls: bool) -> None:
         """The sizes the stage builder, the cost model and the manifest read."""
-        if image_size % patch:
-            raise EvoExportError(f"image size {image_size} is not a multiple of the patch size {patch}")
-        self.has_cls = True   # CLIP and DINOv2; the selection code also handles encoders without CLS
+        # the patch convolution drops a remainder (SigLIP-384: 27 patches of 14 px, 6 px unused)
+        self.has_cls = True   # CLIP and DINOv2; SigLIP sets False (the selection handles both)
         self.hidden_size, self.num_heads, self.mlp_size = hidden, heads, mlp
         self.image_size, self.grid = image_size, image_size // patch
         self.num_patches = self.grid * self.grid
@@ -280,6 +279,9 @@ def family_api(preset: Preset) -> Family:
     if preset.family == "dinov2":
         from . import dinov2
         return dinov2.FAMILY
+    if preset.family == "siglip":
+        from . import siglip
+        return siglip.FAMILY
     return Family(VisionTower, spec_from_preset, spec_from_checkpoint, _load_weights)
 
 

@@ -1,0 +1,178 @@
+"""SigLIP family: LLaVA-OneVision's vision path (SigLIP so400m + 2-layer GELU projector).
+
+SigLIP has no CLS token: every one of the 27x27 = 729 patch tokens is a feature
+(vision_feature_layer -1, strategy "full"), and the importance probe uses the mean query
+instead of CLS's (docs/evoprune.md). Features are
+`multi_modal_projector(vision_tower(x).hidden_states[vision_feature_layer])`: the last
+layer's output *before* SigLIP's post_layernorm, exactly what LLaVA-OneVision reads.
+
+Depth: SigLIP so400m has 27 layers. The llava-hf LLaVA-OneVision checkpoints keep 26 and
+read the last of them (the original reads layer -2 of 27), and transformers' own
+LlavaOnevisionConfig defaults to 26. The preset follows them: 26 layers run either way.
+
+Checkpoints: `LlavaOnevisionForConditionalGeneration` directories (only the vision tower's
+and the projector's tensors are read, never the language model's) and bare SigLIP vision
+checkpoints (model_type siglip_vision_model, or siglip with a vision_config). Everything
+runs transformers' own modules; this file supplies only what differs: embedding, layers,
+probe, head.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import EvoExportError
+from . import Preset, register
+from .tower import BaseTower, Family, TowerSpec, _load_weights, _stub_text_config, preprocess_from_checkpoint
+
+# SigLIP's preprocessing (google/siglip-so400m-patch14-384, llava-onevision-qwen2-7b-ov-hf)
+SIGLIP_PREPROCESS = {
+    "resize_shortest_edge": True,
+    "resample": "bicubic",
+    "center_crop": True,
+    "rescale": 1 / 255,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+}
+
+register(Preset(
+    name="llava-onevision",
+    family="siglip",
+    description="LLaVA-OneVision-7B vision path: SigLIP so400m/14-384 (26 layers run, 729 patches, no CLS) "
+                "+ projector 1152 -> 3584 -> 3584",
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                vision_use_head=False),
+    projector=dict(out_features=3584, act="gelu", bias=True),
+    feature_layer=-1,
+    select_strategy="full",
+    preprocess=SIGLIP_PREPROCESS,
+))
+
+register(Preset(
+    name="onevision-tiny",
+    family="siglip",
+    description="test-size LLaVA-OneVision path: 4-layer SigLIP at 56 px (7x7 patches of 8 px, no CLS) "
+                "+ projector 64 -> 96 -> 96",
+    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                image_size=56, patch_size=8, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                vision_use_head=False),
+    projector=dict(out_features=96, act="gelu", bias=True),
+    feature_layer=-1,
+    select_strategy="full",
+    preprocess=SIGLIP_PREPROCESS,
+))
+
+
+def _onevision_config(vision: dict, projector: dict, feature_layer: int):
+    from transformers import LlavaOnevisionConfig
+    return LlavaOnevisionConfig(vision_config=vision, text_config=_stub_text_config(projector["out_features"]),
+                                projector_hidden_act=projector["act"], multimodal_projector_bias=projector["bias"],
+                                vision_feature_layer=feature_layer, vision_feature_select_strategy="full")
+
+
+class SiglipTower(BaseTower):
+    def __init__(self, spec: TowerSpec):
+        super().__init__()
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        self.spec = spec
+        self.config = cfg = self._config(SiglipVisionConfig, spec)
+        cfg.vision_use_head = False          # the pooling head is never read by LLaVA-OneVision
+        self.vision = SiglipVisionModel(cfg).eval()
+        self.projector = None
+        if spec.projector:
+            from transformers.models.llava_onevision.modeling_llava_onevision import (
+                LlavaOnevisionMultiModalProjector)
+            self.projector = LlavaOnevisionMultiModalProjector(
+                _onevision_config(cfg.to_dict(), spec.projector, spec.feature_layer)).eval()
+        self._set_sizes(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, mlp=cfg.intermediate_size,
+                        image_size=cfg.image_size, patch=cfg.patch_size,
+                        out_features=spec.projector["out_features"] if spec.projector else cfg.hidden_size,
+                        drop_cls=False)
+        self.has_cls = False
+
+    @property
+    def _siglip(self) -> nn.Module:
+        # transformers < 5 wraps the modules in .vision_model
+        return getattr(self.vision, "vision_model", self.vision)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._siglip.encoder.layers
+
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        attn = self.layers[index].self_attn
+        return attn, attn.num_heads, attn.scale
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._siglip.embeddings(pixel_values)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projector(hidden) if self.projector is not None else hidden
+
+    def hf_features(self, device="cpu", dtype=None):
+        """transformers' SiglipVisionModel at full depth with this tower's weights, then
+        LLaVA-OneVision's projector: projector(vision_tower(x).hidden_states[feature_layer])."""
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        cfg = SiglipVisionConfig.from_dict({**self.spec.vision, "vision_use_head": False})
+        cfg._attn_implementation = "sdpa"
+        model = SiglipVisionModel(cfg).eval()
+        missing = model.load_state_dict(self.vision.state_dict(), strict=False).missing_keys
+        unused = tuple(f"encoder.layers.{i}." for i in range(self.depth, cfg.num_hidden_layers))
+        if [k for k in missing if not k.removeprefix("vision_model.").startswith(unused)]:
+            raise RuntimeError(f"transformers' SigLIP did not take the tower's weights: {missing[:3]}")
+        model.to(device=device, dtype=dtype)
+        projector, layer = self.projector, self.spec.feature_layer
+
+        def run(pixel_values):
+            hidden = model(pixel_values, output_hidden_states=True).hidden_states[layer]
+            return projector.to(device=device, dtype=dtype)(hidden) if projector is not None else hidden
+        return run
+
+
+def spec_from_preset(preset: Preset) -> TowerSpec:
+    from transformers import SiglipVisionConfig
+    return TowerSpec(vision=SiglipVisionConfig(**preset.vision).to_dict(), projector=preset.projector,
+                     feature_layer=preset.feature_layer, select_strategy="full", preprocess=dict(preset.preprocess))
+
+
+def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
+    from transformers import LlavaOnevisionConfig, SiglipConfig, SiglipVisionConfig
+    from .checkpoint import read_config
+
+    raw = read_config(ckpt)
+    kind = raw.get("model_type")
+    try:
+        if kind == "llava_onevision":
+            cfg = LlavaOnevisionConfig.from_dict(raw)
+            vcfg = cfg.vision_config
+            if vcfg.model_type != "siglip_vision_model":
+                raise EvoExportError(f"{ckpt}: LLaVA-OneVision checkpoint with a {vcfg.model_type!r} vision tower; "
+                                     "only SigLIP is supported")
+            fl = cfg.vision_feature_layer
+            if not isinstance(fl, int):
+                raise EvoExportError(f"{ckpt}: multi-layer vision_feature_layer {fl} is not supported")
+            if cfg.vision_feature_select_strategy != "full":
+                raise EvoExportError(f"{ckpt}: vision_feature_select_strategy "
+                                     f"{cfg.vision_feature_select_strategy!r}: SigLIP has no CLS to drop; only 'full'")
+            projector = {"out_features": cfg.text_config.hidden_size, "act": cfg.projector_hidden_act,
+                         "bias": getattr(cfg, "multimodal_projector_bias", True)}
+        elif kind in ("siglip_vision_model", "siglip"):
+            vcfg = SiglipVisionConfig.from_dict(raw) if kind == "siglip_vision_model" else SiglipConfig.from_dict(raw).vision_config
+            projector, fl = None, preset.feature_layer
+        else:
+            raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a {preset.family} checkpoint "
+                                 "(expected 'llava_onevision', 'siglip_vision_model' or 'siglip')")
+    except EvoExportError:
+        raise
+    except Exception as e:
+        raise EvoExportError(f"{ckpt}/config.json is not a valid {kind} config: {e}") from None
+    return TowerSpec(vision=vcfg.to_dict(), projector=projector, feature_layer=fl, select_strategy="full",
+                     preprocess=preprocess_from_checkpoint(ckpt, preset))
+
+
+FAMILY = Family(SiglipTower, spec_from_preset, spec_from_checkpoint, _load_weights)

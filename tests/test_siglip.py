@@ -1,0 +1,133 @@
+"""SigLIP family (LLaVA-OneVision's vision path): no CLS, all 729 patches are features.
+
+Checkpoints are saved by transformers itself; parity is against transformers' own
+`multi_modal_projector(vision_tower(x).hidden_states[vision_feature_layer])`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evoexport
+from evoexport.build import build
+from evoexport.errors import EvoExportError
+from evoexport.models import load_tower
+from evoexport.progress import Progress
+
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=56,
+              patch_size=8, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+TEXT = {"model_type": "qwen2", "hidden_size": 96, "num_hidden_layers": 1, "vocab_size": 320, "intermediate_size": 64,
+        "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def _split_language_model_out(ckpt: Path) -> Path:
+    """Rewrite the checkpoint as two shards: vision tower + projector, and everything else
+    (the language model). Returns the language model's shard."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(f))
+        f.unlink()
+    (ckpt / "model.safetensors.index.json").unlink(missing_ok=True)
+    vision = {k: v for k, v in tensors.items() if k.startswith(("vision_tower.", "multi_modal_projector.",
+                                                                 "model.vision_tower.", "model.multi_modal_projector."))}
+    rest = {k: v for k, v in tensors.items() if k not in vision}
+    assert vision and rest
+    save_file(vision, ckpt / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(rest, ckpt / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    index = {k: "model-00001-of-00002.safetensors" for k in vision} | {k: "model-00002-of-00002.safetensors" for k in rest}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return ckpt / "model-00002-of-00002.safetensors"
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    """A tiny LlavaOnevisionForConditionalGeneration, saved by transformers, and transformers'
+    own image features for a few inputs (computed before the language model's shard goes)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = LlavaOnevisionConfig(vision_config=VISION, text_config=TEXT, image_token_index=319, video_token_index=318)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    ckpt = tmp_path_factory.mktemp("onevision") / "llava-onevision-tiny-hf"
+    model.save_pretrained(ckpt)
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        hidden = model.model.vision_tower(x, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+        want = model.model.multi_modal_projector(hidden)
+    lm_shard = _split_language_model_out(ckpt)
+    lm_shard.unlink()          # the loader must never need the language model's tensors
+    return ckpt, x, want
+
+
+def test_keep_1_build_equals_transformers_onevision_features(onevision, tmp_path):
+    ckpt, x, want = onevision
+    out = build("llava-onevision", 1.0, checkpoint=str(ckpt), out=tmp_path / "b", progress=Progress(enabled=False))
+    manifest = json.loads((out.path / "manifest.json").read_text())
+    assert manifest["tower"]["has_cls"] is False and manifest["tower"]["num_patches"] == 49
+    got = evoexport.load(out.path, backend="onnxruntime")(x.numpy()).features
+    assert got.shape == (3, 49, 96)                       # every patch is a feature: no CLS to drop
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_bare_siglip_vision_checkpoint(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(1)
+    model = SiglipVisionModel(SiglipVisionConfig(**VISION)).eval()
+    model.save_pretrained(tmp_path / "siglip")
+    tower = load_tower("llava-onevision", tmp_path / "siglip")
+    assert tower.projector is None and tower.depth == 4
+    x = torch.randn(2, 3, 56, 56)
+    from evoexport.prune import PruneParams
+    from evoexport.stages import Pipeline
+    with torch.no_grad():
+        want = model(x, output_hidden_states=True).hidden_states[-1]
+        got = Pipeline(tower, [], PruneParams()).run(x)["features"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_pruned_onevision_build_validates_and_is_tensorrt_ready(tmp_path):
+    from evoexport.trt_check import check_build
+
+    out = build("onevision-tiny", 0.5, out=tmp_path / "b", target_runtime="tensorrt", progress=Progress(enabled=False))
+    assert out.report["passed"] and check_build(out.path)["ok"]
+    result = evoexport.load(out.path, backend="openvino")(np.random.default_rng(0).standard_normal((2, 3, 56, 56))
+                                                            .astype(np.float32))
+    assert result.features.shape == (2, 24, 96)
+    assert all(len(set(row)) == 24 and 0 <= row.min() and row.max() < 49 for row in result.indices)
+
+
+def test_onevision_checkpoint_with_default_strategy_is_refused(onevision, tmp_path):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(onevision[0], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "default"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EvoExportError, match="SigLIP has no CLS to drop"):
+        load_tower("llava-onevision", ckpt)
+
+
+def test_full_size_preset_is_llava_onevision_7b():
+    from evoexport.prune import default_schedule
+    tower = load_tower("llava-onevision", quiet=True)
+    assert (tower.num_patches, tower.depth, tower.hidden_size, tower.out_features) == (729, 26, 1152, 3584)
+    assert not tower.has_cls
+    assert [(p.after_layer, p.tokens) for p in default_schedule(tower.depth, tower.num_patches, 0.5)] == \
+        [(5, 579), (8, 459), (10, 364)]
+
+
+def test_attach_refuses_llava_onevision_until_pruned_tiles_can_be_packed(onevision, tmp_path):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from evoexport.integrations.transformers import attach
+
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=VISION, text_config=TEXT, image_token_index=319, video_token_index=318))
+    with pytest.raises(EvoExportError, match="does not support LlavaOnevisionForConditionalGeneration yet"):
+        attach(model, tmp_path / "any-build")
