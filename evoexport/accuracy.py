@@ -8,15 +8,17 @@ Used by tests/test_accuracy.py and scripts/digits_accuracy.py (the table in docs
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .models import load_tower
+from .models import default_params, load_tower
 from .models.vit_digits import digits_split
-from .prune import PruneParams, PrunePoint, default_schedule, parse_schedule, tower_flops
+from .cost import tower_flops
+from .prune import PruneParams, PrunePoint, default_schedule, parse_schedule
 from .stages import Pipeline
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "digits-vit"
@@ -83,7 +85,7 @@ class DigitsBench:
         points = [] if keep == 1.0 else self.schedule(keep, first_layer)
         rescore = None
         if method == EVOPRUNE:
-            params = PruneParams(merge=merge)
+            params = dataclasses.replace(default_params("digits-vit"), merge=merge)
         else:  # plain top-k on a score: no redundancy, no diversity, no merge
             params = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
             if method == RANDOM:

@@ -18,11 +18,11 @@ from pathlib import Path
 from . import __version__
 from .errors import EvoExportError
 from .manifest import SCHEMA_VERSION, write_manifest
-from .models import get_preset, load_tower
+from .models import default_params, get_preset, load_tower
 from .models.tower import spec_for
 from .progress import Progress, check_interrupted
-from .prune import (PruneParams, PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule,
-                    tower_flops)
+from .cost import tower_flops
+from .prune import PruneParams, PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule
 
 DEFAULT_ROOT = Path("graphs")
 
@@ -81,7 +81,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     from .validate import validate as run_validation
 
     progress = progress or Progress()
-    params = params or PruneParams()
+    params = params or default_params(model)
     if precision not in PRECISIONS:
         raise EvoExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if opset not in OPSETS:

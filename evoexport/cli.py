@@ -33,8 +33,9 @@ def cli():
               help="penalty on tokens that have a near-duplicate")
 @click.option("--diversity-rounds", type=int, default=4, show_default=True,
               help="rounds in which the diversity share is picked (novelty refreshed each round)")
-@click.option("--spatial-weight", type=float, default=0.3, show_default=True,
-              help="similarity lost per grid width between two patches (novelty and merge); 0: cosine alone")
+@click.option("--spatial-weight", type=float, default=None,
+              help="similarity lost per grid width between two patches (novelty and merge); 0: cosine alone  "
+                   "[default: 0.3; the digits-vit preset 0]")
 @click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
 @click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
               help="weight attention by merged token size")
@@ -60,6 +61,9 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     from .progress import Progress, peak_rss_gb
     from .prune import PruneParams
 
+    from .models import default_params
+    if spatial_weight is None:
+        spatial_weight = default_params(model).spatial_weight
     params = PruneParams(importance_ratio=importance_ratio, redundancy_weight=redundancy_weight,
                          diversity_rounds=diversity_rounds, spatial_weight=spatial_weight, merge=merge,
                          proportional_attention=proportional_attention)

@@ -43,7 +43,8 @@ from torch import nn
 
 from .errors import EvoExportError
 from .eval_data import eval_photos, paired_comparison
-from .prune import PruneParams, PrunePoint, default_schedule, budget_for, tower_flops
+from .cost import tower_flops
+from .prune import PruneParams, PrunePoint, default_schedule, budget_for
 from .stages import Pipeline
 
 

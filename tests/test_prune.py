@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evoexport.errors import EvoExportError
-from evoexport.prune import (PruneParams, PrunePoint, default_schedule, layer_flops, parse_schedule, select,
-                             tower_flops)
+from evoexport.cost import layer_flops, tower_flops
+from evoexport.prune import PruneParams, PrunePoint, default_schedule, parse_schedule, select
 
 
 def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4, gamma=0.0, grid=None,
@@ -260,3 +260,22 @@ def test_tower_flops_match_torch_flop_counter_on_the_pipeline():
         assert abs(counted - modeled) / counted < 0.005, (points, counted, modeled)
         if not points:
             assert counted == modeled
+
+
+def test_presets_default_the_spatial_term_as_measured():
+    """0.3 (tuned on real photos) everywhere but the digits ViT, whose results were measured at 0
+    (docs/evoprune.md); a build records what it used."""
+    from evoexport.build import build
+    from evoexport.models import default_params
+    from evoexport.progress import Progress
+
+    assert default_params("digits-vit").spatial_weight == 0.0
+    assert {default_params(m).spatial_weight for m in ("llava", "dinov2", "llava-onevision")} == {0.3}
+    assert default_params("digits-vit").redundancy_weight == PruneParams().redundancy_weight
+    with pytest.raises(EvoExportError, match="unknown model"):
+        default_params("nope")
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        b = build("llava-tiny", 0.5, out=f"{d}/b", validate=False, progress=Progress(enabled=False))
+        assert json.loads((b.path / "manifest.json").read_text())["prune_params"]["spatial_weight"] == 0.3

@@ -22,6 +22,7 @@ class Preset:
     select_strategy: str = "default"  # "default": drop CLS from the features (LLaVA)
     preprocess: dict = field(default_factory=dict)
     input_size: int | None = None    # pixels fed to the tower where the config's image_size is another (DINOv2)
+    prune_defaults: dict = field(default_factory=dict)   # PruneParams fields this model defaults differently
 
 
 _PRESETS: dict[str, Preset] = {}
@@ -40,6 +41,12 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         known = ", ".join(sorted(_PRESETS))
         raise EvoExportError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def default_params(model: str):
+    """EvoPrune's default parameters for a model: PruneParams' own, with the preset's overrides."""
+    from ..prune import PruneParams
+    return PruneParams(**get_preset(model).prune_defaults)
 
 
 def list_presets() -> list[Preset]:
