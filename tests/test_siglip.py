@@ -122,12 +122,110 @@ def test_full_size_preset_is_llava_onevision_7b():
         [(5, 579), (8, 459), (10, 364)]
 
 
-def test_attach_refuses_llava_onevision_until_pruned_tiles_can_be_packed(onevision, tmp_path):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+def test_attach_refuses_llava_next_whose_tile_packing_is_not_written(tmp_path):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     from evoexport.integrations.transformers import attach
 
-    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        vision_config=VISION, text_config=TEXT, image_token_index=319, video_token_index=318))
-    with pytest.raises(EvoExportError, match="does not support LlavaOnevisionForConditionalGeneration yet"):
+    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                patch_size=8, model_type="clip_vision_model")
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(vision_config=clip, text_config={**TEXT, "model_type": "llama"},
+                                                              image_grid_pinpoints=[[56, 56]]))
+    with pytest.raises(EvoExportError, match="does not support LlavaNextForConditionalGeneration yet"):
         attach(model, tmp_path / "any-build")
+
+
+PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+
+
+@pytest.fixture(scope="module")
+def onevision_lm(tmp_path_factory):
+    """A whole tiny LLaVA-OneVision (language model included) with 56-px anyres tiles."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(2)
+    cfg = LlavaOnevisionConfig(vision_config=VISION, text_config=TEXT, image_token_index=319, video_token_index=318,
+                               image_grid_pinpoints=PINPOINTS)
+    ckpt = tmp_path_factory.mktemp("onevision-lm") / "ckpt"
+    LlavaOnevisionForConditionalGeneration(cfg).eval().save_pretrained(ckpt)
+    return ckpt
+
+
+def _ov_model(ckpt):
+    from transformers import LlavaOnevisionForConditionalGeneration
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt, use_safetensors=True).eval()
+
+
+def _ov_inputs(model, sizes=((100, 60), (50, 150))):
+    """Two images of other aspect ratios (so tilings and unpadding differ), one per prompt,
+    with as many placeholders as transformers' own packing gives each."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    image_sizes = torch.tensor(sizes)
+    tiles = [image_size_to_num_patches(s, PINPOINTS, 56) for s in sizes]
+    pixels = torch.randn(len(sizes), max(tiles), 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        lengths = [len(p) for p in model.model.get_image_features(pixels, image_sizes).pooler_output]
+    rows = [[1, 5, *[model.config.image_token_id] * n, 17, 42, 9] for n in lengths]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": image_sizes}, lengths
+
+
+def test_onevision_keep_1_generate_equals_transformers_token_for_token(onevision_lm, tmp_path):
+    """The pruned-tile packing, run on full tiles, is transformers' own: base view, tiles on
+    one grid, unpadding, newlines."""
+    r = build("llava-onevision", 1.0, checkpoint=str(onevision_lm), out=tmp_path / "b", progress=Progress(enabled=False))
+    inputs, lengths = _ov_inputs(_ov_model(onevision_lm))
+    assert len(set(lengths)) == 2                             # the two images pack to different lengths
+    from evoexport.integrations import onevision
+    calls = []
+    real = onevision.pack_pruned
+    onevision.pack_pruned = lambda *a, **k: calls.append(real(*a, **k)) or calls[-1]
+    try:
+        _check_keep_1(onevision_lm, r, inputs)
+    finally:
+        onevision.pack_pruned = real
+    assert len(calls) >= 2 and all(c is not None for c in calls)   # our packing ran, not transformers' fallback
+
+
+def _check_keep_1(onevision_lm, r, inputs):
+    from evoexport.integrations.transformers import attach, shrink_image_tokens
+
+    with torch.inference_mode():
+        expected = _ov_model(onevision_lm).generate(**inputs, max_new_tokens=6, do_sample=False)
+        model = attach(_ov_model(onevision_lm), r.path, backend="onnxruntime")
+        assert torch.equal(shrink_image_tokens(inputs, model)["input_ids"], inputs["input_ids"])
+        assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_onevision_keep_half_packs_the_kept_tokens_and_generates(onevision_lm, tmp_path):
+    from evoexport.integrations.transformers import attach, shrink_image_tokens
+
+    r = build("llava-onevision", 0.5, checkpoint=str(onevision_lm), out=tmp_path / "b", progress=Progress(enabled=False))
+    model = attach(_ov_model(onevision_lm), r.path)
+    inputs, full_lengths = _ov_inputs(_ov_model(onevision_lm))
+    shrunk = shrink_image_tokens(inputs, model)
+    with torch.inference_mode():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    with torch.inference_mode():
+        full = _ov_model(onevision_lm).model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    newline = model.model.image_newline
+
+    def newlines(seq):
+        return int((seq == newline.to(seq.dtype)).all(dim=-1).sum())
+    for i, p in enumerate(packed):
+        assert int((shrunk["input_ids"][i] == model.config.image_token_id).sum()) == len(p) < full_lengths[i]
+        assert newlines(p[:24]) == 0                       # the base view: its K = 24 kept tokens first
+        assert newlines(p) == newlines(full[i]) > 0         # every grid row still ends in a newline
+        assert len(p) - 24 - newlines(p) <= len(full[i]) - 49 - newlines(full[i])   # kept tile tokens <= all
+    # wiring: generate equals transformers' decode with those sequences written over the placeholders
+    with torch.inference_mode():
+        got = model.generate(**shrunk, max_new_tokens=6, do_sample=False)
+        ref = _ov_model(onevision_lm)
+        embeds = ref.get_input_embeddings()(shrunk["input_ids"]).clone()
+        embeds[shrunk["input_ids"] == ref.config.image_token_id] = torch.cat(packed).to(embeds.dtype)
+        new = ref.generate(inputs_embeds=embeds, attention_mask=shrunk["attention_mask"], max_new_tokens=6,
+                           do_sample=False)
+    assert torch.equal(got[:, shrunk["input_ids"].shape[1]:], new[:, -6:])

@@ -20,12 +20,13 @@ from ..errors import EvoExportError
 
 def _vision_sha256(model, manifest: dict) -> str:
     """The sha256 evoexport's tower would give this model's vision tower and projector."""
-    from ..models.tower import TowerSpec, VisionTower
+    from ..models import get_preset
+    from ..models.tower import TowerSpec, family_api
 
     t = manifest["tower"]
     spec = TowerSpec(vision=t["vision"], projector=t["projector"], feature_layer=t["feature_layer"],
                      select_strategy=t["select_strategy"], preprocess=manifest["preprocess"])
-    tower = VisionTower(spec)
+    tower = family_api(get_preset(manifest["model"])).tower(spec)
     inner = getattr(model, "model", model)
     tower.vision.load_state_dict(inner.vision_tower.state_dict(), strict=False)   # layers past the feature layer unused
     if tower.projector is not None:
@@ -34,7 +35,9 @@ def _vision_sha256(model, manifest: dict) -> str:
 
 
 def attach(model, build_dir, verify_weights: bool = True, **load_options):
-    """Make `model` (LlavaForConditionalGeneration) take its image features from a build."""
+    """Make `model` (LlavaForConditionalGeneration, or LlavaOnevisionForConditionalGeneration
+    for images: pruned tiles packed as in integrations/onevision.py) take its image features
+    from a build."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from ..runtime import load
@@ -42,16 +45,22 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     inner = getattr(model, "model", model)
     if not hasattr(inner, "get_image_features") or not hasattr(inner, "multi_modal_projector"):
         raise EvoExportError(f"attach() takes a transformers LLaVA model, got {type(model).__name__}")
-    if hasattr(inner, "image_newline"):
-        # LLaVA-NeXT / OneVision pack each tile's full token grid (unpadding, newlines, pooling):
-        # pruned tiles need a packing of their own, not written yet (docs/llm.md)
-        raise EvoExportError(f"attach() does not support {type(model).__name__} yet: its anyres packing needs "
-                             "every tile's full token grid; see docs/llm.md (tiles)")
+    onevision = getattr(inner.config, "model_type", None) == "llava_onevision"
+    if hasattr(inner, "image_newline") and not onevision:
+        # LLaVA-NeXT packs tiles like OneVision but with its own rules; not written yet (docs/llm.md)
+        raise EvoExportError(f"attach() does not support {type(model).__name__} yet: its anyres packing of "
+                             "pruned tiles is not written; see docs/llm.md (tiles)")
     runner = load(build_dir, **load_options)
     manifest = runner.manifest
     if verify_weights and _vision_sha256(model, manifest) != manifest.get("weights_sha256"):
         raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
                              "(sha256 differs); build it from this model's checkpoint")
+    model.evoexport_runner = runner
+    if onevision:   # tiles, unpadding and newlines: transformers' packing over the kept tokens
+        from .onevision import attach_onevision
+        attach_onevision(model, inner, runner)
+        model.evoexport_image_tokens = None      # depends on each image's size and tiling
+        return model
     embed = model.get_input_embeddings().weight
 
     def get_image_features(pixel_values, *args, **kwargs):
@@ -61,26 +70,47 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         return BaseModelOutputWithPooling(pooler_output=list(features))
 
     inner.get_image_features = get_image_features
-    model.evoexport_runner = runner
     model.evoexport_image_tokens = manifest["stages"][-1]["outputs"][0]["shape"][1]
     return model
 
 
-def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
-    """Processor output with each image's run of placeholder tokens cut to the build's K
-    (left-padded again for batches; attention masks follow)."""
-    image_id = model.config.image_token_id
-    k = tokens or getattr(model, "evoexport_image_tokens", None)
+def _image_token_counts(inputs: dict, model, tokens: int | None):
+    """How many placeholders each image keeps, in order: the build's K for LLaVA; for
+    LLaVA-OneVision the length of its packed sequence, which depends on the image's size
+    and tiling and on how many kept tokens fall inside the unpadded grid (so the build runs)."""
+    import itertools
+
+    if tokens:
+        return itertools.repeat(tokens)
+    if getattr(model, "evoexport_runner", None) is not None and getattr(model, "evoexport_image_tokens", 0) is None:
+        inner = getattr(model, "model", model)
+        with torch.inference_mode():
+            packed = inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        return iter([len(p) for p in packed])
+    k = getattr(model, "evoexport_image_tokens", None)
     if k is None:
         raise EvoExportError("shrink_image_tokens: attach() the build first, or give tokens=K")
+    return itertools.repeat(k)
+
+
+def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
+    """Processor output with each image's run of placeholder tokens cut to what the build
+    gives it: K for LLaVA, the packed length for LLaVA-OneVision (left-padded again for
+    batches; attention masks follow)."""
+    image_id = model.config.image_token_id
+    counts = _image_token_counts(inputs, model, tokens)
     pad = getattr(model.config, "pad_token_id", None) or 0
     rows = []
     for ids, mask in zip(inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))):
         ids = ids[mask.bool()]
-        keep, run = [], 0
+        keep, run, limit = [], 0, 0
         for tok in ids.tolist():
-            run = run + 1 if tok == image_id else 0
-            if tok != image_id or run <= k:
+            if tok == image_id:
+                limit = next(counts) if run == 0 else limit
+                run += 1
+            else:
+                run = 0
+            if tok != image_id or run <= limit:
                 keep.append(tok)
         rows.append(torch.tensor(keep, dtype=ids.dtype))
     width = max(len(r) for r in rows)
