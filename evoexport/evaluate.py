@@ -191,34 +191,32 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
         single = [PrunePoint(points[0].after_layer, final)]
         plain = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
         plain_merged = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=True)
+        tome = {f"select_{i}": ToMeSelect(p.tokens) for i, p in enumerate(points)}
+        # name: (prune points, params, selection modules replacing EvoPrune's, importance query)
         methods = {
-            "evoprune": (points, default, None, None),
-            "evoprune, no merge": (points, PruneParams(merge=False), None, None),
-            "attention top-k": (points, plain, None, None),
-            "attention top-k+merge": (points, plain_merged, None, None),
-            "evoprune, 1 point": (single, default, None, None),
+            "evoprune": (points, default, None, "cls"),
+            "evoprune, no merge": (points, PruneParams(merge=False), None, "cls"),
+            "attention top-k": (points, plain, None, "cls"),
+            "attention top-k+merge": (points, plain_merged, None, "cls"),
+            "evoprune, 1 point": (single, default, None, "cls"),
             # the no-CLS importance (SigLIP's) on this tower: mean patch query instead of CLS's
-            "evoprune, mean-query importance": (points, default, None, "mean-query"),
+            "evoprune, mean-query importance": (points, default, None, "mean"),
             # ToMe at the same prune points, its merged tokens weighted by proportional attention
-            "tome (bipartite merge)": (points, plain_merged, None,
-                                       {f"select_{i}": ToMeSelect(p.tokens) for i, p in enumerate(points)}),
+            "tome (bipartite merge)": (points, plain_merged, tome, "cls"),
         }
         if keep in (0.5, 0.25) and tower.grid % 2 == 0:   # the grid rules reach exactly these counts
             # pooled tokens carry their size into proportional attention, as merged ones do
-            methods["pooling"] = (single, plain_merged, None, GridReduce(tower.grid, keep, pool=True))
-            methods["strided"] = (single, plain, None, GridReduce(tower.grid, keep, pool=False))
+            methods["pooling"] = (single, plain_merged, {"select_0": GridReduce(tower.grid, keep, pool=True)}, "cls")
+            methods["strided"] = (single, plain, {"select_0": GridReduce(tower.grid, keep, pool=False)}, "cls")
         results = {}
-        for name, (pts, params, rescore, reduce) in methods.items():
+        for name, (pts, params, modules, query) in methods.items():
             if progress:
                 progress(f"keep {keep}: {name}")
             pipe = Pipeline(tower, pts, params)
             t0 = time.perf_counter()
-            query = reduce == "mean-query"
-            reduce = None if query else reduce
-            modules = reduce if isinstance(reduce, dict) else ({"select_0": reduce} if reduce is not None else None)
-            tower.importance_query = "mean" if query else "cls"
+            tower.importance_query = query
             try:
-                env = pipe.run(x, rescore=rescore, modules=modules)
+                env = pipe.run(x, modules=modules)
             finally:
                 tower.importance_query = "cls"
             seconds = time.perf_counter() - t0

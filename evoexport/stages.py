@@ -88,7 +88,7 @@ class EncoderStage(nn.Module):
         b, t, d = k.shape
         c = int(self.tower.has_cls)
         # "mean" on a tower with CLS ignores CLS's query (evoexport eval measures the no-CLS rule there)
-        if getattr(self.tower, "importance_query", "cls") == "cls" and c:
+        if self.tower.importance_query == "cls" and c:
             q = q[:, :1]
         else:
             q = q[:, c:].mean(dim=1, keepdim=True)

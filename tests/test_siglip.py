@@ -109,7 +109,7 @@ def test_onevision_checkpoint_with_default_strategy_is_refused(onevision, tmp_pa
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["vision_feature_select_strategy"] = "default"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EvoExportError, match="SigLIP has no CLS to drop"):
+    with pytest.raises(EvoExportError, match=r"vision_feature_select_strategy 'default' is not supported \(supported: full\)"):
         load_tower("llava-onevision", ckpt)
 
 
@@ -203,10 +203,20 @@ def _check_keep_1(onevision_lm, r, inputs):
 def test_onevision_keep_half_packs_the_kept_tokens_and_generates(onevision_lm, tmp_path):
     from evoexport.integrations.transformers import attach, shrink_image_tokens
 
+    from evoexport.integrations import transformers as integration
+
     r = build("llava-onevision", 0.5, checkpoint=str(onevision_lm), out=tmp_path / "b", progress=Progress(enabled=False))
-    model = attach(_ov_model(onevision_lm), r.path)
-    inputs, full_lengths = _ov_inputs(_ov_model(onevision_lm))
-    shrunk = shrink_image_tokens(inputs, model)
+    runs, real = [], integration.run_build
+    integration.run_build = lambda *a, **k: runs.append(1) or real(*a, **k)     # a spy: counts, then runs
+    try:
+        model = attach(_ov_model(onevision_lm), r.path)
+        inputs, full_lengths = _ov_inputs(_ov_model(onevision_lm))
+        shrunk = shrink_image_tokens(inputs, model)
+        with torch.inference_mode():
+            got = model.generate(**shrunk, max_new_tokens=6, do_sample=False)
+    finally:
+        integration.run_build = real
+    assert len(runs) == 1            # counting placeholders and generate() share one run of the build
     with torch.inference_mode():
         packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     with torch.inference_mode():
@@ -222,7 +232,6 @@ def test_onevision_keep_half_packs_the_kept_tokens_and_generates(onevision_lm, t
         assert len(p) - 24 - newlines(p) <= len(full[i]) - 49 - newlines(full[i])   # kept tile tokens <= all
     # wiring: generate equals transformers' decode with those sequences written over the placeholders
     with torch.inference_mode():
-        got = model.generate(**shrunk, max_new_tokens=6, do_sample=False)
         ref = _ov_model(onevision_lm)
         embeds = ref.get_input_embeddings()(shrunk["input_ids"]).clone()
         embeds[shrunk["input_ids"] == ref.config.image_token_id] = torch.cat(packed).to(embeds.dtype)

@@ -76,21 +76,32 @@ def pack_pruned(inner, features: torch.Tensor, indices: torch.Tensor, image_size
     return torch.cat([features[0], tokens[order]], dim=0)
 
 
+def _same(a, b) -> bool:
+    """Tensors by identity (their version counters are compared beside them), the rest by value."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return a == b
+
+
 def attach_onevision(model, inner, runner) -> None:
     """Replace `inner.get_image_features` with the build's features, packed as above."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    from .transformers import run_build
+
     full = runner.manifest["stages"][-1]["outputs"][0]["shape"][1] == runner.manifest["tower"]["num_patches"]
-    original = inner.get_image_features
+    last = {}   # the latest call: shrink_image_tokens counts with it, generate() then reuses it
 
     def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None,
                            vision_aspect_ratio=None, batch_num_images=None, **kwargs):
         aspect = vision_aspect_ratio or getattr(inner.config, "vision_aspect_ratio", "anyres_max_9")
+        # the same tensors, unmodified since (version counters), with the same options: same answer
+        key = (pixel_values, pixel_values._version, image_sizes, getattr(image_sizes, "_version", None), aspect,
+               batch_num_images)
+        if "key" in last and all(_same(a, b) for a, b in zip(last["key"], key)):
+            return BaseModelOutputWithPooling(pooler_output=last["packed"])
         tiles, counts = tiles_per_image(inner, pixel_values, image_sizes, batch_num_images)
-        out = runner(tiles.detach().float().cpu().numpy() if runner.backend.name != "torch" else tiles.detach().float())
-        embed = model.get_input_embeddings().weight
-        features = torch.as_tensor(runner.backend.to_numpy(out.features)).to(embed.device, embed.dtype)
-        indices = torch.as_tensor(runner.backend.to_numpy(out.indices)).to(embed.device)
+        features, indices = run_build(runner, tiles, model.get_input_embeddings().weight)
         packed = []
         for f, i, size in zip(features.split(counts), indices.split(counts), image_sizes):
             one = pack_pruned(inner, f, i, size, aspect, full)
@@ -98,7 +109,7 @@ def attach_onevision(model, inner, runner) -> None:
                 one = inner.pack_image_features([f], size[None], image_newline=inner.image_newline,
                                                 vision_aspect_ratio=aspect)[0][0]
             packed.append(one)
+        last.update(key=key, packed=packed)
         return BaseModelOutputWithPooling(pooler_output=packed)
 
     inner.get_image_features = get_image_features
-    inner.evoexport_original_get_image_features = original

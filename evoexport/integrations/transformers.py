@@ -34,6 +34,16 @@ def _vision_sha256(model, manifest: dict) -> str:
     return tower.state_sha256()
 
 
+def run_build(runner, pixel_values, like: torch.Tensor):
+    """The build on transformers' pixel values: (features, indices) as tensors on `like`'s
+    device, features in its dtype. The torch backend takes the tensor as it is; the others
+    read host arrays."""
+    x = pixel_values.detach().float()
+    out = runner(x if runner.backend.name == "torch" else x.cpu().numpy())
+    features = torch.as_tensor(runner.backend.to_numpy(out.features)).to(like.device, like.dtype)
+    return features, torch.as_tensor(runner.backend.to_numpy(out.indices)).to(like.device)
+
+
 def attach(model, build_dir, verify_weights: bool = True, **load_options):
     """Make `model` (LlavaForConditionalGeneration, or LlavaOnevisionForConditionalGeneration
     for images: pruned tiles packed as in integrations/onevision.py) take its image features
@@ -64,10 +74,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     embed = model.get_input_embeddings().weight
 
     def get_image_features(pixel_values, *args, **kwargs):
-        out = runner(pixel_values.detach().float().cpu().numpy() if runner.backend.name != "torch"
-                     else pixel_values.detach().float())
-        features = torch.as_tensor(runner.backend.to_numpy(out.features)).to(embed.device, embed.dtype)
-        return BaseModelOutputWithPooling(pooler_output=list(features))
+        return BaseModelOutputWithPooling(pooler_output=list(run_build(runner, pixel_values, embed)[0]))
 
     inner.get_image_features = get_image_features
     model.evoexport_image_tokens = manifest["stages"][-1]["outputs"][0]["shape"][1]

@@ -4,7 +4,16 @@ The full-size preset is LLaVA-1.5's vision path: CLIP ViT-L/14 at 336 px, featur
 the second-to-last layer with CLS dropped (576 tokens), projector 1024 -> 4096 -> 4096.
 The tiny presets use the same code path at sizes a 2-core CPU test suite can afford.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
 from . import Preset, register
+
+if TYPE_CHECKING:
+    from .tower import VisionTower
 
 # CLIP's preprocessing (openai/clip-vit-large-patch14-336, llava-1.5-7b-hf)
 CLIP_PREPROCESS = {
@@ -50,3 +59,52 @@ register(Preset(
     feature_layer=-1,
     preprocess=CLIP_PREPROCESS,
 ))
+
+
+def hf_image_features(tower: "VisionTower", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """transformers' own image-feature path carrying this tower's weights, for baselines
+    (on `device`, with its weights cast to `dtype` if given: a user's `model.to(torch.bfloat16)`).
+
+    LLaVA: `LlavaModel.get_image_features` with a full-depth CLIP tower (the layers past the
+    feature layer run too, as they do in transformers) and a language model of zero layers
+    (never called). Bare CLIP: `CLIPVisionModel(..., output_hidden_states=True)`.
+    Returns fn(pixel_values) -> features [B, K, D_out].
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaModel
+
+    from .tower import _stub_text_config
+
+    spec = tower.spec
+    vcfg = CLIPVisionConfig.from_dict(spec.vision)
+    vcfg._attn_implementation = "sdpa"
+    vision_state = {k.removeprefix("vision_model."): v for k, v in tower.vision.state_dict().items()}
+    if spec.projector is None:
+        model = CLIPVisionModel(vcfg).eval()
+        missing = model.load_state_dict(vision_state, strict=False).missing_keys
+        fl, drop = spec.feature_layer, tower.drop_cls
+
+        def run(pixel_values):
+            hs = model(pixel_values, output_hidden_states=True).hidden_states[fl]
+            return hs[:, 1:] if drop else hs
+    else:
+        p = spec.projector
+        cfg = LlavaConfig(vision_config=vcfg.to_dict(),
+                          text_config=_stub_text_config(p["out_features"]),
+                          projector_hidden_act=p["act"], multimodal_projector_bias=p["bias"],
+                          vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy)
+        cfg._attn_implementation = "sdpa"
+        model = LlavaModel(cfg).eval()
+        missing = model.vision_tower.load_state_dict(vision_state, strict=False).missing_keys
+        model.multi_modal_projector.load_state_dict(tower.projector.state_dict())
+
+        def run(pixel_values):
+            out = model.get_image_features(pixel_values, vision_feature_layer=spec.feature_layer,
+                                           vision_feature_select_strategy=spec.select_strategy)
+            return torch.stack(list(out.pooler_output))
+    # only what LLaVA never reads may be left at init: the layers past the feature layer
+    unused = tuple(f"encoder.layers.{i}." for i in range(tower.depth, vcfg.num_hidden_layers)) + ("post_layernorm.",)
+    unexpected = [k for k in missing if not k.removeprefix("vision_model.").startswith(unused)]
+    if unexpected:
+        raise RuntimeError(f"transformers' model did not take the tower's weights: {unexpected[:3]}")
+    model.to(device=device, dtype=dtype)
+    return run

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError
 from . import Preset, register
-from .tower import BaseTower, Family, TowerSpec, _load_weights, _stub_text_config, preprocess_from_checkpoint
+from .tower import BaseTower, CheckpointKinds, Family, TowerSpec, _stub_text_config, llava_style_spec, load_prefixed_weights
 
 # SigLIP's preprocessing (google/siglip-so400m-patch14-384, llava-onevision-qwen2-7b-ov-hf)
 SIGLIP_PREPROCESS = {
@@ -142,37 +141,11 @@ def spec_from_preset(preset: Preset) -> TowerSpec:
 
 def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
     from transformers import LlavaOnevisionConfig, SiglipConfig, SiglipVisionConfig
-    from .checkpoint import read_config
-
-    raw = read_config(ckpt)
-    kind = raw.get("model_type")
-    try:
-        if kind == "llava_onevision":
-            cfg = LlavaOnevisionConfig.from_dict(raw)
-            vcfg = cfg.vision_config
-            if vcfg.model_type != "siglip_vision_model":
-                raise EvoExportError(f"{ckpt}: LLaVA-OneVision checkpoint with a {vcfg.model_type!r} vision tower; "
-                                     "only SigLIP is supported")
-            fl = cfg.vision_feature_layer
-            if not isinstance(fl, int):
-                raise EvoExportError(f"{ckpt}: multi-layer vision_feature_layer {fl} is not supported")
-            if cfg.vision_feature_select_strategy != "full":
-                raise EvoExportError(f"{ckpt}: vision_feature_select_strategy "
-                                     f"{cfg.vision_feature_select_strategy!r}: SigLIP has no CLS to drop; only 'full'")
-            projector = {"out_features": cfg.text_config.hidden_size, "act": cfg.projector_hidden_act,
-                         "bias": getattr(cfg, "multimodal_projector_bias", True)}
-        elif kind in ("siglip_vision_model", "siglip"):
-            vcfg = SiglipVisionConfig.from_dict(raw) if kind == "siglip_vision_model" else SiglipConfig.from_dict(raw).vision_config
-            projector, fl = None, preset.feature_layer
-        else:
-            raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a {preset.family} checkpoint "
-                                 "(expected 'llava_onevision', 'siglip_vision_model' or 'siglip')")
-    except EvoExportError:
-        raise
-    except Exception as e:
-        raise EvoExportError(f"{ckpt}/config.json is not a valid {kind} config: {e}") from None
-    return TowerSpec(vision=vcfg.to_dict(), projector=projector, feature_layer=fl, select_strategy="full",
-                     preprocess=preprocess_from_checkpoint(ckpt, preset))
+    # "full" only: with strategy "default" transformers drops the first token, which for
+    # SigLIP (no CLS) is a patch
+    return llava_style_spec(preset, ckpt, CheckpointKinds("llava_onevision", LlavaOnevisionConfig,
+                                                          "siglip_vision_model", SiglipVisionConfig,
+                                                          "siglip", SiglipConfig, ("full",)))
 
 
-FAMILY = Family(SiglipTower, spec_from_preset, spec_from_checkpoint, _load_weights)
+FAMILY = Family(SiglipTower, spec_from_preset, spec_from_checkpoint, load_prefixed_weights)

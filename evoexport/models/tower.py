@@ -59,6 +59,9 @@ class BaseTower(nn.Module):
     has_cls: bool
     weights_info: dict
     resizable = False   # takes --image-size (position embeddings interpolated at build time)
+    # the probe's query: "cls" (CLS's row, towers with CLS) or "mean" (mean patch query: towers
+    # without CLS always; `evoexport eval` also sets it on DINOv2 to measure that rule)
+    importance_query = "cls"
 
     def _set_sizes(self, *, hidden: int, heads: int, mlp: int, image_size: int, patch: int, out_features: int,
                    drop_cls: bool) -> None:
@@ -142,6 +145,7 @@ class VisionTower(BaseTower):
         return attn, attn.num_heads, attn.scale
 
     def hf_features(self, device="cpu", dtype=None):
+        from .llava import hf_image_features
         return hf_image_features(self, device, dtype)
 
     @property
@@ -218,37 +222,58 @@ def spec_from_preset(preset: Preset) -> TowerSpec:
                      preprocess=dict(preset.preprocess))
 
 
-def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
-    from transformers import CLIPConfig, CLIPVisionConfig, LlavaConfig
+class CheckpointKinds(NamedTuple):
+    """The config.json kinds a LLaVA-style family loads: the multimodal wrapper, and the bare
+    vision encoder (alone, or inside its dual-encoder config)."""
+    wrapper: str            # model_type of the LLaVA-style model ("llava", "llava_onevision")
+    wrapper_config: type    # its transformers config class
+    vision: str             # model_type of its vision tower ("clip_vision_model", "siglip_vision_model")
+    vision_config: type
+    dual: str               # model_type of the dual encoder holding a vision_config ("clip", "siglip")
+    dual_config: type
+    strategies: tuple       # vision_feature_select_strategy values the family supports
 
+
+def llava_style_spec(preset: Preset, ckpt: Path, kinds: CheckpointKinds) -> TowerSpec:
+    """A tower spec from a LLaVA-style checkpoint (vision tower + projector; the language
+    model is never looked at) or from a bare vision encoder checkpoint (no projector)."""
     raw = read_config(ckpt)
     kind = raw.get("model_type")
     try:
-        if kind == "llava":
-            cfg = LlavaConfig.from_dict(raw)
+        if kind == kinds.wrapper:
+            cfg = kinds.wrapper_config.from_dict(raw)
             vcfg = cfg.vision_config
-            if vcfg.model_type != "clip_vision_model":
-                raise EvoExportError(f"{ckpt}: LLaVA checkpoint with a {vcfg.model_type!r} vision tower; only CLIP is supported")
+            if vcfg.model_type != kinds.vision:
+                raise EvoExportError(f"{ckpt}: {kind} checkpoint with a {vcfg.model_type!r} vision tower; "
+                                     f"only {kinds.vision} is supported")
             fl = cfg.vision_feature_layer
             if not isinstance(fl, int):
                 raise EvoExportError(f"{ckpt}: multi-layer vision_feature_layer {fl} is not supported")
             projector = {"out_features": cfg.text_config.hidden_size, "act": cfg.projector_hidden_act,
                          "bias": getattr(cfg, "multimodal_projector_bias", True)}
             strategy = cfg.vision_feature_select_strategy
-        elif kind in ("clip_vision_model", "clip"):
-            vcfg = CLIPVisionConfig.from_dict(raw) if kind == "clip_vision_model" else CLIPConfig.from_dict(raw).vision_config
+        elif kind in (kinds.vision, kinds.dual):
+            vcfg = (kinds.vision_config.from_dict(raw) if kind == kinds.vision
+                    else kinds.dual_config.from_dict(raw).vision_config)
             projector, fl, strategy = None, preset.feature_layer, preset.select_strategy
         else:
             raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a {preset.family} checkpoint "
-                                 "(expected 'llava', 'clip_vision_model' or 'clip')")
+                                 f"(expected {kinds.wrapper!r}, {kinds.vision!r} or {kinds.dual!r})")
     except EvoExportError:
         raise
     except Exception as e:
         raise EvoExportError(f"{ckpt}/config.json is not a valid {kind} config: {e}") from None
-    if strategy not in ("default", "full"):
-        raise EvoExportError(f"{ckpt}: vision_feature_select_strategy {strategy!r} is not supported")
+    if strategy not in kinds.strategies:
+        raise EvoExportError(f"{ckpt}: vision_feature_select_strategy {strategy!r} is not supported "
+                             f"(supported: {', '.join(kinds.strategies)})")
     return TowerSpec(vision=vcfg.to_dict(), projector=projector, feature_layer=fl,
                      select_strategy=strategy, preprocess=preprocess_from_checkpoint(ckpt, preset))
+
+
+def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
+    from transformers import CLIPConfig, CLIPVisionConfig, LlavaConfig
+    return llava_style_spec(preset, ckpt, CheckpointKinds("llava", LlavaConfig, "clip_vision_model", CLIPVisionConfig,
+                                                          "clip", CLIPConfig, ("default", "full")))
 
 
 def preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
@@ -282,7 +307,7 @@ def family_api(preset: Preset) -> Family:
     if preset.family == "siglip":
         from . import siglip
         return siglip.FAMILY
-    return Family(VisionTower, spec_from_preset, spec_from_checkpoint, _load_weights)
+    return Family(VisionTower, spec_from_preset, spec_from_checkpoint, load_prefixed_weights)
 
 
 def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int | None = None) -> TowerSpec:
@@ -334,7 +359,9 @@ def tower_from_manifest(manifest: dict) -> BaseTower:
                       quiet=True)
 
 
-def _load_weights(tower: VisionTower, ckpt: Path) -> None:
+def load_prefixed_weights(tower: BaseTower, ckpt: Path) -> None:
+    """`tower.vision` and `tower.projector` from a checkpoint stored under any of the known
+    name prefixes (VISION_PREFIXES, PROJECTOR_PREFIXES); safetensors only."""
     index = weight_index(ckpt)
     wanted: dict[str, str] = {}
     missing: list[str] = []
@@ -360,50 +387,3 @@ def _load_weights(tower: VisionTower, ckpt: Path) -> None:
                                  f"config.json implies {tuple(own[name].shape)}")
         tensors[name] = t.to(own[name].dtype)
     tower.load_state_dict(tensors, strict=False)
-
-
-def hf_image_features(tower: "VisionTower", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """transformers' own image-feature path carrying this tower's weights, for baselines
-    (on `device`, with its weights cast to `dtype` if given: a user's `model.to(torch.bfloat16)`).
-
-    LLaVA: `LlavaModel.get_image_features` with a full-depth CLIP tower (the layers past the
-    feature layer run too, as they do in transformers) and a language model of zero layers
-    (never called). Bare CLIP: `CLIPVisionModel(..., output_hidden_states=True)`.
-    Returns fn(pixel_values) -> features [B, K, D_out].
-    """
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaConfig, LlavaModel
-
-    spec = tower.spec
-    vcfg = CLIPVisionConfig.from_dict(spec.vision)
-    vcfg._attn_implementation = "sdpa"
-    vision_state = {k.removeprefix("vision_model."): v for k, v in tower.vision.state_dict().items()}
-    if spec.projector is None:
-        model = CLIPVisionModel(vcfg).eval()
-        missing = model.load_state_dict(vision_state, strict=False).missing_keys
-        fl, drop = spec.feature_layer, tower.drop_cls
-
-        def run(pixel_values):
-            hs = model(pixel_values, output_hidden_states=True).hidden_states[fl]
-            return hs[:, 1:] if drop else hs
-    else:
-        p = spec.projector
-        cfg = LlavaConfig(vision_config=vcfg.to_dict(),
-                          text_config=_stub_text_config(p["out_features"]),
-                          projector_hidden_act=p["act"], multimodal_projector_bias=p["bias"],
-                          vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy)
-        cfg._attn_implementation = "sdpa"
-        model = LlavaModel(cfg).eval()
-        missing = model.vision_tower.load_state_dict(vision_state, strict=False).missing_keys
-        model.multi_modal_projector.load_state_dict(tower.projector.state_dict())
-
-        def run(pixel_values):
-            out = model.get_image_features(pixel_values, vision_feature_layer=spec.feature_layer,
-                                           vision_feature_select_strategy=spec.select_strategy)
-            return torch.stack(list(out.pooler_output))
-    # only what LLaVA never reads may be left at init: the layers past the feature layer
-    unused = tuple(f"encoder.layers.{i}." for i in range(tower.depth, vcfg.num_hidden_layers)) + ("post_layernorm.",)
-    unexpected = [k for k in missing if not k.removeprefix("vision_model.").startswith(unused)]
-    if unexpected:
-        raise RuntimeError(f"transformers' model did not take the tower's weights: {unexpected[:3]}")
-    model.to(device=device, dtype=dtype)
-    return run
