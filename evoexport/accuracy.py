@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from .models import default_params, load_tower
 from .models.vit_digits import digits_split
 from .cost import tower_flops
-from .prune import PruneParams, PrunePoint, default_schedule, parse_schedule
+from .prune import PruneParams
+from .schedule import PrunePoint, default_schedule, parse_schedule
 from .stages import Pipeline
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "digits-vit"

@@ -22,7 +22,8 @@ from .models import default_params, get_preset, load_tower
 from .models.tower import spec_for
 from .progress import Progress, check_interrupted
 from .cost import tower_flops
-from .prune import PruneParams, PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule
+from .prune import PruneParams
+from .schedule import PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule
 
 DEFAULT_ROOT = Path("graphs")
 

@@ -4,7 +4,8 @@ as 2 x multiply-accumulates; tests check it against torch.utils.flop_counter.
 """
 from __future__ import annotations
 
-from .prune import PruneParams, PrunePoint
+from .prune import PruneParams
+from .schedule import PrunePoint
 
 def layer_flops(tokens: int, hidden: int, mlp: int) -> int:
     """FLOPs (2 x multiply-accumulates) of one pre-LN ViT layer on `tokens` tokens, matmuls only."""
@@ -17,7 +18,7 @@ def layer_flops(tokens: int, hidden: int, mlp: int) -> int:
 def select_flops(n: int, hidden: int, budget: int, merge: bool) -> int:
     flops = 2 * n * n * hidden                     # similarity
     if merge:
-        flops += 2 * budget * n * hidden           # merge matmul
+        flops += 2 * budget * (n - budget) * hidden    # merge matmul: dropped tokens into kept ones
     return flops
 
 

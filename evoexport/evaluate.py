@@ -44,7 +44,8 @@ from torch import nn
 from .errors import EvoExportError
 from .eval_data import eval_photos, paired_comparison
 from .cost import tower_flops
-from .prune import PruneParams, PrunePoint, default_schedule, budget_for
+from .prune import PruneParams
+from .schedule import PrunePoint, budget_for, default_schedule
 from .stages import Pipeline
 
 

@@ -32,10 +32,15 @@ reference's own scores with those decisions forced (`pick_steps(forced_picks=...
 `merge_affinity`) to tell a near-tie from a wrong decision (decisions.py), and applies
 them with `select(forced=...)` to compare continuous outputs under identical decisions.
 
-Only dense ops: matmul, top-k, gather, comparisons, reductions; no scatter, no ArgMax and
-no data-dependent shapes, so the same code exports to ONNX and TensorRT with static budgets.
-Ties break towards the lower token index everywhere (an exact pairwise rank, not a
-sort); NaN and -inf scores rank last, so a selection is always valid.
+Only dense ops: matmul, top-k, gather, comparisons, reductions, running sums; no scatter,
+no ArgMax and no data-dependent shapes, so the same code exports to ONNX and TensorRT with
+static budgets. Ties break towards the lower token index everywhere (TopK only finds the
+k-th value; who is in is then decided by value and index, never by a sort's tie order);
+NaN and -inf scores rank last, so a selection is always valid.
+
+Cost: one N x N similarity matmul and a few N x N elementwise passes (redundancy, the
+spatial term); every later step touches only N x take, N x K or (N-K) x K entries, since
+the N - K dropped tokens are the only ones that need a merge decision.
 """
 from __future__ import annotations
 
@@ -78,91 +83,6 @@ class PruneParams:
         return cls(**{"spatial_weight": 0.0, **params})
 
 
-# ----------------------------------------------------------------------------- schedule
-
-@dataclass(frozen=True)
-class PrunePoint:
-    after_layer: int  # 0-based: tokens are pruned between layer `after_layer` and the next
-    tokens: int       # patch tokens kept
-
-
-# Default prune points, as fractions of the encoder depth: the first ~20% of layers run on
-# all tokens (their attention is not yet semantic), then three steps of equal ratio reach
-# the final budget by ~40% of the depth, so the remaining 60% of the layers run at budget.
-DEFAULT_PRUNE_DEPTHS = (0.2, 0.3, 0.4)
-
-
-def budget_for(num_patches: int, keep: float) -> int:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
-        raise EvoExportError(f"--keep must be a number in (0, 1], got {keep!r}")
-    if not 0 < keep <= 1:
-        raise EvoExportError(f"--keep must be in (0, 1], got {keep}")
-    k = round(num_patches * keep)
-    if k < 1:
-        raise EvoExportError(f"--keep {keep} leaves no token of {num_patches}")
-    return k
-
-
-def default_schedule(depth: int, num_patches: int, keep: float) -> list[PrunePoint]:
-    final = budget_for(num_patches, keep)
-    if final == num_patches:
-        return []
-    if depth < 2:
-        raise EvoExportError(f"a {depth}-layer encoder has no room for a prune point")
-    # after layer round(depth * f): at least one layer always runs on all tokens
-    layers = sorted({min(max(round(depth * f), 1), depth - 2) for f in DEFAULT_PRUNE_DEPTHS})
-    points, prev = [], num_patches
-    for i, layer in enumerate(layers, 1):
-        tokens = final if i == len(layers) else round(num_patches * keep ** (i / len(layers)))
-        tokens = min(max(tokens, final), prev)
-        if tokens < prev:
-            points.append(PrunePoint(layer, tokens))
-            prev = tokens
-    return points
-
-
-def parse_schedule(text: str, depth: int, num_patches: int) -> list[PrunePoint]:
-    """'LAYER:KEEP,...' with KEEP a fraction of the original patch tokens (0.7) or a count (400)."""
-    points: list[PrunePoint] = []
-    for item in [t.strip() for t in text.split(",") if t.strip()]:
-        try:
-            layer_s, keep_s = item.split(":")
-            layer = int(layer_s)
-            is_fraction = "." in keep_s or "e" in keep_s.lower()
-            keep_v = float(keep_s) if is_fraction else int(keep_s)
-        except ValueError:
-            raise EvoExportError(f"--schedule item {item!r} is not LAYER:KEEP (e.g. 4:0.8,8:0.5 or 4:400,8:288)") from None
-        if is_fraction:
-            if not 0 < keep_v <= 1:
-                raise EvoExportError(f"--schedule item {item!r}: a fraction must be in (0, 1]")
-            tokens = budget_for(num_patches, keep_v)
-        else:
-            tokens = keep_v
-        points.append(PrunePoint(layer, tokens))
-    if not points:
-        raise EvoExportError("--schedule is empty")
-    check_schedule(points, depth, num_patches)
-    return points
-
-
-def check_schedule(points: list[PrunePoint], depth: int, num_patches: int) -> None:
-    prev_layer, prev_tokens = -1, num_patches
-    for p in points:
-        if not 0 <= p.after_layer <= depth - 2:
-            raise EvoExportError(f"prune point after layer {p.after_layer} does not fit a {depth}-layer encoder "
-                                 f"(allowed: 0..{depth - 2}; the last layer must run on the kept tokens)")
-        if p.after_layer <= prev_layer:
-            raise EvoExportError("--schedule prune layers must be strictly increasing")
-        if not 1 <= p.tokens < prev_tokens:
-            raise EvoExportError(f"prune point after layer {p.after_layer} keeps {p.tokens} tokens; "
-                                 f"budgets must decrease and stay >= 1 (previous: {prev_tokens})")
-        prev_layer, prev_tokens = p.after_layer, p.tokens
-
-
-def format_schedule(points: list[PrunePoint]) -> str:
-    return ",".join(f"{p.after_layer}:{p.tokens}" for p in points) or "(none)"
-
-
 # ----------------------------------------------------------------------------- selection
 
 def _rank_key(x: torch.Tensor) -> torch.Tensor:
@@ -175,15 +95,22 @@ def _top_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     """[B, N] -> boolean mask of the k largest keys; ties go to the lower index.
 
     A token is in when fewer than k tokens beat it, where j beats i if key_j > key_i, or
-    key_j == key_i and j < i. The pairwise compare is dense, exact and deterministic in
-    every backend (a sort would not be: torch.topk leaves ties unspecified and ONNX has no
-    stable sort); it costs N^2 compares, less than the similarity matmul beside it.
+    key_j == key_i and j < i. Computed in O(N log N): TopK finds the k-th largest key v
+    (a value it selects, never computes, so every backend finds the same v whatever order
+    it leaves ties in); every key above v is in, and of the keys equal to v the first
+    k - #above by index, counted with a running sum. Exact and deterministic on every
+    backend, as the N^2 pairwise compare it replaces (tests/test_prune.py keeps that as the
+    reference) but without the [B, N, N] tensors.
     """
     n = key.shape[-1]
-    ar = torch.arange(n, device=key.device)
-    ki, kj = key.unsqueeze(-1), key.unsqueeze(-2)                  # [B, N(i), 1], [B, 1, N(j)]
-    beats = (kj > ki) | ((kj == ki) & (ar.view(1, n) < ar.view(n, 1)))
-    return beats.sum(dim=-1) < k
+    if k >= n:
+        return torch.ones_like(key, dtype=torch.bool)
+    kth = torch.topk(key, k, dim=-1).values.amin(dim=-1, keepdim=True)     # min, not [-1]: no sort order assumed
+    above = key > kth
+    at = key == kth
+    # counts in float32: exact below 2**24 tokens, and TensorRT's CumSum takes no integers
+    room = k - above.to(torch.float32).sum(dim=-1, keepdim=True)
+    return above | (at & (torch.cumsum(at.to(torch.float32), dim=-1) <= room))
 
 
 def first_max_index(x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +168,8 @@ def utility_scores(patches: torch.Tensor, importance: torch.Tensor, params: Prun
     peak = finite.amax(dim=-1, keepdim=True).clamp_min(1e-12)
     utility = importance / peak - params.redundancy_weight * redundancy
     if grid is not None and params.spatial_weight > 0:
-        if positions is None:
-            positions = torch.arange(n, device=patches.device).unsqueeze(0).expand(patches.shape[0], n)
+        if positions is None:   # the first point: one [1, N, N] distance matrix serves the batch
+            positions = torch.arange(n, device=patches.device).unsqueeze(0)
         sim = sim - params.spatial_weight * spatial_distance(positions, grid).to(sim.dtype)
     return utility, sim
 
@@ -280,13 +207,15 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
     Picked tokens rank below everything (-inf), NaN just above.
     """
     sim_key = _rank_key(sim)
+    b, n = utility.shape
     picks = torch.full(utility.shape, -1, dtype=torch.int64, device=utility.device)
     picked = torch.zeros(utility.shape, dtype=torch.bool, device=utility.device)
-    for step, take in enumerate(step_sizes(budget, params)):  # a static loop: unrolled in the exported graph
+    closest = None        # [B, N] similarity of each token to the closest token picked so far
+    sizes = step_sizes(budget, params)
+    for step, take in enumerate(sizes):  # a static loop: unrolled in the exported graph
         if step == 0:
             key = _rank_key(utility)
         else:  # novelty: minus the similarity to the closest token picked so far
-            closest = sim_key.masked_fill(~picked.unsqueeze(1), -math.inf).amax(dim=-1)
             key = _rank_key(-closest).masked_fill(picked, -math.inf)
         own_choice = _top_mask(key, take)
         chosen = own_choice if forced_picks is None else forced_picks == step
@@ -294,6 +223,16 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
             on_step(step, key, picked, chosen, own_choice)
         picks = torch.where(chosen, step, picks)
         picked = picked | chosen
+        if step + 1 < len(sizes):
+            # fold only this step's picks into `closest`: a max over a union is the max of
+            # the parts, exactly, so this equals the max over everything picked while reading
+            # N x take similarities instead of N x N each round
+            if forced_picks is None:   # exactly `take` chosen: gather their columns
+                cols = _ascending_indices(chosen, take)
+                newest = torch.gather(sim_key, 2, cols.unsqueeze(1).expand(b, n, take)).amax(dim=-1)
+            else:                      # another executor's picks, any count: mask the columns
+                newest = sim_key.masked_fill(~chosen.unsqueeze(1), -math.inf).amax(dim=-1)
+            closest = newest if closest is None else torch.maximum(closest, newest)
     return picks
 
 
@@ -307,6 +246,14 @@ def merge_affinity(sim: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     b, n, _ = sim.shape
     affinity = torch.gather(_rank_key(sim), 2, kept.unsqueeze(1).expand(b, n, kept.shape[1]))
     return affinity.masked_fill(_is_self(kept, n), math.inf)
+
+
+def _dropped_affinity(sim: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """[B, N-K, K] rank keys of each dropped token's similarity to each kept token: the rows of
+    merge_affinity that are not a kept token's own (those are +inf at the token's slot)."""
+    b, n, _ = sim.shape
+    rows = torch.gather(_rank_key(sim), 1, dropped.unsqueeze(-1).expand(b, dropped.shape[1], n))
+    return torch.gather(rows, 2, kept.unsqueeze(1).expand(b, dropped.shape[1], kept.shape[1]))
 
 
 def _is_self(kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -338,31 +285,43 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     patches = hidden[:, c:]
     if sizes is None:
         sizes = torch.ones(b, n, dtype=hidden.dtype, device=hidden.device)
-    if positions is None:
-        positions = torch.arange(n, device=hidden.device).unsqueeze(0).expand(b, n)
 
     if forced is None:
         utility, sim = utility_scores(patches, importance, params, positions, grid)
         picks = pick_steps(utility, sim, budget, params)
-        kept = kept_indices(picks, budget)                                           # [B, K]
-        if params.merge:
-            owner = first_max_index(merge_affinity(sim, kept))                       # [B, N]
-        else:  # a kept token is its own slot; a dropped one went nowhere
-            is_self = _is_self(kept, n)
-            owner = torch.where(is_self.any(dim=-1), first_max_index(is_self.to(torch.int64)), -1)
     else:
         picks, owner = forced
-        kept = kept_indices(picks, budget)
-    new_positions = torch.gather(positions, 1, kept)
-
-    if params.merge:
-        assign = owner.unsqueeze(1) == torch.arange(budget, device=hidden.device).view(1, budget, 1)
-        assign = assign.to(hidden.dtype)                                                 # [B, K, N]
-        new_sizes = (assign @ sizes.unsqueeze(-1)).squeeze(-1)
-        merged = (assign @ (patches * sizes.unsqueeze(-1))) / new_sizes.unsqueeze(-1)
+    kept_mask = picks >= 0
+    kept = kept_indices(picks, budget)                                               # [B, K]
+    # only the N - K dropped tokens need a merge decision and a merge: a kept token is its own
+    # slot (its rank among the kept), so nothing N x N or K x N is built after the picks
+    merging = params.merge and n > budget
+    if merging:
+        dropped = _ascending_indices(~kept_mask, n - budget)                         # [B, N-K]
+    if forced is None:
+        # running counts in float32 (exact, and the only CumSum TensorRT takes), then indices
+        owner = (torch.cumsum(kept_mask.to(torch.float32), dim=-1) - 1).to(torch.int64)  # kept: own slot
+        if merging:
+            dropped_owner = first_max_index(_dropped_affinity(sim, kept, dropped))     # [B, N-K]
+            dropped_rank = (torch.cumsum((~kept_mask).to(torch.float32), dim=-1) - 1).clamp_min(0).to(torch.int64)
+            owner = torch.where(kept_mask, owner, torch.gather(dropped_owner, 1, dropped_rank))
+        else:  # no merge: a dropped token went nowhere
+            owner = torch.where(kept_mask, owner, -1)
+    if positions is None:
+        new_positions = kept
     else:
-        new_sizes = torch.gather(sizes, 1, kept)
-        merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1]))
+        new_positions = torch.gather(positions, 1, kept)
+    new_sizes = torch.gather(sizes, 1, kept)
+    merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1]))
+    if merging:
+        # size-weighted mean of each kept token and the dropped tokens assigned to it
+        dropped_sizes = torch.gather(sizes, 1, dropped)
+        dropped_x = torch.gather(patches, 1, dropped.unsqueeze(-1).expand(b, n - budget, patches.shape[-1]))
+        assign = torch.gather(owner, 1, dropped).unsqueeze(1) == torch.arange(budget, device=hidden.device).view(1, budget, 1)
+        assign = assign.to(hidden.dtype)                                                 # [B, K, N-K]
+        mass = merged * new_sizes.unsqueeze(-1) + assign @ (dropped_x * dropped_sizes.unsqueeze(-1))
+        new_sizes = new_sizes + (assign @ dropped_sizes.unsqueeze(-1)).squeeze(-1)
+        merged = mass / new_sizes.unsqueeze(-1)
     out = torch.cat([hidden[:, :c], merged], dim=1) if c else merged
     return Selection(out, new_sizes, new_positions, owner, picks)
 

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .models.tower import BaseTower
-from .prune import PrunePoint, PruneParams, SelectGraph, check_schedule
+from .prune import PruneParams, SelectGraph
+from .schedule import PrunePoint, check_schedule
 
 
 @dataclass

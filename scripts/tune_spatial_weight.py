@@ -23,7 +23,8 @@ def main() -> None:
     from evoexport.eval_data import eval_photos
     from evoexport.evaluate import Saliency, ToMeSelect, _correlation, _errors, dense_features
     from evoexport.models import load_tower
-    from evoexport.prune import PruneParams, default_schedule
+    from evoexport.prune import PruneParams
+    from evoexport.schedule import default_schedule
     from evoexport.stages import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from evoexport.errors import EvoExportError
 from evoexport.cost import layer_flops, tower_flops
-from evoexport.prune import PruneParams, PrunePoint, default_schedule, parse_schedule, select
+from evoexport.prune import PruneParams, select
+from evoexport.schedule import PrunePoint, default_schedule, parse_schedule
 
 
 def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4, gamma=0.0, grid=None,
@@ -279,3 +280,38 @@ def test_presets_default_the_spatial_term_as_measured():
     with tempfile.TemporaryDirectory() as d:
         b = build("llava-tiny", 0.5, out=f"{d}/b", validate=False, progress=Progress(enabled=False))
         assert json.loads((b.path / "manifest.json").read_text())["prune_params"]["spatial_weight"] == 0.3
+
+
+def _pairwise_top_mask(key, k):
+    """The definition: a token is in when fewer than k tokens beat it (higher key, or equal key
+    and lower index). N^2 compares: the former implementation, kept as the reference."""
+    n = key.shape[-1]
+    ar = torch.arange(n)
+    ki, kj = key.unsqueeze(-1), key.unsqueeze(-2)
+    beats = (kj > ki) | ((kj == ki) & (ar.view(1, n) < ar.view(n, 1)))
+    return beats.sum(dim=-1) < k
+
+
+@settings(max_examples=200, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(1, 40), data=st.data(),
+       pattern=st.sampled_from(["random", "few_values", "all_equal", "infinities"]))
+def test_top_mask_equals_the_pairwise_definition(b, n, data, pattern):
+    """The O(N log N) top-k (TopK threshold + running count of ties) decides exactly what the
+    pairwise rank decides, ties to the lower index, for every k."""
+    from evoexport.prune import _rank_key, _top_mask
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    key = torch.randn(b, n, generator=g)
+    if pattern == "few_values":
+        key = torch.randint(0, 3, (b, n), generator=g).float()
+    elif pattern == "all_equal":
+        key = torch.full((b, n), 0.5)
+    elif pattern == "infinities":
+        key[torch.rand(b, n, generator=g) < 0.3] = float("inf")
+        key[torch.rand(b, n, generator=g) < 0.3] = -float("inf")
+        key[torch.rand(b, n, generator=g) < 0.2] = float("nan")
+    key = _rank_key(key)
+    for k in range(1, n + 1):
+        mask = _top_mask(key, k)
+        assert torch.equal(mask, _pairwise_top_mask(key, k)), (key, k)
+        assert (mask.sum(dim=-1) == k).all()

@@ -114,7 +114,7 @@ def test_onevision_checkpoint_with_default_strategy_is_refused(onevision, tmp_pa
 
 
 def test_full_size_preset_is_llava_onevision_7b():
-    from evoexport.prune import default_schedule
+    from evoexport.schedule import default_schedule
     tower = load_tower("llava-onevision", quiet=True)
     assert (tower.num_patches, tower.depth, tower.hidden_size, tower.out_features) == (729, 26, 1152, 3584)
     assert not tower.has_cls
