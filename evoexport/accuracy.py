@@ -46,7 +46,7 @@ class DigitsBench:
         head = load_file(Path(checkpoint) / "head.safetensors")
         self.head = torch.nn.Linear(self.tower.hidden_size, 10)
         self.head.load_state_dict(head)
-        self.post_norm = self.tower._clip.post_layernorm
+        self.post_norm = self.tower._vision_model.post_layernorm
         _, _, x, y = digits_split()
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
 

@@ -206,7 +206,6 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
     sees every step's rank keys, the choice taken and the one these scores make.
     Picked tokens rank below everything (-inf), NaN just above.
     """
-    sim_key = _rank_key(sim)
     b, n = utility.shape
     picks = torch.full(utility.shape, -1, dtype=torch.int64, device=utility.device)
     picked = torch.zeros(utility.shape, dtype=torch.bool, device=utility.device)
@@ -229,9 +228,10 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
             # N x take similarities instead of N x N each round
             if forced_picks is None:   # exactly `take` chosen: gather their columns
                 cols = _ascending_indices(chosen, take)
-                newest = torch.gather(sim_key, 2, cols.unsqueeze(1).expand(b, n, take)).amax(dim=-1)
+                columns = _rank_key(torch.gather(sim, 2, cols.unsqueeze(1).expand(b, n, take)))
             else:                      # another executor's picks, any count: mask the columns
-                newest = sim_key.masked_fill(~chosen.unsqueeze(1), -math.inf).amax(dim=-1)
+                columns = _rank_key(sim).masked_fill(~chosen.unsqueeze(1), -math.inf)
+            newest = columns.amax(dim=-1)
             closest = newest if closest is None else torch.maximum(closest, newest)
     return picks
 
@@ -252,8 +252,8 @@ def _dropped_affinity(sim: torch.Tensor, kept: torch.Tensor, dropped: torch.Tens
     """[B, N-K, K] rank keys of each dropped token's similarity to each kept token: the rows of
     merge_affinity that are not a kept token's own (those are +inf at the token's slot)."""
     b, n, _ = sim.shape
-    rows = torch.gather(_rank_key(sim), 1, dropped.unsqueeze(-1).expand(b, dropped.shape[1], n))
-    return torch.gather(rows, 2, kept.unsqueeze(1).expand(b, dropped.shape[1], kept.shape[1]))
+    rows = torch.gather(sim, 1, dropped.unsqueeze(-1).expand(b, dropped.shape[1], n))
+    return _rank_key(torch.gather(rows, 2, kept.unsqueeze(1).expand(b, dropped.shape[1], kept.shape[1])))
 
 
 def _is_self(kept: torch.Tensor, n: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ def main() -> None:
 
     builds = {"before": Path(args.before), "after": Path(args.after)}
     manifests = {k: json.loads((d / "manifest.json").read_text()) for k, d in builds.items()}
-    selects = [[s["select"] for s in m["stages"] if s.get("select")] for m in manifests.values()]
+    selects = [s["select"] for s in manifests["after"]["stages"] if s.get("select")]
     if manifests["before"]["schedule"] != manifests["after"]["schedule"]:
         raise SystemExit("error: the two builds have different prune schedules")
     num_patches = manifests["after"]["tower"]["num_patches"]
@@ -76,7 +76,7 @@ def main() -> None:
     core.set_property("CPU", {"INFERENCE_NUM_THREADS": args.threads})
     rows = []
     for batch in args.batch:
-        for index, spec in enumerate(selects[1]):
+        for index, spec in enumerate(selects):
             feeds = _inputs(spec["inputs"], batch, num_patches, np.random.default_rng(index))
             runners, outputs = {}, {}
             for key, d in builds.items():

@@ -21,10 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import Preset, register
-from .tower import BaseTower, CheckpointKinds, Family, TowerSpec, _stub_text_config, llava_style_spec, load_prefixed_weights
+from .tower import (BaseTower, CheckpointKinds, Family, TowerSpec, TransformersVisionLayers, _stub_text_config,
+                    llava_style_spec, load_prefixed_weights)
 
 # SigLIP's preprocessing (google/siglip-so400m-patch14-384, llava-onevision-qwen2-7b-ov-hf)
 SIGLIP_PREPROCESS = {
@@ -72,7 +72,7 @@ def _onevision_config(vision: dict, projector: dict, feature_layer: int):
                                 vision_feature_layer=feature_layer, vision_feature_select_strategy="full")
 
 
-class SiglipTower(BaseTower):
+class SiglipTower(TransformersVisionLayers, BaseTower):
     def __init__(self, spec: TowerSpec):
         super().__init__()
         from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -93,21 +93,8 @@ class SiglipTower(BaseTower):
                         drop_cls=False)
         self.has_cls = False
 
-    @property
-    def _siglip(self) -> nn.Module:
-        # transformers < 5 wraps the modules in .vision_model
-        return getattr(self.vision, "vision_model", self.vision)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self._siglip.encoder.layers
-
-    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
-        attn = self.layers[index].self_attn
-        return attn, attn.num_heads, attn.scale
-
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._siglip.embeddings(pixel_values)
+        return self._vision_model.embeddings(pixel_values)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.projector(hidden) if self.projector is not None else hidden

@@ -122,7 +122,25 @@ class BaseTower(nn.Module):
         return h.hexdigest()
 
 
-class VisionTower(BaseTower):
+class TransformersVisionLayers:
+    """Layers and probe of transformers' CLIP-layout vision models (CLIP, SigLIP): the tower
+    holds the model as `self.vision`, its layers under `encoder.layers`, each with `self_attn`."""
+
+    @property
+    def _vision_model(self) -> nn.Module:
+        # transformers < 5 wraps the modules in .vision_model
+        return getattr(self.vision, "vision_model", self.vision)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._vision_model.encoder.layers
+
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        attn = self.layers[index].self_attn
+        return attn, attn.num_heads, attn.scale
+
+
+class VisionTower(TransformersVisionLayers, BaseTower):
     """CLIP (LLaVA's vision tower)."""
 
     def __init__(self, spec: TowerSpec):
@@ -140,25 +158,12 @@ class VisionTower(BaseTower):
                         out_features=spec.projector["out_features"] if spec.projector else vcfg.hidden_size,
                         drop_cls=spec.select_strategy == "default")
 
-    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
-        attn = self.layers[index].self_attn
-        return attn, attn.num_heads, attn.scale
-
     def hf_features(self, device="cpu", dtype=None):
         from .llava import hf_image_features
         return hf_image_features(self, device, dtype)
 
-    @property
-    def _clip(self) -> nn.Module:
-        # transformers < 5 wraps the modules in .vision_model
-        return getattr(self.vision, "vision_model", self.vision)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self._clip.encoder.layers
-
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vm = self._clip
+        vm = self._vision_model
         return vm.pre_layrnorm(vm.embeddings(pixel_values))
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
