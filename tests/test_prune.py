@@ -315,3 +315,24 @@ def test_top_mask_equals_the_pairwise_definition(b, n, data, pattern):
         mask = _top_mask(key, k)
         assert torch.equal(mask, _pairwise_top_mask(key, k)), (key, k)
         assert (mask.sum(dim=-1) == k).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 30), data=st.data(), few_values=st.booleans())
+def test_dropped_tokens_merge_owner_is_merge_affinity_argmax(b, n, data, few_values):
+    """The chain decides merge owners from the dropped rows alone (_dropped_affinity, [B,N-K,K]);
+    validation and eval read the full merge_affinity ([B,N,K]). Same owners, ties included."""
+    from evoexport.prune import _ascending_indices, _dropped_affinity, first_max_index, merge_affinity
+
+    k = data.draw(st.integers(1, n - 1))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    sim = torch.randint(0, 3, (b, n, n), generator=g).float() if few_values else torch.randn(b, n, n, generator=g)
+    kept_mask = torch.zeros(b, n, dtype=torch.bool)
+    for row in range(b):
+        kept_mask[row, torch.randperm(n, generator=g)[:k]] = True
+    kept = _ascending_indices(kept_mask, k)
+    dropped = _ascending_indices(~kept_mask, n - k)
+    full = first_max_index(merge_affinity(sim, kept))                      # [B, N]
+    assert torch.equal(first_max_index(_dropped_affinity(sim, kept, dropped)), torch.gather(full, 1, dropped))
+    # and a kept token's own slot wins its row in the full definition
+    assert torch.equal(torch.gather(full, 1, kept), torch.arange(k).expand(b, k))
