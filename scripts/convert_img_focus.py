@@ -114,9 +114,9 @@ def convert(onnx_path: Path, out: Path, verify: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, str(out / "model.safetensors"))
     config.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "size": {"shortest_edge": 224},
-         "crop_size": {"height": 224, "width": 224}}, indent=2) + "\n")
+    # facebook/dinov2-small's own processor (BitImageProcessor: shortest edge 256, crop 224)
+    from evoexport.models.dinov2 import DINOV2_PROCESSOR
+    (out / "preprocessor_config.json").write_text(json.dumps(DINOV2_PROCESSOR, indent=2) + "\n")
     _write_decoder(model, out / DECODER)
     report = {"onnx": str(onnx_path), "tensors": len(tensors), "layers": layers, "layer_norm_eps": config.layer_norm_eps,
               "saliency_decoder": DECODER}

@@ -18,17 +18,20 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
+from ..images import recipe_from_processor_config
 from . import Preset, register
 from .tower import BaseTower, Family, TowerSpec, preprocess_from_checkpoint
 
-IMAGENET_PREPROCESS = {
-    "resize_shortest_edge": True,
-    "resample": "bicubic",
-    "center_crop": True,
-    "rescale": 1 / 255,
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+# The reference checkpoint's own preprocessor_config.json, as data: facebook/dinov2-small
+# (BitImageProcessor: shortest edge 256, centre crop 224). Other --image-size values scale it.
+DINOV2_PROCESSOR = {
+    "image_processor_type": "BitImageProcessor",
+    "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+    "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 256},
 }
+IMAGENET_PREPROCESS = recipe_from_processor_config(DINOV2_PROCESSOR, "facebook/dinov2-small")
 
 DINOV2_S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                   image_size=518, layer_norm_eps=1e-6, hidden_act="gelu", layerscale_value=1.0, use_swiglu_ffn=False)

@@ -10,20 +10,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..images import recipe_from_processor_config
 from . import Preset, register
 
 if TYPE_CHECKING:
     from .tower import VisionTower
 
-# CLIP's preprocessing (openai/clip-vit-large-patch14-336, llava-1.5-7b-hf)
-CLIP_PREPROCESS = {
-    "resize_shortest_edge": True,
-    "resample": "bicubic",
-    "center_crop": True,
-    "rescale": 1 / 255,
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
+# The reference checkpoint's own preprocessor_config.json, as data: llava-hf/llava-1.5-7b-hf
+# (CLIPImageProcessor; openai/clip-vit-large-patch14-336 ships the same). Tiny presets scale it.
+CLIP_336_PROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor",
+    "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True,
+    "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 336},
 }
+CLIP_PREPROCESS = recipe_from_processor_config(CLIP_336_PROCESSOR, "llava-hf/llava-1.5-7b-hf")
 
 LLAVA = register(Preset(
     name="llava",

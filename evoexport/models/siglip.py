@@ -22,19 +22,21 @@ from pathlib import Path
 
 import torch
 
+from ..images import recipe_from_processor_config
 from . import Preset, register
 from .tower import (BaseTower, CheckpointKinds, Family, TowerSpec, TransformersVisionLayers, _stub_text_config,
                     llava_style_spec, load_prefixed_weights)
 
-# SigLIP's preprocessing (google/siglip-so400m-patch14-384, llava-onevision-qwen2-7b-ov-hf)
-SIGLIP_PREPROCESS = {
-    "resize_shortest_edge": True,
-    "resample": "bicubic",
-    "center_crop": True,
-    "rescale": 1 / 255,
-    "mean": [0.5, 0.5, 0.5],
-    "std": [0.5, 0.5, 0.5],
+# The reference checkpoint's own preprocessor_config.json, as data:
+# llava-hf/llava-onevision-qwen2-7b-ov-hf (LlavaOnevisionImageProcessor). A build takes its
+# base view: the whole image resized to 384x384, no crop (anyres tiles are that view's size).
+ONEVISION_PROCESSOR = {
+    "image_processor_type": "LlavaOnevisionImageProcessor",
+    "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384},
 }
+SIGLIP_PREPROCESS = recipe_from_processor_config(ONEVISION_PROCESSOR, "llava-hf/llava-onevision-qwen2-7b-ov-hf")
 
 register(Preset(
     name="llava-onevision",

@@ -105,6 +105,12 @@ class BaseTower(nn.Module):
         `dtype` (the GPU chain: PyTorch's CUDA kernel accumulates its statistics in fp32
         anyway, and the casts around an fp32 island cost ~10% of a layer there)."""
         twin = copy.deepcopy(self).to(dtype)
+        for module in twin.modules():
+            # deepcopy copies hooks too: the stages' q/k capture hooks would write the
+            # twin's activations into the fp32 pipeline's stages. The twin's own pipeline
+            # registers its own.
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
         for module in list(twin.modules()):
             for name, child in module.named_children():
                 if isinstance(child, nn.LayerNorm) and fp32_norms:
@@ -282,19 +288,20 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
 
 
 def preprocess_from_checkpoint(ckpt: Path, preset: Preset) -> dict:
-    """The preset's preprocessing with the checkpoint's mean and std (preprocessor_config.json)."""
+    """The checkpoint's own image processor recipe (preprocessor_config.json: resize mode,
+    sizes, crop, resample, rescale, mean, std); the preset's reference recipe where the
+    checkpoint ships none."""
     import json
-    pre = dict(preset.preprocess)
+
+    from ..images import recipe_from_processor_config
     p = ckpt / "preprocessor_config.json"
-    if p.is_file():
-        try:
-            raw = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvoExportError(f"{p} is not valid JSON: {e}") from None
-        for key in ("image_mean", "image_std"):
-            if key in raw:
-                pre[key.removeprefix("image_")] = [float(v) for v in raw[key]]
-    return pre
+    if not p.is_file():
+        return dict(preset.preprocess)
+    try:
+        raw = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvoExportError(f"{p} is not valid JSON: {e}") from None
+    return recipe_from_processor_config(raw, str(p))
 
 
 class Family(NamedTuple):
@@ -315,9 +322,15 @@ def family_api(preset: Preset) -> Family:
     return Family(VisionTower, spec_from_preset, spec_from_checkpoint, load_prefixed_weights)
 
 
-def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int | None = None) -> TowerSpec:
+def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int | None = None,
+             pad_to_square: bool | None = None) -> TowerSpec:
     """The tower's spec, checked before any weight is touched. `image_size` (families whose
-    tower is resizable): the input size, a multiple of the patch size."""
+    tower is resizable): the input size, a multiple of the patch size. The preprocessing
+    recipe is fitted to the input size (scaled where the processor's crop is another size);
+    `pad_to_square` overrides the recipe's (LLaVA-1.5's original `image_aspect_ratio: pad`)."""
+    from dataclasses import replace
+
+    from ..images import fit_recipe
     preset = get_preset(model)
     family = family_api(preset)
     ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
@@ -326,17 +339,21 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
         if image_size != spec.vision["image_size"]:
             raise EvoExportError(f"--image-size: {model} runs at its own {spec.vision['image_size']} px "
                                  "(other input sizes: --model dinov2)")
-        return spec
-    kwargs = {"image_size": image_size} if image_size is not None else {}
-    return family.spec_from_checkpoint(preset, ckpt, **kwargs) if ckpt else family.spec_from_preset(preset, **kwargs)
+    else:
+        kwargs = {"image_size": image_size} if image_size is not None else {}
+        spec = (family.spec_from_checkpoint(preset, ckpt, **kwargs) if ckpt
+                else family.spec_from_preset(preset, **kwargs))
+    size = spec.input_size or spec.vision["image_size"]
+    return replace(spec, preprocess=fit_recipe(spec.preprocess, size, pad_to_square))
 
 
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
-               expect_sha256: str | None = None, quiet: bool = False, image_size: int | None = None) -> BaseTower:
+               expect_sha256: str | None = None, quiet: bool = False, image_size: int | None = None,
+               pad_to_square: bool | None = None) -> BaseTower:
     """Build the tower of preset `model`, with weights from `checkpoint` or seeded random ones."""
     family = family_api(get_preset(model))
     if checkpoint is None:
-        spec = spec_for(model, None, image_size)
+        spec = spec_for(model, None, image_size, pad_to_square)
         torch.manual_seed(seed)
         tower = family.tower(spec)
         tower.weights_info = {"weights": "random", "weights_seed": seed, "checkpoint": None}
@@ -345,7 +362,7 @@ def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
                   "Shapes and speed are real; the features mean nothing.", file=sys.stderr)
     else:
         ckpt = Path(checkpoint).expanduser().resolve()
-        spec = spec_for(model, ckpt, image_size)
+        spec = spec_for(model, ckpt, image_size, pad_to_square)
         tower = family.tower(spec)
         family.load_weights(tower, ckpt)
         tower.weights_info = {"weights": "checkpoint", "weights_seed": None, "checkpoint": str(ckpt)}
@@ -361,7 +378,7 @@ def tower_from_manifest(manifest: dict) -> BaseTower:
     and input size."""
     return load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
                       image_size=manifest["tower"]["image_size"], expect_sha256=manifest.get("weights_sha256"),
-                      quiet=True)
+                      quiet=True, pad_to_square=manifest.get("preprocess", {}).get("pad_to_square"))
 
 
 def load_prefixed_weights(tower: BaseTower, ckpt: Path) -> None:

@@ -12,7 +12,10 @@ import numpy as np
 
 from . import Preset, register
 
-DIGITS_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+# digits arrays go through digits_pixels; an image file is resized whole to 32x32
+DIGITS_PREPROCESS = {"processor": "digits", "pad_to_square": False, "resize": {"height": 32, "width": 32},
+                     "crop": None, "resample": "bilinear", "rescale": 1 / 255, "mean": [0.5, 0.5, 0.5],
+                     "std": [0.5, 0.5, 0.5]}
 
 DIGITS_VIT = register(Preset(
     name="digits-vit",
