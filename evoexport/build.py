@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EvoExportError
+from .images import describe_recipe
 from .manifest import SCHEMA_VERSION, write_manifest
 from .models import default_params, get_preset, load_tower
 from .models.tower import spec_for
@@ -71,11 +72,13 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
           out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
           target_runtime: str | None = None, opset: int = 20, image_size: int | None = None,
-          progress: Progress | None = None) -> BuildResult:
+          pad_to_square: bool | None = None, progress: Progress | None = None) -> BuildResult:
     """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
     `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/).
     target_runtime "tensorrt": the graphs must also pass the static TensorRT check (trt_check.py).
-    opset 23: attention exported as ONNX's Attention op (fused in TensorRT >= 10.14)."""
+    opset 23: attention exported as ONNX's Attention op (fused in TensorRT >= 10.14).
+    pad_to_square: pad images to a square with the mean colour before the processor's resize
+    (LLaVA-1.5's original `image_aspect_ratio: pad`); None: as the model's processor does."""
     from .export import OPSETS, export_pipeline
     from .stages import Pipeline
     from .validate import print_report
@@ -91,7 +94,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         raise EvoExportError("--calib is only used by --precision int8")
     preset = get_preset(model)
     # Everything the user typed is checked before the (slow) weights are touched.
-    spec = spec_for(model, checkpoint, image_size)
+    spec = spec_for(model, checkpoint, image_size, pad_to_square)
     grid = (spec.input_size or spec.vision["image_size"]) // spec.vision["patch_size"]
     keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
     target = Path(out) if out else default_out(model, keep, precision)
@@ -104,7 +107,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a build is meant to be shared
     try:
         progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
-        tower = load_tower(model, checkpoint, seed=seed, image_size=image_size)
+        tower = load_tower(model, checkpoint, seed=seed, image_size=image_size, pad_to_square=pad_to_square)
+        progress(describe_recipe(spec.preprocess))
         square = opset >= 23   # the Attention op's mask spells out its query axis
         pipeline = Pipeline(tower, points, params, square_mask=square)
         flops_full, flops_pruned = tower_flops(tower, []), tower_flops(tower, points, params)
@@ -184,16 +188,31 @@ def rebuild(manifest: dict, out: Path, *, unpruned: bool = False, precision: str
                  params=PruneParams.from_manifest(manifest["prune_params"]), checkpoint=manifest.get("checkpoint"),
                  seed=manifest.get("weights_seed") or 0, out=out, validate=False,
                  precision=precision or ("fp32" if unpruned else manifest.get("precision", "fp32")),
-                 image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False))
+                 image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False),
+                 pad_to_square=manifest["preprocess"].get("pad_to_square"))
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move a complete build into place; the previous build is removed only after the swap."""
+    """Move a complete build into place; the previous build is removed only after the swap.
+    SIGINT and SIGTERM are held back during the two renames: an interrupt between them would
+    otherwise leave no build at `target` while the cleanup deletes the new one. A signal that
+    arrives meanwhile is delivered when the swap is done."""
+    import signal
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(new, target)
+    try:
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)   # put the previous build back
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

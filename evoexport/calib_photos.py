@@ -29,22 +29,25 @@ CALIB_PHOTOS = {
 
 
 def materialize(preferred: Path) -> Path:
-    """The calibration folder, filled with the photos above if it has none yet."""
+    """The calibration folder, with every photo above in it. A fill that was interrupted is
+    completed on the next use (each photo is written atomically, and completeness is every
+    name being present, not any PNG being there)."""
     folder = preferred if os.access(preferred if preferred.exists() else preferred.parent, os.W_OK) else \
         Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "evoexport" / "calib"
     folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob("*.png")):
+    missing = [name for name in CALIB_PHOTOS if not (folder / f"{name}.png").is_file()]
+    if missing:
         import numpy as np
         from PIL import Image
         from skimage import data
 
-        for name in CALIB_PHOTOS:
+        from .files import atomic_path
+        for name in missing:
             array = getattr(data, name)()
             if isinstance(array, tuple):   # a stereo pair (and its disparity): the left view
                 array = array[0]
             if array.dtype == bool:
                 array = array.astype(np.uint8) * 255
-            tmp = folder / f".{name}.png.partial"
-            Image.fromarray(array).save(tmp, format="PNG")
-            os.replace(tmp, folder / f"{name}.png")
+            with atomic_path(folder / f"{name}.png") as tmp:
+                Image.fromarray(array).save(tmp, format="PNG")
     return folder

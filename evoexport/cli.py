@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import click
 
 from .backends import BACKENDS
 from .errors import EvoExportError
+from .files import atomic_path, check_output_path, write_json
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,9 +53,13 @@ def cli():
 @click.option("--image-size", type=int, default=None,
               help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time)  "
                    "[default: the preset's]")
+@click.option("--pad-to-square/--no-pad-to-square", default=None,
+              help="pad images to a square with the mean colour before resizing (LLaVA-1.5's original "
+                   "`image_aspect_ratio: pad`)  [default: as the model's image processor does]")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
-          spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size, quiet):
+          spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
+          pad_to_square, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from .build import build as run_build
     from .progress import Progress, peak_rss_gb
@@ -70,7 +74,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                        out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
-                       opset=int(opset), image_size=image_size, progress=progress)
+                       opset=int(opset), image_size=image_size, pad_to_square=pad_to_square, progress=progress)
     m = result.manifest
     if m["weights"] == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)
@@ -106,6 +110,7 @@ def run(build_dir, input_path, output, backend, frames, batch):
 
     if batch < 1:
         raise EvoExportError(f"--batch must be >= 1, got {batch}")
+    output = check_output_path(output, "--output", ".npz")
     video = is_video(input_path)
     if frames is not None and not video:
         raise EvoExportError(f"--frames applies to video inputs; {input_path} is not one")
@@ -121,7 +126,7 @@ def run(build_dir, input_path, output, backend, frames, batch):
         extra["frame_numbers"] = numbers
         progress(f"sampled {len(numbers)} frames: {_short_list(numbers.tolist())}")
     else:
-        pixels = read_pixels(Path(input_path), runner.manifest)
+        pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
     to_np = runner.backend.to_numpy
     chunks = []
     for start in range(0, len(pixels), batch):
@@ -134,9 +139,8 @@ def run(build_dir, input_path, output, backend, frames, batch):
                 arrays[f"{kind}_{i}"] = to_np(value)
         chunks.append(arrays)
     arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} | extra
-    tmp = Path(output).with_name(Path(output).name + ".partial.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        np.savez(tmp, **arrays)
     click.echo(f"wrote {output}: features {list(arrays['features'].shape)}, indices {list(arrays['indices'].shape)}")
 
 
@@ -201,8 +205,10 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
     """Latency of the pruned chain vs the unpruned encoder vs transformers' PyTorch model, in one run."""
     from .progress import Progress
 
-    if plot_path and not plot_path.lower().endswith(".png"):
-        raise EvoExportError(f"--plot must be a .png file, got {plot_path}")
+    if plot_path:
+        check_output_path(plot_path, "--plot", ".png")
+    if json_path:
+        check_output_path(json_path, "--json")
     if device == "cuda":
         from .bench_cuda import format_cuda_bench, run_cuda_bench
         if "int8" in precisions:
@@ -219,7 +225,7 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
         text = format_bench(result)
     click.echo(text)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(json_path, result)
     if plot_path:
         from .plot import plot_bench
         plot_bench(result, plot_path)
@@ -289,8 +295,7 @@ def show(build_dir, inputs, output, backend, frames):
     from .show import show as render_show
     from .video import is_video, video_pixels
 
-    if not output.lower().endswith(".png"):
-        raise EvoExportError(f"--output must be a .png file, got {output}")
+    check_output_path(output, "--output", ".png")
     videos = [p for p in inputs if is_video(p)]
     if videos and (len(inputs) > 1 or frames is None):
         raise EvoExportError("a video is drawn on its own: give one video --input and --frames N")
@@ -303,7 +308,8 @@ def show(build_dir, inputs, output, backend, frames):
         Progress()(f"decoding {videos[0]}")
         pixels, numbers = video_pixels(videos[0], frames, m["tower"]["image_size"], m["preprocess"])
     elif inputs:
-        pixels = np.concatenate([read_pixels(Path(p), m) for p in inputs])
+        pixels = np.concatenate([runner.check_input(np.ascontiguousarray(read_pixels(Path(p), m), dtype=np.float32))
+                                 for p in inputs])
     else:
         pixels = sample_batch(m["tower"]["image_size"], m["preprocess"])
     info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output), numbers)
@@ -327,12 +333,18 @@ def eval_cmd(model, checkpoint, keeps, seeds, json_path):
 
     if seeds < 1:
         raise EvoExportError(f"--seeds must be >= 1, got {seeds}")
+    bad = [k for k in keeps if not 0 < k < 1]
+    if bad:
+        raise EvoExportError(f"--keep must be in (0, 1) to compare pruning methods, got {bad[0]:g} "
+                             "(keep 1 prunes nothing: every method is the unpruned tower)")
+    if json_path:
+        check_output_path(json_path, "--json")
     tower = load_tower(model, checkpoint)
     result = evaluate(tower, keeps=keeps or (0.5, 0.25), seeds=seeds, progress=Progress())
     result["weights"] = tower.weights_info
     click.echo(format_eval(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(json_path, result)
 
 
 @cli.command()
@@ -370,11 +382,27 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    """The CLI as a function: an exit code, one `error:` line for bad input. It leaves no
+    process-wide state behind (a notebook or test may call it many times): the signal
+    handlers it installs are restored and the interrupt flag cleared on return."""
     import signal
     import threading
+
+    from .progress import clear_interrupted
+    previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-        signal.signal(signal.SIGTERM, _terminate)
-        signal.signal(signal.SIGINT, _terminate)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _terminate)
+    clear_interrupted()
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        clear_interrupted()
+
+
+def _main(argv) -> int:
     try:
         cli.main(args=argv, prog_name="evoexport", standalone_mode=False)
         return 0

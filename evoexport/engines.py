@@ -26,11 +26,10 @@ Not run in this project: TensorRT cannot be installed on its machines (see READM
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from .errors import EvoExportError
+from .files import atomic_write, write_json
 from .manifest import graph_entries, read_manifest, sha256_file
 
 ENGINES = "engines.json"
@@ -85,6 +84,12 @@ def build_plan(trt, onnx_path: Path, shapes: dict, timing_cache: bytes = b"") ->
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EvoExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
+    # TensorRT enables TF32 for fp32 math by default (10 mantissa bits, ~1e-3 relative):
+    # the selections' decisions are validated at fp32's 1e-4 margin, and an fp32 build
+    # means fp32. Reduced precision comes from the build's own ONNX types instead.
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        config.clear_flag(tf32)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -95,12 +100,6 @@ def build_plan(trt, onnx_path: Path, shapes: dict, timing_cache: bytes = b"") ->
     if plan is None:
         raise EvoExportError(f"TensorRT failed to build an engine for {onnx_path.name} (see its log above)")
     return bytes(plan), bytes(cache.serialize())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def batch_profile(manifest: dict, min_batch=None, opt_batch=None, max_batch=None) -> dict:
@@ -130,14 +129,39 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
                   for t in g["inputs"]}
         plan, cache = build_plan(trt, build_dir / g["file"], shapes, cache)
         path = build_dir / f"{g['name']}.engine"
-        _write_atomic(path, plan)
+        atomic_write(path, plan)
         entries.append({"name": g["name"], "file": path.name, "sha256": sha256_file(path), "onnx_sha256": g["sha256"]})
         if cache_path:   # after every engine: an interrupted run keeps what it learned
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(cache_path, cache)
+            atomic_write(cache_path, cache)
     info = {"tensorrt": str(trt.__version__), **gpu, "strongly_typed": True, "precision": manifest.get("precision", "fp32"),
             "batch_profile": prof, "timing_cache": str(cache_path) if cache_path else None, "engines": entries}
-    _write_atomic(build_dir / ENGINES, (json.dumps(info, indent=2) + "\n").encode())
+    write_json(build_dir / ENGINES, info)
+    return info
+
+
+def read_engines(build_dir: Path) -> dict:
+    """engines.json, checked: a JSON object whose `engines` list names, for every graph, a
+    plain file inside the build and the hashes it is checked by. It is input: a hostile or
+    truncated one is refused with one line."""
+    import json
+
+    path = Path(build_dir) / ENGINES
+    if not path.is_file():
+        raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvoExportError(f"{path} is not valid JSON ({e}); rebuild the engines") from None
+    entries = info.get("engines") if isinstance(info, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise EvoExportError(f"{path} has no list of engines; rebuild the engines")
+    for e in entries:
+        for key in ("name", "file", "sha256", "onnx_sha256"):
+            if not isinstance(e.get(key), str):
+                raise EvoExportError(f"{path}: an engine entry lacks {key!r}; rebuild the engines")
+        if Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
+            raise EvoExportError(f"{path}: engine file {e['file']!r} must be a plain file name inside the build")
     return info
 
 

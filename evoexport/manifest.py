@@ -7,16 +7,34 @@ a runtime can refuse a truncated or edited build. See docs/manifest.md.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .errors import EvoExportError
+from .files import write_json
 
 SCHEMA_VERSION = 2   # 2: selection graphs also output their decisions (merge_i, picks_i); `precision`
 MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("schema_version", "model", "keep", "weights", "stages", "inputs", "outputs")
+SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "manifest.schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+def check_schema(manifest: dict, where: str | Path = MANIFEST) -> None:
+    """Refuse a manifest that does not follow data/manifest.schema.json, naming the first
+    problem: a missing key, a wrong type, a graph file that is not a plain name inside the
+    build (absolute, or climbing out with '..'). A manifest is input, and input may be hostile."""
+    import jsonschema
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(manifest))
+    if error is not None:
+        message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+        raise EvoExportError(f"{where} is not a valid evoexport manifest: at {error.json_path}: {message}")
 
 
 def sha256_file(path: Path) -> str:
@@ -28,9 +46,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(build_dir: Path, manifest: dict) -> None:
-    tmp = build_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, build_dir / MANIFEST)
+    write_json(build_dir / MANIFEST, manifest)
 
 
 def graph_entries(manifest: dict) -> list[dict]:
@@ -62,17 +78,13 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise EvoExportError(f"{path} has schema_version {version!r}; this evoexport reads version {SCHEMA_VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise EvoExportError(f"{path} lacks required keys: {', '.join(missing)}")
+    check_schema(manifest, path)
     for g in graph_entries(manifest) if files else []:
         for key_file, key_hash in (("file", "sha256"), ("data_file", "data_sha256")):
             name = g.get(key_file)
             if not name:
                 continue
             f = build_dir / name
-            if Path(name).name != name:
-                raise EvoExportError(f"{path}: graph file {name!r} must be a plain file name inside the build")
             if not f.is_file():
                 raise EvoExportError(f"{build_dir}: {name} named by the manifest is missing")
             if verify and sha256_file(f) != g.get(key_hash):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .files import atomic_path
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (57, 59, 121), (99, 121, 57)]
 H, LEFT, TOP, BOTTOM, BAR, GAP = 520, 80, 40, 60, 18, 40
@@ -60,8 +62,6 @@ def plot_bench(result: dict, path: str | Path) -> dict:
         d.rectangle([LEFT, y, LEFT + 10, y + 10], fill=colour[s])
         d.text((LEFT + 16, y - 1), s, fill="black")
     d.text((LEFT, H + 16 * len(systems)), "- - - fastest unpruned / FLOP-ideal speedup", fill="black")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(Path(path)) as tmp:
+        img.save(tmp, format="PNG")
     return {"bars": bars, "size": img.size}

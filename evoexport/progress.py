@@ -31,6 +31,10 @@ def mark_interrupted(signum: int) -> None:
     _interrupted.append(signum)
 
 
+def clear_interrupted() -> None:
+    _interrupted.clear()
+
+
 def check_interrupted() -> None:
     if _interrupted:
         raise KeyboardInterrupt

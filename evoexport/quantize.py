@@ -38,7 +38,9 @@ def calibration_pixels(calib: str | Path | np.ndarray | None, size: int, pre: di
     folder = Path(calib).expanduser() if calib is not None else default_calib_dir()
     if not folder.is_dir():
         raise EvoExportError(f"--calib {folder} is not a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_CALIB_IMAGES]
+    # hidden files are skipped: an interrupted write leaves only a hidden partial file
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))[:MAX_CALIB_IMAGES]
     if not files:
         raise EvoExportError(f"--calib {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if progress:

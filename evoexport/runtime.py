@@ -55,6 +55,8 @@ class Runner:
             raise EvoExportError(f"pixel_values must have shape {want}, got {list(shape)}")
         if dtype != "float32":
             raise EvoExportError(f"pixel_values must be float32, got {dtype}")
+        if isinstance(pixel_values, np.ndarray) and not np.isfinite(pixel_values).all():
+            raise EvoExportError("pixel_values hold NaN or infinite values")
         return pixel_values
 
     def run_all(self, pixel_values) -> dict:

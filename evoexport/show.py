@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .files import atomic_path
+
 DIM = 0.25   # brightness left to a dropped patch
 
 
@@ -131,7 +133,6 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
             labels += [f"importance\nafter layer {p['after_layer']}", f"kept {p['tokens']}\nafter layer {p['after_layer']}"]
         labels += ["merge groups"] if indices else []
         sheet = _sheet([list(kind) for kind in zip(*per_image)], row_labels=labels)
-    tmp = out.with_name(out.name + ".partial.png")
-    sheet.save(tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return {"images": len(per_image), "points": len(indices), "panels": len(per_image[0]), "size": sheet.size}

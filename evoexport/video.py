@@ -40,6 +40,8 @@ def _reason(error) -> str:
 def _open(path: Path):
     av = _av()
 
+    if path.is_dir():
+        raise EvoExportError(f"input {path} is a directory, not a video file")
     if not path.is_file():
         raise EvoExportError(f"input {path} does not exist")
     try:

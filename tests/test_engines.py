@@ -30,7 +30,8 @@ def standin_tensorrt(version: str) -> types.ModuleType:
     members = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major == 10 else {"STRONGLY_TYPED": 1}
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", members)
     # 11.x has no weak-typing flags: touching BuilderFlag.FP16 there raises AttributeError
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"FP16": 0, "INT8": 1, "BF16": 2} if major == 10 else {"DEBUG": 0})
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"FP16": 0, "INT8": 1, "BF16": 2, "TF32": 7} if major == 10
+                                   else {"DEBUG": 0})
 
     class Logger:
         WARNING = 2
@@ -48,6 +49,9 @@ def standin_tensorrt(version: str) -> types.ModuleType:
     class Config:
         def set_flag(self, flag):
             calls.append(("set_flag", flag))
+
+        def clear_flag(self, flag):
+            calls.append(("clear_flag", flag))
 
         def add_optimization_profile(self, profile):
             calls.append(("add_optimization_profile", dict(profile.shapes)))
@@ -121,6 +125,11 @@ def test_engines_are_strongly_typed_with_the_manifest_profile_and_a_timing_cache
     flags = [c[1] for c in trt.calls if c[0] == "create_network"]
     assert flags == [1 << 1] * len(graphs)                 # STRONGLY_TYPED on every network, 10.x and 11.x
     assert not [c for c in trt.calls if c[0] == "set_flag"]  # no precision flags, ever
+    cleared = [c[1] for c in trt.calls if c[0] == "clear_flag"]
+    if hasattr(trt.BuilderFlag, "TF32"):                     # TF32 off on every engine: fp32 means fp32
+        assert cleared == [trt.BuilderFlag.TF32] * len(graphs)
+    else:
+        assert cleared == []
     assert [c[1] for c in trt.calls if c[0] == "parse_from_file"] == [str(build / g["file"]) for g in graphs]
     prof = manifest["batch_profile"]
     for g, (_, shapes) in zip(graphs, [c for c in trt.calls if c[0] == "add_optimization_profile"]):

@@ -5,11 +5,10 @@ Not run in this project: TensorRT cannot be installed on its machines (see READM
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import engines
-from ..engines import ENGINES, _require_tensorrt, check_engines_match
+from ..engines import ENGINES, _require_tensorrt, check_engines_match, read_engines
 from ..errors import EvoExportError
 from ..manifest import graph_entries, sha256_file
 
@@ -19,11 +18,8 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cuda"):
+        info = read_engines(build_dir)   # input first: a corrupt engines.json is named even without TensorRT
         trt = _require_tensorrt()
-        path = build_dir / ENGINES
-        if not path.is_file():
-            raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
-        info = json.loads(path.read_text())
         check_engines_match(info, trt, engines.gpu_info())
         # strongly typed engines compute in what the ONNX says
         self.precision = manifest.get("precision", "fp32")

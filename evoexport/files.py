@@ -1,0 +1,62 @@
+"""Writing files so that nothing is lost: one atomic writer, and output paths checked
+before long work starts.
+
+A file is written beside its target under a hidden temporary name and renamed over it only
+when complete, so an interrupt, a full disk or a crash leaves either the previous file or
+the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import EvoExportError
+
+
+def check_output_path(path: str | Path, what: str, suffix: str | None = None) -> Path:
+    """Refuse an output path that cannot be written, before any work is done: its folder
+    must exist and be writable, and the path must not be a directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise EvoExportError(f"{what} {path} is a directory; give a file path")
+    if suffix and path.suffix.lower() != suffix:
+        raise EvoExportError(f"{what} must be a {suffix} file, got {path}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise EvoExportError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise EvoExportError(f"{what} {path}: folder {folder} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temporary path beside `path` (same suffix, so writers that go by it still
+    work); on success it replaces `path` in one rename, on any failure it is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, value) -> None:
+    import json
+    atomic_write(path, json.dumps(value, indent=2) + "\n")
