@@ -72,9 +72,20 @@ class _Feeds:
         self.i = 0
 
 
-def quantize_build(pipeline, stages: list[dict], out_dir: Path, pixels: np.ndarray, progress=None) -> None:
+# Weights are quantized to 7 bits ([-64, 64]), which x86 int8 kernels without VNNI need. A
+# build is made once and deployed on many CPUs; on AVX2 or AVX-512 without VNNI, ONNX
+# Runtime's and oneDNN's u8 x s8 kernels (vpmaddubsw) add two u8*s8 products into int16,
+# and 255 * 127 * 2 overflows it: the tiny build's features came out 23% off on such a
+# machine. 255 * 64 * 2 = 32640 cannot overflow. The accuracy this costs was measured
+# (docs/validation.md, int8 on any x86 CPU).
+WEIGHT_QMAX = 64
+
+
+def quantize_build(pipeline, stages: list[dict], out_dir: Path, pixels: np.ndarray, progress=None,
+                   reduce_range: bool = True) -> None:
     """Replace every encoder stage file in `out_dir` by its int8 QDQ version, in place
-    (the manifest entries in `stages` get the new hashes)."""
+    (the manifest entries in `stages` get the new hashes). `reduce_range`: 7-bit weights,
+    safe on every x86 CPU (WEIGHT_QMAX); False only to measure what that costs."""
     import torch
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -98,7 +109,7 @@ def quantize_build(pipeline, stages: list[dict], out_dir: Path, pixels: np.ndarr
                     str(src), str(tmp / s["file"]), _Feeds(feeds_per_stage.pop(s["name"]), progress, s["name"]),
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
-                    calibrate_method=CalibrationMethod.MinMax,
+                    calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True})
         except Exception as e:
             raise EvoExportError(f"int8 quantization of {s['name']} failed: {type(e).__name__}: {e}") from None

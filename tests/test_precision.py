@@ -113,3 +113,73 @@ def test_every_precision_and_backend_keeps_digits_accuracy(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({f"{k[0]} {k[1]}": v for k, v in results.items()}))
     for key, acc in results.items():
         assert acc >= unpruned - 0.01, (key, acc, unpruned)
+
+
+def test_a_wrong_selection_graph_fails_an_int8_build(int8_build, tmp_path):
+    """Selection graphs compute in fp32 in every build, so on identical inputs they are held
+    to fp32's decision margin (1e-4). Swapped for ones made with another redundancy weight
+    (0.35 for 0.3), an int8 build must fail, although the wrong decisions miss by less than
+    int8's own stage margin (2e-2), which would have let them through."""
+    import shutil
+
+    from evoexport.manifest import sha256_file
+    from evoexport.prune import PruneParams
+    from evoexport.tolerances import tolerances_for
+
+    other = build("llava-tiny", 0.5, params=PruneParams(redundancy_weight=0.35), out=tmp_path / "other",
+                  validate=False, progress=Progress(enabled=False))
+    b = tmp_path / "b"
+    shutil.copytree(int8_build.path, b)
+    m = json.loads((b / "manifest.json").read_text())
+    for stage in m["stages"]:
+        if stage["select"]:   # as a builder bug would, with the manifest's hashes updated to match
+            shutil.copy(other.path / stage["select"]["file"], b / stage["select"]["file"])
+            stage["select"]["sha256"] = sha256_file(b / stage["select"]["file"])
+    (b / "manifest.json").write_text(json.dumps(m))
+    r = validate(b, backend="onnxruntime", write=False)
+    assert r["precision"] == "int8" and not r["passed"]
+    assert r["selection_tolerances"] == tolerances_for("fp32")
+    wrong = [g for g in r["graphs"] if g["graph"].startswith("select") and g["inputs"] == "reference"]
+    assert wrong and not any(g["ok"] for g in wrong)
+    margins = [g["outputs"][0]["decisions"]["worst_margin"] for g in wrong]
+    assert all(1e-4 < w < tolerances_for("int8")["decision_margin"] for w in margins), margins
+
+
+def test_int8_weights_cannot_saturate_kernels_without_vnni(int8_build):
+    """x86 int8 kernels without VNNI (AVX2, AVX-512 before Cascade Lake) add two u8 x s8
+    products into int16: |weight| <= 64 keeps 2 * 255 * 64 = 32640 below 32767. Checked on
+    every weight the build quantized, so a VNNI machine catches the problem too."""
+    from onnx import numpy_helper
+
+    from evoexport.quantize import WEIGHT_QMAX
+    assert 2 * 255 * WEIGHT_QMAX <= 32767
+    checked = 0
+    for stage in int8_build.manifest["stages"]:
+        model = onnx.load(str(int8_build.path / stage["file"]))
+        consts = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in consts:
+                q = numpy_helper.to_array(consts[node.input[0]])
+                if q.ndim == 2:   # a weight matrix (activations come in through QuantizeLinear)
+                    assert q.dtype == np.int8 and int(np.abs(q.astype(np.int32)).max()) <= WEIGHT_QMAX, node.name
+                    checked += 1
+    assert checked >= 6
+
+
+def test_int8_build_validates_on_openvino_without_vnni(int8_build):
+    """The failure seen on a machine without VNNI, reproduced on any x86 CPU: oneDNN (inside
+    OpenVINO) capped at AVX-512 without VNNI (ONEDNN_MAX_CPU_ISA=AVX512_CORE, as on a
+    Skylake-SP; an AVX2-only CPU caps lower still). With 8-bit weights this build's features
+    came out rel 0.23 off (cosine 0.985); with 7-bit weights it validates."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from evoexport.validate import validate; "
+            f"r = validate({str(int8_build.path)!r}, backend='openvino', write=False, cache_dir=None, "
+            "precision='fp32'); print(json.dumps([r['passed'], r['end_to_end']['features']['rel_err']]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    passed, rel = json.loads(done.stdout.strip().splitlines()[-1])
+    assert passed and rel < 0.05, rel
