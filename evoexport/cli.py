@@ -205,6 +205,8 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
     """Latency of the pruned chain vs the unpruned encoder vs transformers' PyTorch model, in one run."""
     from .progress import Progress
 
+    if (iters is not None and iters < 1) or (warmup is not None and warmup < 0) or any(b < 1 for b in batches):
+        raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
     if plot_path:
         check_output_path(plot_path, "--plot", ".png")
     if json_path:
@@ -213,13 +215,13 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
         from .bench_cuda import format_cuda_bench, run_cuda_bench
         if "int8" in precisions:
             raise EvoExportError("--device cuda times the torch chain in fp32, bf16 or fp16; int8 is a CPU build")
-        result = run_cuda_bench(build_dir, batches=batches or (1, 8, 32), iters=iters or 50,
+        result = run_cuda_bench(build_dir, batches=batches or (1, 8, 32), iters=50 if iters is None else iters,
                                 warmup=10 if warmup is None else warmup, precisions=precisions or ("bf16",),
                                 hf=not no_hf, baseline=baseline, progress=Progress())
         text = format_cuda_bench(result)
     else:
         from .bench import format_bench, run_bench
-        result = run_bench(build_dir, batches=batches or (1, 4), iters=iters or 10,
+        result = run_bench(build_dir, batches=batches or (1, 4), iters=10 if iters is None else iters,
                            warmup=2 if warmup is None else warmup, baseline=baseline, hf=not no_hf,
                            backends=backends, precisions=precisions)
         text = format_bench(result)

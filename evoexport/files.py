@@ -26,8 +26,12 @@ def check_output_path(path: str | Path, what: str, suffix: str | None = None) ->
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise EvoExportError(f"{what} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise EvoExportError(f"{what} {path}: folder {folder} is not writable")
+    try:   # the way the real write will go: a temporary file beside the target
+        fd, probe = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EvoExportError(f"{what} {path}: cannot write in {folder} ({e.strerror})") from None
     return path
 
 
@@ -36,15 +40,20 @@ def atomic_path(path: str | Path):
     """Yields a temporary path beside `path` (same suffix, so writers that go by it still
     work); on success it replaces `path` in one rename, on any failure it is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent or ".")
+    except OSError as e:
+        raise EvoExportError(f"cannot write {path} ({e.strerror})") from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)   # mkstemp makes it private; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):   # a full disk, a vanished folder: one line, the old file kept
+            raise EvoExportError(f"cannot write {path} ({e.strerror or e})") from None
         raise
 
 

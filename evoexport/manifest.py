@@ -65,6 +65,8 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
     backend rebuilds the chain from the manifest and checks the weights' own sha256)."""
     build_dir = Path(build_dir)
     path = build_dir / MANIFEST
+    if build_dir.is_file():
+        raise EvoExportError(f"{build_dir} is a file; give the build directory (the folder that holds {MANIFEST})")
     if not build_dir.is_dir():
         raise EvoExportError(f"build directory {build_dir} does not exist")
     if not path.is_file():

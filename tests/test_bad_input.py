@@ -62,6 +62,10 @@ def test_degenerate_inputs(tiny_build, tmp_path, make, msg):
     (["eval", "--model", "dinov2", "--json", "/nonexistent/e.json"], "folder /nonexistent does not exist"),
     (["eval", "--model", "dinov2", "--keep", "1"], "--keep must be in (0, 1)"),
     (["eval", "--model", "dinov2", "--keep", "0"], "--keep must be in (0, 1)"),
+    (["run", "{build}", "--input", "{npy}", "--output", "/proc/o.npz"], "cannot write in /proc"),
+    (["bench", "{build}", "--iters", "0"], "--iters and --batch must be >= 1"),
+    (["bench", "{build}", "--batch", "0"], "--iters and --batch must be >= 1"),
+    (["info", "{npy}"], "is a file; give the build directory"),
 ])
 def test_output_paths_and_flags_are_checked_before_work(tiny_build, tmp_path, args, msg):
     """Refused at once: the error comes before any progress line (a bench or eval would
