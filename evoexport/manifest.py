@@ -15,6 +15,9 @@ from pathlib import Path
 from .errors import EvoExportError
 from .files import write_json
 
+# The precisions a build can compute its encoder stages in, in one place (the CLI's choices,
+# the builder, the schema's enum is checked against it by tests/test_layout.py)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 SCHEMA_VERSION = 2   # 2: selection graphs also output their decisions (merge_i, picks_i); `precision`
 MANIFEST = "manifest.json"
 SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "manifest.schema.json"
@@ -91,5 +94,5 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
                 raise EvoExportError(f"{build_dir}: {name} named by the manifest is missing")
             if verify and sha256_file(f) != g.get(key_hash):
                 raise EvoExportError(f"{build_dir}: {name} does not match its sha256 in the manifest "
-                                     "(truncated or edited); rebuild it")
+                                     "(truncated or edited); build_variant it")
     return manifest

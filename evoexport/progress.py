@@ -1,6 +1,7 @@
 """Progress lines on stderr: elapsed time and what is happening now."""
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -40,9 +41,20 @@ def check_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+_COUNTER = re.compile(r"(\d+)\s*/\s*(\d+)")
+
+
 class Progress:
-    def __init__(self, stream=sys.stderr, enabled: bool = True):
-        self.stream, self.enabled, self.t0 = stream, enabled, time.perf_counter()
+    """Progress of long work on stderr. Not a terminal (logs, CI, pipes): one plain line per
+    step, elapsed time and memory first. A terminal: the same lines, and steps that count
+    ("image 9/13", "[3/7]") drive one tqdm bar in place instead of a line each."""
+
+    def __init__(self, stream=None, enabled: bool = True, bar: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled, self.t0 = enabled, time.perf_counter()
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.tty = enabled and (isatty() if bar is None else bar)
+        self._bar = None
 
     @property
     def elapsed(self) -> float:
@@ -50,5 +62,33 @@ class Progress:
 
     def __call__(self, message: str) -> None:
         check_interrupted()
-        if self.enabled:
-            print(f"[{self.elapsed:6.1f}s {rss_gb():4.1f}GB] {message}", file=self.stream, flush=True)
+        if not self.enabled:
+            return
+        line = f"[{self.elapsed:6.1f}s {rss_gb():4.1f}GB] {message}"
+        if not self.tty:
+            print(line, file=self.stream, flush=True)
+            return
+        from tqdm import tqdm
+
+        counted = _COUNTER.search(message)
+        if counted is None:
+            self.close()
+            tqdm.write(line, file=self.stream)
+            return
+        done, total = int(counted[1]), int(counted[2])
+        if self._bar is None:
+            import shutil
+            width = shutil.get_terminal_size((100, 20)).columns or 100
+            utf = str(getattr(self.stream, "encoding", "") or "").lower().replace("-", "").startswith("utf8")
+            self._bar = tqdm(total=total, file=self.stream, leave=True, ncols=width, ascii=not utf,
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+        self._bar.total = total
+        self._bar.set_description_str(f"[{self.elapsed:6.1f}s {rss_gb():4.1f}GB] {message}", refresh=False)
+        self._bar.n = min(done, total)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        """End the bar on a terminal (the next plain line starts clean)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 
 import evoexport
-from evoexport.bench import _cpu_name
-from evoexport.images import sample_batch
+from evoexport.measure.bench import _cpu_name
+from evoexport.measure.timing import time_systems
+from evoexport.inputs.images import sample_batch
 
 
 def main() -> None:
@@ -33,15 +33,9 @@ def main() -> None:
     m = runners[0].manifest
     x = sample_batch(m["tower"]["image_size"], m["preprocess"])
     x = np.ascontiguousarray(np.resize(x, (args.batch, *x.shape[1:])))
-    for r in runners:   # warm-up
-        r(x)
-    times = [[] for _ in runners]
-    for _ in range(args.rounds):
-        for r, ts in zip(runners, times):
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                r(x)
-                ts.append((time.perf_counter() - t0) * 1e3)
+    timed = time_systems({b: (lambda r=r: r(x)) for b, r in zip(args.builds, runners)},
+                         iters=args.rounds * args.iters, warmup=1, rounds=args.rounds)
+    times = [timed[b]["times_ms"] for b in args.builds]
     rows = [{"build": b, "median_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90)),
              "ratio_to_first": statistics.median(times[0]) / statistics.median(ts)} for b, ts in zip(args.builds, times)]
     print(f"{args.backend}, batch {args.batch}, {len(times[0])} runs each, on {_cpu_name()}")

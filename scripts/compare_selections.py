@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import openvino as ov
 
-from evoexport.bench import _cpu_name
+from evoexport.measure.bench import _cpu_name
 
 
 def _inputs(spec: list[dict], batch: int, num_patches: int, rng) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 
-from evoexport.accuracy import ATTENTION_TOPK, EVOPRUNE, RANDOM, DigitsBench
+from evoexport.measure.digits import ATTENTION_TOPK, EVOPRUNE, RANDOM, DigitsBench
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evoexport.evaluate import PHOTO_SET_TITLES  # noqa: E402
+from evoexport.measure.eval import PHOTO_SET_TITLES  # noqa: E402
 
 NAMES = {"tome (bipartite merge)": "ToMe bipartite merging (same points)",
          "evoprune, mean-query importance": "evoprune, mean-query importance (no CLS)",

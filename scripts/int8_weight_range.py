@@ -70,14 +70,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from evoexport import quantize
-    from evoexport.accuracy import FIXTURE, DigitsBench
-    from evoexport.build import build
-    from evoexport.eval_data import eval_photos
-    from evoexport.models.vit_digits import digits_split
+    from evoexport.export import quantize
+    from evoexport.measure.digits import FIXTURE, DigitsBench
+    from evoexport.export.build import build
+    from evoexport.measure.eval_data import eval_photos
+    from evoexport.measure.digits import digits_split
     from evoexport.progress import Progress
-    from evoexport.runtime import load
-    from evoexport.validate import validate
+    from evoexport.runtime.runner import load
+    from evoexport.validate.report import validate
 
     quiet = Progress(enabled=False)
     work = Path(tempfile.mkdtemp(prefix="int8-range-"))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import evoexport
-from evoexport.images import load_image, preprocess
+from evoexport.inputs.images import load_image, preprocess
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from evoexport.models import get_preset
-from evoexport.models.vit_digits import digits_split
+from evoexport.measure.digits import digits_split
 
 
 def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

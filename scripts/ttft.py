@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import evoexport
-from evoexport.bench import _cpu_name
-from evoexport.build import rebuild
-from evoexport.images import sample_batch
+from evoexport.measure.bench import _cpu_name
+from evoexport.export.build import build_variant
+from evoexport.inputs.images import sample_batch
 
 TEXT_TOKENS = 40   # a short prompt around the image
 
@@ -64,7 +64,7 @@ def main() -> None:
     full_tokens = m["tower"]["num_patches"]
     x = sample_batch(m["tower"]["image_size"], m["preprocess"])[:1]
     with tempfile.TemporaryDirectory() as tmp:
-        r = rebuild(m, Path(tmp) / "unpruned", unpruned=True)
+        r = build_variant(m, Path(tmp) / "unpruned", unpruned=True)
         unpruned = evoexport.load(r.path, backend=args.backend)
         enc = {"pruned": [], "unpruned": []}
         for runner in (pruned, unpruned):

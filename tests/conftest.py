@@ -47,7 +47,7 @@ def llava_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> Path:
     """llava-tiny preset, keep 0.5, default schedule, validated."""
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
 
     out = tmp_path_factory.mktemp("builds") / "tiny"

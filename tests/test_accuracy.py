@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from evoexport.accuracy import ATTENTION_TOPK, EVOPRUNE, FIXTURE, RANDOM, DigitsBench
+from evoexport.measure.digits import ATTENTION_TOPK, EVOPRUNE, FIXTURE, RANDOM, DigitsBench
 
 pytestmark = pytest.mark.skipif(not (FIXTURE / "model.safetensors").is_file(),
                                 reason="run scripts/train_digits_vit.py to create the fixture")

@@ -12,9 +12,9 @@ import torch
 import evoexport
 from evoexport.cli import main
 from evoexport.errors import EvoExportError
-from evoexport.images import sample_batch
+from evoexport.inputs.images import sample_batch
 from evoexport.manifest import read_manifest
-from evoexport.tolerances import tolerances_for
+from evoexport.validate.tolerances import tolerances_for
 
 
 def _photos(build):
@@ -83,7 +83,7 @@ def test_unknown_backend_options_are_named(tiny_build):
 
 
 def test_torch_backend_in_bf16_computes_in_bf16_and_validates_with_its_tolerances(tiny_build):
-    from evoexport.validate import validate
+    from evoexport.validate.report import validate
     fp32 = evoexport.load(tiny_build, backend="torch")
     bf16 = evoexport.load(tiny_build, backend="torch", precision="bf16")
     assert fp32.backend.precision == "fp32" and bf16.backend.precision == "bf16"
@@ -113,7 +113,7 @@ def test_cuda_without_a_gpu_is_one_clear_error(tiny_build, capsys):
 def test_compiled_selections_pass_the_fp32_validation(tiny_build):
     """torch.compile'd selections (the GPU chain's default; here on the CPU) decide like the
     reference: validated with fp32 tolerances, per graph and end to end."""
-    from evoexport.validate import validate
+    from evoexport.validate.report import validate
     runner = evoexport.load(tiny_build, backend="torch", compile_selections=True)
     assert runner.backend.chain.compiled
     assert set(runner.backend.chain.modules) == {"select_0", "select_1"}

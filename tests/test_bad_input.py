@@ -130,7 +130,7 @@ def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_buil
     """SIGINT right after the old build is moved aside: the signal is held until the new build
     is in place, so the target is never missing and the new build is not deleted."""
     import evoexport
-    from evoexport import build as build_mod
+    from evoexport.export import build as build_mod
     from evoexport.progress import Progress
 
     out = tmp_path / "graphs" / "tiny"
@@ -162,8 +162,8 @@ def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_buil
 def test_an_interrupted_calibration_fill_is_completed(tmp_path):
     """calib/ filled partly (a fill killed midway): the next use writes what is missing, and
     a leftover partial file is never read as a calibration image."""
-    from evoexport.calib_photos import CALIB_PHOTOS, materialize
-    from evoexport.quantize import calibration_pixels
+    from evoexport.export.calibration import CALIB_PHOTOS, materialize
+    from evoexport.export.quantize import calibration_pixels
 
     folder = tmp_path / "calib"
     folder.mkdir()
@@ -202,9 +202,9 @@ def test_reduced_precision_twin_does_not_write_into_the_fp32_stages():
     import torch
 
     from evoexport.models import load_tower
-    from evoexport.prune import PruneParams
-    from evoexport.schedule import default_schedule
-    from evoexport.stages import Pipeline
+    from evoexport.prune.selection import PruneParams
+    from evoexport.prune.schedule import default_schedule
+    from evoexport.pipeline.stages import Pipeline
 
     tower = load_tower("llava-tiny", quiet=True)
     pipe = Pipeline(tower, default_schedule(tower.depth, tower.num_patches, 0.5), PruneParams())
@@ -221,6 +221,6 @@ def test_reduced_precision_twin_does_not_write_into_the_fp32_stages():
 
 
 def test_library_errors_name_the_problem(tmp_path):
-    from evoexport.images import load_image
+    from evoexport.inputs.images import load_image
     with pytest.raises(EvoExportError, match="is a directory"):
         load_image(tmp_path)

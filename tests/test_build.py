@@ -11,7 +11,7 @@ from onnx import numpy_helper
 import evoexport
 from evoexport.cli import main
 from evoexport.errors import EvoExportError
-from evoexport.images import sample_batch
+from evoexport.inputs.images import sample_batch
 from evoexport.manifest import graph_entries, read_manifest, sha256_file
 
 
@@ -134,7 +134,7 @@ def test_failed_build_keeps_the_previous_good_one(tiny_build, tmp_path):
 
 
 def test_keep_one_has_no_prune_points_and_all_indices(tmp_path):
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
     r = build("clip-tiny", 1.0, out=tmp_path / "b", progress=Progress(enabled=False))
     assert r.manifest["schedule"] == [] and len(r.manifest["stages"]) == 1
@@ -144,7 +144,7 @@ def test_keep_one_has_no_prune_points_and_all_indices(tmp_path):
 
 
 def test_bench_reports_consistent_ratios(tiny_build):
-    from evoexport.bench import HF_BF16, HF_FP32, run_bench
+    from evoexport.measure.bench import HF_BF16, HF_FP32, run_bench
     from evoexport.progress import Progress
     r = run_bench(tiny_build, batches=(1, 2), iters=3, warmup=1, backends=("onnxruntime", "openvino"),
                   progress=Progress(enabled=False))
@@ -166,10 +166,10 @@ def test_bench_reports_consistent_ratios(tiny_build):
 def test_opset_23_exports_every_attention_as_the_attention_op_and_validates(tmp_path):
     import onnx
 
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.errors import EvoExportError
     from evoexport.progress import Progress
-    from evoexport.trt_check import check_build
+    from evoexport.tensorrt.check import check_build
 
     r = build("llava-tiny", 0.5, out=tmp_path / "b", opset=23, target_runtime="tensorrt", progress=Progress(enabled=False))
     assert r.report["passed"], r.report["summary"]

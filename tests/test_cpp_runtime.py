@@ -27,7 +27,7 @@ def cpp_runtime() -> Path:
 
 @pytest.fixture(scope="session")
 def keep1_build(tmp_path_factory) -> Path:
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
     return build("llava-tiny", 1.0, out=tmp_path_factory.mktemp("builds") / "tiny-keep1",
                  progress=Progress(enabled=False)).path
@@ -35,7 +35,7 @@ def keep1_build(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fp16_build(tmp_path_factory) -> Path:
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
     return build("llava-tiny", 0.5, out=tmp_path_factory.mktemp("builds") / "tiny-fp16", precision="fp16",
                  progress=Progress(enabled=False)).path

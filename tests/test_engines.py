@@ -12,7 +12,7 @@ import types
 import pytest
 
 import evoexport
-from evoexport import engines
+from evoexport.tensorrt import engines
 from evoexport.cli import main
 from evoexport.errors import EvoExportError
 from evoexport.manifest import graph_entries, read_manifest

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evoexport.models import load_tower
-from evoexport.stages import EncoderStage
+from evoexport.pipeline.stages import EncoderStage
 
 
 def _stage_and_qk(has_cls: bool):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evoexport.build import build
+from evoexport.export.build import build
 from evoexport.errors import EvoExportError
-from evoexport.integrations.transformers import attach, shrink_image_tokens
+from evoexport.integrations.hf_llava import attach, shrink_image_tokens
 from evoexport.progress import Progress
 from tests.conftest import make_llava_checkpoint
 

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 import evoexport
-from evoexport.build import build
-from evoexport.images import sample_batch
+from evoexport.export.build import build
+from evoexport.inputs.images import sample_batch
 from evoexport.progress import Progress
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from evoexport.cli import main
-from evoexport.plot import plot_bench
+from evoexport.measure.plot import plot_bench
 
 MEASURED = Path(__file__).resolve().parents[1] / "docs" / "measurements"
 

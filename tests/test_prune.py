@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evoexport.errors import EvoExportError
-from evoexport.cost import layer_flops, tower_flops
-from evoexport.prune import PruneParams, select
-from evoexport.schedule import PrunePoint, default_schedule, parse_schedule
+from evoexport.prune.cost import layer_flops, tower_flops
+from evoexport.prune.selection import PruneParams, select
+from evoexport.prune.schedule import PrunePoint, default_schedule, parse_schedule
 
 
 def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4, gamma=0.0, grid=None,
@@ -248,7 +248,7 @@ def test_tower_flops_match_torch_flop_counter_on_the_pipeline():
     from torch.utils.flop_counter import FlopCounterMode
 
     from evoexport.models import load_tower
-    from evoexport.stages import Pipeline
+    from evoexport.pipeline.stages import Pipeline
 
     tower = load_tower("llava-tiny", quiet=True)
     tower.config._attn_implementation = "eager"  # FlopCounterMode does not see CPU SDPA kernels
@@ -266,7 +266,7 @@ def test_tower_flops_match_torch_flop_counter_on_the_pipeline():
 def test_presets_default_the_spatial_term_as_measured():
     """0.3 (tuned on real photos) everywhere but the digits ViT, whose results were measured at 0
     (docs/evoprune.md); a build records what it used."""
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.models import default_params
     from evoexport.progress import Progress
 
@@ -298,7 +298,7 @@ def _pairwise_top_mask(key, k):
 def test_top_mask_equals_the_pairwise_definition(b, n, data, pattern):
     """The O(N log N) top-k (TopK threshold + running count of ties) decides exactly what the
     pairwise rank decides, ties to the lower index, for every k."""
-    from evoexport.prune import _rank_key, _top_mask
+    from evoexport.prune.selection import _rank_key, _top_mask
 
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     key = torch.randn(b, n, generator=g)
@@ -322,7 +322,7 @@ def test_top_mask_equals_the_pairwise_definition(b, n, data, pattern):
 def test_dropped_tokens_merge_owner_is_merge_affinity_argmax(b, n, data, few_values):
     """The chain decides merge owners from the dropped rows alone (_dropped_affinity, [B,N-K,K]);
     validation and eval read the full merge_affinity ([B,N,K]). Same owners, ties included."""
-    from evoexport.prune import _ascending_indices, _dropped_affinity, first_max_index, merge_affinity
+    from evoexport.prune.selection import _ascending_indices, _dropped_affinity, first_max_index, merge_affinity
 
     k = data.draw(st.integers(1, n - 1))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))

@@ -165,8 +165,8 @@ def test_killed_build_leaves_the_previous_build_untouched(tiny_build, tmp_path, 
     leftovers = [p for p in out.parent.iterdir() if p.name != "tiny"]
     if sig == signal.SIGKILL:
         # SIGKILL cannot clean up: the hidden partial directory stays until the next build
-        # at that path sees its process is gone and removes it (checked here without a rebuild)
-        from evoexport.build import _remove_stale_partials
+        # at that path sees its process is gone and removes it (checked here without a build_variant)
+        from evoexport.export.build import _remove_stale_partials
         _remove_stale_partials(out)
         assert [p for p in out.parent.iterdir() if p.name != "tiny"] == []
     else:
@@ -189,9 +189,9 @@ def select_sessions(tmp_path_factory):
     """One exported selection graph per configuration, exported on first use."""
     import onnxruntime as ort
 
-    from evoexport.export import export_graph
-    from evoexport.prune import PruneParams, SelectGraph
-    from evoexport.stages import GraphSpec
+    from evoexport.export.onnx import export_graph
+    from evoexport.prune.selection import PruneParams, SelectGraph
+    from evoexport.pipeline.stages import GraphSpec
 
     d, sessions = tmp_path_factory.mktemp("sel"), {}
     params = PruneParams()
@@ -257,7 +257,7 @@ def test_an_interrupt_swallowed_by_a_library_still_stops_the_build(tiny_build, t
     inside an exporter that retries on any error, the next progress step or the final rename
     raises it again, so the previous build stays."""
     from evoexport import progress as progress_mod
-    from evoexport.build import build
+    from evoexport.export.build import build
     from evoexport.progress import Progress
 
     out = tmp_path / "graphs" / "tiny"

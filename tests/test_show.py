@@ -6,9 +6,9 @@ from PIL import Image
 
 import evoexport
 from evoexport.cli import main
-from evoexport.images import sample_batch
+from evoexport.inputs.images import sample_batch
 from evoexport.manifest import read_manifest
-from evoexport.show import DIM, final_owner
+from evoexport.show.panels import HEADER, DIM, final_owner
 
 
 def test_show_dims_exactly_the_dropped_patches_and_colours_merge_groups(tiny_build, tmp_path, capsys):
@@ -18,7 +18,9 @@ def test_show_dims_exactly_the_dropped_patches_and_colours_merge_groups(tiny_bui
     m = read_manifest(tiny_build)
     size, grid = m["tower"]["image_size"], m["tower"]["grid"]
     sheet = np.asarray(Image.open(out).convert("RGB")).astype(float)
-    assert sheet.shape == (3 * (size + 8) - 8, 6 * (size + 8) - 8, 3)
+    assert sheet.shape == (HEADER + 3 * (size + 8) - 8, 6 * (size + 8) - 8, 3)
+    assert (sheet[:HEADER] < 128).any(axis=2).sum() > 50        # the column titles are written on top
+    sheet = sheet[HEADER:]
     x = sample_batch(size, m["preprocess"])
     runner = evoexport.load(tiny_build)
     result, env = runner(x), runner.run_all(x)

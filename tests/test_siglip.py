@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import evoexport
-from evoexport.build import build
+from evoexport.export.build import build
 from evoexport.errors import EvoExportError
 from evoexport.models import load_tower
 from evoexport.progress import Progress
@@ -83,8 +83,8 @@ def test_bare_siglip_vision_checkpoint(tmp_path):
     tower = load_tower("llava-onevision", tmp_path / "siglip")
     assert tower.projector is None and tower.depth == 4
     x = torch.randn(2, 3, 56, 56)
-    from evoexport.prune import PruneParams
-    from evoexport.stages import Pipeline
+    from evoexport.prune.selection import PruneParams
+    from evoexport.pipeline.stages import Pipeline
     with torch.no_grad():
         want = model(x, output_hidden_states=True).hidden_states[-1]
         got = Pipeline(tower, [], PruneParams()).run(x)["features"]
@@ -92,7 +92,7 @@ def test_bare_siglip_vision_checkpoint(tmp_path):
 
 
 def test_pruned_onevision_build_validates_and_is_tensorrt_ready(tmp_path):
-    from evoexport.trt_check import check_build
+    from evoexport.tensorrt.check import check_build
 
     out = build("onevision-tiny", 0.5, out=tmp_path / "b", target_runtime="tensorrt", progress=Progress(enabled=False))
     assert out.report["passed"] and check_build(out.path)["ok"]
@@ -114,7 +114,7 @@ def test_onevision_checkpoint_with_default_strategy_is_refused(onevision, tmp_pa
 
 
 def test_full_size_preset_is_llava_onevision_7b():
-    from evoexport.schedule import default_schedule
+    from evoexport.prune.schedule import default_schedule
     tower = load_tower("llava-onevision", quiet=True)
     assert (tower.num_patches, tower.depth, tower.hidden_size, tower.out_features) == (729, 26, 1152, 3584)
     assert not tower.has_cls
@@ -125,7 +125,7 @@ def test_full_size_preset_is_llava_onevision_7b():
 def test_attach_refuses_llava_next_whose_tile_packing_is_not_written(tmp_path):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from evoexport.integrations.transformers import attach
+    from evoexport.integrations.hf_llava import attach
 
     clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
                 patch_size=8, model_type="clip_vision_model")
@@ -179,7 +179,7 @@ def test_onevision_keep_1_generate_equals_transformers_token_for_token(onevision
     r = build("llava-onevision", 1.0, checkpoint=str(onevision_lm), out=tmp_path / "b", progress=Progress(enabled=False))
     inputs, lengths = _ov_inputs(_ov_model(onevision_lm))
     assert len(set(lengths)) == 2                             # the two images pack to different lengths
-    from evoexport.integrations import onevision
+    from evoexport.integrations import hf_onevision as onevision
     calls = []
     real = onevision.pack_pruned
     onevision.pack_pruned = lambda *a, **k: calls.append(real(*a, **k)) or calls[-1]
@@ -191,7 +191,7 @@ def test_onevision_keep_1_generate_equals_transformers_token_for_token(onevision
 
 
 def _check_keep_1(onevision_lm, r, inputs):
-    from evoexport.integrations.transformers import attach, shrink_image_tokens
+    from evoexport.integrations.hf_llava import attach, shrink_image_tokens
 
     with torch.inference_mode():
         expected = _ov_model(onevision_lm).generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -201,13 +201,13 @@ def _check_keep_1(onevision_lm, r, inputs):
 
 
 def test_onevision_keep_half_packs_the_kept_tokens_and_generates(onevision_lm, tmp_path):
-    from evoexport.integrations.transformers import attach, shrink_image_tokens
+    from evoexport.integrations.hf_llava import attach, shrink_image_tokens
 
-    from evoexport.integrations import transformers as integration
+    from evoexport.integrations import common as integration
 
     r = build("llava-onevision", 0.5, checkpoint=str(onevision_lm), out=tmp_path / "b", progress=Progress(enabled=False))
-    runs, real = [], integration.run_build
-    integration.run_build = lambda *a, **k: runs.append(1) or real(*a, **k)     # a spy: counts, then runs
+    runs, real = [], integration.features_from_build
+    integration.features_from_build = lambda *a, **k: runs.append(1) or real(*a, **k)   # a spy: counts, then runs
     try:
         model = attach(_ov_model(onevision_lm), r.path)
         inputs, full_lengths = _ov_inputs(_ov_model(onevision_lm))
@@ -215,7 +215,7 @@ def test_onevision_keep_half_packs_the_kept_tokens_and_generates(onevision_lm, t
         with torch.inference_mode():
             got = model.generate(**shrunk, max_new_tokens=6, do_sample=False)
     finally:
-        integration.run_build = real
+        integration.features_from_build = real
     assert len(runs) == 1            # counting placeholders and generate() share one run of the build
     with torch.inference_mode():
         packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output

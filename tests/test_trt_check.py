@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from evoexport.cli import main
 from evoexport.manifest import read_manifest, sha256_file
-from evoexport.trt_check import check_build, check_model, load_table
+from evoexport.tensorrt.check import check_build, check_model, load_table
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=20):

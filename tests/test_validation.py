@@ -12,11 +12,11 @@ import torch
 from onnx import numpy_helper
 
 from evoexport.cli import main
-from evoexport.decisions import check_decisions, make_ties
+from evoexport.validate.decisions import check_decisions, make_ties
 from evoexport.manifest import graph_entries, sha256_file
-from evoexport.prune import PruneParams, select
-from evoexport.validate import describe as report_words
-from evoexport.validate import validate
+from evoexport.prune.selection import PruneParams, select
+from evoexport.validate.report import describe as report_words
+from evoexport.validate.report import validate
 
 
 def resign(build: Path) -> None:
@@ -97,9 +97,9 @@ def test_fails_when_a_stage_weight_matrix_is_negated(tiny_build, tmp_path, capsy
 
 @pytest.mark.parametrize("flags", [["--redundancy-weight", "2.0"], ["--importance-ratio", "0.9"]])
 def test_fails_when_a_selection_graph_has_other_prune_parameters(tiny_build, tmp_path, flags, capsys):
-    from evoexport.build import build as run_build
+    from evoexport.export.build import build as run_build
     from evoexport.progress import Progress
-    from evoexport.prune import PruneParams as P
+    from evoexport.prune.selection import PruneParams as P
 
     kw = {"redundancy_weight": 2.0} if flags[0] == "--redundancy-weight" else {"importance_ratio": 0.9}
     other = run_build("llava-tiny", 0.5, params=P(**kw), out=tmp_path / "other", validate=False,

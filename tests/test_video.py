@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evoexport.video import frame_indices, read_frames
+from evoexport.inputs.video import frame_indices, read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 24
@@ -93,9 +93,9 @@ def test_frames_on_an_image_is_refused(tiny_build, tmp_path):
 
 
 def test_show_draws_a_strip_of_frames(clip, tiny_build, tmp_path):
-    from evoexport.images import preprocess
+    from evoexport.inputs.images import preprocess
     from evoexport.manifest import read_manifest
-    from evoexport.show import _display
+    from evoexport.show.panels import _display
 
     out = tmp_path / "strip.png"
     done = cli("show", tiny_build, "--input", clip, "--frames", 4, "--output", out)

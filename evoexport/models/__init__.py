@@ -1,57 +1,9 @@
-"""Model presets: a registry of vision towers by name (timm-style: configs as data).
+"""Vision towers by preset name: the registry (registry.py), the interface every family
+implements (base.py), one module per family (clip, siglip, dinov2, vit_digits), which
+register themselves on import, and the loader (loader.py), which finds them through the
+registry."""
+from .registry import Preset, default_params, get_preset, list_presets, register  # noqa: F401
 
-A preset names a model *family* and its full-size configuration. Each family lives in
-its own module and knows how to build its tower from the preset, or from a local Hugging
-Face checkpoint of that family (whose config.json then wins over the preset's sizes).
-"""
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-
-from ..errors import EvoExportError
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    family: str
-    description: str
-    vision: dict                     # transformers CLIPVisionConfig keyword arguments
-    projector: dict | None = None    # {"out_features", "act", "bias"}; None: bare encoder
-    feature_layer: int = -2          # transformers hidden_states index fed to the projector
-    select_strategy: str = "default"  # "default": drop CLS from the features (LLaVA)
-    preprocess: dict = field(default_factory=dict)
-    input_size: int | None = None    # pixels fed to the tower where the config's image_size is another (DINOv2)
-    prune_defaults: dict = field(default_factory=dict)   # PruneParams fields this model defaults differently
-
-
-_PRESETS: dict[str, Preset] = {}
-
-
-def register(preset: Preset) -> Preset:
-    if preset.name in _PRESETS:
-        raise ValueError(f"preset {preset.name!r} registered twice")
-    _PRESETS[preset.name] = preset
-    return preset
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        known = ", ".join(sorted(_PRESETS))
-        raise EvoExportError(f"unknown model {name!r}; known models: {known}") from None
-
-
-def default_params(model: str):
-    """EvoPrune's default parameters for a model: PruneParams' own, with the preset's overrides."""
-    from ..prune import PruneParams
-    return PruneParams(**get_preset(model).prune_defaults)
-
-
-def list_presets() -> list[Preset]:
-    return [_PRESETS[k] for k in sorted(_PRESETS)]
-
-
-from . import dinov2, llava, siglip, vit_digits  # noqa: E402,F401  (register the presets)
-from .tower import VisionTower, load_tower  # noqa: E402,F401
+from . import clip, dinov2, siglip, vit_digits  # noqa: E402,F401  (each registers its family and presets)
+from .clip import CLIPTower, VisionTower  # noqa: E402,F401
+from .loader import load_tower, spec_for, tower_from_manifest  # noqa: E402,F401

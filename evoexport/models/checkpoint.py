@@ -84,3 +84,20 @@ def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, to
                 except Exception as e:
                     raise EvoExportError(f"checkpoint shard {path} is truncated or corrupt ({e})") from None
     return out
+
+
+def preprocess_from_checkpoint(ckpt: Path, preset) -> dict:
+    """The checkpoint's own image processor recipe (preprocessor_config.json: resize mode,
+    sizes, crop, resample, rescale, mean, std); the preset's reference recipe where the
+    checkpoint ships none."""
+    import json
+
+    from ..inputs.images import recipe_from_processor_config
+    p = ckpt / "preprocessor_config.json"
+    if not p.is_file():
+        return dict(preset.preprocess)
+    try:
+        raw = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvoExportError(f"{p} is not valid JSON: {e}") from None
+    return recipe_from_processor_config(raw, str(p))

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
-from ..images import recipe_from_processor_config
-from . import Preset, register
-from .tower import BaseTower, Family, TowerSpec, preprocess_from_checkpoint
+from ..inputs.images import recipe_from_processor_config
+from .base import BaseTower, Family, TowerSpec
+from .checkpoint import preprocess_from_checkpoint
+from .registry import Preset, register, register_family
 
 # The reference checkpoint's own preprocessor_config.json, as data: facebook/dinov2-small
 # (BitImageProcessor: shortest edge 256, centre crop 224). Other --image-size values scale it.
@@ -91,7 +92,7 @@ class DinoTower(BaseTower):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.layernorm(hidden)
 
-    def hf_features(self, device="cpu", dtype=None):
+    def hf_forward(self, device="cpu", dtype=None):
         """transformers' Dinov2Model with the tower's weights: last_hidden_state."""
         from transformers import Dinov2Model
 
@@ -150,3 +151,4 @@ def load_weights(tower: DinoTower, ckpt: Path) -> None:
 
 
 FAMILY = Family(DinoTower, spec_from_preset, spec_from_checkpoint, load_weights)
+register_family("dinov2", FAMILY)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..images import recipe_from_processor_config
-from . import Preset, register
-from .tower import (BaseTower, CheckpointKinds, Family, TowerSpec, TransformersVisionLayers, _stub_text_config,
-                    llava_style_spec, load_prefixed_weights)
+from ..inputs.images import recipe_from_processor_config
+from .base import BaseTower, Family, TowerSpec
+from .llava_style import (CheckpointKinds, TransformersVisionLayers, _stub_text_config, llava_style_spec,
+                          load_prefixed_weights)
+from .registry import Preset, register, register_family
 
 # The reference checkpoint's own preprocessor_config.json, as data:
 # llava-hf/llava-onevision-qwen2-7b-ov-hf (LlavaOnevisionImageProcessor). A build takes its
@@ -101,7 +102,7 @@ class SiglipTower(TransformersVisionLayers, BaseTower):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.projector(hidden) if self.projector is not None else hidden
 
-    def hf_features(self, device="cpu", dtype=None):
+    def hf_forward(self, device="cpu", dtype=None):
         """transformers' SiglipVisionModel at full depth with this tower's weights, then
         LLaVA-OneVision's projector: projector(vision_tower(x).hidden_states[feature_layer])."""
         from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -138,3 +139,4 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
 
 
 FAMILY = Family(SiglipTower, spec_from_preset, spec_from_checkpoint, load_prefixed_weights)
+register_family("siglip", FAMILY)

@@ -8,9 +8,7 @@ Weights: tests/fixtures/digits-vit (made by scripts/train_digits_vit.py).
 """
 from __future__ import annotations
 
-import numpy as np
-
-from . import Preset, register
+from .registry import Preset, register
 
 # digits arrays go through digits_pixels; an image file is resized whole to 32x32
 DIGITS_PREPROCESS = {"processor": "digits", "pad_to_square": False, "resize": {"height": 32, "width": 32},
@@ -32,21 +30,3 @@ DIGITS_VIT = register(Preset(
     # OpenVINO -3): noise, so this model keeps the scoring its results were measured with.
     prune_defaults={"spatial_weight": 0.0},
 ))
-
-
-def digits_pixels(images: np.ndarray) -> np.ndarray:
-    """scikit-learn digits [N, 8, 8] in 0..16 -> normalized pixel values float32 [N, 3, 32, 32]."""
-    x = np.asarray(images, np.float32) / 16.0
-    x = x.repeat(4, axis=1).repeat(4, axis=2)
-    x = (x - 0.5) / 0.5
-    return np.ascontiguousarray(np.repeat(x[:, None], 3, axis=1))
-
-
-def digits_split(seed: int = 0):
-    """(train_x, train_y, test_x, test_y): a fixed stratified 75/25 split of the 1797 digits."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    xtr, xte, ytr, yte = train_test_split(d.images, d.target, test_size=0.25, random_state=seed, stratify=d.target)
-    return digits_pixels(xtr), ytr, digits_pixels(xte), yte

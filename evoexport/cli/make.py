@@ -1,0 +1,121 @@
+"""Commands that make things: build, engines, check."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import EvoExportError
+from ..manifest import PRECISIONS
+from .group import cli
+
+
+@cli.command()
+@click.option("--model", default="llava", show_default=True, help="model preset (see `evoexport models`)")
+@click.option("--keep", type=float, default=None, help="final fraction of patch tokens kept, in (0, 1]  [default: 0.5]")
+@click.option("--schedule", default=None, metavar="L:K,...",
+              help="explicit prune points: prune after layer L (0-based) to K tokens (count) or K of the patches (fraction)")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="local Hugging Face checkpoint directory (LLaVA or CLIP vision, safetensors)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights (without --checkpoint)")
+@click.option("--out", type=click.Path(), default=None, help="build directory  [default: graphs/MODEL-keepKEEP]")
+@click.option("--importance-ratio", type=float, default=0.5, show_default=True,
+              help="share of each budget filled by importance (rest: diversity)")
+@click.option("--redundancy-weight", type=float, default=0.3, show_default=True,
+              help="penalty on tokens that have a near-duplicate")
+@click.option("--diversity-rounds", type=int, default=4, show_default=True,
+              help="rounds in which the diversity share is picked (novelty refreshed each round)")
+@click.option("--spatial-weight", type=float, default=None,
+              help="similarity lost per grid width between two patches (novelty and merge); 0: cosine alone  "
+                   "[default: 0.3; the digits-vit preset 0]")
+@click.option("--merge/--no-merge", default=True, show_default=True, help="merge dropped tokens into kept ones")
+@click.option("--proportional-attention/--no-proportional-attention", default=True, show_default=True,
+              help="weight attention by merged token size")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="what the encoder stages compute in: fp16/bf16 inside the ONNX (LayerNorm, importance, "
+                   "inputs and outputs fp32), int8 QDQ (calibrated); selections always fp32")
+@click.option("--calib", type=click.Path(), default=None,
+              help="int8: folder of calibration images  [default: calib/, photos shipped by scikit-image]")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="check the build against PyTorch")
+@click.option("--target", type=click.Choice(["tensorrt"]), default=None,
+              help="also require the static check for this runtime (`evoexport check`) to pass")
+@click.option("--opset", type=click.Choice(["20", "23"]), default="20", show_default=True,
+              help="ONNX opset; 23 exports attention as ONNX's Attention op (TensorRT >= 10.14 maps it to fused "
+                   "attention; ONNX Runtime runs it)")
+@click.option("--image-size", type=int, default=None,
+              help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time)  "
+                   "[default: the preset's]")
+@click.option("--pad-to-square/--no-pad-to-square", default=None,
+              help="pad images to a square with the mean colour before resizing (LLaVA-1.5's original "
+                   "`image_aspect_ratio: pad`)  [default: as the model's image processor does]")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
+          spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
+          pad_to_square, quiet):
+    """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
+    from ..export.build import build as run_build
+    from ..progress import Progress, peak_rss_gb
+    from ..prune.selection import PruneParams
+
+    from ..models import default_params
+    if spatial_weight is None:
+        spatial_weight = default_params(model).spatial_weight
+    params = PruneParams(importance_ratio=importance_ratio, redundancy_weight=redundancy_weight,
+                         diversity_rounds=diversity_rounds, spatial_weight=spatial_weight, merge=merge,
+                         proportional_attention=proportional_attention)
+    progress = Progress(enabled=not quiet)
+    result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
+                       out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
+                       opset=int(opset), image_size=image_size, pad_to_square=pad_to_square, progress=progress)
+    m = result.manifest
+    if m["weights"] == "random":
+        click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)
+    click.echo(f"built {result.path}: {len(m['stages'])} stages, keep {m['keep']} "
+               f"({m['stages'][-1]['tokens_out']} of {m['tower']['num_patches']} tokens), "
+               f"ideal FLOP speedup {m['flops']['ideal_speedup']:.2f}x, "
+               f"{progress.elapsed:.1f} s, peak memory {peak_rss_gb():.2f} GB")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--min-batch", type=int, default=None, help="smallest batch accepted  [default: the manifest's batch_profile]")
+@click.option("--opt-batch", type=int, default=None, help="batch the engines are tuned for  [default: the manifest's]")
+@click.option("--max-batch", type=int, default=None, help="largest batch (video frames, tiles)  [default: the manifest's]")
+@click.option("--timing-cache", type=click.Path(), default=None,
+              help="TensorRT timing cache file: read if present, written back (faster rebuilds, as with trtexec)")
+@click.option("--fp16", is_flag=True, hidden=True)
+def engines(build_dir, min_batch, opt_batch, max_batch, timing_cache, fp16):
+    """Strongly typed TensorRT engines for every graph of a build (needs TensorRT >= 10 and an NVIDIA GPU).
+
+    Precision comes from the build: make an fp16 build (`build --precision fp16`) for fp16
+    engines; its selections stay fp32."""
+    from ..tensorrt.engines import build_engines
+    from ..progress import Progress
+
+    if fp16:
+        raise EvoExportError("--fp16 (weakly typed fp16) is gone: TensorRT 11 removed it and it wrecks ViT accuracy; "
+                             "build with `evoexport build --precision fp16` and run `engines` on that build")
+    info = build_engines(build_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                         timing_cache=timing_cache, progress=Progress())
+    click.echo(f"wrote {len(info['engines'])} engines to {build_dir} (TensorRT {info['tensorrt']}, {info['gpu']}, "
+               f"sm {info['compute_capability']}, batch {info['batch_profile']['min']}..{info['batch_profile']['max']})")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
+              help="the runtime whose ONNX parser the graphs are checked against")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report")
+def check(build_dir, target, as_json):
+    """Static check that TensorRT would take a build's graphs (runs on a CPU; exit 1 on a problem).
+
+    Every graph against onnx-tensorrt's operator table for TensorRT 10 (vendored, source
+    named in the report): ops and input types, Cast targets, opset, TopK K, constant axes,
+    no ArgMax, fp32 selections, fp16/bf16 weights in such builds."""
+    from ..tensorrt.check import check_build, format_check
+
+    report = check_build(build_dir)
+    click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
+    if not report["ok"]:
+        sys.exit(1)

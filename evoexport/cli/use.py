@@ -1,0 +1,177 @@
+"""Commands that use a build: run, validate, show, info, models."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import EvoExportError
+from ..files import atomic_path, check_output_path
+from ..runtime.backends import BACKENDS
+from .group import cli
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--input", "input_path", required=True, type=click.Path(),
+              help="an image file, a video file (.mp4, .mkv, .webm, ...; needs --frames), "
+                   "or a .npy of normalized pixel values float32 [B,3,H,W]")
+@click.option("--output", required=True, type=click.Path(), help="output .npz")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(BACKENDS))
+@click.option("--frames", type=int, default=None,
+              help="video: frames sampled evenly (numpy.linspace(0, T-1, N).round()), run as the batch")
+@click.option("--batch", type=int, default=8, show_default=True,
+              help="largest batch per run; longer inputs go in chunks of this many frames")
+def run(build_dir, input_path, output, backend, frames, batch):
+    """Run a build on one input; writes features, indices and, per prune point, indices_i, merge_i, picks_i to an .npz.
+
+    A video's sampled frames are preprocessed exactly as image files would be and run as
+    the batch: features are [N, K, D], and `frame_numbers` says which frames were taken."""
+    import numpy as np
+
+    from ..inputs.images import read_pixels
+    from ..progress import Progress
+    from ..runtime.runner import load
+    from ..inputs.video import is_video, video_pixels
+
+    if batch < 1:
+        raise EvoExportError(f"--batch must be >= 1, got {batch}")
+    output = check_output_path(output, "--output", ".npz")
+    video = is_video(input_path)
+    if frames is not None and not video:
+        raise EvoExportError(f"--frames applies to video inputs; {input_path} is not one")
+    if video and frames is None:
+        raise EvoExportError(f"{input_path} is a video: say how many frames to sample with --frames N")
+    runner = load(build_dir, backend=backend)
+    progress = Progress()
+    extra = {}
+    if video:
+        m = runner.manifest
+        progress(f"decoding {input_path}")
+        pixels, numbers = video_pixels(input_path, frames, m["tower"]["image_size"], m["preprocess"])
+        extra["frame_numbers"] = numbers
+        progress(f"sampled {len(numbers)} frames: {_short_list(numbers.tolist())}")
+    else:
+        pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
+    to_np = runner.backend.to_numpy
+    chunks = []
+    for start in range(0, len(pixels), batch):
+        if len(pixels) > batch:
+            progress(f"frames {start + 1}-{min(start + batch, len(pixels))} of {len(pixels)}")
+        out = runner(np.ascontiguousarray(pixels[start:start + batch]))
+        arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
+        for kind in ("indices", "merge", "picks"):
+            for i, value in enumerate(getattr(out, f"{kind}_per_point")):
+                arrays[f"{kind}_{i}"] = to_np(value)
+        chunks.append(arrays)
+    arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} | extra
+    with atomic_path(output) as tmp:
+        np.savez(tmp, **arrays)
+    click.echo(f"wrote {output}: features {list(arrays['features'].shape)}, indices {list(arrays['indices'].shape)}")
+
+
+def _short_list(values: list) -> str:
+    return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:5]))}, ..., {', '.join(map(str, values[-3:]))}]"
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(BACKENDS))
+@click.option("--threads", type=int, default=0, help="onnxruntime, openvino: threads  [default: all cores]")
+@click.option("--optimization", type=click.Choice(["all", "extended", "basic", "disable"]), default="all",
+              show_default=True, help="onnxruntime: graph optimization level")
+@click.option("--inference-precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="openvino, torch: precision of the encoder stages  [default: OpenVINO's choice for this CPU; "
+                   "torch: the build's on cuda, fp32 on cpu]")
+@click.option("--device", default="cpu", show_default=True, help="torch: cpu or cuda (the chain replayed as CUDA graphs)")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
+def validate(build_dir, backend, threads, optimization, inference_precision, device, as_json):
+    """Compare a build with the PyTorch model on sample photos (exit 1 beyond tolerances).
+
+    Decisions are compared as decisions: a kept set or merge map that differs from
+    PyTorch's passes only where PyTorch's own scores call it a near-tie; outputs are then
+    compared tightly under the backend's decisions (docs/validation.md)."""
+    from ..validate.report import format_report
+    from ..validate.report import validate as run_validation
+
+    if threads < 0:
+        raise EvoExportError(f"--threads must be >= 0, got {threads}")
+    if device != "cpu" and backend != "torch":
+        raise EvoExportError("--device is an option of --backend torch")
+    options = {"onnxruntime": {"threads": threads, "optimization": optimization},
+               "openvino": {"threads": threads, "precision": inference_precision},
+               "torch": {"device": device, "precision": inference_precision}}.get(backend, {})
+    report = run_validation(build_dir, backend=backend, **options)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--input", "inputs", multiple=True, type=click.Path(),
+              help="image file(s), or one video file with --frames  [default: the validation photos]")
+@click.option("--output", required=True, type=click.Path(), help="output .png")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(BACKENDS))
+@click.option("--frames", type=int, default=None, help="video: frames sampled evenly and drawn as a strip")
+def show(build_dir, inputs, output, backend, frames):
+    """Pictures of what the selections keep: per prune point the importance heat map and the
+    kept patches outlined (dropped ones dimmed), then the final merge groups in colour
+    (one row per image; for a video, one column per sampled frame)."""
+    import numpy as np
+
+    from ..inputs.images import read_pixels, sample_batch
+    from ..progress import Progress
+    from ..runtime.runner import load
+    from ..show.panels import show as render_show
+    from ..inputs.video import is_video, video_pixels
+
+    check_output_path(output, "--output", ".png")
+    videos = [p for p in inputs if is_video(p)]
+    if videos and (len(inputs) > 1 or frames is None):
+        raise EvoExportError("a video is drawn on its own: give one video --input and --frames N")
+    if frames is not None and not videos:
+        raise EvoExportError("--frames applies to a video --input")
+    runner = load(build_dir, backend=backend)
+    m = runner.manifest
+    numbers = None
+    if videos:
+        Progress()(f"decoding {videos[0]}")
+        pixels, numbers = video_pixels(videos[0], frames, m["tower"]["image_size"], m["preprocess"])
+    elif inputs:
+        pixels = np.concatenate([runner.check_input(np.ascontiguousarray(read_pixels(Path(p), m), dtype=np.float32))
+                                 for p in inputs])
+    else:
+        pixels = sample_batch(m["tower"]["image_size"], m["preprocess"])
+    info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output), numbers)
+    what = f"{info['images']} frame(s)" if videos else f"{info['images']} image(s)"
+    click.echo(f"wrote {output}: {what} x {info['panels']} panels ({info['size'][0]}x{info['size'][1]})")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+def info(build_dir):
+    """Summarize a build's manifest (graphs, tensors, schedule, weights)."""
+    from ..manifest import graph_entries, read_manifest
+
+    m = read_manifest(build_dir, verify=False)
+    click.echo(f"{build_dir}: model {m['model']}, keep {m['keep']}, weights {m['weights']} "
+               f"(sha256 {m.get('weights_sha256', '?')[:12]}), schema {m['schema_version']}")
+    click.echo(f"  prune params: {m['prune_params']}")
+    for g in graph_entries(m):
+        ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"])
+        outs = ", ".join(f"{t['name']}{t['shape']}" for t in g["outputs"])
+        click.echo(f"  {g['name']:<9} {ins} -> {outs}")
+
+
+@cli.command()
+def models():
+    """List the model presets."""
+    from ..models import list_presets
+
+    for p in list_presets():
+        click.echo(f"{p.name:<12} {p.description}")

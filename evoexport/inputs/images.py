@@ -1,0 +1,258 @@
+"""Images in, pixel values out: the model's own preprocessing recipe, and real sample photos.
+
+A recipe is what a checkpoint's `preprocessor_config.json` says, as data (docs/manifest.md):
+optionally pad to a square with the mean colour (original LLaVA-1.5, `image_aspect_ratio:
+pad`), resize (shortest edge, or to height x width), optionally centre-crop, rescale,
+normalize. `preprocess` reproduces transformers' PIL image processors (CLIPImageProcessor,
+BitImageProcessor, SiglipImageProcessor, LlavaImageProcessor, LlavaOnevisionImageProcessor's
+base view) pixel for pixel: same resampling through Pillow on uint8, the long side of a
+shortest-edge resize *truncated* as `get_resize_output_image_size` does, the same crop
+offsets, rescale in float64 then float32. The recipe lives in the manifest so any runtime
+can do the same.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import EvoExportError
+
+# PIL's resampling filters, by name and by the integer Hugging Face configs store
+_RESAMPLE = {"nearest": Image.NEAREST, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
+             "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING}
+_RESAMPLE_BY_INT = {int(v): k for k, v in _RESAMPLE.items()}
+
+# Decoded images larger than this are refused before their pixels are decoded: a small
+# compressed file can decode to gigabytes (Pillow's own decompression-bomb limit).
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# scikit-image ships these photos inside its wheel (no download): astronaut (NASA, public
+# domain), coffee and chelsea the cat (CC0).
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea")
+
+# processors whose int `size` means a square (default_to_square) rather than a shortest edge
+_SQUARE_SIZE_PROCESSORS = ("Siglip", "LlavaOnevision")
+
+
+def _processor_kind(raw: dict) -> str:
+    kind = str(raw.get("image_processor_type") or "")
+    for suffix in ("Fast", "Pil"):
+        kind = kind.removesuffix(suffix)
+    return kind
+
+
+def _size_dict(value, square: bool, where: str, key: str) -> dict:
+    if isinstance(value, bool):
+        raise EvoExportError(f"{where}: {key} {value!r} is not a size")
+    if isinstance(value, int):
+        return {"height": value, "width": value} if square else {"shortest_edge": value}
+    if isinstance(value, dict):
+        if set(value) == {"shortest_edge"}:
+            out = {"shortest_edge": value["shortest_edge"]}
+        elif set(value) == {"height", "width"}:
+            out = {"height": value["height"], "width": value["width"]}
+        else:
+            raise EvoExportError(f"{where}: {key} {value!r} is not supported (expected shortest_edge, "
+                                 "or height and width)")
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in out.values()):
+            return out
+    raise EvoExportError(f"{where}: {key} {value!r} is not a size (positive integers)")
+
+
+def recipe_from_processor_config(raw: dict, where: str = "preprocessor_config.json") -> dict:
+    """A Hugging Face image processor's config (preprocessor_config.json) as our recipe."""
+    if not isinstance(raw, dict):
+        raise EvoExportError(f"{where} is not a JSON object")
+    kind = _processor_kind(raw)
+    square = kind.startswith(_SQUARE_SIZE_PROCESSORS)
+    if raw.get("do_resize", True) is False:
+        raise EvoExportError(f"{where}: do_resize false is not supported (builds take a fixed image size)")
+    if "size" not in raw:
+        raise EvoExportError(f"{where} has no size")
+    resize = _size_dict(raw["size"], square, where, "size")
+    # LLaVA-OneVision's processor has no crop (its base view is a plain resize); the CLIP-style
+    # processors crop by default
+    crop = None
+    if raw.get("do_center_crop", not square) and raw.get("crop_size") is not None:
+        crop = _size_dict(raw["crop_size"], True, where, "crop_size")
+    if "shortest_edge" in resize and crop is None:
+        raise EvoExportError(f"{where}: a shortest-edge resize without a centre crop gives non-square images; "
+                             "builds take square inputs")
+    resample = raw.get("resample", 3)
+    if isinstance(resample, int) and not isinstance(resample, bool):
+        resample = _RESAMPLE_BY_INT.get(resample)
+    if resample not in _RESAMPLE:
+        raise EvoExportError(f"{where}: resample {raw.get('resample')!r} is not a PIL filter")
+    rescale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
+    if raw.get("do_normalize", True):
+        mean, std = raw.get("image_mean"), raw.get("image_std")
+        if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+            raise EvoExportError(f"{where}: image_mean and image_std must be lists of 3 numbers")
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if min(std) <= 0:
+            raise EvoExportError(f"{where}: image_std must be positive")
+    else:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    pad = bool(raw.get("do_pad", False)) and kind == "LlavaImageProcessor"
+    return {"processor": kind or "unknown", "pad_to_square": pad, "resize": resize, "crop": crop,
+            "resample": resample, "rescale": rescale, "mean": mean, "std": std}
+
+
+def output_size(recipe: dict) -> tuple[int, int]:
+    box = recipe["crop"] or recipe["resize"]
+    return box["height"], box["width"]
+
+
+def fit_recipe(recipe: dict, size: int, pad_to_square: bool | None = None) -> dict:
+    """The recipe for a build that takes `size` x `size` pixels: unchanged when the recipe's
+    output is that size, else every size in it scaled by size / its output size (recorded
+    under `scaled_from`). `pad_to_square` overrides the recipe's."""
+    recipe = dict(recipe)
+    if pad_to_square is not None:
+        recipe["pad_to_square"] = bool(pad_to_square)
+    h, w = output_size(recipe)
+    if h != w:
+        raise EvoExportError(f"the image processor makes {h}x{w} images; builds take square inputs")
+    if h == size:
+        return recipe
+    factor = size / h
+    resize = recipe["resize"]
+    recipe["scaled_from"] = {"resize": resize, "crop": recipe["crop"], "factor": factor}
+    recipe["resize"] = ({"shortest_edge": int(round(resize["shortest_edge"] * factor))} if "shortest_edge" in resize
+                        else {"height": size, "width": size})
+    if recipe["crop"] is not None:
+        recipe["crop"] = {"height": size, "width": size}
+    return recipe
+
+
+def as_recipe(pre: dict, size: int) -> dict:
+    """A manifest's `preprocess` as a recipe. Builds before recipes (no `resize` key) said only
+    mean, std, resample and rescale: they get a shortest-edge resize and centre crop at `size`."""
+    if "resize" in pre:
+        return pre
+    return {"processor": "legacy", "pad_to_square": False, "resize": {"shortest_edge": size},
+            "crop": {"height": size, "width": size}, "resample": pre.get("resample", "bicubic"),
+            "rescale": float(pre.get("rescale", 1 / 255)), "mean": pre["mean"], "std": pre["std"]}
+
+
+def describe_recipe(recipe: dict) -> str:
+    """One line for the build log."""
+    r = recipe["resize"]
+    steps = ["pad to square (mean colour)"] if recipe["pad_to_square"] else []
+    steps.append(f"resize shortest edge to {r['shortest_edge']}" if "shortest_edge" in r
+                 else f"resize to {r['height']}x{r['width']}")
+    if recipe["crop"]:
+        steps.append(f"centre-crop {recipe['crop']['height']}x{recipe['crop']['width']}")
+    text = f"preprocessing ({recipe['processor']}): " + ", ".join(steps) + f" ({recipe['resample']})"
+    if "scaled_from" in recipe:
+        s = recipe["scaled_from"]
+        was = (f"shortest edge {s['resize']['shortest_edge']}" if "shortest_edge" in s["resize"]
+               else f"{s['resize']['height']}x{s['resize']['width']}")
+        text += f"; scaled x{s['factor']:.4g} from the processor's {was}" + (
+            f", crop {s['crop']['height']}" if s["crop"] else "") + " to this build's image size"
+    return text
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # transformers' convert_to_rgb: transparency is composited onto white
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """transformers' center_crop on HWC: floor offsets; zero padding where the image is smaller."""
+    h, w = x.shape[:2]
+    if h < height or w < width:
+        nh, nw = max(h, height), max(w, width)
+        padded = np.zeros((nh, nw, x.shape[2]), x.dtype)
+        top, left = -(-(nh - h) // 2), -(-(nw - w) // 2)
+        padded[top:top + h, left:left + w] = x
+        x, h, w = padded, nh, nw
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[top:top + height, left:left + width]
+
+
+def preprocess(image: Image.Image, size: int, pre: dict) -> np.ndarray:
+    """PIL image -> float32 [3, size, size], as the recipe `pre` says."""
+    recipe = as_recipe(pre, size)
+    if output_size(recipe) != (size, size):
+        raise EvoExportError(f"the preprocessing recipe makes {output_size(recipe)} images, the build takes {size}x{size}")
+    image = _to_rgb(image)
+    if recipe["pad_to_square"] and image.width != image.height:
+        side = max(image.size)
+        fill = tuple(int(m * 255) for m in recipe["mean"])   # LLaVA's expand2square colour
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    r = recipe["resize"]
+    if "shortest_edge" in r:   # get_resize_output_image_size: the long side is truncated
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        new_short, new_long = r["shortest_edge"], int(r["shortest_edge"] * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    else:
+        new_w, new_h = r["width"], r["height"]
+    x = np.asarray(image.resize((new_w, new_h), _RESAMPLE[recipe["resample"]]))
+    if recipe["crop"]:
+        x = _center_crop(x, recipe["crop"]["height"], recipe["crop"]["width"])
+    x = (x.astype(np.float64) * float(recipe["rescale"])).astype(np.float32)
+    x = (x - np.asarray(recipe["mean"], np.float32)) / np.asarray(recipe["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if path.is_dir():
+        raise EvoExportError(f"input {path} is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow checks the size from the header, before decoding: past its limit it
+            # warns (an error here) or refuses
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except FileNotFoundError:
+        raise EvoExportError(f"input {path} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise EvoExportError(f"input {path} decodes to more pixels than the {MAX_IMAGE_PIXELS:,} allowed "
+                             f"({e}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise EvoExportError(f"input {path} is not a readable image ({e})") from None
+
+
+def sample_photos(names=SAMPLE_PHOTOS) -> list[Image.Image]:
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, n)()) for n in names]
+
+
+def sample_batch(size: int, pre: dict, names=SAMPLE_PHOTOS) -> np.ndarray:
+    """The sample photos preprocessed for a model: float32 [len(names), 3, size, size]."""
+    return np.stack([preprocess(im, size, pre) for im in sample_photos(names)])
+
+
+def read_pixels(path: Path, manifest: dict) -> np.ndarray:
+    """An input file as float32 pixel values [B,3,H,W]: a .npy as it is (never unpickled), an
+    image file preprocessed as the build's manifest says."""
+    if path.is_dir():
+        raise EvoExportError(f"input {path} is a directory, not a file")
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise EvoExportError(f"input {path} does not exist")
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise EvoExportError(f"input {path} is not a readable .npy file (no NumPy header)")
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError:
+            raise EvoExportError(f"input {path} holds Python objects; pickled arrays are refused") from None
+        except OSError as e:
+            raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
+    image = load_image(path)
+    return preprocess(image, manifest["tower"]["image_size"], manifest["preprocess"])[None]

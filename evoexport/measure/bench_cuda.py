@@ -1,0 +1,192 @@
+"""`evoexport bench --device cuda`: the pruned chain on an NVIDIA GPU against what users
+run there instead.
+
+Systems, per precision (bf16 by default): the pruned chain and the unpruned encoder
+(the same stage code with no prune point), each eager and replayed as one CUDA graph per
+batch size; transformers' own model cast to that precision (`model.to(torch.bfloat16)`,
+SDPA attention), eager; and, when onnxruntime-gpu is installed, the build's ONNX graphs on
+ONNX Runtime's CUDA provider with IO binding (and an unpruned `--baseline` build if given).
+Latency is wall time from launch to a synchronized result, median and p90. The selection's
+share of the chain is measured per graph, each graph replayed as its own CUDA graph and
+timed with CUDA events, and eagerly. Graph replay is checked against eager execution on
+the same photos (same decisions, feature difference).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EvoExportError
+from ..inputs.images import sample_batch
+from ..manifest import read_manifest
+from ..progress import Progress
+from .timing import time_systems
+
+SPEEDUP_TARGET = 0.90   # pruned vs unpruned at batch 8, as a fraction of the FLOP ideal
+SELECT_SHARE_TARGET = 0.05
+
+
+def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
+    """ms per graph of the chain: each graph as its own CUDA graph (event-timed), and eager
+    (`modules`: the compiled selections the chain runs)."""
+    import torch
+
+    from ..runtime.cuda_graphs import GraphedCall
+
+    env = pipeline.run(x, modules=modules)
+    out = {}
+    for g in pipeline.graphs:
+        args = [env[n] for n in g.inputs]
+        with torch.inference_mode():
+            graphed = GraphedCall(modules.get(g.name, g.module), *args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graphed.replay()
+            end.record()
+            torch.cuda.synchronize()
+            eager = time_systems({"eager": lambda: g.module(*args)}, reps, 3, sync=torch.cuda.synchronize)["eager"]
+        out[g.name] = {"kind": g.kind, "graph_ms": start.elapsed_time(end) / reps, "eager_ms": eager["median_ms"]}
+    return out
+
+
+def _share(times: dict, key: str) -> float:
+    total = sum(t[key] for t in times.values())
+    return sum(t[key] for t in times.values() if t["kind"] == "select") / total
+
+
+def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, warmup: int = 10,
+                   precisions=("bf16",), hf: bool = True, baseline: str | Path | None = None,
+                   progress: Progress | None = None) -> dict:
+    import torch
+
+    from ..runtime.backends.torch import TorchChain, resolve_device
+    from ..pipeline.stages import Pipeline, pipeline_from_manifest
+
+    if iters < 1 or warmup < 0 or any(b < 1 for b in batches):
+        raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
+    device = resolve_device("cuda")
+    progress = progress or Progress()
+    build_dir = Path(build_dir)
+    # the torch chains are rebuilt from the manifest, their weights checked against its
+    # sha256; the graph files are hashed where they are read (ONNX Runtime's Runner)
+    manifest = read_manifest(build_dir, verify=False, files=False)
+    pruned_pipe = pipeline_from_manifest(manifest)
+    tower, params = pruned_pipe.tower, pruned_pipe.params
+    systems, pruned_pipes, checks = {}, {}, {}
+    for prec in precisions:
+        progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device)}")
+        if hf:
+            dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[prec])
+            run = tower.hf_forward(device, dtype)
+            systems[f"transformers {prec} (eager)"] = lambda x, _run=run: _run(x)
+        for label, pipe in (("pruned", pruned_pipe), ("unpruned", Pipeline(tower, [], params))):
+            eager = TorchChain(pipe, device, prec, cuda_graphs=False, compile_selections=False)
+            # the others share eager's weights (same precision: no copy)
+            systems[f"{label} {prec} (eager)"] = eager
+            systems[f"{label} {prec} (CUDA graph)"] = TorchChain(eager.pipeline, device, prec, cuda_graphs=True,
+                                                                 compile_selections=False)
+            if label == "pruned":
+                progress(f"compiling the {prec} selections (torch.compile)")
+                default = TorchChain(eager.pipeline, device, prec)   # compiled selections + CUDA graphs
+                if default.compiled:
+                    systems[f"{label} {prec} (compiled, CUDA graph)"] = default
+                pruned_pipes[prec] = default
+    ort_systems = _ort_systems(build_dir, baseline)
+    systems.update(ort_systems)
+
+    photos = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"])
+    rows, per_graph = [], {}
+    sync = torch.cuda.synchronize
+    for b in batches:
+        x_np = np.ascontiguousarray(np.resize(photos, (b, *photos.shape[1:])))
+        x = torch.from_numpy(x_np).to(device)
+        progress(f"batch {b}: {warmup} warm-up + {iters} timed runs of each of {len(systems)} systems")
+        calls = {}
+        for name, fn in systems.items():
+            if name in ort_systems:
+                calls[name] = (lambda fn=fn, arg=fn.backend.as_input(x_np): fn.run_native(arg))
+            else:
+                calls[name] = (lambda fn=fn: fn(x))
+        with torch.inference_mode():
+            timed = time_systems(calls, iters, warmup, sync=sync)
+        for name, t in timed.items():
+            rows.append({"batch": b, "system": name, **{k: v for k, v in t.items() if k != "times_ms"}})
+        for prec, chain in pruned_pipes.items():
+            with torch.inference_mode():
+                times = _graph_times(chain.pipeline, x, chain.modules)
+            per_graph[f"{prec} batch {b}"] = {"graphs": times, "select_share_graph": _share(times, "graph_ms"),
+                                              "select_share_eager": _share(times, "eager_ms")}
+            with torch.inference_mode():
+                a = systems[f"pruned {prec} (eager)"](x)
+                g = systems.get(f"pruned {prec} (compiled, CUDA graph)", systems[f"pruned {prec} (CUDA graph)"])(x)
+            same = all(torch.equal(a[k], g[k]) for k in a if k.startswith(("picks_", "merge_")))
+            diff = float((a["features"] - g["features"]).abs().max() / a["features"].abs().max().clamp_min(1e-30))
+            checks[f"{prec} batch {b}"] = {"same_decisions": same, "features_rel_diff": diff,
+                                           "compiled": chain.compiled}
+    ideal = manifest["flops"]["ideal_speedup"]
+    summary = [_summarize(b, [r for r in rows if r["batch"] == b], precisions, ideal) for b in batches]
+    import onnxruntime
+    return {"build": str(build_dir), "model": manifest["model"], "keep": manifest["keep"],
+            "weights": manifest["weights"], "device": torch.cuda.get_device_name(device),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "onnxruntime": onnxruntime.__version__,
+                         "onnxruntime_providers": onnxruntime.get_available_providers()},
+            "ort_cuda": bool(ort_systems), "flops_per_image": manifest["flops"], "rows": rows, "summary": summary,
+            "per_graph": per_graph, "graph_vs_eager": checks,
+            "targets": {"fraction_of_ideal_at_batch_8": SPEEDUP_TARGET, "select_share_with_cuda_graphs": SELECT_SHARE_TARGET}}
+
+
+def _ort_systems(build_dir: Path, baseline) -> dict:
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return {}
+    from ..runtime.runner import Runner   # timed from device-resident inputs (IO binding), no host copy
+    out = {"pruned (onnxruntime cuda)": Runner(build_dir, backend="onnxruntime", providers=["CUDAExecutionProvider"])}
+    if baseline is not None:
+        out["unpruned (onnxruntime cuda)"] = Runner(Path(baseline), backend="onnxruntime",
+                                                    providers=["CUDAExecutionProvider"])
+    return out
+
+
+def _summarize(batch: int, rows: list[dict], precisions, ideal: float) -> dict:
+    by = {r["system"]: r["median_ms"] for r in rows}
+    per = []
+    for prec in precisions:
+        for mode, base in (("compiled, CUDA graph", "CUDA graph"), ("CUDA graph", "CUDA graph"), ("eager", "eager")):
+            if f"pruned {prec} ({mode})" not in by:   # torch.compile unavailable there
+                continue
+            speedup = by[f"unpruned {prec} ({base})"] / by[f"pruned {prec} ({mode})"]
+            per.append({"precision": prec, "mode": mode, "speedup_vs_unpruned": speedup,
+                        "fraction_of_ideal": speedup / ideal})
+    pruned = min((n for n in by if n.startswith("pruned")), key=by.get)
+    unpruned = min((n for n in by if not n.startswith("pruned")), key=by.get)
+    return {"batch": batch, "ideal_speedup": ideal, "chains": per, "best_pruned": pruned, "best_unpruned": unpruned,
+            "best_vs_best": by[unpruned] / by[pruned], "best_vs_best_fraction_of_ideal": by[unpruned] / by[pruned] / ideal}
+
+
+def format_cuda_bench(r: dict) -> str:
+    lines = [f"bench {r['build']} ({r['model']}, keep {r['keep']}, {r['weights']} weights) on {r['device']} "
+             f"(sm {r['compute_capability']}), torch {r['versions']['torch']}, CUDA {r['versions']['cuda']}"
+             + ("" if r["ort_cuda"] else "; ONNX Runtime's CUDA provider not installed: not timed"),
+             f"  {'batch':>5}  {'system':<34} {'median ms':>10} {'p90 ms':>10} {'ms/image':>9}"]
+    for row in r["rows"]:
+        lines.append(f"  {row['batch']:>5}  {row['system']:<34} {row['median_ms']:>10.3f} {row['p90_ms']:>10.3f} "
+                     f"{row['median_ms'] / row['batch']:>9.3f}")
+    for s in r["summary"]:
+        for c in s["chains"]:
+            lines.append(f"  batch {s['batch']}, {c['precision']} {c['mode']}: pruned vs unpruned "
+                         f"{c['speedup_vs_unpruned']:.2f}x = {100 * c['fraction_of_ideal']:.0f}% of the "
+                         f"{s['ideal_speedup']:.2f}x FLOP ideal")
+        lines.append(f"  batch {s['batch']}, best vs best: {s['best_pruned']} is {s['best_vs_best']:.2f}x faster than "
+                     f"{s['best_unpruned']} ({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)")
+    for key, p in r["per_graph"].items():
+        lines.append(f"  {key}: selection share of the chain {100 * p['select_share_graph']:.1f}% as CUDA graphs "
+                     "(selections as the default chain runs them), "
+                     f"{100 * p['select_share_eager']:.1f}% eager")
+    for key, c in r["graph_vs_eager"].items():
+        what = "compiled selections + CUDA graph" if c.get("compiled") else "CUDA graph"
+        lines.append(f"  {key}: {what} vs eager: {'same' if c['same_decisions'] else 'different (near-tie?)'} decisions, "
+                     f"features rel diff {c['features_rel_diff']:.1e}")
+    return "\n".join(lines)

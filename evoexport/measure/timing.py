@@ -1,0 +1,42 @@
+"""The one timing helper every benchmark and script uses: systems timed in interleaved
+rounds, so that a machine's drift (another process, clock changes, thermal) lands on all of
+them alike and their ratios, measured in one run, stay fair; medians and p90 reported."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def stats(times_ms: list[float]) -> dict:
+    """median, p90 and min of a list of milliseconds, and how many."""
+    return {"median_ms": statistics.median(times_ms), "p90_ms": float(np.percentile(np.asarray(times_ms), 90)),
+            "min_ms": min(times_ms), "iters": len(times_ms)}
+
+
+def time_systems(systems: dict[str, Callable[[], object]], iters: int, warmup: int, rounds: int | None = None,
+                 sync: Callable[[], None] | None = None, progress=None) -> dict[str, dict]:
+    """Each system (a callable of no arguments) warmed up `warmup` times, then timed `iters`
+    times in total, in `rounds` interleaved rounds (default: one call per system per round,
+    the systems in turn). `sync` (e.g. torch.cuda.synchronize) is called before a clock is
+    read. Returns {name: stats(...) | {"times_ms": [...]}}."""
+    sync = sync or (lambda: None)
+    rounds = rounds or iters
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    for name, fn in systems.items():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = {name: [] for name in systems}
+    for r, n in enumerate(per_round):
+        if progress and rounds > 1:
+            progress(f"round {r + 1}/{rounds}")
+        for name, fn in systems.items():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {**stats(ts), "times_ms": ts} for name, ts in times.items()}

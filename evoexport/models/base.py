@@ -1,0 +1,158 @@
+"""The interface every model family implements, and nothing of any family.
+
+`TowerSpec` sizes a tower (recorded in the manifest). `BaseTower` is what the stage
+builder, the selections, the exporters and the cost model see: `embed`, `layers`,
+`project`, `probe_attention` and the sizes. `Family` is what a family module registers
+(models/registry.py): its tower class and how to make a spec and load weights.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import EvoExportError
+
+
+@dataclass
+class TowerSpec:
+    """Everything that sizes a tower; recorded in the manifest."""
+    vision: dict            # CLIPVisionConfig.to_dict() (full depth, as in the checkpoint)
+    projector: dict | None  # {"out_features", "act", "bias"}
+    feature_layer: int
+    select_strategy: str
+    preprocess: dict
+    input_size: int | None = None   # pixels fed to the tower, where the config's image_size differs (DINOv2)
+
+    @property
+    def depth(self) -> int:
+        """Number of encoder layers actually run (up to the feature layer)."""
+        n = self.vision["num_hidden_layers"]
+        fl = self.feature_layer
+        run = fl if fl >= 0 else n + 1 + fl
+        if not 1 <= run <= n:
+            raise EvoExportError(f"feature layer {fl} is outside a {n}-layer encoder")
+        return run
+
+
+class BaseTower(nn.Module):
+    """What every family's tower shares. A family supplies `embed`, `layers`, `project`,
+    `probe_attention` and its sizes; the stage builder, the selections and the exporters
+    see only this interface."""
+
+    spec: TowerSpec
+    has_cls: bool
+    weights_info: dict
+    resizable = False   # takes --image-size (position embeddings interpolated at build time)
+    # the probe's query: "cls" (CLS's row, towers with CLS) or "mean" (mean patch query: towers
+    # without CLS always; `evoexport eval` also sets it on DINOv2 to measure that rule)
+    importance_query = "cls"
+
+    def _set_sizes(self, *, hidden: int, heads: int, mlp: int, image_size: int, patch: int, out_features: int,
+                   drop_cls: bool) -> None:
+        """The sizes the stage builder, the cost model and the manifest read."""
+        # the patch convolution drops a remainder (SigLIP-384: 27 patches of 14 px, 6 px unused)
+        self.has_cls = True   # CLIP and DINOv2; SigLIP sets False (the selection handles both)
+        self.hidden_size, self.num_heads, self.mlp_size = hidden, heads, mlp
+        self.image_size, self.grid = image_size, image_size // patch
+        self.num_patches = self.grid * self.grid
+        self.out_features, self.drop_cls = out_features, drop_cls
+        self.weights_info = {}
+
+    def hf_forward(self, device="cpu", dtype=None):
+        """transformers' own model carrying this tower's weights: fn(pixel_values) -> features
+        (baselines and parity checks)."""
+        raise NotImplementedError
+
+    def hf_features(self, device="cpu", dtype=None):
+        """Deprecated name of hf_forward (it returns a function); kept for one release."""
+        return self.hf_forward(device, dtype)
+
+    @staticmethod
+    def _config(config_cls, spec: TowerSpec):
+        """transformers' config for the layers actually run (up to the feature layer), SDPA attention."""
+        cfg = config_cls.from_dict({**spec.vision, "num_hidden_layers": spec.depth})
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(p.dtype for n, p in self.layers[0].named_parameters() if n.endswith("weight") and p.dim() == 2)
+
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        """(attention module with q_proj and k_proj, heads, logit scale) of layer `index`."""
+        raise NotImplementedError
+
+    def reduced_precision_copy(self, dtype: torch.dtype, fp32_norms: bool = True) -> "BaseTower":
+        """A copy whose weights and math are in `dtype` (fp16/bf16 builds), except LayerNorm,
+        which keeps fp32 weights and statistics: CLIP's activation outliers would otherwise
+        lose their mean and variance to rounding. `fp32_norms=False` leaves LayerNorm in
+        `dtype` (the GPU chain: PyTorch's CUDA kernel accumulates its statistics in fp32
+        anyway, and the casts around an fp32 island cost ~10% of a layer there)."""
+        twin = copy.deepcopy(self).to(dtype)
+        for module in twin.modules():
+            # deepcopy copies hooks too: the stages' q/k capture hooks would write the
+            # twin's activations into the fp32 pipeline's stages. The twin's own pipeline
+            # registers its own.
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        for module in list(twin.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.LayerNorm) and fp32_norms:
+                    setattr(module, name, Float32LayerNorm.from_layer_norm(child))
+                elif isinstance(child, nn.Conv2d):   # ONNX Conv has no bf16; pixels keep full precision
+                    setattr(module, name, Float32Conv2d.from_conv(child, dtype))
+        return twin
+
+    def state_sha256(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 inside a reduced-precision tower (a Cast island in the ONNX)."""
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm) -> "Float32LayerNorm":
+        out = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine)
+        out.load_state_dict({k: v.float() for k, v in ln.state_dict().items()})
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class Float32Conv2d(nn.Conv2d):
+    """The patch embedding of a reduced-precision tower, computed in fp32 on the fp32 pixels;
+    its output joins the tower's dtype."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, out_dtype: torch.dtype) -> "Float32Conv2d":
+        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None)
+        out.load_state_dict({k: v.float() for k, v in conv.state_dict().items()})
+        out.out_dtype = out_dtype
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(self.out_dtype)
+
+
+class Family(NamedTuple):
+    """What a model family module supplies to the generic loader."""
+    tower: type
+    spec_from_preset: Callable
+    spec_from_checkpoint: Callable
+    load_weights: Callable

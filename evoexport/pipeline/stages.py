@@ -1,0 +1,200 @@
+"""Split a pruned tower at its prune points into static-shape graphs.
+
+The pipeline is a flat list of graphs wired by tensor name:
+
+    stage_0 (embed + layers 0..L0)  -> stage0_hidden, stage0_importance
+    select_0 (EvoPrune, K0 tokens)  -> pruned0_hidden, sizes_0, indices_0, merge_0, picks_0
+    stage_1 (layers L0+1..L1)       -> stage1_hidden, stage1_importance
+    select_1                        -> pruned1_hidden, sizes_1, indices_1, merge_1, picks_1
+    ...
+    stage_P (last layers + project) -> features
+
+A runtime keeps a dict of named tensors and feeds each graph the inputs it names: the
+same loop in Python today and in C++ tomorrow. Every token count is static; only the
+batch axis varies. `Pipeline.run` is the PyTorch reference that every backend is
+validated against; the exporter traces exactly these modules. `merge_i` and `picks_i` are
+the selection's decisions; `Pipeline.run(forced=...)` re-runs the reference under another
+executor's decisions.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.base import BaseTower
+from .chain import run_chain
+from ..prune.selection import PruneParams, SelectGraph
+from ..prune.schedule import PrunePoint, check_schedule
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    kind: str                   # "encoder" | "select"
+    module: nn.Module
+    inputs: list[str]
+    outputs: list[str]
+    layers: tuple[int, int] | None = None   # encoder: [first, last+1)
+    tokens_in: int = 0                      # patch tokens entering
+    tokens_out: int = 0                     # patch tokens leaving
+    meta: dict = field(default_factory=dict)
+
+
+def _capture_into(stage_ref, key: str):
+    def hook(module, args, output):
+        stage = stage_ref()
+        if stage is not None:
+            stage._captured[key] = output
+    return hook
+
+
+class EncoderStage(nn.Module):
+    """Layers [first, last) of the tower; optionally the embedding in front and, at the end,
+    either the attention-importance probe (before a prune point) or the projector."""
+
+    def __init__(self, tower: BaseTower, first: int, last: int, *, embed: bool, probe: bool,
+                 project: bool, proportional: bool, square_mask: bool = False):
+        super().__init__()
+        self.tower = tower
+        self.first, self.last = first, last
+        self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
+        self.square_mask = square_mask
+        self._captured: dict[str, torch.Tensor] = {}
+        if probe:
+            # The probe reads the last layer's query and key projections rather than its
+            # attention probabilities: every layer keeps fused attention (SDPA; fused MHA in
+            # TensorRT and OpenVINO), and no runtime has to keep an N x N probability tensor
+            # alive for a second consumer (OpenVINO's int8 pipeline zeroed it past batch row 0).
+            attn, self.heads, self.scale = tower.probe_attention(last - 1)
+            # The hooks hold the stage weakly and go when it does: many Pipelines over one
+            # tower (ablations, benches) do not pile them up or keep each other alive.
+            stage = weakref.ref(self)
+            handles = [attn.q_proj.register_forward_hook(_capture_into(stage, "q")),
+                       attn.k_proj.register_forward_hook(_capture_into(stage, "k"))]
+            weakref.finalize(self, lambda: [h.remove() for h in handles])
+
+    def _importance(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention importance of the patch tokens in the probed layer, from its q and k.
+
+        One query row against every key, never the T x T probabilities, so every layer keeps
+        fused attention. With CLS: softmax(q_cls . K^T * scale + mask) averaged over heads
+        (the same numbers eager attention's CLS row gives). Without CLS (SigLIP-style
+        encoders, or `tower.importance_query = "mean"`): the same with the mean query of the
+        patch tokens, softmax(mean_i q_i . K^T * scale + mask).
+        Since mean_i q_i . k_j is the mean logit token j receives, this ranks tokens by how
+        strongly the whole image attends to them on average (docs/evoprune.md)."""
+        q, k = self._captured.pop("q").float(), self._captured.pop("k").float()   # fp32 in any build
+        b, t, d = k.shape
+        c = int(self.tower.has_cls)
+        # "mean" on a tower with CLS ignores CLS's query (evoexport eval measures the no-CLS rule there)
+        if self.tower.importance_query == "cls" and c:
+            q = q[:, :1]
+        else:
+            q = q[:, c:].mean(dim=1, keepdim=True)
+        q = q.reshape(b, q.shape[1], self.heads, d // self.heads).transpose(1, 2)     # [B, H, Q, hd]
+        k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)              # [B, H, T, hd]
+        logits = (q @ k.transpose(-1, -2)) * self.scale                                 # [B, H, Q, T]
+        if mask is not None:
+            logits = logits + mask
+        probs = torch.softmax(logits.float(), dim=-1)
+        return probs[:, :, 0, int(self.tower.has_cls):].mean(dim=1)   # [B, N] patch tokens
+
+    def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None):
+        # A reduced-precision tower (fp16/bf16 builds) computes in its own dtype inside the
+        # graph; inputs, outputs, LayerNorm statistics and the importance stay fp32.
+        dtype = self.tower.compute_dtype
+        hidden = self.tower.embed(x) if self.embed else x.to(dtype)   # pixels enter the fp32 patch conv
+        mask = None
+        if self.proportional and sizes is not None:
+            # proportional attention: a token standing for s patches gets log(s) on its logits
+            log_sizes = torch.log(sizes)
+            if self.tower.has_cls:
+                log_sizes = torch.cat([torch.zeros_like(log_sizes[:, :1]), log_sizes], dim=1)
+            mask = log_sizes[:, None, None, :]
+        layer_mask = mask
+        if mask is not None and self.square_mask:
+            # ONNX's Attention op (opset 23) in ONNX Runtime wants the mask's query axis
+            # spelled out: [B, 1, T, T] rather than [B, 1, 1, T]; same numbers
+            layer_mask = mask.expand(-1, -1, mask.shape[-1], -1)
+        for layer in self.tower.layers[self.first:self.last]:
+            hidden = layer(hidden, None if layer_mask is None else layer_mask.to(dtype))
+        if self.project:
+            return (self.tower.project(hidden).float(),)
+        if self.probe:
+            return hidden.float(), self._importance(mask)
+        return (hidden.float(),)
+
+
+def select_outputs(i: int) -> list[str]:
+    """Output names of selection graph i, in the order `select` returns them."""
+    return [f"pruned{i}_hidden", f"sizes_{i}", f"indices_{i}", f"merge_{i}", f"picks_{i}"]
+
+
+class Pipeline:
+    """The pruned tower as a list of graphs, with a PyTorch reference executor."""
+
+    def __init__(self, tower: BaseTower, points: list[PrunePoint], params: PruneParams, square_mask: bool = False):
+        check_schedule(points, tower.depth, tower.num_patches)
+        self.tower, self.points, self.params = tower, list(points), params
+        self.graphs: list[GraphSpec] = []
+        cuts = [p.after_layer + 1 for p in points] + [tower.depth]
+        first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, "pixel_values", None
+        for i, last in enumerate(cuts):
+            final = i == len(points)
+            proportional = params.merge and params.proportional_attention and prev_sizes is not None
+            stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
+                                 proportional=proportional, square_mask=square_mask)
+            inputs = [prev_hidden] + ([prev_sizes] if proportional else [])
+            outputs = ["features"] if final else [f"stage{i}_hidden", f"stage{i}_importance"]
+            tokens_out = tokens if final else points[i].tokens
+            self.graphs.append(GraphSpec(f"stage_{i}", "encoder", stage, inputs, outputs, (first, last),
+                                         tokens, tokens_out, {"proportional_attention": proportional}))
+            if final:
+                break
+            budget = points[i].tokens
+            sel_inputs = [f"stage{i}_hidden", f"stage{i}_importance"]
+            if i > 0:
+                sel_inputs += [f"sizes_{i - 1}", f"indices_{i - 1}"]
+            self.graphs.append(GraphSpec(f"select_{i}", "select", SelectGraph(budget, params, tower.has_cls, tower.grid),
+                                         sel_inputs, select_outputs(i),
+                                         None, tokens, budget, {"after_layer": points[i].after_layer}))
+            first, tokens, prev_hidden, prev_sizes = last, budget, f"pruned{i}_hidden", f"sizes_{i}"
+
+    @torch.inference_mode()
+    def run(self, pixel_values: torch.Tensor, rescore=None, forced: dict | None = None,
+            modules: dict | None = None) -> dict[str, torch.Tensor]:
+        """Every named tensor of the pipeline, computed in PyTorch (the reference).
+
+        `rescore(importance) -> importance`, if given, replaces every stage's importance
+        before selection (ablations such as random selection; never used by a build).
+        `modules` maps graph names to callables run in place of their modules (the GPU
+        chain's compiled selections).
+        `forced` maps tensor names `picks_i` and `merge_i` to another executor's decisions:
+        every selection then applies those instead of deciding (validation)."""
+        def run_graph(g, args):
+            if forced is not None and g.kind == "select":
+                merge_name, picks_name = g.outputs[3:5]
+                return g.module.forced(*args, merge=forced[merge_name], picks=forced[picks_name])
+            outs = (modules or {}).get(g.name, g.module)(*args)
+            if rescore is not None and g.kind == "encoder" and len(g.outputs) == 2:
+                outs = (outs[0], rescore(outs[1]))
+            return outs
+        return run_chain(self.graphs, {"pixel_values": pixel_values}, run_graph)
+
+    def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
+        """A consistent set of every graph input, for tracing."""
+        t = self.tower
+        x = torch.randn(batch, 3, t.image_size, t.image_size, generator=torch.Generator().manual_seed(0))
+        return self.run(x.to(next(t.parameters()).device))
+
+
+def pipeline_from_manifest(manifest: dict, tower: BaseTower | None = None) -> Pipeline:
+    """A build's pipeline rebuilt in PyTorch: its tower (weights checked against the
+    manifest), prune points and parameters; `tower` reuses one already loaded."""
+    from ..models.loader import tower_from_manifest
+
+    points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
+    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams.from_manifest(manifest["prune_params"]))

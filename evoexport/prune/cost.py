@@ -1,0 +1,39 @@
+"""The FLOP cost model of a (pruned) tower: what `ideal_speedup` in the manifest and every
+"fraction of the FLOP ideal" in the benchmarks are measured against. Matmuls only, counted
+as 2 x multiply-accumulates; tests check it against torch.utils.flop_counter.
+"""
+from __future__ import annotations
+
+from .selection import PruneParams
+from .schedule import PrunePoint
+
+def layer_flops(tokens: int, hidden: int, mlp: int) -> int:
+    """FLOPs (2 x multiply-accumulates) of one pre-LN ViT layer on `tokens` tokens, matmuls only."""
+    proj = 4 * tokens * hidden * hidden            # q, k, v, out
+    attn = 2 * tokens * tokens * hidden            # QK^T and AV
+    ffn = 2 * tokens * hidden * mlp                # fc1, fc2
+    return 2 * (proj + attn + ffn)
+
+
+def select_flops(n: int, hidden: int, budget: int, merge: bool) -> int:
+    flops = 2 * n * n * hidden                     # similarity
+    if merge:
+        flops += 2 * budget * (n - budget) * hidden    # merge matmul: dropped tokens into kept ones
+    return flops
+
+
+def tower_flops(tower, points: list[PrunePoint], params: PruneParams | None = None) -> int:
+    """FLOPs of one image through the (pruned) tower: embedding, layers, selections, projector."""
+    d, m, n, c = tower.hidden_size, tower.mlp_size, tower.num_patches, int(tower.has_cls)
+    patch_dim = 3 * (tower.image_size // tower.grid) ** 2
+    flops = 2 * n * patch_dim * d
+    tokens, cuts = n, {p.after_layer: p.tokens for p in points}
+    for layer in range(tower.depth):
+        flops += layer_flops(tokens + c, d, m)
+        if layer in cuts:
+            flops += select_flops(tokens, d, cuts[layer], params.merge if params else True)
+            tokens = cuts[layer]
+    if tower.projector is not None:
+        out = tower.out_features
+        flops += 2 * tokens * (d * out + out * out)
+    return flops

@@ -1,0 +1,84 @@
+"""OpenVINO on the CPU: what a CPU user would run instead of us, so it must be fast here too.
+
+The encoder stages compile with OpenVINO's own defaults, its fastest accurate choice on the
+machine: bf16 where the CPU has it (AMX, or AVX-512 BF16 as on AMD Zen 4), fp32 elsewhere.
+Selection graphs always compile with an fp32 inference precision: their decisions are
+comparisons of scores, and bf16 rounding (about 3 significant digits) would flip them.
+One compiled model and one infer request per graph, inputs shared with the caller's
+arrays rather than copied, and a model cache, so a second load skips compilation.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import EvoExportError
+from ...manifest import graph_entries
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}   # ours -> OpenVINO's inference precision
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("EVOEXPORT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                             os.path.expanduser("~/.cache"), "evoexport")
+    return Path(root) / "openvino"
+
+
+class OpenVinoBackend:
+    name = "openvino"
+
+    def __init__(self, build_dir: Path, manifest: dict, precision: str | None = None, threads: int = 0,
+                 cache_dir: str | Path | None = "default", device: str = "CPU"):
+        """precision: None = OpenVINO's default for the stages, or fp32 / bf16 / fp16;
+        cache_dir: compiled-model cache ("default": ~/.cache/evoexport/openvino, None: off)."""
+        import openvino as ov
+
+        if precision is not None and precision not in PRECISIONS:
+            raise EvoExportError(f"OpenVINO precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        core = ov.Core()
+        if cache_dir is not None:
+            cache = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache)})
+            except OSError:
+                pass   # a read-only home only costs compile time
+        common = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            common["INFERENCE_NUM_THREADS"] = int(threads)
+        self.requests, self.ports = {}, {}
+        stage_precisions = set()
+        for g in graph_entries(manifest):
+            config = dict(common)
+            if g["kind"] == "select":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            elif precision is not None:
+                config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
+            try:
+                compiled = core.compile_model(str(build_dir / g["file"]), device, config)
+            except Exception as e:
+                raise EvoExportError(f"OpenVINO cannot compile {g['file']}: {str(e).splitlines()[0]}") from None
+            if g["kind"] == "encoder":
+                stage_precisions.add(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            self.requests[g["name"]] = compiled.create_infer_request()
+            self.ports[g["name"]] = [(o["name"], compiled.output(o["name"])) for o in g["outputs"]]
+        # the precision the stages really compute in: validation picks its tolerances by it
+        ours = {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}
+        found = {ours.get(t, "fp32") for t in stage_precisions} | {manifest.get("precision", "fp32")}
+        self.precision = next(p for p in ("int8", "bf16", "fp16", "fp32") if p in found)   # the loosest wins
+
+    def as_input(self, array: np.ndarray):
+        return np.ascontiguousarray(array)
+
+    def run_graph(self, entry: dict, feeds: dict) -> dict:
+        request = self.requests[entry["name"]]
+        # share_inputs: OpenVINO reads the arrays in place (they live until infer returns);
+        # outputs are copied out, since the next call of this request overwrites its buffers
+        results = request.infer(feeds, share_inputs=True)
+        return {name: results[port] for name, port in self.ports[entry["name"]]}
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value
+

@@ -1,0 +1,142 @@
+"""The PyTorch chain rebuilt from the manifest: the fp32 reference every other backend is
+validated against (on the CPU), and a GPU runtime (CUDA, bf16 or fp16, the whole chain,
+selections included, replayed as one CUDA graph per batch size)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import EvoExportError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_device(device: str):
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EvoExportError(f"unknown torch device {device!r} (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvoExportError("device cuda asked for, but this PyTorch sees no CUDA GPU "
+                             f"(torch {torch.__version__}; a CPU build cannot use one)")
+    if dev.type not in ("cpu", "cuda"):
+        raise EvoExportError(f"torch device {device!r} is not supported (cpu, cuda)")
+    return dev
+
+
+class TorchChain:
+    """A Pipeline on one device and precision.
+
+    On a GPU (the defaults there): the selection graphs are compiled by torch.compile
+    (inductor fuses their few hundred small element-wise kernels into a handful), and the
+    whole chain is replayed as one CUDA graph per batch size. Static token budgets make
+    both possible: every shape is fixed once the batch is, and selection is dense tensor
+    code with no host sync. A reduced-precision chain keeps LayerNorm in fp32 on the CPU
+    (as the build's ONNX does) and in its own dtype on a GPU, where PyTorch's kernel
+    accumulates the statistics in fp32 anyway."""
+
+    def __init__(self, pipeline, device="cpu", precision: str = "fp32", cuda_graphs: bool | None = None,
+                 compile_selections: bool | None = None, fp32_norms: bool | None = None):
+        import torch
+
+        from ...pipeline.stages import Pipeline
+
+        if precision not in DTYPES:
+            raise EvoExportError(f"torch precision {precision!r} is not one of {', '.join(DTYPES)}")
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        on_gpu = self.device.type == "cuda"
+        dtype = getattr(torch, DTYPES[precision])
+        if dtype != pipeline.tower.compute_dtype:
+            # the reduced-precision tower a fp16/bf16 build exports: the patch conv stays
+            # fp32, importance and the selections too
+            twin = pipeline.tower.reduced_precision_copy(dtype, fp32_norms=not on_gpu if fp32_norms is None else fp32_norms)
+            pipeline = Pipeline(twin, pipeline.points, pipeline.params)
+        cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
+        compile_selections = on_gpu if compile_selections is None else compile_selections
+        if cuda_graphs and not on_gpu:
+            raise EvoExportError("CUDA graphs need device cuda")
+        pipeline.tower.to(self.device)
+        self.pipeline, self.precision, self.cuda_graphs = pipeline, precision, cuda_graphs
+        self.modules = _compiled_selections(pipeline) if compile_selections else {}
+        self.compiled = bool(self.modules)
+        self._graphs: dict[int, object] = {}
+
+    def run(self, pixel_values) -> dict:
+        return self.pipeline.run(pixel_values, modules=self.modules)
+
+    def __call__(self, pixel_values) -> dict:
+        """Every named tensor of the chain, on the device."""
+        if not self.cuda_graphs:
+            return self.run(pixel_values)
+        from ..cuda_graphs import GraphedCall
+        batch = pixel_values.shape[0]
+        if batch not in self._graphs:
+            self._graphs[batch] = GraphedCall(self.run, pixel_values)
+        return self._graphs[batch](pixel_values)
+
+
+def _compiled_selections(pipeline) -> dict:
+    """torch.compile'd selection modules (batch dynamic), or {} with a warning where
+    compilation fails here (no C++ compiler or Triton): the eager modules then run."""
+    import sys
+
+    import torch
+
+    # every selection shares SelectGraph.forward's code, so dynamo keeps one cache entry per
+    # (graph, batch 1 or more) under that code: more than its default limit of 8 for long schedules
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    compiled = {g.name: torch.compile(g.module, dynamic=True, fullgraph=True)
+                for g in pipeline.graphs if g.kind == "select"}
+    env = pipeline.example_inputs(batch=2)   # compile now, not inside a CUDA graph capture
+    try:
+        with torch.inference_mode():   # the mode the chain runs in: no recompile for it later
+            for g in pipeline.graphs:
+                if g.name in compiled:
+                    compiled[g.name](*[env[n] for n in g.inputs])
+    except Exception as e:   # inductor's errors have no common base class
+        print(f"WARNING: torch.compile failed for the selections ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "they run eagerly", file=sys.stderr)
+        return {}
+    return compiled
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, build_dir: Path, manifest: dict, device: str = "cpu", precision: str | None = None,
+                 cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None):
+        from ...pipeline.stages import pipeline_from_manifest
+
+        device = resolve_device(device)
+        if pipeline is None:
+            pipeline = pipeline_from_manifest(manifest)
+        if precision is None:   # on a GPU, what the build's stages compute in; the CPU reference is fp32
+            built = manifest.get("precision", "fp32")
+            precision = built if device.type == "cuda" and built in DTYPES else "fp32"
+        self.chain = TorchChain(pipeline, device, precision, cuda_graphs, compile_selections)
+        self.device, self.precision = device, precision
+        self.pipeline = self.chain.pipeline
+        self.modules = {g.name: self.chain.modules.get(g.name, g.module) for g in self.pipeline.graphs}
+        import torch
+        self.torch = torch
+
+    def as_input(self, array):
+        return self.torch.as_tensor(array).to(self.device)
+
+    def run_graph(self, entry: dict, feeds: dict) -> dict:
+        names = [i["name"] for i in entry["inputs"]]
+        with self.torch.inference_mode():
+            outs = self.modules[entry["name"]](*[feeds[n] for n in names])
+        return dict(zip([o["name"] for o in entry["outputs"]], outs))
+
+    def run_chain(self, pixel_values) -> dict:
+        """The whole chain in one call (one CUDA graph replay on a GPU)."""
+        return self.chain(pixel_values)
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()

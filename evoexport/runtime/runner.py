@@ -1,0 +1,92 @@
+"""Run a build: chain its graphs by tensor name on one backend.
+
+    runner = evoexport.load("graphs/llava-keep0.5", backend="onnxruntime")
+    out = runner(pixel_values)          # float32 [B, 3, H, W]
+    out.features, out.indices, out.indices_per_point, out.merge_per_point, out.picks_per_point
+
+Backends (backends/, one module each) share one interface, Polygraphy-style:
+  onnxruntime  ONNX Runtime; CPU here, CUDA when onnxruntime-gpu is installed, with
+               outputs bound on the device so tensors never visit the host between graphs
+  openvino     OpenVINO on the CPU, its own defaults for the stages (bf16 where the CPU
+               has it), selections always in fp32
+  torch        the PyTorch reference rebuilt from the manifest (CPU or CUDA tensors)
+  tensorrt     TensorRT engines via Polygraphy (see tensorrt/engines.py; needs TensorRT)
+Selection between stages is one of the graphs, so it runs where the tensors are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .backends import make_backend
+from ..errors import EvoExportError
+from ..manifest import graph_entries, read_manifest
+from ..pipeline.chain import entry_names, run_chain
+
+
+class Output(NamedTuple):
+    features: object             # [B, K, D_out]
+    indices: object              # [B, K] final kept patch positions (raster order, 0-based)
+    indices_per_point: list      # [B, K_i] after each prune point
+    merge_per_point: list        # [B, N_i] kept slot each entering token went to (-1: dropped, no merge)
+    picks_per_point: list        # [B, N_i] step that kept each entering token (-1: dropped)
+
+
+class Runner:
+    """A loaded build: call it with pixel values."""
+
+    def __init__(self, build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, **options):
+        self.build_dir = Path(build_dir)
+        # the torch backend rebuilds the chain from the manifest and never opens a graph file
+        self.manifest = read_manifest(self.build_dir, verify=verify, files=backend != "torch")
+        self.graphs = graph_entries(self.manifest)
+        self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
+        spec = self.manifest["inputs"][0]
+        self.input_name, self.input_shape = spec["name"], spec["shape"]
+
+    def check_input(self, pixel_values) -> np.ndarray | object:
+        shape = tuple(getattr(pixel_values, "shape", ()))
+        dtype = str(getattr(pixel_values, "dtype", type(pixel_values).__name__)).removeprefix("torch.")
+        want = ["B" if isinstance(d, str) else d for d in self.input_shape]
+        if len(shape) != len(want):
+            raise EvoExportError(f"pixel_values must have rank {len(want)} {want}, got shape {list(shape)}")
+        if shape[0] < 1 or list(shape[1:]) != want[1:]:
+            raise EvoExportError(f"pixel_values must have shape {want}, got {list(shape)}")
+        if dtype != "float32":
+            raise EvoExportError(f"pixel_values must be float32, got {dtype}")
+        if isinstance(pixel_values, np.ndarray) and not np.isfinite(pixel_values).all():
+            raise EvoExportError("pixel_values hold NaN or infinite values")
+        return pixel_values
+
+    def run_all(self, pixel_values) -> dict:
+        """Every named tensor of the chain (backend-native values)."""
+        return self.run_native(self.backend.as_input(self.check_input(pixel_values)))
+
+    def run_native(self, value) -> dict:
+        """The same from an input already in the backend's own form and place (an OrtValue or
+        a tensor on the GPU): what a benchmark times, without the host-to-device copy."""
+        whole = getattr(self.backend, "run_chain", None)
+        if whole is not None:   # the backend runs the whole chain in one call (a CUDA graph)
+            return whole(value)
+
+        def run_graph(entry, args):
+            return self.backend.run_graph(entry, dict(zip(entry_names(entry)[0], args)))
+        return run_chain(self.graphs, {self.input_name: value}, run_graph, names=entry_names)
+
+    def __call__(self, pixel_values) -> Output:
+        env = self.run_all(pixel_values)
+        points = range(len(self.manifest["schedule"]))
+        per_point = {kind: [env[f"{kind}_{i}"] for i in points] for kind in ("indices", "merge", "picks")}
+        if per_point["indices"]:
+            final = per_point["indices"][-1]
+        else:  # nothing pruned: every patch is kept, in raster order
+            b, n = pixel_values.shape[0], self.manifest["tower"]["num_patches"]
+            final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
+        return Output(env["features"], final, per_point["indices"], per_point["merge"], per_point["picks"])
+
+
+def load(build_dir: str | Path, backend: str = "onnxruntime", **options) -> Runner:
+    """Load a build directory for inference (the manifest is checked and every file hashed)."""
+    return Runner(build_dir, backend=backend, **options)

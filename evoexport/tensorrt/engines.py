@@ -1,0 +1,175 @@
+"""TensorRT engines for a build: strongly typed, one per graph, for TensorRT 10 and 11.
+
+    evoexport build --model llava --keep 0.5 --precision fp16 --target tensorrt
+    evoexport engines graphs/llava-keep0.5-fp16 --timing-cache ~/.cache/evoexport/trt.cache
+    evoexport.load("graphs/llava-keep0.5-fp16", backend="tensorrt")   # runtime/backends/tensorrt.py
+
+Precision comes from the ONNX, never from builder flags. TensorRT 11 removed the weak
+typing flags (BuilderFlag.FP16 and friends), and on TensorRT 10 weakly typed fp16 is
+known to wreck ViT accuracy (TensorRT-LLM #3223: a Qwen2.5-VL ViT at cosine 0.14 with
+--fp16, 0.9997 strongly typed; TensorRT #2709: a CLIP ViT). So every network is created
+strongly typed:
+  - TensorRT 10: NetworkDefinitionCreationFlag.STRONGLY_TYPED;
+  - TensorRT 11: strong typing is always on; the flag is passed if it still exists.
+An fp16 engine is built from an `--precision fp16` build, whose stages carry fp16 in the
+ONNX and whose selections stay fp32.
+
+One optimization profile over the batch axis, from the manifest's batch_profile
+(min/opt/max) unless given. A timing cache (`--timing-cache FILE`, as with trtexec) is
+read if present and written back atomically. engines.json records the TensorRT version,
+the GPU and its compute capability; loading engines on another TensorRT or GPU is one
+clear error (runtime/backends/tensorrt.py). The calls are made directly on TensorRT's builder API
+(a dozen lines, pinned by tests with stand-in TensorRT 10 and 11 modules); Polygraphy's
+TrtRunner runs the engines.
+
+Not run in this project: TensorRT cannot be installed on its machines (see README).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EvoExportError
+from ..files import atomic_write, write_json
+from ..manifest import graph_entries, read_manifest, sha256_file
+
+ENGINES = "engines.json"
+DEFAULT_BATCH_PROFILE = {"min": 1, "opt": 1, "max": 32}
+
+
+def _require_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise EvoExportError("TensorRT is not installed: on a machine with an NVIDIA GPU, "
+                             "pip install 'evoexport[tensorrt]' (and a CUDA build of torch)") from None
+    return tensorrt
+
+
+def trt_major(trt) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        raise EvoExportError(f"cannot read TensorRT's version {trt.__version__!r}") from None
+
+
+def gpu_info() -> dict:
+    """The GPU engines are built for (engines are specific to its compute capability)."""
+    import torch
+    if not torch.cuda.is_available():
+        raise EvoExportError("TensorRT engines are built on the GPU that will run them; this machine has no CUDA GPU")
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def network_flags(trt) -> int:
+    """Creation flags of a strongly typed network on this TensorRT."""
+    major = trt_major(trt)
+    if major < 10:
+        raise EvoExportError(f"TensorRT {trt.__version__} is too old: strongly typed engines need TensorRT >= 10")
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        if major >= 11:
+            return 0   # always strongly typed
+        raise EvoExportError(f"TensorRT {trt.__version__} has no strongly typed networks (needs >= 10.0)")
+    return 1 << int(flag)
+
+
+def build_plan(trt, onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
+    """One serialized engine from one ONNX file; returns (plan, updated timing cache)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EvoExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    # TensorRT enables TF32 for fp32 math by default (10 mantissa bits, ~1e-3 relative):
+    # the selections' decisions are validated at fp32's 1e-4 margin, and an fp32 build
+    # means fp32. Reduced precision comes from the build's own ONNX types instead.
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        config.clear_flag(tf32)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EvoExportError(f"TensorRT failed to build an engine for {onnx_path.name} (see its log above)")
+    return bytes(plan), bytes(cache.serialize())
+
+
+def batch_profile(manifest: dict, min_batch=None, opt_batch=None, max_batch=None) -> dict:
+    prof = {**DEFAULT_BATCH_PROFILE, **manifest.get("batch_profile", {})}
+    for key, value in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)):
+        if value is not None:
+            prof[key] = value
+    if not 1 <= prof["min"] <= prof["opt"] <= prof["max"]:
+        raise EvoExportError(f"need 1 <= min ({prof['min']}) <= opt ({prof['opt']}) <= max ({prof['max']}) batch")
+    return prof
+
+
+def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch: int | None = None,
+                  max_batch: int | None = None, timing_cache: str | Path | None = None, progress=None) -> dict:
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    prof = batch_profile(manifest, min_batch, opt_batch, max_batch)
+    trt = _require_tensorrt()
+    gpu = gpu_info()
+    cache_path = Path(timing_cache).expanduser() if timing_cache else None
+    cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    entries = []
+    for g in graph_entries(manifest):
+        if progress:
+            progress(f"building the TensorRT engine for {g['name']} (strongly typed, batch {prof['min']}..{prof['max']})")
+        shapes = {t["name"]: tuple((b, *t["shape"][1:]) for b in (prof["min"], prof["opt"], prof["max"]))
+                  for t in g["inputs"]}
+        plan, cache = build_plan(trt, build_dir / g["file"], shapes, cache)
+        path = build_dir / f"{g['name']}.engine"
+        atomic_write(path, plan)
+        entries.append({"name": g["name"], "file": path.name, "sha256": sha256_file(path), "onnx_sha256": g["sha256"]})
+        if cache_path:   # after every engine: an interrupted run keeps what it learned
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_path, cache)
+    info = {"tensorrt": str(trt.__version__), **gpu, "strongly_typed": True, "precision": manifest.get("precision", "fp32"),
+            "batch_profile": prof, "timing_cache": str(cache_path) if cache_path else None, "engines": entries}
+    write_json(build_dir / ENGINES, info)
+    return info
+
+
+def read_engines(build_dir: Path) -> dict:
+    """engines.json, checked: a JSON object whose `engines` list names, for every graph, a
+    plain file inside the build and the hashes it is checked by. It is input: a hostile or
+    truncated one is refused with one line."""
+    import json
+
+    path = Path(build_dir) / ENGINES
+    if not path.is_file():
+        raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvoExportError(f"{path} is not valid JSON ({e}); build_variant the engines") from None
+    entries = info.get("engines") if isinstance(info, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise EvoExportError(f"{path} has no list of engines; build_variant the engines")
+    for e in entries:
+        for key in ("name", "file", "sha256", "onnx_sha256"):
+            if not isinstance(e.get(key), str):
+                raise EvoExportError(f"{path}: an engine entry lacks {key!r}; build_variant the engines")
+        if Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
+            raise EvoExportError(f"{path}: engine file {e['file']!r} must be a plain file name inside the build")
+    return info
+
+
+def check_engines_match(info: dict, trt, gpu: dict) -> None:
+    """Engines run only on the TensorRT version and GPU compute capability they were built for."""
+    have = (str(trt.__version__), gpu["compute_capability"])
+    built = (info.get("tensorrt"), info.get("compute_capability"))
+    if have != built:
+        raise EvoExportError(f"these engines were built with TensorRT {built[0]} for {info.get('gpu')} (sm {built[1]}); "
+                             f"this machine has TensorRT {have[0]} and {gpu['gpu']} (sm {have[1]}): "
+                             "build_variant them here with `evoexport engines DIR`")

@@ -1,0 +1,324 @@
+"""Check a build against the PyTorch model, per graph and end to end, on real photos.
+
+Continuous outputs are compared tightly, but only ever under *identical decisions*;
+decisions (which tokens a selection keeps, where it merges the rest) are compared as
+decisions (decisions.py): a backend may decide differently from the reference only where
+the reference's own scores call it a near-tie. Any CPU, thread count, GPU or precision
+resolves near-ties its own way, and a flip propagates down the chain, so comparing the
+free-running outputs alone would fail correct builds and could not tell why.
+
+1. Per graph, identical inputs: every graph gets the reference's own inputs.
+   Encoder stages: every output compared. Selections: the backend's decisions judged on
+   the reference's scores, then the reference re-run with those decisions forced, and its
+   hidden states and sizes compared tightly, its indices exactly. Each selection runs a
+   second time on inputs built to tie exactly (every odd token a copy of its neighbour).
+2. End to end: the backend's chain runs from the pixels on its own; the reference is
+   re-run with the backend's decisions forced at every prune point. Features must match
+   it tightly, and each point's decisions are judged on that path's reference scores.
+   Differences from the free-running reference (decisions, feature cosine) are reported
+   as information.
+3. Batch: the first photo alone goes through the same end-to-end check; where its
+   decisions equal its row's in the batch, its features must equal that row.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .decisions import check_decisions, make_ties
+from ..files import write_json
+from ..inputs.images import SAMPLE_PHOTOS, sample_batch
+from ..manifest import graph_entries, read_manifest
+from ..runtime.backends.torch import TorchBackend
+from ..runtime.runner import Runner
+from .tolerances import tolerances_for
+
+REPORT = "validation.json"
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest per-sample cosine similarity."""
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)))
+
+
+def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: dict, kind: str) -> dict:
+    """A continuous tensor (cosine and relative error, `kind` 'graph' or 'e2e') or an index tensor (exact)."""
+    if got.shape != ref.shape:
+        return {"tensor": name, "ok": False, "error": f"shape {list(got.shape)} != reference {list(ref.shape)}"}
+    if np.issubdtype(ref.dtype, np.integer):
+        return {"tensor": name, "equal": bool(np.array_equal(got, ref)), "ok": bool(np.array_equal(got, ref))}
+    err = float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    rel = err / scale if scale > 0 else err
+    cos = _cosine(got, ref)
+    ok = bool(np.isfinite(got).all()) and cos >= tol[f"{kind}_cosine_min"] and rel <= tol[f"{kind}_rel_err_max"]
+    return {"tensor": name, "max_abs": err, "rel_err": rel, "cosine": cos, "ok": ok}
+
+
+def _run(backend, entry: dict, feeds: dict) -> dict[str, np.ndarray]:
+    outs = backend.run_graph(entry, {k: backend.as_input(np.ascontiguousarray(v.numpy())) for k, v in feeds.items()})
+    return {k: backend.to_numpy(v) for k, v in outs.items()}
+
+
+def _check_select(backend, entry: dict, spec, feeds: dict, tol: dict, inputs: str) -> dict:
+    """One selection graph on given inputs: its decisions, then its outputs under those decisions."""
+    import torch
+
+    outs = _run(backend, entry, feeds)
+    hidden_name, sizes_name, indices_name, merge_name, picks_name = spec.outputs
+    sel, args = spec.module, [feeds[n] for n in spec.inputs]
+    merge, picks = torch.from_numpy(outs[merge_name]), torch.from_numpy(outs[picks_name])
+    decisions = check_decisions(args[0], args[1], sel.budget, sel.params, has_cls=sel.has_cls,
+                                picks=picks, merge=merge, tolerance=tol["decision_margin"],
+                                positions=args[3] if len(args) > 3 else None, grid=sel.grid)
+    rows = [{"tensor": f"{picks_name}, {merge_name}", "decisions": decisions, "ok": decisions["ok"]}]
+    if decisions["invalid"] is None:
+        forced = sel.forced(*args, merge=merge, picks=picks)
+        for name, ref in zip((hidden_name, sizes_name, indices_name), forced):
+            rows.append(compare(name, outs[name], ref.numpy(), tol, "graph"))
+    return {"graph": entry["name"], "inputs": inputs, "outputs": rows, "ok": all(r["ok"] for r in rows)}
+
+
+def _tied(spec, feeds: dict) -> dict:
+    """A selection's inputs with every odd token made a copy of its even neighbour."""
+    names = spec.inputs
+    sizes = feeds[names[2]] if len(names) > 2 else None       # select_i>0 takes sizes_{i-1}, indices_{i-1}
+    hidden, importance, sizes = make_ties(feeds[names[0]], feeds[names[1]], sizes, spec.module.has_cls)
+    return {**feeds, names[0]: hidden, names[1]: importance, **({names[2]: sizes} if sizes is not None else {})}
+
+
+def _owner_positions(env: dict, i: int) -> np.ndarray:
+    """Original patch position of the kept token each entering token went to (-1: none)."""
+    merge, kept = env[f"merge_{i}"], env[f"indices_{i}"]
+    return np.where(merge >= 0, np.take_along_axis(kept, np.maximum(merge, 0), axis=1), -1)
+
+
+def _versus_free_running(env: dict, free: dict, i: int) -> dict:
+    """How point i's decisions differ from the free-running reference's (information)."""
+    got, ref = env[f"indices_{i}"], free[f"indices_{i}"]
+    kept_differ = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(got, ref)))
+    # merge owners are comparable only where the same tokens entered the point
+    rows = [r for r in range(got.shape[0])
+            if i == 0 or np.array_equal(env[f"indices_{i - 1}"][r], free[f"indices_{i - 1}"][r])]
+    owners, ref_owners = _owner_positions(env, i), _owner_positions(free, i)
+    merge_differ = int(sum((owners[r] != ref_owners[r]).sum() for r in rows))
+    return {"kept_differ": kept_differ, "kept_total": int(got.size), "merge_differ": merge_differ,
+            "merge_rows_compared": len(rows)}
+
+
+def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict) -> dict:
+    """The backend's chain from the pixels vs the reference re-run under the chain's decisions."""
+    import torch
+
+    be = runner.backend
+    env = {k: be.to_numpy(v) for k, v in runner.run_all(x).items()}
+    forced = {k: torch.from_numpy(v) for k, v in env.items() if k.startswith(("merge_", "picks_"))}
+    if all(np.array_equal(v.numpy(), free[k]) for k, v in forced.items()):
+        ref = {k: torch.from_numpy(v) for k, v in free.items()}   # same decisions: the forced re-run is the free run
+    else:
+        ref = pipeline.run(torch.from_numpy(x), forced=forced)
+    features = compare("features", env["features"], ref["features"].numpy(), tol, "e2e")
+    points = []
+    for i, spec in enumerate(g for g in pipeline.graphs if g.kind == "select"):
+        sel = spec.module
+        decisions = check_decisions(ref[spec.inputs[0]], ref[spec.inputs[1]], sel.budget, sel.params,
+                                    has_cls=sel.has_cls, picks=forced[f"picks_{i}"], merge=forced[f"merge_{i}"],
+                                    tolerance=tol["decision_margin"], grid=sel.grid,
+                                    positions=ref[spec.inputs[3]] if len(spec.inputs) > 3 else None)
+        points.append({"point": i, "decisions": decisions, "free_running": _versus_free_running(env, free, i),
+                       "ok": decisions["ok"]})
+    return {"features": features, "points": points,
+            "features_cosine_to_free_running": _cosine(env["features"], free["features"]),
+            "ok": features["ok"] and all(p["ok"] for p in points), "env": env}
+
+
+def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None, runner: Runner | None = None,
+             images=SAMPLE_PHOTOS, write: bool = True, **backend_options) -> dict:
+    """Validate a build on `backend` (options such as threads= go to the backend); returns the report."""
+    import torch
+
+    build_dir = Path(build_dir)
+    # The torch backend never reads the graph files: it rebuilds the chain from the manifest
+    # and checks the weights against the manifest's sha256. A manifest alone validates it.
+    files = backend != "torch"
+    manifest = read_manifest(build_dir, verify=files, files=files)
+    if runner is None:
+        if backend == "onnxruntime":
+            backend_options.setdefault("low_memory", True)
+        runner = Runner(build_dir, backend=backend, **backend_options)
+    precision = runner.backend.precision   # what the stages really compute in (OpenVINO may pick bf16)
+    tol = tolerances_for(precision)
+    # Selection graphs compute in fp32 in every build and on every backend, and on identical
+    # inputs they are checked as such: a wrong selection misses by ~1e-2, inside int8's
+    # stage margin. The precision's rows apply to the chain, where upstream rounding
+    # legitimately moves decisions.
+    select_tol = tolerances_for("fp32")
+    reference = TorchBackend(build_dir, manifest, precision="fp32", pipeline=pipeline)
+    pipe = reference.pipeline
+    specs = {g.name: g for g in pipe.graphs}
+    x = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"], images)
+    ref_env = pipe.run(torch.from_numpy(x))
+    be = runner.backend
+
+    graphs = []
+    for entry in graph_entries(manifest):
+        spec = specs[entry["name"]]
+        feeds = {name: ref_env[name] for name in spec.inputs}
+        if spec.kind == "select":
+            graphs.append(_check_select(be, entry, spec, feeds, select_tol, "reference"))
+            graphs.append(_check_select(be, entry, spec, _tied(spec, feeds), select_tol, "exact ties"))
+        else:
+            outs = _run(be, entry, feeds)
+            rows = [compare(name, value, ref_env[name].numpy(), tol, "graph") for name, value in outs.items()]
+            graphs.append({"graph": entry["name"], "inputs": "reference", "outputs": rows,
+                           "ok": all(r["ok"] for r in rows)})
+
+    free = {k: v.numpy() for k, v in ref_env.items()}
+    chain = _check_chain(runner, pipe, x, tol, free)
+    single = _check_chain(runner, pipe, x[:1], tol, {k: v[:1] for k, v in free.items()})
+    same = all(np.array_equal(single["env"][k][0], chain["env"][k][0]) for k in chain["env"]
+               if k.startswith(("merge_", "picks_")))
+    if same:
+        err = np.max(np.abs(single["env"]["features"][0] - chain["env"]["features"][0]))
+        rel = float(err / max(np.max(np.abs(chain["env"]["features"][0])), 1e-30))
+        batch = {"same_decisions": True, "rel_err": rel,
+                 "ok": single["ok"] and rel <= tol["batch_rel_err_max"]}
+    else:  # another batch size resolved a near-tie the other way: checked like any run
+        batch = {"same_decisions": False, "ok": single["ok"]}
+    batch["single"] = {k: v for k, v in single.items() if k != "env"}
+    chain.pop("env")
+
+    report = {
+        "passed": all(g["ok"] for g in graphs) and chain["ok"] and batch["ok"],
+        "backend": be.name,
+        "reference": f"torch {torch.__version__} (cpu)",
+        "precision": precision,
+        "images": list(images),
+        "batch": int(x.shape[0]),
+        "weights": manifest["weights"],
+        "tolerances": tol,
+        "selection_tolerances": select_tol,
+        "graphs": graphs,
+        "end_to_end": chain,
+        "batch_consistency": batch,
+    }
+    report["summary"] = summarize(report)
+    if write:
+        write_json(build_dir / REPORT, report)
+    return report
+
+
+def summarize(report: dict) -> dict:
+    """Decision counts over the whole validation; the exact-ties probe is counted apart
+    (its inputs are built so that half the tokens have a twin)."""
+    def totals(checks):
+        return {"decisions": sum(c["decisions"] for c in checks), "flips": sum(c["flips"] for c in checks),
+                "near_ties": sum(c["near_ties"] or 0 for c in checks),
+                "not_near_ties": sum(1 for c in checks if not c["ok"]),
+                "close_calls": sum(c["close_calls"] for c in checks),
+                "worst_margin": max((c["worst_margin"] for c in checks), default=0.0)}
+
+    def of(graphs):
+        return [r["decisions"] for g in graphs for r in g["outputs"] if "decisions" in r]
+
+    real = of(g for g in report["graphs"] if g["inputs"] != "exact ties")
+    real += [p["decisions"] for p in report["end_to_end"]["points"]]
+    real += [p["decisions"] for p in report["batch_consistency"]["single"]["points"]]
+    summary = totals(real)
+    summary["exact_ties"] = totals(of(g for g in report["graphs"] if g["inputs"] == "exact ties"))
+    return summary
+
+
+def _fmt(r: dict) -> str:
+    if "error" in r:
+        return r["error"]
+    if "decisions" in r:
+        return _fmt_decisions(r["decisions"])
+    if "equal" in r:
+        return "identical" if r["equal"] else "DIFFERENT"
+    parts = [f"max|err| {r['max_abs']:.2e}"] if "max_abs" in r else []
+    parts.append(f"rel {r['rel_err']:.2e}")
+    if "cosine" in r:
+        parts.append(f"cos {r['cosine']:.6f}")
+    return "  ".join(parts)
+
+
+def _fmt_decisions(d: dict) -> str:
+    if d["invalid"]:
+        return "INVALID: " + d["invalid"]
+    text = f"{d['decisions']} decisions, {d['flips']} flipped"
+    if d["flips"]:
+        text += f" (worst margin {d['worst_margin']:.1e}{' <= ' if d['ok'] else ' > '}{d['tolerance']:.0e})"
+    return text + f", {d['close_calls']} close"
+
+
+def format_report(report: dict) -> str:
+    ok = lambda flag: "yes" if flag else "NO"  # noqa: E731
+    lines = [f"validation: {report['backend']} vs {report['reference']} on {report['batch']} photos "
+             f"({', '.join(report['images'])}); weights: {report['weights']}; precision: {report['precision']}",
+             f"  {'graph':<9} {'inputs':<11} {'tensor':<22} {'result':<58} ok"]
+    for g in report["graphs"]:
+        for r in g["outputs"]:
+            lines.append(f"  {g['graph']:<9} {g['inputs']:<11} {r['tensor']:<22} {_fmt(r):<58} {ok(r['ok'])}")
+    for label, chain in (("chain", report["end_to_end"]), ("batch 1", report["batch_consistency"]["single"])):
+        f = chain["features"]
+        lines.append(f"  {label:<9} {'pixels':<11} {'features vs forced':<22} {_fmt(f):<58} {ok(f['ok'])}")
+        for p in chain["points"]:
+            lines.append(f"  {label:<9} {'pixels':<11} {'decisions @ point ' + str(p['point']):<22} "
+                         f"{_fmt_decisions(p['decisions']):<58} {ok(p['ok'])}")
+    b = report["batch_consistency"]
+    text = f"rel {b['rel_err']:.2e} (same decisions)" if b["same_decisions"] else "decisions differ: checked as a run"
+    lines.append(f"  {'batch 1':<9} {'pixels':<11} {'vs its batch row':<22} {text:<58} {ok(b['ok'])}")
+    lines += ["", *describe(report), "",
+              "validation PASSED" if report["passed"] else "validation FAILED (see the rows marked NO above)"]
+    return "\n".join(lines)
+
+
+def describe(report: dict) -> list[str]:
+    """The report in words."""
+    s, tol = report["summary"], report["tolerances"]
+    n_graphs = len({g["graph"] for g in report["graphs"]})
+    n_select = len({g["graph"] for g in report["graphs"] if g["graph"].startswith("select")})
+    chain = report["end_to_end"]
+    free = [p["free_running"] for p in chain["points"]]
+    t = s["exact_ties"]
+    words = [
+        f"Compared: each of the {n_graphs} graphs on the reference's own inputs; the {n_select} selection graphs "
+        "again on exact ties (duplicated tokens); the chain from the pixels against the reference re-run with the "
+        "chain's decisions forced; the first photo alone against its batch row.",
+        f"Decisions: {s['decisions']} checked, {_flips_in_words(s, tol)}; {s['close_calls']} were close calls "
+        f"(the reference's own margin within the tolerance, {tol['decision_margin']:.0e}).",
+        f"Exact ties: {t['decisions']} decisions on duplicated tokens, {_flips_in_words(t, tol)}.",
+    ]
+    sel = report.get("selection_tolerances")
+    if sel and sel != tol:
+        words.append(f"Selection graphs compute in fp32 in every build: on identical inputs they were held to fp32's "
+                     f"tolerances (decision margin {sel['decision_margin']:.0e}); the {report['precision']} rows apply "
+                     "to the stages and the chain.")
+    if free:
+        words.append(
+            "Versus the free-running reference (information): "
+            + ", ".join(f"point {p['point']}: {f['kept_differ']} of {f['kept_total']} kept positions and "
+                        f"{f['merge_differ']} merge owners differ" for p, f in zip(chain["points"], free))
+            + f"; feature cosine {chain['features_cosine_to_free_running']:.6f}.")
+    return words
+
+
+def _flips_in_words(s: dict, tol: dict) -> str:
+    if s["not_near_ties"]:
+        return (f"{s['flips']} differed from the reference's and {s['not_near_ties']} check(s) found decisions that "
+                f"were NOT near-ties (worst margin {s['worst_margin']:.1e} > {tol['decision_margin']:.0e})")
+    if not s["flips"]:
+        return "none differed from the reference's"
+    return (f"{s['flips']} differed from the reference's, all near-ties (worst margin {s['worst_margin']:.1e} "
+            f"<= {tol['decision_margin']:.0e})")
+
+
+def print_report(report: dict, file=sys.stdout) -> None:
+    print(format_report(report), file=file)

@@ -1,0 +1,139 @@
+"""The package reads as the data flow: subpackages by pipeline step, imports pointing down
+it with no cycle (function-level imports counted), no module over 400 lines, families
+found only through the registry, and the old module names still importing for a release."""
+from __future__ import annotations
+
+import ast
+import importlib
+import warnings
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "evoexport"
+FAMILIES = {"evoexport.models.clip", "evoexport.models.siglip", "evoexport.models.dinov2", "evoexport.models.vit_digits"}
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    out = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(PACKAGE.parent).with_suffix("").parts
+        is_pkg = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_pkg else parts)] = (p, is_pkg)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in its body."""
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for m, (p, is_pkg) in mods.items():
+        pkg = m if is_pkg else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {n for n in names if n in mods and n != m}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    seen, on_path = set(), []
+
+    def visit(m):
+        if m in on_path:
+            raise AssertionError("import cycle: " + " -> ".join(on_path[on_path.index(m):] + [m]))
+        if m in seen:
+            return
+        on_path.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        on_path.pop()
+        seen.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+
+
+def test_a_cycle_is_found_when_there_is_one(tmp_path, monkeypatch):
+    """The checker itself: two modules importing each other inside functions are a cycle."""
+    pkg = tmp_path / "evoexport"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from . import a\n")
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    with pytest.raises(AssertionError, match="import cycle"):
+        test_no_import_cycles()
+
+
+def test_nothing_below_the_registry_imports_a_family():
+    allowed = {"evoexport.models"} | FAMILIES
+    offenders = {m: sorted(deps & FAMILIES) for m, deps in import_graph().items() if deps & FAMILIES and m not in allowed}
+    assert not offenders, offenders
+
+
+def test_the_tree_shows_the_flow_and_modules_stay_small():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 6, top
+    for step in ("models", "prune", "pipeline", "export", "tensorrt", "runtime", "inputs", "validate", "measure",
+                 "show", "integrations", "cli"):
+        assert (PACKAGE / step / "__init__.py").is_file(), step
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+@pytest.mark.parametrize("old", ["evoexport.build", "evoexport.images", "evoexport.integrations.transformers",
+                                 "evoexport.backends.torch", "evoexport.models.tower"])
+def test_old_module_names_still_import_with_a_deprecation_warning(old):
+    import evoexport
+    new = evoexport.MOVED_MODULES[old]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import sys
+        sys.modules.pop(old, None)
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+
+
+def test_one_list_of_precisions():
+    """The manifest's PRECISIONS is what the schema allows and what the CLI offers."""
+    import json
+
+    from click import Choice
+
+    from evoexport.cli import cli
+    from evoexport.manifest import PRECISIONS, SCHEMA_PATH
+
+    assert json.loads(SCHEMA_PATH.read_text())["properties"]["precision"]["enum"] == list(PRECISIONS)
+    for command in ("build", "bench"):
+        option = next(p for p in cli.commands[command].params if p.name in ("precision", "precisions"))
+        assert isinstance(option.type, Choice) and tuple(option.type.choices) == PRECISIONS
+
+
+def test_run_chain_wires_graphs_by_name_in_order():
+    """The one chain runner: inputs read from the table by name, outputs written back, in
+    order, whether a graph returns a sequence or a dict."""
+    from types import SimpleNamespace
+
+    from evoexport.pipeline.chain import entry_names, run_chain
+
+    calls = []
+    graphs = [SimpleNamespace(inputs=["x"], outputs=["y", "z"]), SimpleNamespace(inputs=["z", "y"], outputs=["w"])]
+
+    def run(g, args):
+        calls.append(list(args))
+        return (args[0] + 1, args[0] * 10) if g is graphs[0] else {"w": args[0] - args[1]}
+
+    env = run_chain(graphs, {"x": 2}, run)
+    assert env == {"x": 2, "y": 3, "z": 20, "w": 17} and calls == [[2], [20, 3]]
+    entry = {"inputs": [{"name": "a"}], "outputs": [{"name": "b"}]}
+    assert run_chain([entry], {"a": 1}, lambda e, args: [args[0] * 5], names=entry_names) == {"a": 1, "b": 5}
