@@ -66,6 +66,18 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
             os.fsync(f.fileno())
 
 
+def read_json(path: str | Path, hint: str = ""):
+    """A JSON file given as input: its value, or one error line if it is not valid JSON
+    (`hint`, e.g. "rebuild the engines", says what to do about it)."""
+    import json
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvoExportError(f"{path} is not valid JSON: {e}" + (f"; {hint}" if hint else "")) from None
+    except OSError as e:
+        raise EvoExportError(f"{path} cannot be read ({e.strerror or e})") from None
+
+
 def write_json(path: str | Path, value) -> None:
     import json
     atomic_write(path, json.dumps(value, indent=2) + "\n")

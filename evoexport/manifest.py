@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import EvoExportError
-from .files import write_json
+from .files import read_json, write_json
 
 # The precisions a build can compute its encoder stages in, in one place (the CLI's choices,
 # the builder, the schema's enum is checked against it by tests/test_layout.py)
@@ -74,10 +74,7 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
         raise EvoExportError(f"build directory {build_dir} does not exist")
     if not path.is_file():
         raise EvoExportError(f"{build_dir} is not an evoexport build: no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvoExportError(f"{path} is not valid JSON: {e}") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise EvoExportError(f"{path} is not a JSON object")
     version = manifest.get("schema_version")
@@ -94,5 +91,5 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
                 raise EvoExportError(f"{build_dir}: {name} named by the manifest is missing")
             if verify and sha256_file(f) != g.get(key_hash):
                 raise EvoExportError(f"{build_dir}: {name} does not match its sha256 in the manifest "
-                                     "(truncated or edited); build_variant it")
+                                     "(truncated or edited); rebuild it")
     return manifest

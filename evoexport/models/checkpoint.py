@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import EvoExportError
+from ..files import read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -27,10 +28,7 @@ def read_config(ckpt: Path) -> dict:
     cfg_path = ckpt / "config.json"
     if not cfg_path.is_file():
         raise EvoExportError(f"{ckpt} is not a Hugging Face checkpoint: no config.json")
-    try:
-        return json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvoExportError(f"{cfg_path} is not valid JSON: {e}") from None
+    return read_json(cfg_path)
 
 
 def weight_index(ckpt: Path) -> dict[str, Path]:
@@ -90,14 +88,8 @@ def preprocess_from_checkpoint(ckpt: Path, preset) -> dict:
     """The checkpoint's own image processor recipe (preprocessor_config.json: resize mode,
     sizes, crop, resample, rescale, mean, std); the preset's reference recipe where the
     checkpoint ships none."""
-    import json
-
     from ..inputs.images import recipe_from_processor_config
     p = ckpt / "preprocessor_config.json"
     if not p.is_file():
         return dict(preset.preprocess)
-    try:
-        raw = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvoExportError(f"{p} is not valid JSON: {e}") from None
-    return recipe_from_processor_config(raw, str(p))
+    return recipe_from_processor_config(read_json(p), str(p))

@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EvoExportError
-from ..files import atomic_write, write_json
+from ..files import atomic_write, read_json, write_json
 from ..manifest import graph_entries, read_manifest, sha256_file
 
 ENGINES = "engines.json"
@@ -144,22 +144,17 @@ def read_engines(build_dir: Path) -> dict:
     """engines.json, checked: a JSON object whose `engines` list names, for every graph, a
     plain file inside the build and the hashes it is checked by. It is input: a hostile or
     truncated one is refused with one line."""
-    import json
-
     path = Path(build_dir) / ENGINES
     if not path.is_file():
         raise EvoExportError(f"{build_dir} has no TensorRT engines; run `evoexport engines {build_dir}` on the target GPU")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvoExportError(f"{path} is not valid JSON ({e}); build_variant the engines") from None
+    info = read_json(path, "rebuild the engines")
     entries = info.get("engines") if isinstance(info, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise EvoExportError(f"{path} has no list of engines; build_variant the engines")
+        raise EvoExportError(f"{path} has no list of engines; rebuild the engines")
     for e in entries:
         for key in ("name", "file", "sha256", "onnx_sha256"):
             if not isinstance(e.get(key), str):
-                raise EvoExportError(f"{path}: an engine entry lacks {key!r}; build_variant the engines")
+                raise EvoExportError(f"{path}: an engine entry lacks {key!r}; rebuild the engines")
         if Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
             raise EvoExportError(f"{path}: engine file {e['file']!r} must be a plain file name inside the build")
     return info
@@ -172,4 +167,4 @@ def check_engines_match(info: dict, trt, gpu: dict) -> None:
     if have != built:
         raise EvoExportError(f"these engines were built with TensorRT {built[0]} for {info.get('gpu')} (sm {built[1]}); "
                              f"this machine has TensorRT {have[0]} and {gpu['gpu']} (sm {have[1]}): "
-                             "build_variant them here with `evoexport engines DIR`")
+                             "rebuild them here with `evoexport engines DIR`")

@@ -28,9 +28,9 @@ class TrtBackend:
         for g in graph_entries(manifest):
             e = by_name.get(g["name"])
             if e is None or not (build_dir / e["file"]).is_file():
-                raise EvoExportError(f"{build_dir}: engine for {g['name']} is missing; build_variant the engines")
+                raise EvoExportError(f"{build_dir}: engine for {g['name']} is missing; rebuild the engines")
             if e.get("onnx_sha256") != g["sha256"]:
-                raise EvoExportError(f"{build_dir}: {e['file']} was built from another {g['file']}; build_variant the engines")
+                raise EvoExportError(f"{build_dir}: {e['file']} was built from another {g['file']}; rebuild the engines")
             if sha256_file(build_dir / e["file"]) != e["sha256"]:
                 raise EvoExportError(f"{build_dir}: {e['file']} does not match its sha256 in {ENGINES}")
             files.append((g["name"], build_dir / e["file"]))
