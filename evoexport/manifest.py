@@ -18,6 +18,8 @@ from .files import read_json, write_json
 # The precisions a build can compute its encoder stages in, in one place (the CLI's choices,
 # the builder, the schema's enum is checked against it by tests/test_layout.py)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# the torch dtype each floating precision computes in (the reduced-precision tower, the GPU chain)
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SCHEMA_VERSION = 2   # 2: selection graphs also output their decisions (merge_i, picks_i); `precision`
 MANIFEST = "manifest.json"
 SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "manifest.schema.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import EvoExportError
 from ..inputs.images import describe_recipe
-from ..manifest import PRECISIONS, SCHEMA_VERSION, write_manifest
+from ..manifest import PRECISIONS, SCHEMA_VERSION, TORCH_DTYPES, write_manifest
 from ..models import default_params, get_preset, load_tower
 from ..models.loader import spec_for
 from ..progress import Progress, check_interrupted
@@ -116,7 +116,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         stage_source = None
         if precision in ("fp16", "bf16"):   # stages carry weights and math in that dtype; selections stay fp32
             import torch
-            half = tower.reduced_precision_copy(torch.float16 if precision == "fp16" else torch.bfloat16)
+            half = tower.reduced_precision_copy(getattr(torch, TORCH_DTYPES[precision]))
             stage_source = Pipeline(half, points, params, square_mask=square)
         stages = export_pipeline(pipeline, tmp, progress, stage_source=stage_source, opset=opset)
         del stage_source

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import EvoExportError
 from ..inputs.images import sample_batch
 from ..manifest import read_manifest
+from ..manifest import TORCH_DTYPES
 from ..progress import Progress
 from .timing import time_systems
 
@@ -78,7 +79,7 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
     for prec in precisions:
         progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device)}")
         if hf:
-            dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[prec])
+            dtype = getattr(torch, TORCH_DTYPES[prec])
             run = tower.hf_forward(device, dtype)
             systems[f"transformers {prec} (eager)"] = lambda x, _run=run: _run(x)
         for label, pipe in (("pruned", pruned_pipe), ("unpruned", Pipeline(tower, [], params))):

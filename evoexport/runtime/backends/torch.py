@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EvoExportError
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from ...manifest import TORCH_DTYPES as DTYPES
 
 
 def resolve_device(device: str):
