@@ -71,6 +71,8 @@ class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 if not any(isinstance(f, _MovedModule) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModule())
+    # first: a moved package (evoexport.backends) aliases the new one, whose __path__ would
+    # otherwise let the path finder load its submodules a second time under the old names
+    sys.meta_path.insert(0, _MovedModule())
 
 __all__ = ["load", "__version__", "MOVED_MODULES"]
