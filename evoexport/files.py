@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -81,3 +82,67 @@ def read_json(path: str | Path, hint: str = ""):
 def write_json(path: str | Path, value) -> None:
     import json
     atomic_write(path, json.dumps(value, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yields a hidden temporary folder beside `target`; when the block completes, the folder
+    replaces `target` (a previous one is removed only after the swap). On any failure or
+    interrupt the temporary folder is removed and `target` is left as it was. Leftovers of
+    runs that were killed (SIGKILL cannot clean up after itself) are cleared first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
+    try:
+        yield tmp
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """SIGINT and SIGTERM are held back during the two renames: an interrupt between them would
+    otherwise leave nothing at `target` while the cleanup deletes the new folder. A signal that
+    arrives meanwhile is delivered when the swap is done."""
+    import signal
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    old = None
+    try:
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)   # put the previous one back
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    for prefix in (f".{target.name}.partial-", f".{target.name}.old-"):
+        for p in target.parent.glob(prefix + "*"):
+            pid = p.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if prefix.endswith("old-") and not target.exists():
+                    os.rename(p, target)  # killed mid-swap: the old one is the good one
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

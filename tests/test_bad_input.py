@@ -143,7 +143,8 @@ def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_buil
         if len(renames) == 1:             # between the two renames of the swap
             os.kill(os.getpid(), signal.SIGINT)
 
-    real_replace_dir = build_mod._replace_dir
+    import evoexport.files as files_mod
+    real_replace_dir = files_mod._replace_dir
 
     def replace_dir_interrupted(new, target):   # only the swap's renames are interrupted
         monkeypatch.setattr(os, "rename", rename_then_interrupt)
@@ -152,7 +153,7 @@ def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_buil
         finally:
             monkeypatch.setattr(os, "rename", real_rename)
 
-    monkeypatch.setattr(build_mod, "_replace_dir", replace_dir_interrupted)
+    monkeypatch.setattr(files_mod, "_replace_dir", replace_dir_interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_mod.build("llava-tiny", 0.5, seed=7, out=out, validate=False, progress=Progress(enabled=False))
     assert renames[1] == "tiny"                          # the second rename happened before the interrupt

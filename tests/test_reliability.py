@@ -166,7 +166,7 @@ def test_killed_build_leaves_the_previous_build_untouched(tiny_build, tmp_path, 
     if sig == signal.SIGKILL:
         # SIGKILL cannot clean up: the hidden partial directory stays until the next build
         # at that path sees its process is gone and removes it (checked here without a rebuild)
-        from evoexport.export.build import _remove_stale_partials
+        from evoexport.files import _remove_stale_partials
         _remove_stale_partials(out)
         assert [p for p in out.parent.iterdir() if p.name != "tiny"] == []
     else:

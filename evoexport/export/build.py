@@ -6,11 +6,8 @@ half-written directory at the target nor clobbers a previous good build there.
 """
 from __future__ import annotations
 
-import os
 import platform
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +18,7 @@ from ..inputs.images import describe_recipe
 from ..manifest import PRECISIONS, SCHEMA_VERSION, TORCH_DTYPES, write_manifest
 from ..models import default_params, get_preset, load_tower
 from ..models.loader import spec_for
+from ..files import atomic_dir
 from ..progress import Progress, check_interrupted
 from ..prune.cost import tower_flops
 from ..prune.selection import PruneParams
@@ -100,11 +98,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     if target.exists() and not (target / "manifest.json").is_file():
         raise EvoExportError(f"--out {target} exists and is not an evoexport build; refusing to replace it")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a build is meant to be shared
-    try:
+    with atomic_dir(target) as tmp:
         progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
         tower = load_tower(model, checkpoint, seed=seed, image_size=image_size, pad_to_square=pad_to_square)
         progress(describe_recipe(spec.preprocess))
@@ -171,12 +165,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
             if not report["passed"]:
                 raise EvoExportError(f"validation failed; nothing written to {target} (see the table above)")
         check_interrupted()   # the commit point: an interrupt swallowed on the way still counts
-        _replace_dir(tmp, target)
-        progress(f"wrote {target}")
-        return BuildResult(target, manifest, report, tower)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    progress(f"wrote {target}")
+    return BuildResult(target, manifest, report, tower)
 
 
 def build_variant(manifest: dict, out: Path, *, unpruned: bool = False, precision: str | None = None) -> BuildResult:
@@ -192,50 +182,3 @@ def build_variant(manifest: dict, out: Path, *, unpruned: bool = False, precisio
 
 
 rebuild = build_variant   # the name before it said what it makes (deprecated; one release)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move a complete build into place; the previous build is removed only after the swap.
-    SIGINT and SIGTERM are held back during the two renames: an interrupt between them would
-    otherwise leave no build at `target` while the cleanup deletes the new one. A signal that
-    arrives meanwhile is delivered when the swap is done."""
-    import signal
-    held = {signal.SIGINT, signal.SIGTERM}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    old = None
-    try:
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except OSError:
-            if old is not None:
-                os.rename(old, target)   # put the previous build back
-            raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Delete leftovers of builds that were killed (SIGKILL cannot clean up after itself)."""
-    for prefix in (f".{target.name}.partial-", f".{target.name}.old-"):
-        for p in target.parent.glob(prefix + "*"):
-            pid = p.name[len(prefix):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                if prefix.endswith("old-") and not target.exists():
-                    os.rename(p, target)  # killed mid-swap: the old build is the good one
-                else:
-                    shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
