@@ -84,7 +84,7 @@ def test_the_tree_shows_the_flow_and_modules_stay_small():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 6, top
     for step in ("models", "prune", "pipeline", "export", "tensorrt", "runtime", "inputs", "validate", "measure",
-                 "show", "integrations", "cli"):
+                 "show", "integrations", "serve", "cli"):
         assert (PACKAGE / step / "__init__.py").is_file(), step
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long

@@ -1,5 +1,5 @@
 """Command line: a thin layer over the library. The commands live in make.py (build,
-engines, check), use.py (run, validate, show, info, models) and measure.py (bench, eval);
+engines, check), use.py (run, validate, show, info, models) and measure.py (bench, eval), serving.py (triton, serve);
 this module runs them with one `error:` line for bad input."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import EvoExportError
-from . import make, measure, use  # noqa: F401  (each adds its commands to the group)
+from . import make, measure, serving, use  # noqa: F401  (each adds its commands to the group)
 from .group import cli
 
 

@@ -27,10 +27,17 @@ from .group import cli
               help="cpu: also time builds of these precisions, exported now with the same weights (repeatable); "
                    "cuda: what the torch chains compute in  [default: bf16]")
 @click.option("--no-hf", is_flag=True, help="skip the transformers PyTorch baselines")
+@click.option("--serve", "serve_engine", type=click.Choice(["triton"]), default=None,
+              help="instead: throughput and latency through a Triton server (pruned vs keep 1.0 on one server, "
+                   "Python backend with --runtime inside), at each --concurrency")
+@click.option("--concurrency", type=int, multiple=True, help="--serve: client concurrencies  [default: 1 8 32]")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="openvino", show_default=True,
+              help="--serve: the runtime inside Triton's Python backend")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="also draw latency per system and batch, with the FLOP-ideal line, to this .png")
-def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisions, no_hf, json_path, plot_path):
+def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisions, no_hf, serve_engine, concurrency,
+          runtime, json_path, plot_path):
     """Latency of the pruned chain vs the unpruned encoder vs transformers' PyTorch model, in one run."""
     from ..progress import Progress
 
@@ -40,7 +47,14 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
         check_output_path(plot_path, "--plot", ".png")
     if json_path:
         check_output_path(json_path, "--json")
-    if device == "cuda":
+    if serve_engine:
+        from ..serve.bench import format_serve_bench, run_serve_bench
+        if plot_path:
+            raise EvoExportError("--plot draws the library bench; --serve reports a table and --json")
+        result = run_serve_bench(build_dir, baseline=baseline, concurrency=concurrency or (1, 8, 32), runtime=runtime,
+                                 progress=Progress())
+        text = format_serve_bench(result)
+    elif device == "cuda":
         from ..measure.bench_cuda import format_cuda_bench, run_cuda_bench
         if "int8" in precisions:
             raise EvoExportError("--device cuda times the torch chain in fp32, bf16 or fp16; int8 is a CPU build")

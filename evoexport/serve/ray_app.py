@@ -1,0 +1,120 @@
+"""A build as a Ray Serve deployment around `evoexport.load(...)`.
+
+    from evoexport.serve.ray_app import encoder_app
+    app = encoder_app("graphs/llava-keep0.5", backend="openvino", replicas=2)
+    handle = serve.run(app, name="evoexport", route_prefix="/evoexport")
+    out = handle.encode.remote(pixel_values).result()      # dict of numpy arrays
+
+HTTP: POST the pixel values as a .npy file (float32 [B, C, H, W]) to the route; the answer
+is an .npz with features, indices and, per prune point, indices_i, merge_i, picks_i. A
+malformed request gets a 400 with one JSON error line; the replica keeps serving.
+
+Batching counts **images, not calls**: Ray's @serve.batch counts calls unless told
+otherwise (seen here: batches of 14 and 15 images under a limit of 8 calls), so
+batch_size_fn sums the images, and a batch never holds more than the build's batch profile.
+A call with more images than that is refused before it is queued.
+
+On a Ray cluster (several nodes), the same app runs unchanged: `ray start --head` on one
+node, `ray start --address=HEAD:6379` on the others, then `evoexport serve BUILD --engine ray
+--address auto` (or `serve.run(app)` after `ray.init(address="auto")`); replicas are placed
+by Ray across the nodes, each with `--gpus` of a GPU when asked. The build directory must
+be readable at the same path on every node (a shared volume), as with any model files.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import numpy as np
+
+from ..errors import EvoExportError
+
+try:
+    from ray import serve
+except ImportError:
+    raise EvoExportError("Ray Serve is not installed: pip install 'evoexport[serve]'") from None
+
+DEFAULT_WAIT_S = 0.005
+
+
+def _images(items: list) -> int:
+    return sum(int(x.shape[0]) for x in items)
+
+
+def encoder_app(build_dir: str, *, backend: str = "onnxruntime", replicas: int = 1, gpus: float = 0.0,
+                max_batch: int | None = None, wait_s: float = DEFAULT_WAIT_S, options: dict | None = None):
+    """The deployment bound to a build (an Application for serve.run)."""
+    from ..manifest import read_manifest
+
+    manifest = read_manifest(build_dir, verify=False, files=backend != "torch")   # replicas verify on load
+    profile = manifest.get("batch_profile", {}).get("max", 32)
+    if max_batch is not None and not 1 <= max_batch <= profile:
+        raise EvoExportError(f"--max-batch must be between 1 and the build's batch profile ({profile})")
+    if replicas < 1 or gpus < 0:
+        raise EvoExportError("--replicas must be >= 1 and --gpus >= 0")
+    actor = {"num_gpus": gpus} if gpus else {}
+    deployment = serve.deployment(Encoder, name="EvoExportEncoder", num_replicas=replicas, ray_actor_options=actor,
+                                  max_ongoing_requests=4 * (max_batch or profile))
+    return deployment.bind(str(build_dir), backend, max_batch or profile, wait_s, options or {})
+
+
+class Encoder:
+    """One replica: a loaded build, a batch queue counted in images, an HTTP entry point."""
+
+    def __init__(self, build_dir: str, backend: str, max_batch: int, wait_s: float, options: dict):
+        import evoexport
+        self.runner = evoexport.load(build_dir, backend=backend, **options)
+        self.max_batch = max_batch
+        self.batches: list[int] = []        # images per executed batch (batch_sizes() reports them)
+        self._run_batch.set_max_batch_size(max_batch)
+        self._run_batch.set_batch_wait_timeout_s(wait_s)
+
+    def check(self, pixels) -> np.ndarray:
+        pixels = self.runner.check_input(pixels)
+        if pixels.shape[0] > self.max_batch:
+            raise EvoExportError(f"{pixels.shape[0]} images in one call; this deployment takes at most "
+                                 f"{self.max_batch} (the build's batch profile)")
+        return pixels
+
+    async def encode(self, pixels) -> dict:
+        """The Python handle's entry: pixel values -> {name: array}."""
+        return await self._run_batch(self.check(np.asarray(pixels)))
+
+    def batch_sizes(self) -> list[int]:
+        return list(self.batches)
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+        try:
+            body = await request.body()
+            try:
+                pixels = np.load(io.BytesIO(body), allow_pickle=False)
+            except Exception:
+                raise EvoExportError("the request body must be one .npy array (numpy.save), "
+                                     "float32 [B, C, H, W]") from None
+            result = await self.encode(pixels)
+        except EvoExportError as e:
+            return Response(json.dumps({"error": str(e)}), status_code=400, media_type="application/json")
+        buf = io.BytesIO()
+        np.savez(buf, **result)
+        return Response(buf.getvalue(), media_type="application/octet-stream")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=DEFAULT_WAIT_S, batch_size_fn=_images)
+    async def _run_batch(self, items: list) -> list[dict]:
+        sizes = [x.shape[0] for x in items]
+        self.batches.append(sum(sizes))
+        # inference off the event loop, so the replica keeps taking (and queueing) requests
+        env = await asyncio.to_thread(self._infer, np.concatenate(items) if len(items) > 1 else items[0])
+        bounds = np.cumsum(sizes)[:-1]
+        split = {k: np.split(v, bounds) for k, v in env.items()}
+        return [{k: parts[i] for k, parts in split.items()} for i in range(len(items))]
+
+    def _infer(self, pixels: np.ndarray) -> dict:
+        out = self.runner(pixels)
+        to_np = self.runner.backend.to_numpy
+        result = {"features": to_np(out.features), "indices": np.asarray(out.indices)}
+        for i, (idx, merge, picks) in enumerate(zip(out.indices_per_point, out.merge_per_point, out.picks_per_point)):
+            result.update({f"indices_{i}": to_np(idx), f"merge_{i}": to_np(merge), f"picks_{i}": to_np(picks)})
+        return {k: np.asarray(v) for k, v in result.items()}
+
