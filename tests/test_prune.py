@@ -263,12 +263,11 @@ def test_tower_flops_match_torch_flop_counter_on_the_pipeline():
             assert counted == modeled
 
 
-def test_presets_default_the_spatial_term_as_measured():
+def test_presets_default_the_spatial_term_as_measured(tiny_build):
     """0.3 (tuned on real photos) everywhere but the digits ViT, whose results were measured at 0
-    (docs/evoprune.md); a build records what it used."""
-    from evoexport.export.build import build
+    (docs/evoprune.md); a build records what it used (the session's llava-tiny build, made
+    with the defaults)."""
     from evoexport.models import default_params
-    from evoexport.progress import Progress
 
     assert default_params("digits-vit").spatial_weight == 0.0
     assert {default_params(m).spatial_weight for m in ("llava", "dinov2", "llava-onevision")} == {0.3}
@@ -276,10 +275,7 @@ def test_presets_default_the_spatial_term_as_measured():
     with pytest.raises(EvoExportError, match="unknown model"):
         default_params("nope")
     import json
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        b = build("llava-tiny", 0.5, out=f"{d}/b", validate=False, progress=Progress(enabled=False))
-        assert json.loads((b.path / "manifest.json").read_text())["prune_params"]["spatial_weight"] == 0.3
+    assert json.loads((tiny_build / "manifest.json").read_text())["prune_params"]["spatial_weight"] == 0.3
 
 
 def _pairwise_top_mask(key, k):

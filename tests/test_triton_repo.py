@@ -148,10 +148,16 @@ def test_a_failed_write_keeps_the_previous_repository(build_copy, tmp_path, caps
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_files_are_linked_not_copied_where_the_filesystem_allows(build_copy, tmp_path):
+def test_the_build_is_left_loadable_by_onnx(build_copy, tmp_path):
+    """Files are copied, not hard-linked: onnx refuses external data with several links
+    ("potential hardlink attack"), which would break loading the build itself."""
+    import onnx
+
     repo = write_repository(build_copy, tmp_path / "repo", flavour="onnxruntime")
-    a, b = build_copy / "stage_0.onnx.data", repo.path / "evoexport_stage_0" / "1" / "stage_0.onnx.data"
-    assert os.stat(a).st_ino == os.stat(b).st_ino
+    for f in (build_copy / "stage_0.onnx.data", repo.path / "evoexport_stage_0" / "1" / "stage_0.onnx.data"):
+        assert os.stat(f).st_nlink == 1
+    onnx.load(str(build_copy / "stage_0.onnx"))
+    onnx.load(str(repo.path / "evoexport_stage_0" / "1" / "stage_0.onnx"))
 
 
 def test_the_bundled_server_did_not_downgrade_numpy():

@@ -94,6 +94,9 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     spec = spec_for(model, checkpoint, image_size, pad_to_square)
     grid = (spec.input_size or spec.vision["image_size"]) // spec.vision["patch_size"]
     keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
+    if precision == "int8" and calib is not None and not hasattr(calib, "shape"):
+        from .quantize import calibration_files
+        calibration_files(Path(calib).expanduser())
     target = Path(out) if out else default_out(model, keep, precision)
     if target.exists() and not (target / "manifest.json").is_file():
         raise EvoExportError(f"--out {target} exists and is not an evoexport build; refusing to replace it")

@@ -36,6 +36,15 @@ def calibration_pixels(calib: str | Path | np.ndarray | None, size: int, pre: di
                                  f"got {calib.dtype} {list(calib.shape)}")
         return calib
     folder = Path(calib).expanduser() if calib is not None else default_calib_dir()
+    files = calibration_files(folder)
+    if progress:
+        progress(f"calibration set: {len(files)} images from {folder}")
+    return np.stack([preprocess(load_image(f), size, pre) for f in files])
+
+
+def calibration_files(folder: Path) -> list[Path]:
+    """The images of a calibration folder, or one error line; `build` calls it before any
+    weight is touched, so a wrong --calib costs nothing."""
     if not folder.is_dir():
         raise EvoExportError(f"--calib {folder} is not a directory of images")
     # hidden files are skipped: an interrupted write leaves only a hidden partial file
@@ -43,9 +52,7 @@ def calibration_pixels(calib: str | Path | np.ndarray | None, size: int, pre: di
                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))[:MAX_CALIB_IMAGES]
     if not files:
         raise EvoExportError(f"--calib {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if progress:
-        progress(f"calibration set: {len(files)} images from {folder}")
-    return np.stack([preprocess(load_image(f), size, pre) for f in files])
+    return files
 
 
 def default_calib_dir() -> Path:

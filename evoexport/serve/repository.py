@@ -21,7 +21,6 @@ run leaves the previous one as it was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -50,12 +49,11 @@ class Repository:
     trtllm: dict | None = None
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the filesystem allows it (a build's weights are gigabytes), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _copy(src: Path, dst: Path) -> None:
+    """A copy, never a hard link: onnx refuses external data files with more than one link
+    ("potential hardlink attack"), so a link would break `onnx.load` of the build itself
+    (seen here). shutil.copyfile uses the kernel's in-place copy where it can."""
+    shutil.copyfile(src, dst)
 
 
 def _sys_path() -> list[str]:
@@ -121,13 +119,13 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
                 engine = next(e for e in engines["engines"] if e["name"] == entry["name"])
                 cc = engines["compute_capability"]
                 plan = f"model_sm{cc.replace('.', '')}.plan"
-                _link_or_copy(build_dir / engine["file"], version / plan)
+                _copy(build_dir / engine["file"], version / plan)
                 configs[model] = tc.step_config(model, entry, platform="tensorrt_plan", cc_files={cc: plan}, **common)
                 continue
             if onnx_model is None:
                 for key in ("file", "data_file"):
                     if entry.get(key):
-                        _link_or_copy(build_dir / entry[key], version / entry[key])
+                        _copy(build_dir / entry[key], version / entry[key])
             if step_flavour == "python":
                 graph = {"graph": entry, "runtime": runtime, "threads": threads,
                          "precision": manifest.get("precision", "fp32"),
