@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library. The commands live in make.py (build,
-engines, check), use.py (run, validate, show, info, models) and measure.py (bench, eval), serving.py (triton, serve);
-this module runs them with one `error:` line for bad input."""
+engines, check), use.py (run, validate, show, info, models), measure.py (bench, eval) and
+serving.py (triton, serve); this module runs them with one `error:` line for bad input."""
 from __future__ import annotations
 
 import sys

@@ -56,17 +56,11 @@ def run(build_dir, input_path, output, backend, frames, batch):
         progress(f"sampled {len(numbers)} frames: {_short_list(numbers.tolist())}")
     else:
         pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
-    to_np = runner.backend.to_numpy
     chunks = []
     for start in range(0, len(pixels), batch):
         if len(pixels) > batch:
             progress(f"frames {start + 1}-{min(start + batch, len(pixels))} of {len(pixels)}")
-        out = runner(np.ascontiguousarray(pixels[start:start + batch]))
-        arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
-        for kind in ("indices", "merge", "picks"):
-            for i, value in enumerate(getattr(out, f"{kind}_per_point")):
-                arrays[f"{kind}_{i}"] = to_np(value)
-        chunks.append(arrays)
+        chunks.append(runner.arrays(np.ascontiguousarray(pixels[start:start + batch])))
     arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} | extra
     with atomic_path(output) as tmp:
         np.savez(tmp, **arrays)

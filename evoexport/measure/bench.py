@@ -146,14 +146,8 @@ def _openvino_version(backends) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown"
+    from .timing import cpu_info
+    return cpu_info()["cpu"]
 
 
 def format_bench(r: dict) -> str:

@@ -40,3 +40,23 @@ def time_systems(systems: dict[str, Callable[[], object]], iters: int, warmup: i
                 sync()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: {**stats(ts), "times_ms": ts} for name, ts in times.items()}
+
+
+def cpu_info() -> dict:
+    """The CPU a measurement ran on: its name, cores, and the instruction sets that change
+    kernels and rounding (AVX2, AVX-512 VNNI and BF16, AMX), from /proc/cpuinfo."""
+    import os
+    import platform
+    name, flags = None, ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = f" {line.split(':', 1)[1].strip()} "
+    except OSError:
+        pass
+    name = name or platform.processor() or "unknown"
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f} " in flags]
+    return {"cpu": name, "cores": os.cpu_count(), "isa": isa, "python": platform.python_version()}

@@ -87,6 +87,18 @@ class Runner:
         return Output(env["features"], final, per_point["indices"], per_point["merge"], per_point["picks"])
 
 
+    def arrays(self, pixel_values) -> dict:
+        """The outputs as numpy arrays under the names every consumer uses (`run --output`,
+        the Triton ensemble, Ray Serve): features, indices, then indices_i, merge_i, picks_i."""
+        out = self(pixel_values)
+        to_np = self.backend.to_numpy
+        arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
+        for kind in ("indices", "merge", "picks"):
+            for i, value in enumerate(getattr(out, f"{kind}_per_point")):
+                arrays[f"{kind}_{i}"] = to_np(value)
+        return {k: np.asarray(v) for k, v in arrays.items()}
+
+
 def load(build_dir: str | Path, backend: str = "onnxruntime", **options) -> Runner:
     """Load a build directory for inference (the manifest is checked and every file hashed)."""
     return Runner(build_dir, backend=backend, **options)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import EvoExportError
 from ..manifest import read_manifest
+from ..measure.timing import cpu_info
 
 SYSTEMS = ("pruned", "unpruned")
 
@@ -140,7 +141,7 @@ def run_serve_bench(build_dir, *, baseline=None, concurrency=(1, 8, 32), rounds:
             "ideal_speedup": manifest["flops"]["ideal_speedup"], "runtime": runtime, "engine": "triton (python backend)",
             "queue_delay_us": queue_delay_us, "concurrency": list(concurrency), "rounds": rounds,
             "results": results, "throughput_ratio": ratio, "library": library, "batching": stats,
-            "machine": _machine()}
+            "machine": cpu_info()}
 
 
 def _stats(url: str, models: list[str]) -> dict:
@@ -152,20 +153,6 @@ def _stats(url: str, models: list[str]) -> dict:
             s = json.loads(r.read())["model_stats"][0]
         out[m] = {"inference_count": int(s["inference_count"]), "execution_count": int(s["execution_count"])}
     return out
-
-
-def _machine() -> dict:
-    import os
-    import platform
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    return {"cpu": model, "cores": os.cpu_count(), "isa": isa, "python": platform.python_version()}
 
 
 def format_serve_bench(r: dict) -> str:

@@ -105,16 +105,7 @@ class Encoder:
         sizes = [x.shape[0] for x in items]
         self.batches.append(sum(sizes))
         # inference off the event loop, so the replica keeps taking (and queueing) requests
-        env = await asyncio.to_thread(self._infer, np.concatenate(items) if len(items) > 1 else items[0])
+        env = await asyncio.to_thread(self.runner.arrays, np.concatenate(items) if len(items) > 1 else items[0])
         bounds = np.cumsum(sizes)[:-1]
         split = {k: np.split(v, bounds) for k, v in env.items()}
         return [{k: parts[i] for k, parts in split.items()} for i in range(len(items))]
-
-    def _infer(self, pixels: np.ndarray) -> dict:
-        out = self.runner(pixels)
-        to_np = self.runner.backend.to_numpy
-        result = {"features": to_np(out.features), "indices": np.asarray(out.indices)}
-        for i, (idx, merge, picks) in enumerate(zip(out.indices_per_point, out.merge_per_point, out.picks_per_point)):
-            result.update({f"indices_{i}": to_np(idx), f"merge_{i}": to_np(merge), f"picks_{i}": to_np(picks)})
-        return {k: np.asarray(v) for k, v in result.items()}
-

@@ -129,7 +129,9 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
             if step_flavour == "python":
                 graph = {"graph": entry, "runtime": runtime, "threads": threads,
                          "precision": manifest.get("precision", "fp32"),
-                         "sha256": {f: sha256_file(version / f) for f in (entry["file"], entry.get("data_file")) if f}}
+                         # the manifest's hashes (read_manifest just checked the build's files against
+                         # them); only the small graphs made here are hashed here
+                         "sha256": _hashes(entry, version, made_here=onnx_model is not None)}
                 write_json(version / "graph.json", graph)
                 shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
                 # our runtime runs the graph on the CPU inside the stub (ONNX Runtime's CPU
@@ -168,6 +170,13 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
             "runtime": runtime if flavour == "python" else None, "max_batch_size": max_batch, "models": repo.models,
             "outputs": repo.outputs, "trtllm": repo.trtllm})
     return repo
+
+
+def _hashes(entry: dict, version: Path, made_here: bool) -> dict:
+    if made_here:
+        return {entry["file"]: sha256_file(version / entry["file"])}
+    pairs = ((entry["file"], entry["sha256"]), (entry.get("data_file"), entry.get("data_sha256")))
+    return {f: h for f, h in pairs if f}
 
 
 def _check_engines(build_dir: Path, manifest: dict, engines: dict) -> None:
