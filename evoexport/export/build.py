@@ -41,7 +41,8 @@ def default_out(model: str, keep: float, precision: str = "fp32") -> Path:
     return DEFAULT_ROOT / (f"{model}-keep{keep:g}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
-def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None) -> tuple[float, list[PrunePoint]]:
+def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None,
+                  layers: tuple | None = None) -> tuple[float, list[PrunePoint]]:
     """Resolve --keep / --schedule into (keep, prune points); they must agree when both are given."""
     if schedule:
         points = parse_schedule(schedule, depth, num_patches)
@@ -51,7 +52,7 @@ def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: st
                                  f"{points[-1].tokens}; give one or make them agree")
         return (keep if keep is not None else round(implied, 6)), points
     keep = 0.5 if keep is None else keep
-    return keep, default_schedule(depth, num_patches, keep)
+    return keep, default_schedule(depth, num_patches, keep, layers)
 
 
 def versions() -> dict:
@@ -92,8 +93,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     preset = get_preset(model)
     # Everything the user typed is checked before the (slow) weights are touched.
     spec = spec_for(model, checkpoint, image_size, pad_to_square)
-    grid = (spec.input_size or spec.vision["image_size"]) // spec.vision["patch_size"]
-    keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule)
+    grid = spec.token_grid
+    keep, points = plan_schedule(spec.depth, grid * grid, keep, schedule, spec.prune_layers)
     if precision == "int8" and calib is not None and not hasattr(calib, "shape"):
         from .quantize import calibration_files
         calibration_files(Path(calib).expanduser())
@@ -136,6 +137,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
             "tower": {"vision": spec.vision, "projector": spec.projector, "feature_layer": spec.feature_layer,
                       "select_strategy": spec.select_strategy, "depth": tower.depth, "image_size": tower.image_size,
                       "grid": tower.grid, "num_patches": tower.num_patches, "has_cls": tower.has_cls,
+                      "unit": spec.unit,
                       "hidden_size": tower.hidden_size, "out_features": tower.out_features},
             "preprocess": spec.preprocess,
             "inputs": [stages[0]["inputs"][0]],

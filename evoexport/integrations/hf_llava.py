@@ -38,13 +38,17 @@ def _vision_sha256(model, manifest: dict) -> str:
 
 def attach(model, build_dir, verify_weights: bool = True, **load_options):
     """Make `model` (LlavaForConditionalGeneration, or LlavaOnevisionForConditionalGeneration
-    for images: pruned tiles packed as in integrations/hf_onevision.py) take its image features
-    from a build."""
+    for images: pruned tiles packed as in integrations/hf_onevision.py, or
+    Qwen2_5_VLForConditionalGeneration: integrations/hf_qwen2_5_vl.py) take its image
+    features from a build."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from ..runtime.runner import load
 
     inner = getattr(model, "model", model)
+    if getattr(inner.config, "model_type", None) == "qwen2_5_vl":   # one attach() for every family
+        from .hf_qwen2_5_vl import attach as attach_qwen
+        return attach_qwen(model, build_dir, verify_weights, **load_options)
     if not hasattr(inner, "get_image_features") or not hasattr(inner, "multi_modal_projector"):
         raise EvoExportError(f"attach() takes a transformers LLaVA model, got {type(model).__name__}")
     onevision = getattr(inner.config, "model_type", None) == "llava_onevision"
@@ -95,7 +99,10 @@ def _image_token_counts(inputs: dict, model, tokens: int | None):
 def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     """Processor output with each image's run of placeholder tokens cut to what the build
     gives it: K for LLaVA, the packed length for LLaVA-OneVision (left-padded again for
-    batches; attention masks follow)."""
+    batches; attention masks follow). Qwen2.5-VL: its own (mm_token_type_ids follow too)."""
+    if getattr(model.config, "model_type", None) == "qwen2_5_vl":
+        from .hf_qwen2_5_vl import shrink_image_tokens as shrink_qwen
+        return shrink_qwen(inputs, model, tokens)
     image_id = model.config.image_token_id
     counts = _image_token_counts(inputs, model, tokens)
     pad = getattr(model.config, "pad_token_id", None) or 0

@@ -27,11 +27,23 @@ class TowerSpec:
     select_strategy: str
     preprocess: dict
     input_size: int | None = None   # pixels fed to the tower, where the config's image_size differs (DINOv2)
+    # a pruned token is a unit x unit block of patches (Qwen2.5-VL: 2, its patch merger's
+    # 2x2 units); budgets, indices and the spatial term count units
+    unit: int = 1
+    # the layers the default schedule prunes after, where the family has a reason to choose
+    # them (Qwen2.5-VL: its full-attention blocks); None: DEFAULT_PRUNE_DEPTHS
+    prune_layers: tuple | None = None
+
+    @property
+    def token_grid(self) -> int:
+        """Width of the grid of prunable tokens (patches, or units of unit x unit patches)."""
+        size = self.input_size or self.vision["image_size"]
+        return size // self.vision["patch_size"] // self.unit
 
     @property
     def depth(self) -> int:
         """Number of encoder layers actually run (up to the feature layer)."""
-        n = self.vision["num_hidden_layers"]
+        n = self.vision.get("num_hidden_layers", self.vision.get("depth"))
         fl = self.feature_layer
         run = fl if fl >= 0 else n + 1 + fl
         if not 1 <= run <= n:
@@ -90,6 +102,60 @@ class BaseTower(nn.Module):
     def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
         """(attention module with q_proj and k_proj, heads, logit scale) of layer `index`."""
         raise NotImplementedError
+
+    # What a family whose prunable token is not one sequence position overrides
+    # (models/qwen2_5_vl.py): the stage builder calls these and nothing else of the family.
+    positional = False        # stages after a prune point take the kept indices (rotary, windows)
+    patches_per_token = 1     # sequence positions per prunable token (Qwen2.5-VL: 4)
+    mlp_matrices = 2          # fc1, fc2; a gated MLP has 3 (cost model)
+
+    def attention_keys(self, layer: int, positions: int, pruned: bool) -> int:
+        """Keys each query meets in `layer` (cost model): all positions, unless windowed."""
+        return positions
+
+    def projector_flops(self, tokens: int) -> int:
+        """FLOPs of the output head on `tokens` kept tokens (cost model)."""
+        if getattr(self, "projector", None) is None:
+            return 0
+        d, out = self.hidden_size, self.out_features
+        return 2 * tokens * (d * out + out * out)
+
+    def run_layers(self, hidden: torch.Tensor, first: int, last: int, key_bias: torch.Tensor | None,
+                   positions: torch.Tensor | None, probe: bool, square_mask: bool = False) -> torch.Tensor:
+        """Layers [first, last) over `hidden` [B, T, D]. `key_bias` [B, T]: added to every
+        query's logit for that key (log token size: proportional attention). `positions`
+        [B, K]: the kept tokens' original indices (positional families only). `probe`: the
+        last layer's q and k reach the stage's probe (the hooks on probe_attention's q_proj,
+        k_proj fire in every layer's forward here)."""
+        mask = None
+        if key_bias is not None:
+            mask = key_bias[:, None, None, :]
+            if square_mask:
+                # ONNX's Attention op (opset 23) in ONNX Runtime wants the mask's query axis
+                # spelled out: [B, 1, T, T] rather than [B, 1, 1, T]; same numbers
+                mask = mask.expand(-1, -1, mask.shape[-1], -1)
+            mask = mask.to(hidden.dtype)   # once per stage, not once per layer
+        for layer in self.layers[first:last]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def key_bias(self, log_sizes: torch.Tensor) -> torch.Tensor:
+        """[B, K] log size of each kept token -> [B, T] bias of each sequence position as a key."""
+        if self.has_cls:
+            return torch.cat([torch.zeros_like(log_sizes[:, :1]), log_sizes], dim=1)
+        return log_sizes
+
+    def to_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The stage's hidden states [B, T, D] as the selection's tokens [B, c+N, D']."""
+        return hidden
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_tokens: a selection's kept tokens back to sequence positions."""
+        return tokens
+
+    def token_importance(self, importance: torch.Tensor) -> torch.Tensor:
+        """[B, T - c] importance of each patch position -> [B, N] of each prunable token."""
+        return importance
 
     def reduced_precision_copy(self, dtype: torch.dtype, fp32_norms: bool = True) -> "BaseTower":
         """A copy whose weights and math are in `dtype` (fp16/bf16 builds), except LayerNorm,

@@ -56,12 +56,12 @@ class EncoderStage(nn.Module):
     either the attention-importance probe (before a prune point) or the projector."""
 
     def __init__(self, tower: BaseTower, first: int, last: int, *, embed: bool, probe: bool,
-                 project: bool, proportional: bool, square_mask: bool = False):
+                 project: bool, proportional: bool, square_mask: bool = False, positional: bool = False):
         super().__init__()
         self.tower = tower
         self.first, self.last = first, last
         self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
-        self.square_mask = square_mask
+        self.square_mask, self.positional = square_mask, positional
         self._captured: dict[str, torch.Tensor] = {}
         if probe:
             # The probe reads the last layer's query and key projections rather than its
@@ -76,7 +76,7 @@ class EncoderStage(nn.Module):
                        attn.k_proj.register_forward_hook(_capture_into(stage, "k"))]
             weakref.finalize(self, lambda: [h.remove() for h in handles])
 
-    def _importance(self, mask: torch.Tensor | None) -> torch.Tensor:
+    def _importance(self, key_bias: torch.Tensor | None) -> torch.Tensor:
         """Attention importance of the patch tokens in the probed layer, from its q and k.
 
         One query row against every key, never the T x T probabilities, so every layer keeps
@@ -85,7 +85,8 @@ class EncoderStage(nn.Module):
         encoders, or `tower.importance_query = "mean"`): the same with the mean query of the
         patch tokens, softmax(mean_i q_i . K^T * scale + mask).
         Since mean_i q_i . k_j is the mean logit token j receives, this ranks tokens by how
-        strongly the whole image attends to them on average (docs/evoprune.md)."""
+        strongly the whole image attends to them on average (docs/evoprune.md). A family whose
+        token is several positions (Qwen2.5-VL's 2x2 units) sums its positions' shares."""
         q, k = self._captured.pop("q").float(), self._captured.pop("k").float()   # fp32 in any build
         b, t, d = k.shape
         c = int(self.tower.has_cls)
@@ -97,35 +98,31 @@ class EncoderStage(nn.Module):
         q = q.reshape(b, q.shape[1], self.heads, d // self.heads).transpose(1, 2)     # [B, H, Q, hd]
         k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)              # [B, H, T, hd]
         logits = (q @ k.transpose(-1, -2)) * self.scale                                 # [B, H, Q, T]
-        if mask is not None:
-            logits = logits + mask
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, :].float()
         probs = torch.softmax(logits.float(), dim=-1)
-        return probs[:, :, 0, int(self.tower.has_cls):].mean(dim=1)   # [B, N] patch tokens
+        return self.tower.token_importance(probs[:, :, 0, c:].mean(dim=1))   # [B, N] prunable tokens
 
-    def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, second: torch.Tensor | None = None, third: torch.Tensor | None = None):
+        # inputs: the hidden states (or pixels), then sizes if proportional, then the kept
+        # indices if the family is positional (manifest order; see Pipeline). Named slots,
+        # not *args: torch.export matches dynamic shapes to the signature.
+        rest = [t for t in (second, third) if t is not None]
+        sizes = rest.pop(0) if self.proportional else None
+        positions = rest.pop(0) if self.positional else None
         # A reduced-precision tower (fp16/bf16 builds) computes in its own dtype inside the
         # graph; inputs, outputs, LayerNorm statistics and the importance stay fp32.
         dtype = self.tower.compute_dtype
-        hidden = self.tower.embed(x) if self.embed else x.to(dtype)   # pixels enter the fp32 patch conv
-        mask = None
-        if self.proportional and sizes is not None:
-            # proportional attention: a token standing for s patches gets log(s) on its logits
-            log_sizes = torch.log(sizes)
-            if self.tower.has_cls:
-                log_sizes = torch.cat([torch.zeros_like(log_sizes[:, :1]), log_sizes], dim=1)
-            mask = log_sizes[:, None, None, :]
-        layer_mask = mask
-        if mask is not None and self.square_mask:
-            # ONNX's Attention op (opset 23) in ONNX Runtime wants the mask's query axis
-            # spelled out: [B, 1, T, T] rather than [B, 1, 1, T]; same numbers
-            layer_mask = mask.expand(-1, -1, mask.shape[-1], -1)
-        for layer in self.tower.layers[self.first:self.last]:
-            hidden = layer(hidden, None if layer_mask is None else layer_mask.to(dtype))
+        hidden = self.tower.embed(x) if self.embed else self.tower.from_tokens(x.to(dtype))
+        # proportional attention: a token standing for s patches gets log(s) on its logits
+        key_bias = self.tower.key_bias(torch.log(sizes)) if sizes is not None else None
+        hidden = self.tower.run_layers(hidden, self.first, self.last, key_bias, positions, self.probe, self.square_mask)
         if self.project:
             return (self.tower.project(hidden).float(),)
+        tokens = self.tower.to_tokens(hidden).float()
         if self.probe:
-            return hidden.float(), self._importance(mask)
-        return (hidden.float(),)
+            return tokens, self._importance(key_bias)
+        return (tokens,)
 
 
 def select_outputs(i: int) -> list[str]:
@@ -145,9 +142,11 @@ class Pipeline:
         for i, last in enumerate(cuts):
             final = i == len(points)
             proportional = params.merge and params.proportional_attention and prev_sizes is not None
+            # a positional family's later stages also take the kept indices (rotary positions, windows)
+            positional = tower.positional and i > 0
             stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
-                                 proportional=proportional, square_mask=square_mask)
-            inputs = [prev_hidden] + ([prev_sizes] if proportional else [])
+                                 proportional=proportional, square_mask=square_mask, positional=positional)
+            inputs = [prev_hidden] + ([prev_sizes] if proportional else []) + ([f"indices_{i - 1}"] if positional else [])
             outputs = ["features"] if final else [f"stage{i}_hidden", f"stage{i}_importance"]
             tokens_out = tokens if final else points[i].tokens
             self.graphs.append(GraphSpec(f"stage_{i}", "encoder", stage, inputs, outputs, (first, last),

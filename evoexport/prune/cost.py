@@ -7,11 +7,13 @@ from __future__ import annotations
 from .selection import PruneParams
 from .schedule import PrunePoint
 
-def layer_flops(tokens: int, hidden: int, mlp: int) -> int:
-    """FLOPs (2 x multiply-accumulates) of one pre-LN ViT layer on `tokens` tokens, matmuls only."""
+def layer_flops(tokens: int, hidden: int, mlp: int, keys: int | None = None, mlp_matrices: int = 2) -> int:
+    """FLOPs (2 x multiply-accumulates) of one pre-LN ViT layer on `tokens` tokens, matmuls
+    only; each query meets `keys` keys (default all tokens; a window layer fewer)."""
+    keys = tokens if keys is None else keys
     proj = 4 * tokens * hidden * hidden            # q, k, v, out
-    attn = 2 * tokens * tokens * hidden            # QK^T and AV
-    ffn = 2 * tokens * hidden * mlp                # fc1, fc2
+    attn = 2 * tokens * keys * hidden              # QK^T and AV
+    ffn = mlp_matrices * tokens * hidden * mlp     # fc1, fc2 (and a gate)
     return 2 * (proj + attn + ffn)
 
 
@@ -25,15 +27,15 @@ def select_flops(n: int, hidden: int, budget: int, merge: bool) -> int:
 def tower_flops(tower, points: list[PrunePoint], params: PruneParams | None = None) -> int:
     """FLOPs of one image through the (pruned) tower: embedding, layers, selections, projector."""
     d, m, n, c = tower.hidden_size, tower.mlp_size, tower.num_patches, int(tower.has_cls)
+    per_token = tower.patches_per_token   # sequence positions per prunable token
     patch_dim = 3 * (tower.image_size // tower.grid) ** 2
     flops = 2 * n * patch_dim * d
     tokens, cuts = n, {p.after_layer: p.tokens for p in points}
     for layer in range(tower.depth):
-        flops += layer_flops(tokens + c, d, m)
+        positions = tokens * per_token + c
+        keys = tower.attention_keys(layer, positions, pruned=tokens < n)
+        flops += layer_flops(positions, d, m, keys, tower.mlp_matrices)
         if layer in cuts:
-            flops += select_flops(tokens, d, cuts[layer], params.merge if params else True)
+            flops += select_flops(tokens, d * per_token, cuts[layer], params.merge if params else True)
             tokens = cuts[layer]
-    if tower.projector is not None:
-        out = tower.out_features
-        flops += 2 * tokens * (d * out + out * out)
-    return flops
+    return flops + tower.projector_flops(tokens)

@@ -31,14 +31,19 @@ def budget_for(num_patches: int, keep: float) -> int:
     return k
 
 
-def default_schedule(depth: int, num_patches: int, keep: float) -> list[PrunePoint]:
+def default_schedule(depth: int, num_patches: int, keep: float, layers: tuple | None = None) -> list[PrunePoint]:
+    """The default prune points: after `layers` if the family names them (Qwen2.5-VL: its
+    full-attention blocks), else at DEFAULT_PRUNE_DEPTHS; budgets fall geometrically to keep."""
     final = budget_for(num_patches, keep)
     if final == num_patches:
         return []
     if depth < 2:
         raise EvoExportError(f"a {depth}-layer encoder has no room for a prune point")
-    # after layer round(depth * f): at least one layer always runs on all tokens
-    layers = sorted({min(max(round(depth * f), 1), depth - 2) for f in DEFAULT_PRUNE_DEPTHS})
+    if layers:
+        layers = sorted({layer for layer in layers if 0 <= layer <= depth - 2})
+    if not layers:
+        # after layer round(depth * f): at least one layer always runs on all tokens
+        layers = sorted({min(max(round(depth * f), 1), depth - 2) for f in DEFAULT_PRUNE_DEPTHS})
     points, prev = [], num_patches
     for i, layer in enumerate(layers, 1):
         tokens = final if i == len(layers) else round(num_patches * keep ** (i / len(layers)))

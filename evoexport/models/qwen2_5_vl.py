@@ -1,0 +1,392 @@
+"""Qwen2.5-VL family: the vision encoder of Qwen2.5-VL (3B/7B/72B), pruned in 2x2 merge units.
+
+transformers' encoder takes flattened patches of any image size, packs several images into
+one sequence, runs window attention through `cu_seqlens` and restores raster order after
+the patch merger. A build takes `pixel_values [B, 3, S, S]` at one fixed size instead (S a
+multiple of 112, default 448; images and video frames of that size are the batch) and
+computes the same numbers with static shapes:
+
+  - the 3-D patch convolution folded into a 2-D one (a still image is its own second
+    frame, so the kernel's two time slices add up);
+  - hidden states in raster *unit* order: the four patches of each 2x2 merge unit
+    contiguous, units row by row (what the processor lays out and the merger reads);
+  - before the first prune point (stage 0, and the whole unpruned encoder) window layers
+    run as a plain reshape into 4x4-unit windows: the stage permutes to window-major order
+    once, full-attention blocks do not care about order, and it permutes back at its end;
+  - after a prune point the kept units stay in raster order and window layers keep the
+    original windows through a block mask (a unit attends to kept units of its own
+    window; every unit sees at least itself, so no row is empty); full-attention blocks
+    see every kept unit;
+  - 2D rotary positions come from one constant table, gathered by the kept unit indices,
+    so a kept patch keeps its original (row, col).
+
+A prunable token is a unit: the stage hands the selection [B, U, 4*D] (the merger's own
+input layout), so similarity, merging (sub-position by sub-position) and the spatial term
+(on the unit grid) all act on units. Importance is the sum of the unit's four patches'
+shares of the probe's mean-query attention. transformers' own modules do qkv, the output
+projection, the norms, the MLPs and the merger; this file only arranges tensors.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import EvoExportError
+from .base import BaseTower, Family, TowerSpec
+from .checkpoint import read_config, read_tensors, weight_index
+from .registry import Preset, register, register_family
+
+# Qwen2VLImageProcessor's normalization (OpenAI CLIP's mean and std), bicubic resampling.
+# Its smart_resize keeps each image's aspect ratio and so changes the grid per image; a
+# build has one grid, so every image is resized to the build's S x S (the manifest's
+# `resize` says so, and `aspect` says that the aspect ratio is not kept).
+QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
+QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+WINDOW_PX = 112   # 4x4 merge units of 28 px
+
+
+def qwen_recipe(size: int, mean=QWEN_MEAN, std=QWEN_STD, resample: str = "bicubic", rescale: float = 1 / 255,
+                source: str = "Qwen/Qwen2.5-VL-7B-Instruct") -> dict:
+    return {"processor": "Qwen2VLImageProcessor", "pad_to_square": False,
+            "resize": {"height": size, "width": size}, "crop": None, "resample": resample,
+            "rescale": rescale, "mean": list(mean), "std": list(std), "source": source,
+            "aspect": "stretched: every image is resized to the build's size (the processor's smart_resize "
+                      "would keep its aspect ratio and give it another grid)"}
+
+
+QWEN25_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                        fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
+
+register(Preset(
+    name="qwen2.5-vl",
+    family="qwen2.5-vl",
+    description="Qwen2.5-VL-7B vision encoder at 448 px (32 blocks of 1280, window attention, "
+                "16x16 merge units of 2x2 patches) + patch merger -> 3584",
+    vision=QWEN25_7B_VISION,
+    projector=dict(out_features=3584, act="gelu", bias=True),
+    feature_layer=-1,
+    select_strategy="full",
+    preprocess=qwen_recipe(448),
+    input_size=448,
+))
+
+register(Preset(
+    name="qwen2.5-vl-tiny",
+    family="qwen2.5-vl",
+    description="test-size Qwen2.5-VL encoder at 224 px: 8 blocks of 64 (full attention in 3 and 7), "
+                "8x8 units in 2x2 windows, merger -> 96",
+    vision=dict(depth=8, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=96, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[3, 7],
+                hidden_act="silu", in_channels=3),
+    projector=dict(out_features=96, act="gelu", bias=True),
+    feature_layer=-1,
+    select_strategy="full",
+    preprocess=qwen_recipe(224),
+    input_size=224,
+))
+
+
+class _Probe(nn.Module):
+    """Where the stage's probe hooks read a block's rotated q and k ([B, T, D], raster order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Identity(), nn.Identity()
+
+
+class QwenVisionTower(BaseTower):
+    resizable = True
+    importance_query = "mean"     # no CLS: the mean patch query
+    positional = True
+    patches_per_token = 4
+    mlp_matrices = 3
+
+    def __init__(self, spec: TowerSpec):
+        super().__init__()
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        self.spec = spec
+        cfg = Qwen2_5_VLVisionConfig.from_dict(spec.vision)
+        cfg._attn_implementation = "sdpa"
+        self.config = cfg
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel(cfg).eval()
+        merge = cfg.spatial_merge_size
+        self._set_sizes(hidden=cfg.hidden_size, heads=cfg.num_heads, mlp=cfg.intermediate_size,
+                        image_size=spec.input_size, patch=cfg.patch_size * merge,
+                        out_features=cfg.out_hidden_size, drop_cls=False)
+        self.has_cls = False
+        self.projector = self.visual.merger
+        self.full_blocks = frozenset(cfg.fullatt_block_indexes)
+        self.window = cfg.window_size // (cfg.patch_size * merge)          # units per window side
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.probes = nn.ModuleList(_Probe() for _ in range(cfg.depth))
+        self._tables()
+
+    @torch.no_grad()
+    def _tables(self) -> None:
+        """The rotary cos/sin of every patch: [U, 4, hd] in raster unit order (gathered by
+        kept indices) and [4U, hd] in window-major order (stage 0)."""
+        g = self.grid
+        unit = torch.arange(g * g)
+        sub = torch.arange(4)
+        rows = (2 * (unit // g))[:, None] + (sub // 2)[None]                # [U, 4]
+        cols = (2 * (unit % g))[:, None] + (sub % 2)[None]
+        position_ids = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)   # [4U, 2] (row, col)
+        inv = self.visual.rotary_pos_emb.inv_freq.float()
+        cos, sin = self.visual.rotary_pos_emb(inv, position_ids)           # [4U, hd], fp32
+        self.register_buffer("cos_units", cos.reshape(g * g, 4, -1), persistent=False)
+        self.register_buffer("sin_units", sin.reshape(g * g, 4, -1), persistent=False)
+        self.register_buffer("cos_windows", self._to_windows(cos[None])[0], persistent=False)
+        self.register_buffer("sin_windows", self._to_windows(sin[None])[0], persistent=False)
+        window_of = (unit // g // self.window) * (g // self.window) + (unit % g) // self.window
+        self.register_buffer("window_of_unit", window_of, persistent=False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.visual.blocks
+
+    def probe_attention(self, index: int) -> tuple[nn.Module, int, float]:
+        return self.probes[index], self.num_heads, self.head_dim ** -0.5
+
+    # -- layout: raster unit order <-> window-major order (static reshapes, no gathers) --
+    def _to_windows(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        g, w = self.grid, self.window
+        x = x.reshape(b, g // w, w, g // w, w, 4, d).permute(0, 1, 3, 2, 4, 5, 6)
+        return x.reshape(b, t, d)
+
+    def _from_windows(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        g, w = self.grid, self.window
+        x = x.reshape(b, g // w, g // w, w, w, 4, d).permute(0, 1, 3, 2, 4, 5, 6)
+        return x.reshape(b, t, d)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, S, S] -> patch embeddings [B, 4U, D] in raster unit order."""
+        dtype = self.compute_dtype
+        conv = self.visual.patch_embed.proj
+        weight = conv.weight.float().sum(dim=2)          # the 3-D kernel's time slices: one still frame twice
+        x = nn.functional.conv2d(pixel_values.float(), weight, stride=conv.stride[1:])   # [B, D, 2g, 2g]
+        b, d, g = x.shape[0], x.shape[1], self.grid
+        x = x.reshape(b, d, g, 2, g, 2).permute(0, 2, 4, 3, 5, 1)            # [B, g, g, 2, 2, D]
+        return x.reshape(b, 4 * g * g, d).to(dtype)
+
+    def to_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        b, t, d = hidden.shape
+        return hidden.reshape(b, t // 4, 4 * d)
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, k, d4 = tokens.shape
+        return tokens.reshape(b, 4 * k, d4 // 4)
+
+    def token_importance(self, importance: torch.Tensor) -> torch.Tensor:
+        b, t = importance.shape
+        return importance.reshape(b, t // 4, 4).sum(dim=-1)
+
+    def key_bias(self, log_sizes: torch.Tensor) -> torch.Tensor:
+        b, k = log_sizes.shape
+        return log_sizes.unsqueeze(-1).expand(b, k, 4).reshape(b, 4 * k)
+
+    def run_layers(self, hidden, first, last, key_bias, positions, probe, square_mask=False):
+        b, t, d = hidden.shape
+        windowed = positions is None       # every unit present, in place: windows by reshape
+        if windowed:
+            if key_bias is not None:
+                raise EvoExportError("internal: a stage over every unit has no token sizes")
+            hidden = self._to_windows(hidden)
+            cos, sin = self.cos_windows[None], self.sin_windows[None]
+            full_mask = window_mask = None
+        else:
+            cos = self.cos_units[positions].reshape(b, t, -1)
+            sin = self.sin_units[positions].reshape(b, t, -1)
+            windows = self.window_of_unit[positions]                                    # [B, K]
+            windows = windows.unsqueeze(-1).expand(b, t // 4, 4).reshape(b, t)
+            same = windows.unsqueeze(-1) == windows.unsqueeze(-2)                       # [B, T, T]
+            window_mask = torch.where(same, 0.0, -math.inf)[:, None].to(hidden.dtype)
+            full_mask = None
+            if key_bias is not None:
+                bias = key_bias[:, None, None, :].to(hidden.dtype)
+                full_mask = bias.expand(-1, -1, t, -1) if square_mask else bias
+                window_mask = window_mask + bias
+        for index in range(first, last):
+            full = index in self.full_blocks
+            mask = full_mask if full else window_mask
+            capture = probe and index == last - 1
+            hidden = self._block(index, hidden, cos, sin, mask, windowed and not full, windowed, capture)
+        return self._from_windows(hidden) if windowed else hidden
+
+    def _block(self, index, hidden, cos, sin, mask, by_window: bool, window_order: bool, capture: bool):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        block = self.visual.blocks[index]
+        b, t, d = hidden.shape
+        h, hd = self.num_heads, self.head_dim
+        q, k, v = block.attn.qkv(block.norm1(hidden)).reshape(b, t, 3, h, hd).unbind(2)     # [B, T, H, hd]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        if capture:   # the probe reads raster order
+            order = self._from_windows if window_order else (lambda x: x)
+            self.probes[index].q_proj(order(q.reshape(b, t, d)))
+            self.probes[index].k_proj(order(k.reshape(b, t, d)))
+        rows = b
+        if by_window:   # [B, T] -> [B * windows, 64]: window attention as a reshape
+            per = 4 * self.window * self.window
+            rows, t_att = b * (t // per), per
+            q, k, v = (x.reshape(rows, t_att, h, hd) for x in (q, k, v))
+        out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         attn_mask=mask, scale=hd ** -0.5)
+        hidden = hidden + block.attn.proj(out.transpose(1, 2).reshape(b, t, d))
+        return hidden + block.mlp(block.norm2(hidden))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, 4K, D] -> merged features [B, K, out] (the patch merger)."""
+        merger = self.visual.merger
+        b, t, d = hidden.shape
+        return merger.mlp(merger.ln_q(hidden).reshape(b, t // 4, 4 * d))
+
+    def attention_keys(self, layer: int, positions: int, pruned: bool) -> int:
+        if layer in self.full_blocks or pruned:     # pruned window layers: a masked dense attention
+            return positions
+        return 4 * self.window * self.window
+
+    def projector_flops(self, tokens: int) -> int:
+        d4 = 4 * self.hidden_size
+        return 2 * tokens * (d4 * d4 + d4 * self.out_features)
+
+    def hf_forward(self, device="cpu", dtype=None):
+        """transformers' own encoder with this tower's weights on the processor's flattened
+        patches: fn(pixel_values [B, 3, S, S]) -> merged features [B, U, out]."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        model = Qwen2_5_VisionTransformerPretrainedModel(self.config).eval()
+        model.load_state_dict(self.visual.state_dict())
+        model.to(device=device, dtype=dtype)
+        cfg = self.config
+
+        def run(pixel_values):
+            patches, grid = flatten_patches(pixel_values, cfg.patch_size, cfg.spatial_merge_size,
+                                            cfg.temporal_patch_size)
+            out = model(patches.to(next(model.parameters()).dtype), grid_thw=grid.to(pixel_values.device)).pooler_output
+            return out.reshape(pixel_values.shape[0], -1, out.shape[-1])
+        return run
+
+
+def flatten_patches(pixel_values: torch.Tensor, patch: int, merge: int, temporal: int):
+    """Images [B, 3, H, W] as Qwen2VLImageProcessor lays them out for the encoder: each still
+    image repeated `temporal` times, patches of a merge unit contiguous. Returns
+    (patches [B * h * w, 3 * temporal * patch * patch], grid_thw [B, 3])."""
+    b, c, hh, ww = pixel_values.shape
+    gh, gw = hh // patch, ww // patch
+    x = pixel_values.unsqueeze(1).expand(b, temporal, c, hh, ww)
+    x = x.reshape(b, 1, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    patches = x.reshape(b * gh * gw, c * temporal * patch * patch)
+    return patches, torch.tensor([[1, gh, gw]] * b)
+
+
+def _input_size(image_size: int | None, preset: Preset) -> int:
+    size = image_size or preset.input_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < WINDOW_PX or size % WINDOW_PX:
+        raise EvoExportError(f"--image-size for {preset.name} must be a multiple of {WINDOW_PX} "
+                             f"(one attention window: 4x4 merge units of 28 px), e.g. 448 or 672; got {size}")
+    return size
+
+
+def _spec(vcfg, preset: Preset, size: int, preprocess: dict) -> TowerSpec:
+    if vcfg.spatial_merge_size != 2 or vcfg.window_size != WINDOW_PX or vcfg.patch_size != 14:
+        raise EvoExportError(f"{preset.name}: only patch 14, 2x2 merge units and 112 px windows are supported "
+                             f"(config: patch {vcfg.patch_size}, merge {vcfg.spatial_merge_size}, "
+                             f"window {vcfg.window_size})")
+    vision = vcfg.to_dict()
+    vision["image_size"] = size
+    full = [i for i in vcfg.fullatt_block_indexes if i < vcfg.depth - 1]
+    return TowerSpec(vision=vision, projector={"out_features": vcfg.out_hidden_size, "act": "gelu", "bias": True},
+                     feature_layer=-1, select_strategy="full", preprocess=preprocess, input_size=size, unit=2,
+                     prune_layers=tuple(full[:2]))
+
+
+def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec:
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    size = _input_size(image_size, preset)
+    return _spec(Qwen2_5_VLVisionConfig(**preset.vision), preset, size, qwen_recipe(size))
+
+
+def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = None) -> TowerSpec:
+    """A Qwen2_5_VLForConditionalGeneration checkpoint (only `vision_config` is read) or a
+    bare vision encoder (model_type qwen2_5_vl_vision)."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    raw = read_config(ckpt)
+    kind = raw.get("model_type")
+    if kind == "qwen2_5_vl":
+        vision = raw.get("vision_config")
+        if not isinstance(vision, dict):
+            raise EvoExportError(f"{ckpt}/config.json: a qwen2_5_vl config without a vision_config")
+    elif kind == "qwen2_5_vl_vision":
+        vision = raw
+    else:
+        raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a Qwen2.5-VL checkpoint "
+                             "(expected 'qwen2_5_vl' or 'qwen2_5_vl_vision')")
+    try:
+        vcfg = Qwen2_5_VLVisionConfig.from_dict(vision)
+    except Exception as e:
+        raise EvoExportError(f"{ckpt}/config.json is not a valid Qwen2.5-VL vision config: {e}") from None
+    size = _input_size(image_size, preset)
+    return _spec(vcfg, preset, size, _recipe_from_checkpoint(ckpt, size))
+
+
+def _recipe_from_checkpoint(ckpt: Path, size: int) -> dict:
+    from ..files import read_json
+    from ..inputs.images import _RESAMPLE, _RESAMPLE_BY_INT
+    path = ckpt / "preprocessor_config.json"
+    if not path.is_file():
+        return qwen_recipe(size)
+    raw = read_json(path)
+    where = str(path)
+    if not isinstance(raw, dict):
+        raise EvoExportError(f"{where} is not a JSON object")
+    mean, std = raw.get("image_mean", QWEN_MEAN), raw.get("image_std", QWEN_STD)
+    ok = all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std))
+    if not ok or min(std) <= 0:
+        raise EvoExportError(f"{where}: image_mean and image_std must be lists of 3 numbers (std positive)")
+    resample = raw.get("resample", 3)
+    resample = _RESAMPLE_BY_INT.get(resample, resample) if isinstance(resample, int) else resample
+    if resample not in _RESAMPLE:
+        raise EvoExportError(f"{where}: resample {raw.get('resample')!r} is not a PIL filter")
+    rescale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
+    if not raw.get("do_normalize", True):
+        mean, std = [0.0] * 3, [1.0] * 3
+    return qwen_recipe(size, mean, std, resample, rescale, source=where)
+
+
+VISION_PREFIXES = ("model.visual.", "visual.", "")
+
+
+def load_weights(tower: QwenVisionTower, ckpt: Path) -> None:
+    """The encoder's tensors (under model.visual., visual. or bare names) from safetensors;
+    the language model's tensors are never read."""
+    index = weight_index(ckpt)
+    wanted, missing = {}, []
+    own = tower.visual.state_dict()
+    for name in own:
+        for prefix in VISION_PREFIXES:
+            if prefix + name in index:
+                wanted[prefix + name] = name
+                break
+        else:
+            missing.append(name)
+    if missing:
+        raise EvoExportError(f"checkpoint {ckpt} lacks {len(missing)} vision tensors (e.g. visual.{missing[0]})")
+    tensors = read_tensors(index, wanted)
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise EvoExportError(f"checkpoint tensor visual.{name} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(own[name].shape)}")
+        tensors[name] = t.to(own[name].dtype)
+    tower.visual.load_state_dict(tensors)
+
+
+register_family("qwen2.5-vl", Family(QwenVisionTower, spec_from_preset, spec_from_checkpoint, load_weights))
