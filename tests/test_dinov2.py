@@ -151,3 +151,32 @@ def test_eval_report_leads_with_the_held_out_photos():
     block = text[held:tuning]
     assert "of 20 photos" in block and "of 47 photos" not in block
     assert "of 47 photos" in text[tuning:every] and "of 67 photos" in text[every:]
+
+
+def test_unit_tower_is_the_patch_tower_reordered_and_prunes_whole_units():
+    """`dinov2-units` (2x2 units, as Qwen2.5-VL prunes) carries the same weights as `dinov2`;
+    unpruned, its features are the patch tower's laid out unit by unit, and pruned it keeps
+    whole units: unmerged back to the patch grid it covers every patch."""
+    import torch
+
+    from evoexport.measure.eval import dense_features
+    from evoexport.models import load_tower
+    from evoexport.pipeline.stages import Pipeline
+    from evoexport.prune.schedule import default_schedule
+    from evoexport.prune.selection import PruneParams
+
+    patches, units = load_tower("dinov2", quiet=True), load_tower("dinov2-units", quiet=True)
+    assert patches.weights_info["weights_sha256"] == units.weights_info["weights_sha256"]
+    assert (units.num_patches, units.patches_per_token, patches.num_patches) == (64, 4, 256)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ref = Pipeline(patches, [], PruneParams()).run(x)["features"]
+    pipe = Pipeline(units, [], PruneParams())
+    env = pipe.run(x)
+    torch.testing.assert_close(env["features"][:, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_features(env, pipe), ref[:, 1:], atol=1e-5, rtol=1e-5)
+    assert (env["features"][:, 1:] - ref[:, 1:]).abs().max() > 1e-2    # unit order is not raster order
+    points = default_schedule(units.depth, units.num_patches, 0.5)
+    pipe = Pipeline(units, points, PruneParams())
+    env = pipe.run(x)
+    assert env["features"].shape == (2, 1 + 4 * points[-1].tokens, 384)
+    assert env["indices_0"].max() < 64 and dense_features(env, pipe).shape == (2, 256, 384)

@@ -127,6 +127,8 @@ def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Ten
     c = int(has_cls)
     features = env["features"][:, c:]
     b = features.shape[0]
+    per = pipe.tower.patches_per_token      # a unit tower's tokens are unit x unit patches side by side
+    features = features.reshape(b, -1, per * features.shape[-1])
     owner = None
     for i, g in enumerate(s for s in pipe.graphs if s.kind == "select"):
         merge, picks = env[f"merge_{i}"], env[f"picks_{i}"]
@@ -136,9 +138,13 @@ def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Ten
             assigned = first_max_index(merge_affinity(tokens @ tokens.transpose(1, 2), kept))
             merge = torch.where(merge < 0, assigned, merge)
         owner = merge if owner is None else torch.gather(merge, 1, owner)
-    if owner is None:
+    if owner is not None:
+        features = torch.gather(features, 1, owner.unsqueeze(-1).expand(b, owner.shape[1], features.shape[-1]))
+    if per == 1:
         return features
-    return torch.gather(features, 1, owner.unsqueeze(-1).expand(b, owner.shape[1], features.shape[-1]))
+    g, u = pipe.tower.grid, pipe.tower.unit       # unit order -> raster patch order
+    d = features.shape[-1] // per
+    return features.reshape(b, g, g, u, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
 
 
 class Saliency:
@@ -166,6 +172,56 @@ def _errors(full: torch.Tensor, pruned: torch.Tensor) -> tuple[np.ndarray, np.nd
     p = torch.nn.functional.normalize(pruned[:, 1:], dim=-1)
     coverage = (f @ p.transpose(1, 2)).amax(dim=-1).mean(dim=-1)
     return cls_err.numpy(), (1 - coverage).numpy()
+
+
+def unit_pruning_cost(tower, unit_tower, keeps=(0.5, 0.25), progress=None) -> dict:
+    """EvoPrune on single patches against EvoPrune on 2x2 units of patches (Qwen2.5-VL's
+    rule) in the same pretrained tower, on the eval photos: what pruning in units costs.
+    Random patches and random units (no merge, one seed) give the scale; units without
+    merging show what merging sub-position by sub-position does. Paired comparisons: units
+    against patches, held-out photos first."""
+    x_np, sources, source = eval_photos(tower.image_size, tower.spec.preprocess)
+    x = torch.from_numpy(x_np)
+    full = Pipeline(tower, [], PruneParams()).run(x)["features"]
+    ckpt = (tower.weights_info or {}).get("checkpoint")
+    decoder = Path(ckpt) / "saliency_decoder.onnx" if ckpt else None
+    saliency = Saliency(decoder, tower.grid) if decoder is not None and decoder.is_file() else None
+    full_map = saliency(full[:, 1:], x_np) if saliency else None
+    plain = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
+    rows, comparisons, per_photo = [], [], {}
+    for keep in keeps:
+        for name, t, params, rescore in (("evoprune, patches", tower, PruneParams(), None),
+                                         ("evoprune, 2x2 units", unit_tower, PruneParams(), None),
+                                         ("evoprune, 2x2 units, no merge", unit_tower, PruneParams(merge=False), None),
+                                         ("random patches", tower, plain, "random"),
+                                         ("random 2x2 units", unit_tower, plain, "random")):
+            if progress:
+                progress(f"keep {keep}: {name}")
+            points = default_schedule(t.depth, t.num_patches, keep)
+            pipe = Pipeline(t, points, params)
+            gen = torch.Generator().manual_seed(0)
+            env = pipe.run(x, rescore=(lambda imp: torch.rand(imp.shape, generator=gen)) if rescore else None)
+            cls_err, cov_err = _errors(full, env["features"])
+            sal_err = (1 - _correlation(saliency(dense_features(env, pipe), x_np), full_map)) if saliency \
+                else np.full(len(x_np), np.nan)
+            per_photo[(keep, name)] = {"cls": cls_err, "coverage": cov_err, "saliency": sal_err}
+            rows.append({"keep": keep, "method": name, "tokens": points[-1].tokens if points else t.num_patches,
+                         "patches_kept": (points[-1].tokens if points else t.num_patches) * t.patches_per_token,
+                         "schedule": [[p.after_layer, p.tokens] for p in points],
+                         "gflops_per_image": tower_flops(t, points, params) / 1e9,
+                         **{f"{m}_error": float(np.mean(v)) for m, v in per_photo[(keep, name)].items()},
+                         "by_set": {s: {f"{m}_error": float(np.mean(v[np.isin(sources, srcs)]))
+                                        for m, v in per_photo[(keep, name)].items()}
+                                    for s, srcs in PHOTO_SETS.items() if np.isin(sources, srcs).any()}})
+        for metric in ("cls", "coverage", "saliency"):
+            for s, srcs in PHOTO_SETS.items():
+                chosen = np.isin(sources, srcs)
+                if chosen.any():
+                    comparisons.append({"keep": keep, "metric": metric, "photos_set": s,
+                                        **paired_comparison(per_photo[(keep, "evoprune, 2x2 units")][metric][chosen],
+                                                            per_photo[(keep, "evoprune, patches")][metric][chosen])})
+    return {"images": source, "count": int(len(x_np)), "rows": rows, "comparisons": comparisons,
+            "saliency_decoder": saliency is not None}
 
 
 def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:

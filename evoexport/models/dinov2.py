@@ -50,7 +50,25 @@ register(Preset(
 ))
 
 
+register(Preset(
+    name="dinov2-units",
+    family="dinov2",
+    description="DINOv2 ViT-S/14 at 224 px pruned in 2x2 units of patches, as Qwen2.5-VL prunes its merge units "
+                "(measures what unit-level pruning costs: scripts/unit_eval.py)",
+    vision=DINOV2_S14,
+    projector=None,
+    feature_layer=-1,
+    select_strategy="full",
+    preprocess=IMAGENET_PREPROCESS,
+    input_size=224,
+    unit=2,
+))
+
+
 class DinoTower(BaseTower):
+    """DINOv2; with spec.unit = u > 1 a prunable token is a u x u block of patches: the
+    patches are laid out unit by unit after the position embedding (DINOv2's positions are
+    absolute and added once, so order is free after it) and a unit is their concatenation."""
     resizable = True
 
     def __init__(self, spec: TowerSpec):
@@ -60,11 +78,14 @@ class DinoTower(BaseTower):
         self.spec = spec
         self.config = cfg = self._config(Dinov2Config, spec)
         self.model = Dinov2Model(cfg).eval()
+        self.unit = u = spec.unit
         self._set_sizes(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, mlp=int(cfg.hidden_size * cfg.mlp_ratio),
-                        image_size=spec.input_size or cfg.image_size, patch=cfg.patch_size,
+                        image_size=spec.input_size or cfg.image_size, patch=cfg.patch_size * u,
                         out_features=cfg.hidden_size, drop_cls=False)
+        self.patches_per_token = u * u
         self.projector = None
-        self.register_buffer("positions", torch.zeros(1, 1 + self.num_patches, cfg.hidden_size), persistent=False)
+        self.register_buffer("positions", torch.zeros(1, 1 + self.num_patches * u * u, cfg.hidden_size),
+                             persistent=False)
         self.freeze_positions()
 
     @torch.no_grad()
@@ -72,7 +93,7 @@ class DinoTower(BaseTower):
         """Interpolate the position table to the input size with transformers' own code (call
         after loading weights)."""
         emb = self.model.embeddings
-        dummy = torch.zeros(1, 1 + self.num_patches, self.hidden_size, dtype=emb.position_embeddings.dtype)
+        dummy = torch.zeros(1, self.positions.shape[1], self.hidden_size, dtype=emb.position_embeddings.dtype)
         self.positions.copy_(emb.interpolate_pos_encoding(dummy, self.image_size, self.image_size))
 
     @property
@@ -87,7 +108,35 @@ class DinoTower(BaseTower):
         emb = self.model.embeddings
         patches = emb.patch_embeddings(pixel_values)
         cls = emb.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
-        return torch.cat([cls, patches], dim=1) + self.positions.to(patches.dtype)
+        x = torch.cat([cls, patches], dim=1) + self.positions.to(patches.dtype)
+        if self.unit == 1:
+            return x
+        b, d, g, u = x.shape[0], x.shape[-1], self.grid, self.unit   # raster -> unit by unit
+        units = x[:, 1:].reshape(b, g, u, g, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
+        return torch.cat([x[:, :1], units], dim=1)
+
+    # unit tokens (spec.unit > 1): CLS rides along zero-padded to a unit's width, never pruned
+    def to_tokens(self, hidden):
+        if self.unit == 1:
+            return hidden
+        b, t, d = hidden.shape
+        cls = torch.cat([hidden[:, :1], hidden.new_zeros(b, 1, (self.patches_per_token - 1) * d)], dim=-1)
+        return torch.cat([cls, hidden[:, 1:].reshape(b, -1, self.patches_per_token * d)], dim=1)
+
+    def from_tokens(self, tokens):
+        if self.unit == 1:
+            return tokens
+        b, d = tokens.shape[0], tokens.shape[-1] // self.patches_per_token
+        return torch.cat([tokens[:, :1, :d], tokens[:, 1:].reshape(b, -1, d)], dim=1)
+
+    def token_importance(self, importance):
+        b = importance.shape[0]
+        return importance.reshape(b, -1, self.patches_per_token).sum(dim=-1)
+
+    def key_bias(self, log_sizes):
+        b, k = log_sizes.shape
+        per = log_sizes.unsqueeze(-1).expand(b, k, self.patches_per_token).reshape(b, -1)
+        return torch.cat([torch.zeros_like(per[:, :1]), per], dim=1)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.layernorm(hidden)
@@ -116,7 +165,8 @@ def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec
     from transformers import Dinov2Config
     cfg = Dinov2Config(**preset.vision)
     return TowerSpec(vision=cfg.to_dict(), projector=None, feature_layer=-1, select_strategy="full",
-                     preprocess=dict(preset.preprocess), input_size=_input_size(image_size, preset, cfg.patch_size))
+                     preprocess=dict(preset.preprocess), input_size=_input_size(image_size, preset, cfg.patch_size),
+                     unit=preset.unit)
 
 
 def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = None) -> TowerSpec:
@@ -132,7 +182,7 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = No
         raise EvoExportError(f"{ckpt}/config.json is not a valid dinov2 config: {e}") from None
     return TowerSpec(vision=cfg.to_dict(), projector=None, feature_layer=-1, select_strategy="full",
                      preprocess=preprocess_from_checkpoint(ckpt, preset),
-                     input_size=_input_size(image_size, preset, cfg.patch_size))
+                     input_size=_input_size(image_size, preset, cfg.patch_size), unit=preset.unit)
 
 
 def load_weights(tower: DinoTower, ckpt: Path) -> None:

@@ -24,6 +24,7 @@ class Preset:
     preprocess: dict = field(default_factory=dict)
     input_size: int | None = None    # pixels fed to the tower where the config's image_size is another (DINOv2)
     prune_defaults: dict = field(default_factory=dict)   # PruneParams fields this model defaults differently
+    unit: int = 1                    # patches per side of a prunable token (TowerSpec.unit)
 
 
 _PRESETS: dict[str, Preset] = {}
