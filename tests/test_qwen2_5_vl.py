@@ -130,6 +130,14 @@ def test_keep_half_builds_validates_and_keeps_sorted_units(half_build):
         assert len(set(row.tolist())) == 32 and list(row) == sorted(row) and row.max() < 64
 
 
+def test_keep_half_passes_the_static_tensorrt_check(half_build):
+    """The window mask, the rotary gathers and the unit reshapes use only ops, types and
+    constant inputs TensorRT's ONNX parser takes (static check; TensorRT itself cannot run here)."""
+    from evoexport.tensorrt.check import check_build
+    checked = check_build(half_build.path)
+    assert checked["ok"], checked
+
+
 def test_all_kept_through_the_masked_path_equals_the_window_reshape():
     """Every unit 'kept' (indices 0..U-1, sizes 1) through the pruned stages' code (block
     window mask, gathered rotary) equals the unpruned code (windows by reshape)."""
@@ -236,3 +244,23 @@ def test_attach_refuses_an_image_of_another_grid(qwen_ckpt, half_build):
     inputs = _processor()(images=[_photo().resize((SIZE, 336))], return_tensors="pt")
     with pytest.raises(EvoExportError, match=f"resize images to {SIZE}x{SIZE}"):
         model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+
+
+def test_cpp_runtime_runs_the_qwen_build_bit_for_bit(half_build, tmp_path):
+    """The manifest alone drives the C++ runtime through the extra indices input of the
+    later stages: features and decisions equal the Python openvino backend's exactly."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(root / "scripts" / "build-cpp-runtime")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    binary = done.stdout.strip().splitlines()[-1]
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run([binary, str(half_build.path), "--input", str(tmp_path / "x.npy"),
+                          "--output", str(tmp_path / "o.npz")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = np.load(tmp_path / "o.npz")
+    ref = evoexport.load(half_build.path, backend="openvino")(x)
+    np.testing.assert_array_equal(got["features"], ref.features)
+    for name, value in (("indices", ref.indices), ("merge_0", ref.merge_per_point[0]), ("picks_0", ref.picks_per_point[0])):
+        assert np.array_equal(got[name], value), name
