@@ -153,6 +153,8 @@ def describe_recipe(recipe: dict) -> str:
                else f"{s['resize']['height']}x{s['resize']['width']}")
         text += f"; scaled x{s['factor']:.4g} from the processor's {was}" + (
             f", crop {s['crop']['height']}" if s["crop"] else "") + " to this build's image size"
+    if recipe.get("aspect"):   # a processor whose own resize keeps the aspect ratio (Qwen2.5-VL)
+        text += "; aspect ratio " + recipe["aspect"].split(":")[0]
     return text
 
 
