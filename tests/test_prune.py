@@ -310,7 +310,79 @@ def test_top_mask_equals_the_pairwise_definition(b, n, data, pattern):
     for k in range(1, n + 1):
         mask = _top_mask(key, k)
         assert torch.equal(mask, _pairwise_top_mask(key, k)), (key, k)
+        assert torch.equal(_top_mask(key, k, "compare"), mask), (key, k)     # the TopK-free form
         assert (mask.sum(dim=-1) == k).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 40), data=st.data())
+def test_ascending_indices_by_compare_and_sum_equal_the_topk_form(b, n, data):
+    from evoexport.prune.selection import _ascending_indices
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    k = data.draw(st.integers(1, n))
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for row in range(b):
+        mask[row, torch.randperm(n, generator=g)[:k]] = True
+    topk = _ascending_indices(mask, k)
+    assert torch.equal(_ascending_indices(mask, k, "compare"), topk)
+    assert torch.equal(topk, mask.nonzero()[:, 1].view(b, k))     # ascending, every True entry
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 30), data=st.data(), has_cls=st.booleans(),
+       ties=st.sampled_from(["none", "duplicated tokens", "flat importance"]), merge=st.booleans())
+def test_compare_form_selection_decides_and_outputs_exactly_as_the_topk_form(b, n, data, has_cls, ties, merge):
+    """The GPU-oriented form (no TopK: pairwise compare top-k, masked-max novelty, indices by
+    compare and sum) against the default form on the same inputs: identical picks, merge
+    owners, indices and sizes, and bit-identical hidden states, ties included."""
+    from evoexport.prune.selection import select
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    k = data.draw(st.integers(1, n - 1))
+    d = 8
+    patches = torch.randn(b, n, d, generator=g)
+    importance = torch.rand(b, n, generator=g)
+    if ties == "duplicated tokens":
+        patches[:, n // 2:] = patches[:, : n - n // 2].clone()
+        importance[:, n // 2:] = importance[:, : n - n // 2].clone()
+    elif ties == "flat importance":
+        importance = torch.full((b, n), 0.25)
+    hidden = torch.cat([torch.randn(b, 1, d, generator=g), patches], dim=1) if has_cls else patches
+    sizes = torch.randint(1, 4, (b, n), generator=g).float()
+    positions = torch.stack([torch.randperm(4 * n, generator=g)[:n].sort().values for _ in range(b)])
+    params = PruneParams(merge=merge)
+    ref = select(hidden, importance, k, params, has_cls=has_cls, sizes=sizes, positions=positions, grid=2 * n)
+    out = select(hidden, importance, k, params, has_cls=has_cls, sizes=sizes, positions=positions, grid=2 * n,
+                 form="compare")
+    for name in ("picks", "merge", "positions", "sizes", "hidden"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_compare_form_exports_without_topk_and_runs_the_same_on_onnxruntime(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from evoexport.prune.selection import SelectGraph
+
+    n, k, d = 49, 24, 16
+    g = torch.Generator().manual_seed(0)
+    hidden, importance = torch.randn(2, 1 + n, d, generator=g), torch.rand(2, n, generator=g)
+    graph = SelectGraph(k, PruneParams(), has_cls=True, grid=7, form="compare")
+    path = tmp_path / "select.onnx"
+    torch.onnx.export(graph, (hidden, importance), str(path), dynamo=True, input_names=["hidden", "importance"],
+                      output_names=["pruned", "sizes", "indices", "merge", "picks"], opset_version=20)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "TopK" not in ops and "ArgMax" not in ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"hidden": hidden.numpy(), "importance": importance.numpy()})
+    want = SelectGraph(k, PruneParams(), has_cls=True, grid=7)(hidden, importance)
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(a, b.numpy())
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-6)
+    with pytest.raises(EvoExportError, match="selection form 'fast' is not one of topk, compare"):
+        SelectGraph(k, PruneParams(), has_cls=True, form="fast")
 
 
 @settings(max_examples=100, deadline=None)
@@ -332,3 +404,21 @@ def test_dropped_tokens_merge_owner_is_merge_affinity_argmax(b, n, data, few_val
     assert torch.equal(first_max_index(_dropped_affinity(sim, kept, dropped)), torch.gather(full, 1, dropped))
     # and a kept token's own slot wins its row in the full definition
     assert torch.equal(torch.gather(full, 1, kept), torch.arange(k).expand(b, k))
+
+
+def test_torch_chain_runs_the_compare_form_with_the_same_decisions(tiny_build):
+    """`evoexport.load(..., backend="torch", selection_form="compare")`: the chain's selections
+    are the TopK-free form and every output equals the default chain's."""
+    import evoexport
+    from evoexport.inputs.images import sample_batch
+    from evoexport.prune.selection import SelectGraph
+
+    default = evoexport.load(tiny_build, backend="torch")
+    compare = evoexport.load(tiny_build, backend="torch", selection_form="compare")
+    selections = [m for name, m in compare.backend.modules.items() if name.startswith("select")]
+    assert selections and all(isinstance(m, SelectGraph) and m.form == "compare" for m in selections)
+    x = sample_batch(default.manifest["tower"]["image_size"], default.manifest["preprocess"])
+    a, b = default.arrays(x), compare.arrays(x)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name

@@ -94,6 +94,10 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
                 if default.compiled:
                     systems[f"{label} {prec} (compiled, CUDA graph)"] = default
                 pruned_pipes[prec] = default
+                # the TopK-free selections (same decisions), which inductor compiles whole
+                compare = TorchChain(eager.pipeline, device, prec, selection_form="compare")
+                if compare.compiled:
+                    systems[f"{label} {prec} (compare-form selections compiled, CUDA graph)"] = compare
     ort_systems = _ort_systems(build_dir, baseline)
     systems.update(ort_systems)
 

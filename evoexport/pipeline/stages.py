@@ -87,14 +87,15 @@ class EncoderStage(nn.Module):
         Since mean_i q_i . k_j is the mean logit token j receives, this ranks tokens by how
         strongly the whole image attends to them on average (docs/evoprune.md). A family whose
         token is several positions (Qwen2.5-VL's 2x2 units) sums its positions' shares."""
-        q, k = self._captured.pop("q").float(), self._captured.pop("k").float()   # fp32 in any build
+        q, k = self._captured.pop("q"), self._captured.pop("k").float()   # fp32 in any build
         b, t, d = k.shape
         c = int(self.tower.has_cls)
+        # slice, then cast: only the query rows used are converted (the same numbers)
         # "mean" on a tower with CLS ignores CLS's query (evoexport eval measures the no-CLS rule there)
         if self.tower.importance_query == "cls" and c:
-            q = q[:, :1]
+            q = q[:, :1].float()
         else:
-            q = q[:, c:].mean(dim=1, keepdim=True)
+            q = q[:, c:].float().mean(dim=1, keepdim=True)
         q = q.reshape(b, q.shape[1], self.heads, d // self.heads).transpose(1, 2)     # [B, H, Q, hd]
         k = k.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)              # [B, H, T, hd]
         logits = (q @ k.transpose(-1, -2)) * self.scale                                 # [B, H, Q, T]

@@ -91,7 +91,15 @@ def _rank_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x) | (x == -math.inf), torch.full_like(x, lowest), x)
 
 
-def _top_mask(key: torch.Tensor, k: int) -> torch.Tensor:
+# Two forms of the same decisions. "topk" (the default; every CPU graph): TopK thresholds,
+# running sums and gathers, the fewest FLOPs. "compare": pairwise compares and sums, no TopK
+# at all, for compilers that cannot fuse TopK (Inductor splits a graph at every one) and
+# where the N x N compares are cheap next to the layers (the GPU). tests/test_prune.py
+# proves both forms decide identically, ties and non-finite scores included.
+FORMS = ("topk", "compare")
+
+
+def _top_mask(key: torch.Tensor, k: int, form: str = "topk") -> torch.Tensor:
     """[B, N] -> boolean mask of the k largest keys; ties go to the lower index.
 
     A token is in when fewer than k tokens beat it, where j beats i if key_j > key_i, or
@@ -105,6 +113,11 @@ def _top_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     n = key.shape[-1]
     if k >= n:
         return torch.ones_like(key, dtype=torch.bool)
+    if form == "compare":   # the definition itself: fewer than k tokens beat it
+        ar = torch.arange(n, device=key.device)
+        ki, kj = key.unsqueeze(-1), key.unsqueeze(-2)
+        beats = (kj > ki) | ((kj == ki) & (ar.view(1, n) < ar.view(n, 1)))
+        return beats.to(torch.float32).sum(dim=-1) < k
     kth = torch.topk(key, k, dim=-1).values.amin(dim=-1, keepdim=True)     # min, not [-1]: no sort order assumed
     above = key > kth
     at = key == kth
@@ -125,9 +138,15 @@ def first_max_index(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == peak, index, k).amin(dim=-1)
 
 
-def _ascending_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+def _ascending_indices(mask: torch.Tensor, k: int, form: str = "topk") -> torch.Tensor:
     """Indices of the k True entries of each row of `mask`, ascending (raster order)."""
     n = mask.shape[-1]
+    if form == "compare":   # slot r holds the index whose running count is r + 1: compare and sum
+        rank = torch.cumsum(mask.to(torch.float32), dim=-1) - 1                       # [B, N]
+        slots = torch.arange(k, device=mask.device, dtype=torch.float32).view(1, k, 1)
+        hit = mask.unsqueeze(1) & (rank.unsqueeze(1) == slots)                        # [B, K, N]
+        index = torch.arange(n, device=mask.device, dtype=torch.float32)
+        return (hit.to(torch.float32) * index).sum(dim=-1).to(torch.int64)           # exact below 2**24
     # keys n-i are distinct over the kept set and 0 elsewhere, so top-k is exact and tie-free
     order_key = torch.where(mask, n - torch.arange(n, device=mask.device), 0)
     return torch.topk(order_key, k, dim=-1, largest=True, sorted=True).indices
@@ -196,7 +215,7 @@ def step_sizes(budget: int, params: PruneParams) -> list[int]:
 
 
 def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: PruneParams,
-               forced_picks: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
+               forced_picks: torch.Tensor | None = None, on_step=None, form: str = "topk") -> torch.Tensor:
     """Run the pick steps; returns picks [B, N] (step that kept each token, -1 if dropped).
 
     Step 0 keeps the top tokens by utility; step r >= 1 the top tokens by novelty against
@@ -216,7 +235,7 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
             key = _rank_key(utility)
         else:  # novelty: minus the similarity to the closest token picked so far
             key = _rank_key(-closest).masked_fill(picked, -math.inf)
-        own_choice = _top_mask(key, take)
+        own_choice = _top_mask(key, take, form)
         chosen = own_choice if forced_picks is None else forced_picks == step
         if on_step is not None:
             on_step(step, key, picked, chosen, own_choice)
@@ -226,19 +245,19 @@ def pick_steps(utility: torch.Tensor, sim: torch.Tensor, budget: int, params: Pr
             # fold only this step's picks into `closest`: a max over a union is the max of
             # the parts, exactly, so this equals the max over everything picked while reading
             # N x take similarities instead of N x N each round
-            if forced_picks is None:   # exactly `take` chosen: gather their columns
+            if forced_picks is None and form == "topk":   # exactly `take` chosen: gather their columns
                 cols = _ascending_indices(chosen, take)
                 columns = _rank_key(torch.gather(sim, 2, cols.unsqueeze(1).expand(b, n, take)))
-            else:                      # another executor's picks, any count: mask the columns
+            else:   # another executor's picks (any count), or the compare form: a masked max
                 columns = _rank_key(sim).masked_fill(~chosen.unsqueeze(1), -math.inf)
             newest = columns.amax(dim=-1)
             closest = newest if closest is None else torch.maximum(closest, newest)
     return picks
 
 
-def kept_indices(picks: torch.Tensor, budget: int) -> torch.Tensor:
+def kept_indices(picks: torch.Tensor, budget: int, form: str = "topk") -> torch.Tensor:
     """[B, K] indices of the kept tokens (picks >= 0), ascending = raster order."""
-    return _ascending_indices(picks >= 0, budget)
+    return _ascending_indices(picks >= 0, budget, form)
 
 
 def merge_affinity(sim: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -262,7 +281,8 @@ def _is_self(kept: torch.Tensor, n: int) -> torch.Tensor:
 
 def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
            has_cls: bool = True, sizes: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-           forced: tuple[torch.Tensor, torch.Tensor] | None = None, grid: int | None = None) -> Selection:
+           forced: tuple[torch.Tensor, torch.Tensor] | None = None, grid: int | None = None,
+           form: str = "topk") -> Selection:
     """Keep `budget` patch tokens of `hidden` and merge the rest into them.
 
     hidden     [B, c+N, D]  hidden states (c = 1 leading CLS token if has_cls, never pruned)
@@ -288,16 +308,16 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
 
     if forced is None:
         utility, sim = utility_scores(patches, importance, params, positions, grid)
-        picks = pick_steps(utility, sim, budget, params)
+        picks = pick_steps(utility, sim, budget, params, form=form)
     else:
         picks, owner = forced
     kept_mask = picks >= 0
-    kept = kept_indices(picks, budget)                                               # [B, K]
+    kept = kept_indices(picks, budget, form)                                         # [B, K]
     # only the N - K dropped tokens need a merge decision and a merge: a kept token is its own
     # slot (its rank among the kept), so nothing N x N or K x N is built after the picks
     merging = params.merge and n > budget
     if merging:
-        dropped = _ascending_indices(~kept_mask, n - budget)                         # [B, N-K]
+        dropped = _ascending_indices(~kept_mask, n - budget, form)                   # [B, N-K]
     if forced is None:
         # running counts in float32 (exact, and the only CumSum TensorRT takes), then indices
         owner = (torch.cumsum(kept_mask.to(torch.float32), dim=-1) - 1).to(torch.int64)  # kept: own slot
@@ -329,13 +349,15 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
 class SelectGraph(nn.Module):
     """`select` at one prune point with a fixed budget: the module exported to ONNX."""
 
-    def __init__(self, budget: int, params: PruneParams, has_cls: bool, grid: int | None = None):
+    def __init__(self, budget: int, params: PruneParams, has_cls: bool, grid: int | None = None, form: str = "topk"):
         super().__init__()
-        self.budget, self.params, self.has_cls, self.grid = budget, params, has_cls, grid
+        if form not in FORMS:
+            raise EvoExportError(f"selection form {form!r} is not one of {', '.join(FORMS)}")
+        self.budget, self.params, self.has_cls, self.grid, self.form = budget, params, has_cls, grid, form
 
     def forward(self, hidden, importance, sizes=None, positions=None):
         return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
-                            sizes=sizes, positions=positions, grid=self.grid))
+                            sizes=sizes, positions=positions, grid=self.grid, form=self.form))
 
     def forced(self, hidden, importance, sizes=None, positions=None, *, picks, merge):
         """The same outputs, computed under given decisions (never exported)."""

@@ -37,7 +37,7 @@ class TorchChain:
     accumulates the statistics in fp32 anyway."""
 
     def __init__(self, pipeline, device="cpu", precision: str = "fp32", cuda_graphs: bool | None = None,
-                 compile_selections: bool | None = None, fp32_norms: bool | None = None):
+                 compile_selections: bool | None = None, fp32_norms: bool | None = None, selection_form: str = "topk"):
         import torch
 
         from ...pipeline.stages import Pipeline
@@ -58,8 +58,12 @@ class TorchChain:
             raise EvoExportError("CUDA graphs need device cuda")
         pipeline.tower.to(self.device)
         self.pipeline, self.precision, self.cuda_graphs = pipeline, precision, cuda_graphs
-        self.modules = _compiled_selections(pipeline) if compile_selections else {}
-        self.compiled = bool(self.modules)
+        # selection_form "compare": the TopK-free selections (same decisions; prune/selection.py
+        # FORMS), which inductor can fuse whole; "topk" runs the pipeline's own modules
+        forms = _selection_modules(pipeline, selection_form)
+        compiled = _compiled_selections(pipeline, forms) if compile_selections else {}
+        self.modules = {**forms, **compiled}
+        self.compiled, self.selection_form = bool(compiled), selection_form
         self._graphs: dict[int, object] = {}
 
     def run(self, pixel_values) -> dict:
@@ -76,9 +80,20 @@ class TorchChain:
         return self._graphs[batch](pixel_values)
 
 
-def _compiled_selections(pipeline) -> dict:
+def _selection_modules(pipeline, form: str) -> dict:
+    """The pipeline's selections in another form (same budgets and parameters), by graph name."""
+    from ...prune.selection import SelectGraph
+
+    if form == "topk":
+        return {}
+    return {g.name: SelectGraph(g.module.budget, g.module.params, g.module.has_cls, g.module.grid, form)
+            for g in pipeline.graphs if g.kind == "select"}
+
+
+def _compiled_selections(pipeline, modules: dict | None = None) -> dict:
     """torch.compile'd selection modules (batch dynamic), or {} with a warning where
-    compilation fails here (no C++ compiler or Triton): the eager modules then run."""
+    compilation fails here (no C++ compiler or Triton): the eager modules then run.
+    `modules` replaces the pipeline's own selections by name (another form)."""
     import sys
 
     import torch
@@ -89,7 +104,8 @@ def _compiled_selections(pipeline) -> dict:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo, limit):
             setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
-    compiled = {g.name: torch.compile(g.module, dynamic=True, fullgraph=True)
+    modules = modules or {}
+    compiled = {g.name: torch.compile(modules.get(g.name, g.module), dynamic=True, fullgraph=True)
                 for g in pipeline.graphs if g.kind == "select"}
     env = pipeline.example_inputs(batch=2)   # compile now, not inside a CUDA graph capture
     try:
@@ -108,7 +124,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cpu", precision: str | None = None,
-                 cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None):
+                 cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None,
+                 selection_form: str = "topk"):
         from ...pipeline.stages import pipeline_from_manifest
 
         device = resolve_device(device)
@@ -117,7 +134,8 @@ class TorchBackend:
         if precision is None:   # on a GPU, what the build's stages compute in; the CPU reference is fp32
             built = manifest.get("precision", "fp32")
             precision = built if device.type == "cuda" and built in DTYPES else "fp32"
-        self.chain = TorchChain(pipeline, device, precision, cuda_graphs, compile_selections)
+        self.chain = TorchChain(pipeline, device, precision, cuda_graphs, compile_selections,
+                                selection_form=selection_form)
         self.device, self.precision = device, precision
         self.pipeline = self.chain.pipeline
         self.modules = {g.name: self.chain.modules.get(g.name, g.module) for g in self.pipeline.graphs}
