@@ -422,3 +422,32 @@ def test_torch_chain_runs_the_compare_form_with_the_same_decisions(tiny_build):
     assert sorted(a) == sorted(b)
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_round_budgets_moves_each_budget_to_a_tile_friendly_sequence_length():
+    from evoexport.prune.schedule import round_budgets
+
+    llava = default_schedule(23, 576, 0.5)                 # 457, 363, 288 tokens + CLS
+    rounded = round_budgets(llava, 8, per_token=1, extra=1, num_tokens=576)
+    assert [p.tokens for p in rounded] == [455, 359, 287]  # T = 456, 360 (a tie: down), 288
+    assert [p.after_layer for p in rounded] == [p.after_layer for p in llava]
+    qwen = [PrunePoint(7, 181), PrunePoint(15, 128)]       # units of 4 positions, no CLS
+    assert [p.tokens for p in round_budgets(qwen, 64, per_token=4)] == [176, 128]
+    # budgets stay strictly decreasing when two round to the same count
+    assert [p.tokens for p in round_budgets([PrunePoint(2, 41), PrunePoint(4, 38)], 8, 1, 1)] == [39, 31]
+    with pytest.raises(EvoExportError, match="--round-budgets 64: no token count below 49 after layer 2"):
+        round_budgets([PrunePoint(2, 24)], 64, 1, 1, num_tokens=49)      # llava-tiny: 49 patches + CLS
+
+
+def test_cli_build_with_round_budgets_records_them_and_validates(tmp_path):
+    import json
+
+    from evoexport.cli import main
+
+    out = tmp_path / "b"
+    assert main(["build", "--model", "llava-tiny", "--keep", "0.5", "--round-budgets", "8", "--out", str(out),
+                 "--quiet"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["budget_multiple"] == 8 and m["schedule"]
+    assert all((p["tokens"] + 1) % 8 == 0 for p in m["schedule"])          # + CLS
+    assert json.loads((out / "validation.json").read_text())["passed"]

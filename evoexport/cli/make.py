@@ -44,15 +44,18 @@ from .group import cli
               help="ONNX opset; 23 exports attention as ONNX's Attention op (TensorRT >= 10.14 maps it to fused "
                    "attention; ONNX Runtime runs it)")
 @click.option("--image-size", type=int, default=None,
-              help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time)  "
-                   "[default: the preset's]")
+              help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time); "
+                   "qwen2.5-vl: a multiple of 112  [default: the preset's]")
+@click.option("--round-budgets", type=click.Choice(["8", "16", "32", "64"]), default=None,
+              help="move each budget to the nearest token count whose sequence length is a multiple of this "
+                   "(tensor-core tiles on a GPU); the last budget may then differ slightly from --keep")
 @click.option("--pad-to-square/--no-pad-to-square", default=None,
               help="pad images to a square with the mean colour before resizing (LLaVA-1.5's original "
                    "`image_aspect_ratio: pad`)  [default: as the model's image processor does]")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
-          pad_to_square, quiet):
+          pad_to_square, round_budgets, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from ..export.build import build as run_build
     from ..progress import Progress, peak_rss_gb
@@ -67,7 +70,8 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     progress = Progress(enabled=not quiet)
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                        out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
-                       opset=int(opset), image_size=image_size, pad_to_square=pad_to_square, progress=progress)
+                       opset=int(opset), image_size=image_size, pad_to_square=pad_to_square, progress=progress,
+                       round_budgets=int(round_budgets) if round_budgets else None)
     m = result.manifest
     if m["weights"] == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)

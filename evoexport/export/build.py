@@ -70,13 +70,15 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
           params: PruneParams | None = None, checkpoint: str | None = None, seed: int = 0,
           out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
           target_runtime: str | None = None, opset: int = 20, image_size: int | None = None,
-          pad_to_square: bool | None = None, progress: Progress | None = None) -> BuildResult:
+          pad_to_square: bool | None = None, progress: Progress | None = None,
+          round_budgets: int | None = None) -> BuildResult:
     """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
     `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/).
     target_runtime "tensorrt": the graphs must also pass the static TensorRT check (tensorrt/check.py).
     opset 23: attention exported as ONNX's Attention op (fused in TensorRT >= 10.14).
     pad_to_square: pad images to a square with the mean colour before the processor's resize
-    (LLaVA-1.5's original `image_aspect_ratio: pad`); None: as the model's processor does."""
+    (LLaVA-1.5's original `image_aspect_ratio: pad`); None: as the model's processor does.
+    round_budgets: move every budget so the stage's sequence length is a multiple of it (8 or 64)."""
     from .onnx import OPSETS, export_pipeline
     from ..pipeline.stages import Pipeline
     from ..validate.report import print_report
@@ -90,6 +92,8 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         raise EvoExportError(f"--opset {opset} is not one of {', '.join(map(str, OPSETS))}")
     if calib is not None and precision != "int8":
         raise EvoExportError("--calib is only used by --precision int8")
+    if round_budgets is not None and round_budgets not in (8, 16, 32, 64):
+        raise EvoExportError(f"--round-budgets must be 8, 16, 32 or 64, got {round_budgets}")
     preset = get_preset(model)
     # Everything the user typed is checked before the (slow) weights are touched.
     spec = spec_for(model, checkpoint, image_size, pad_to_square)
@@ -105,6 +109,9 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     with atomic_dir(target) as tmp:
         progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
         tower = load_tower(model, checkpoint, seed=seed, image_size=image_size, pad_to_square=pad_to_square)
+        if round_budgets and points:
+            from ..prune.schedule import round_budgets as rounded
+            points = rounded(points, round_budgets, tower.patches_per_token, int(tower.has_cls), tower.num_patches)
         progress(describe_recipe(spec.preprocess))
         square = opset >= 23   # the Attention op's mask spells out its query axis
         pipeline = Pipeline(tower, points, params, square_mask=square)
@@ -132,6 +139,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
             "family": preset.family,
             "keep": keep,
             "schedule": [{"after_layer": p.after_layer, "tokens": p.tokens} for p in points],
+            "budget_multiple": round_budgets,
             "prune_params": params.to_dict(),
             **tower.weights_info,
             "tower": {"vision": spec.vision, "projector": spec.projector, "feature_layer": spec.feature_layer,

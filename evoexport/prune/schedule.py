@@ -92,5 +92,23 @@ def check_schedule(points: list[PrunePoint], depth: int, num_patches: int) -> No
         prev_layer, prev_tokens = p.after_layer, p.tokens
 
 
+def round_budgets(points: list[PrunePoint], multiple: int, per_token: int = 1, extra: int = 0,
+                  num_tokens: int | None = None) -> list[PrunePoint]:
+    """Budgets moved to the nearest count whose sequence length T = tokens * per_token + extra
+    (CLS) is a multiple of `multiple` (8 or 64: tensor-core tiles; ties go down), still
+    strictly decreasing and at least 1. GPU matmuls fill their last wave better at such T."""
+    out, prev = [], num_tokens
+    for p in points:
+        limit = (prev if prev is not None else p.tokens + multiple) - 1        # strictly below what enters
+        valid = [t for t in range(1, limit + 1) if (t * per_token + extra) % multiple == 0]
+        if not valid:
+            raise EvoExportError(f"--round-budgets {multiple}: no token count below {limit + 1} after layer "
+                                 f"{p.after_layer} gives a sequence length that is a multiple of {multiple}")
+        best = min(valid, key=lambda t: (abs(t - p.tokens), t))
+        out.append(PrunePoint(p.after_layer, best))
+        prev = best
+    return out
+
+
 def format_schedule(points: list[PrunePoint]) -> str:
     return ",".join(f"{p.after_layer}:{p.tokens}" for p in points) or "(none)"
