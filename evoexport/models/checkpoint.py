@@ -84,6 +84,36 @@ def read_tensors(index: dict[str, Path], wanted: dict[str, str]) -> dict[str, to
     return out
 
 
+def read_prefixed(ckpt: Path, targets, what: str) -> dict[str, torch.Tensor]:
+    """A module's tensors from a checkpoint that stores them under any of several name
+    prefixes (checkpoints of one model differ by transformers version and wrapper). Each
+    target is (our name prefix, the checkpoint's prefixes in order of preference, our state
+    dict, our name -> the checkpoint's name after its prefix). Returns {our prefix + name:
+    tensor} in our dtypes; a missing tensor or a shape unlike config.json's is one error."""
+    index = weight_index(ckpt)
+    wanted: dict[str, str] = {}
+    own: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for ours, prefixes, state, base in targets:
+        for name, t in state.items():
+            own[ours + name] = t
+            for pre in prefixes:
+                if pre + base(name) in index:
+                    wanted[pre + base(name)] = ours + name
+                    break
+            else:
+                missing.append(base(name))
+    if missing:
+        raise EvoExportError(f"checkpoint {ckpt} lacks {len(missing)} {what} tensors (e.g. {missing[0]})")
+    tensors = read_tensors(index, wanted)
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise EvoExportError(f"checkpoint tensor for {name} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(own[name].shape)}")
+        tensors[name] = t.to(own[name].dtype)
+    return tensors
+
+
 def preprocess_from_checkpoint(ckpt: Path, preset) -> dict:
     """The checkpoint's own image processor recipe (preprocessor_config.json: resize mode,
     sizes, crop, resample, rescale, mean, std); the preset's reference recipe where the

@@ -12,6 +12,7 @@ probe's attention module and the output head. Everything runs transformers' own 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ IMAGENET_PREPROCESS = recipe_from_processor_config(DINOV2_PROCESSOR, "facebook/d
 DINOV2_S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                   image_size=518, layer_norm_eps=1e-6, hidden_act="gelu", layerscale_value=1.0, use_swiglu_ffn=False)
 
-register(Preset(
+DINOV2 = register(Preset(
     name="dinov2",
     family="dinov2",
     description="DINOv2 ViT-S/14 at 224 px (12 layers, 256 patches + CLS), features = last_hidden_state, CLS first",
@@ -50,17 +51,11 @@ register(Preset(
 ))
 
 
-register(Preset(
+register(replace(
+    DINOV2,
     name="dinov2-units",
-    family="dinov2",
     description="DINOv2 ViT-S/14 at 224 px pruned in 2x2 units of patches, as Qwen2.5-VL prunes its merge units "
                 "(measures what unit-level pruning costs: scripts/unit_eval.py)",
-    vision=DINOV2_S14,
-    projector=None,
-    feature_layer=-1,
-    select_strategy="full",
-    preprocess=IMAGENET_PREPROCESS,
-    input_size=224,
     unit=2,
 ))
 

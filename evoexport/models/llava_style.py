@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import EvoExportError
 from .base import BaseTower, TowerSpec
-from .checkpoint import preprocess_from_checkpoint, read_config, read_tensors, weight_index
+from .checkpoint import preprocess_from_checkpoint, read_config, read_prefixed
 from .registry import Preset
 
 # Checkpoint name prefixes under which each part of the tower is stored: transformers 5
@@ -109,28 +109,9 @@ def llava_style_spec(preset: Preset, ckpt: Path, kinds: CheckpointKinds) -> Towe
 def load_prefixed_weights(tower: BaseTower, ckpt: Path) -> None:
     """`tower.vision` and `tower.projector` from a checkpoint stored under any of the known
     name prefixes (VISION_PREFIXES, PROJECTOR_PREFIXES); safetensors only."""
-    index = weight_index(ckpt)
-    wanted: dict[str, str] = {}
-    missing: list[str] = []
-    targets = [("vision.", VISION_PREFIXES, tower.vision.state_dict())]
+    def bare(name):
+        return name.removeprefix("vision_model.")
+    targets = [("vision.", VISION_PREFIXES, tower.vision.state_dict(), bare)]
     if tower.projector is not None:
-        targets.append(("projector.", PROJECTOR_PREFIXES, tower.projector.state_dict()))
-    for ours_prefix, prefixes, state in targets:
-        for name in state:
-            base = name.removeprefix("vision_model.")
-            for pre in prefixes:
-                if pre + base in index:
-                    wanted[pre + base] = ours_prefix + name
-                    break
-            else:
-                missing.append(name)
-    if missing:
-        raise EvoExportError(f"checkpoint {ckpt} lacks {len(missing)} tower tensors (e.g. {missing[0]})")
-    tensors = read_tensors(index, wanted)
-    own = tower.state_dict()
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(own[name].shape):
-            raise EvoExportError(f"checkpoint tensor for {name} has shape {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(own[name].shape)}")
-        tensors[name] = t.to(own[name].dtype)
-    tower.load_state_dict(tensors, strict=False)
+        targets.append(("projector.", PROJECTOR_PREFIXES, tower.projector.state_dict(), bare))
+    tower.load_state_dict(read_prefixed(ckpt, targets, "tower"), strict=False)

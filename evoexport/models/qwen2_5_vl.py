@@ -35,24 +35,31 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
+from ..inputs.images import recipe_from_processor_config
 from .base import BaseTower, Family, TowerSpec
-from .checkpoint import read_config, read_tensors, weight_index
+from .checkpoint import read_config, read_prefixed
 from .registry import Preset, register, register_family
 
 # Qwen2VLImageProcessor's normalization (OpenAI CLIP's mean and std), bicubic resampling.
 # Its smart_resize keeps each image's aspect ratio and so changes the grid per image; a
 # build has one grid, so every image is resized to the build's S x S (the manifest's
 # `resize` says so, and `aspect` says that the aspect ratio is not kept).
-QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
-QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+# The reference checkpoint's own preprocessor_config.json, as data: Qwen/Qwen2.5-VL-7B-Instruct.
+QWEN_PROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_normalize": True,
+    "do_rescale": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 0.00392156862745098,
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+}
 WINDOW_PX = 112   # 4x4 merge units of 28 px
 
 
-def qwen_recipe(size: int, mean=QWEN_MEAN, std=QWEN_STD, resample: str = "bicubic", rescale: float = 1 / 255,
-                source: str = "Qwen/Qwen2.5-VL-7B-Instruct") -> dict:
-    return {"processor": "Qwen2VLImageProcessor", "pad_to_square": False,
-            "resize": {"height": size, "width": size}, "crop": None, "resample": resample,
-            "rescale": rescale, "mean": list(mean), "std": list(std), "source": source,
+def qwen_recipe(size: int, raw: dict = QWEN_PROCESSOR, source: str = "Qwen/Qwen2.5-VL-7B-Instruct") -> dict:
+    """The processor's recipe (the shared reader of preprocessor_config.json) at the build's
+    fixed S x S in place of smart_resize."""
+    recipe = recipe_from_processor_config({**raw, "size": {"height": size, "width": size}, "do_center_crop": False},
+                                          source)
+    return {**recipe, "source": source,
             "aspect": "stretched: every image is resized to the build's size (the processor's smart_resize "
                       "would keep its aspect ratio and give it another grid)"}
 
@@ -340,26 +347,13 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = No
 
 def _recipe_from_checkpoint(ckpt: Path, size: int) -> dict:
     from ..files import read_json
-    from ..inputs.images import _RESAMPLE, _RESAMPLE_BY_INT
     path = ckpt / "preprocessor_config.json"
     if not path.is_file():
         return qwen_recipe(size)
     raw = read_json(path)
-    where = str(path)
     if not isinstance(raw, dict):
-        raise EvoExportError(f"{where} is not a JSON object")
-    mean, std = raw.get("image_mean", QWEN_MEAN), raw.get("image_std", QWEN_STD)
-    ok = all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std))
-    if not ok or min(std) <= 0:
-        raise EvoExportError(f"{where}: image_mean and image_std must be lists of 3 numbers (std positive)")
-    resample = raw.get("resample", 3)
-    resample = _RESAMPLE_BY_INT.get(resample, resample) if isinstance(resample, int) else resample
-    if resample not in _RESAMPLE:
-        raise EvoExportError(f"{where}: resample {raw.get('resample')!r} is not a PIL filter")
-    rescale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
-    if not raw.get("do_normalize", True):
-        mean, std = [0.0] * 3, [1.0] * 3
-    return qwen_recipe(size, mean, std, resample, rescale, source=where)
+        raise EvoExportError(f"{path} is not a JSON object")
+    return qwen_recipe(size, raw, str(path))
 
 
 VISION_PREFIXES = ("model.visual.", "visual.", "")
@@ -368,25 +362,8 @@ VISION_PREFIXES = ("model.visual.", "visual.", "")
 def load_weights(tower: QwenVisionTower, ckpt: Path) -> None:
     """The encoder's tensors (under model.visual., visual. or bare names) from safetensors;
     the language model's tensors are never read."""
-    index = weight_index(ckpt)
-    wanted, missing = {}, []
-    own = tower.visual.state_dict()
-    for name in own:
-        for prefix in VISION_PREFIXES:
-            if prefix + name in index:
-                wanted[prefix + name] = name
-                break
-        else:
-            missing.append(name)
-    if missing:
-        raise EvoExportError(f"checkpoint {ckpt} lacks {len(missing)} vision tensors (e.g. visual.{missing[0]})")
-    tensors = read_tensors(index, wanted)
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(own[name].shape):
-            raise EvoExportError(f"checkpoint tensor visual.{name} has shape {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(own[name].shape)}")
-        tensors[name] = t.to(own[name].dtype)
-    tower.visual.load_state_dict(tensors)
+    targets = [("", VISION_PREFIXES, tower.visual.state_dict(), lambda name: name)]
+    tower.visual.load_state_dict(read_prefixed(ckpt, targets, "vision"))
 
 
 register_family("qwen2.5-vl", Family(QwenVisionTower, spec_from_preset, spec_from_checkpoint, load_weights))
