@@ -1,13 +1,12 @@
-"""`evoexport engines` and the tensorrt backend, against stand-in `tensorrt` modules shaped
-like TensorRT 10.x and 11.x. TensorRT cannot be installed here; these tests pin down which
-calls and flags we make (strongly typed networks, no precision flags, the manifest's batch
-profile, the timing cache, the version/GPU record) and do NOT claim TensorRT ran."""
+"""`evoexport engines` and the tensorrt backend: the real Polygraphy loaders over stand-in
+`tensorrt` modules shaped like TensorRT 10.x and 11.x (tests/standin_tensorrt.py).
+TensorRT cannot be installed here; these tests pin down what reaches TensorRT (strongly
+typed networks, no precision flags, TF32 cleared, the manifest's batch profile, the timing
+cache, the version/GPU record) and do NOT claim TensorRT ran."""
 from __future__ import annotations
 
-import enum
 import json
 import sys
-import types
 
 import pytest
 
@@ -17,89 +16,17 @@ from evoexport.cli import main
 from evoexport.errors import EvoExportError
 from evoexport.manifest import graph_entries, read_manifest
 
+from .standin_tensorrt import forget_tensorrt, standin_tensorrt
+
 GPU = {"gpu": "NVIDIA H100 80GB HBM3 (stand-in)", "compute_capability": "9.0"}
 
 
-def standin_tensorrt(version: str) -> types.ModuleType:
-    """The slice of TensorRT's Python API that engines.py uses, recording every call."""
-    major = int(version.split(".")[0])
-    calls: list[tuple] = []
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.calls = calls
-    members = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major == 10 else {"STRONGLY_TYPED": 1}
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", members)
-    # 11.x has no weak-typing flags: touching BuilderFlag.FP16 there raises AttributeError
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", {"FP16": 0, "INT8": 1, "BF16": 2, "TF32": 7} if major == 10
-                                   else {"DEBUG": 0})
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            calls.append(("Logger", level))
-
-    class Cache:
-        def __init__(self, data):
-            self.data = data + b"+timed"
-
-        def serialize(self):
-            return self.data
-
-    class Config:
-        def set_flag(self, flag):
-            calls.append(("set_flag", flag))
-
-        def clear_flag(self, flag):
-            calls.append(("clear_flag", flag))
-
-        def add_optimization_profile(self, profile):
-            calls.append(("add_optimization_profile", dict(profile.shapes)))
-
-        def create_timing_cache(self, data):
-            calls.append(("create_timing_cache", bytes(data)))
-            return Cache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            calls.append(("set_timing_cache", ignore_mismatch))
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, opt, hi):
-            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            calls.append(("create_network", flags))
-            return object()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            calls.append(("build_serialized_network",))
-            return b"PLAN"
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            calls.append(("parse_from_file", path))
-            return True
-
-    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
-    return trt
+@pytest.fixture(autouse=True)
+def polygraphy_forgets_tensorrt():
+    # each test's stand-in TensorRT is the one Polygraphy sees, and none outlives its test
+    forget_tensorrt()
+    yield
+    forget_tensorrt()
 
 
 @pytest.fixture
@@ -130,6 +57,8 @@ def test_engines_are_strongly_typed_with_the_manifest_profile_and_a_timing_cache
         assert cleared == [trt.BuilderFlag.TF32] * len(graphs)
     else:
         assert cleared == []
+    # what the builder saw: no flag at all left on (TF32 cleared, nothing set)
+    assert [c[1] for c in trt.calls if c[0] == "build_serialized_network"] == [[]] * len(graphs)
     assert [c[1] for c in trt.calls if c[0] == "parse_from_file"] == [str(build / g["file"]) for g in graphs]
     prof = manifest["batch_profile"]
     for g, (_, shapes) in zip(graphs, [c for c in trt.calls if c[0] == "add_optimization_profile"]):
@@ -137,8 +66,9 @@ def test_engines_are_strongly_typed_with_the_manifest_profile_and_a_timing_cache
             rest = tuple(t["shape"][1:])
             assert shapes[t["name"]] == ((prof["min"], *rest), (prof["opt"], *rest), (prof["max"], *rest))
     # the timing cache grows through the graphs and is written back
-    loaded = [c[1] for c in trt.calls if c[0] == "create_timing_cache"]
-    assert loaded[0] == b"" and loaded[1] == b"+timed" and cache.read_bytes() == b"+timed" * len(graphs)
+    loaded = [c[1] for c in trt.calls if c[0] == "set_timing_cache"]
+    assert loaded == [b"+timed" * i for i in range(len(graphs))] and cache.read_bytes() == b"+timed" * len(graphs)
+    assert all(c[2] is False for c in trt.calls if c[0] == "set_timing_cache")
     recorded = json.loads((build / "engines.json").read_text())
     assert recorded["tensorrt"] == version and recorded["compute_capability"] == "9.0"
     assert recorded["strongly_typed"] and recorded["batch_profile"] == prof
@@ -146,7 +76,7 @@ def test_engines_are_strongly_typed_with_the_manifest_profile_and_a_timing_cache
     # a second run starts from the saved cache
     trt.calls.clear()
     engines.build_engines(build, timing_cache=cache, max_batch=8)
-    assert [c[1] for c in trt.calls if c[0] == "create_timing_cache"][0] == b"+timed" * len(graphs)
+    assert [c[1] for c in trt.calls if c[0] == "set_timing_cache"][0] == b"+timed" * len(graphs)
     assert json.loads((build / "engines.json").read_text())["batch_profile"]["max"] == 8
 
 
@@ -187,3 +117,26 @@ def test_without_tensorrt_engines_say_so_in_one_line(tiny_build, monkeypatch, ca
     assert main(["engines", str(tiny_build)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: TensorRT is not installed")
+
+
+def test_a_network_tensorrt_cannot_parse_is_one_clear_error(tiny_build, tmp_path, monkeypatch, fake_gpu, capsys):
+    import shutil
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    trt = standin_tensorrt("10.15.1")
+
+    class Refusing(trt.OnnxParser):
+        num_errors = 1
+
+        def parse_from_file(self, path):
+            return False
+
+        def get_error(self, index):
+            return "In node 12 (TopK): UNSUPPORTED_NODE (stand-in parser error)"
+
+    trt.OnnxParser = Refusing
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    assert main(["engines", str(build)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: TensorRT failed to build an engine for stage_0.onnx: ")
+    assert not (build / "engines.json").exists() and not list(build.glob("*.engine"))

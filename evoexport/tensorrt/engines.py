@@ -18,9 +18,10 @@ One optimization profile over the batch axis, from the manifest's batch_profile
 (min/opt/max) unless given. A timing cache (`--timing-cache FILE`, as with trtexec) is
 read if present and written back atomically. engines.json records the TensorRT version,
 the GPU and its compute capability; loading engines on another TensorRT or GPU is one
-clear error (runtime/backends/tensorrt.py). The calls are made directly on TensorRT's builder API
-(a dozen lines, pinned by tests with stand-in TensorRT 10 and 11 modules); Polygraphy's
-TrtRunner runs the engines.
+clear error (runtime/backends/tensorrt.py). Engines are built through Polygraphy's loaders
+(network_from_onnx_path, CreateConfig, engine_bytes_from_network) and run by its TrtRunner;
+tests run the real Polygraphy over stand-in TensorRT 10 and 11 modules, pinning what
+reaches TensorRT.
 
 Not run in this project: TensorRT cannot be installed on its machines (see README).
 """
@@ -74,32 +75,43 @@ def network_flags(trt) -> int:
     return 1 << int(flag)
 
 
-def build_plan(trt, onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
-    """One serialized engine from one ONNX file; returns (plan, updated timing cache)."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EvoExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    # TensorRT enables TF32 for fp32 math by default (10 mantissa bits, ~1e-3 relative):
-    # the selections' decisions are validated at fp32's 1e-4 margin, and an fp32 build
-    # means fp32. Reduced precision comes from the build's own ONNX types instead.
-    tf32 = getattr(trt.BuilderFlag, "TF32", None)
-    if tf32 is not None:
-        config.clear_flag(tf32)
-    profile = builder.create_optimization_profile()
+def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
+    """One serialized engine from one ONNX file, through Polygraphy's loaders; returns
+    (plan, updated timing cache).
+
+    - network_from_onnx_path(strongly_typed=True): precision is what the ONNX says;
+    - CreateConfig(profiles=[one batch profile], load_timing_cache=...): no precision flags,
+      and tf32=False, which clears TensorRT's default-on TF32 (10 mantissa bits, ~1e-3
+      relative): the selections' decisions are validated at fp32's 1e-4 margin, so an fp32
+      build means fp32;
+    - engine_bytes_from_network: engine_from_network without deserializing the engine we
+      are about to write to a file.
+    The timing cache travels as bytes, through temporary files to Polygraphy: the caller
+    writes it atomically, where Polygraphy would rewrite the user's file in place."""
+    import tempfile
+
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+
+    # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are
+    # always strongly typed and Polygraphy must not be asked for the missing flag
+    strongly_typed = bool(network_flags(_require_tensorrt()))
+    profile = Profile()
     for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EvoExportError(f"TensorRT failed to build an engine for {onnx_path.name} (see its log above)")
-    return bytes(plan), bytes(cache.serialize())
+        profile.add(name, min=lo, opt=opt, max=hi)
+    try:
+        # real files, as Polygraphy wants of file objects (a mode; fsync on save)
+        with tempfile.TemporaryFile("w+b") as loaded, tempfile.TemporaryFile("w+b") as saved:
+            loaded.write(timing_cache)
+            loaded.seek(0)
+            config = CreateConfig(profiles=[profile], tf32=False, load_timing_cache=loaded)
+            network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly_typed)
+            plan = engine_bytes_from_network(network, config, save_timing_cache=saved)
+            saved.seek(0)
+            cache = saved.read()
+    except Exception as e:   # Polygraphy reports failures as PolygraphyException after logging them
+        raise EvoExportError(f"TensorRT failed to build an engine for {onnx_path.name}: "
+                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+    return bytes(plan), cache or timing_cache
 
 
 def batch_profile(manifest: dict, min_batch=None, opt_batch=None, max_batch=None) -> dict:
@@ -127,7 +139,7 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
             progress(f"building the TensorRT engine for {g['name']} (strongly typed, batch {prof['min']}..{prof['max']})")
         shapes = {t["name"]: tuple((b, *t["shape"][1:]) for b in (prof["min"], prof["opt"], prof["max"]))
                   for t in g["inputs"]}
-        plan, cache = build_plan(trt, build_dir / g["file"], shapes, cache)
+        plan, cache = build_plan(build_dir / g["file"], shapes, cache)
         path = build_dir / f"{g['name']}.engine"
         atomic_write(path, plan)
         entries.append({"name": g["name"], "file": path.name, "sha256": sha256_file(path), "onnx_sha256": g["sha256"]})
