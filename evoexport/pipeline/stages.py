@@ -56,12 +56,13 @@ class EncoderStage(nn.Module):
     either the attention-importance probe (before a prune point) or the projector."""
 
     def __init__(self, tower: BaseTower, first: int, last: int, *, embed: bool, probe: bool,
-                 project: bool, proportional: bool, square_mask: bool = False, positional: bool = False):
+                 project: bool, proportional: bool, square_mask: bool = False, positional: bool = False,
+                 keep_dtype: bool = False):
         super().__init__()
         self.tower = tower
         self.first, self.last = first, last
         self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
-        self.square_mask, self.positional = square_mask, positional
+        self.square_mask, self.positional, self.keep_dtype = square_mask, positional, keep_dtype
         self._captured: dict[str, torch.Tensor] = {}
         if probe:
             # The probe reads the last layer's query and key projections rather than its
@@ -112,7 +113,10 @@ class EncoderStage(nn.Module):
         sizes = rest.pop(0) if self.proportional else None
         positions = rest.pop(0) if self.positional else None
         # A reduced-precision tower (fp16/bf16 builds) computes in its own dtype inside the
-        # graph; inputs, outputs, LayerNorm statistics and the importance stay fp32.
+        # graph; inputs, outputs, LayerNorm statistics and the importance stay fp32, except
+        # that a keep_dtype stage (the GPU chain) hands its hidden states on in its own dtype:
+        # the selection computes in fp32 and hands back the dtype the next stage casts to,
+        # so the numbers are the same without an fp32 round trip per boundary.
         dtype = self.tower.compute_dtype
         hidden = self.tower.embed(x) if self.embed else self.tower.from_tokens(x.to(dtype))
         # proportional attention: a token standing for s patches gets log(s) on its logits
@@ -120,7 +124,8 @@ class EncoderStage(nn.Module):
         hidden = self.tower.run_layers(hidden, self.first, self.last, key_bias, positions, self.probe, self.square_mask)
         if self.project:
             return (self.tower.project(hidden).float(),)
-        tokens = self.tower.to_tokens(hidden).float()
+        tokens = self.tower.to_tokens(hidden)
+        tokens = tokens if self.keep_dtype else tokens.float()
         if self.probe:
             return tokens, self._importance(key_bias)
         return (tokens,)
@@ -134,9 +139,10 @@ def select_outputs(i: int) -> list[str]:
 class Pipeline:
     """The pruned tower as a list of graphs, with a PyTorch reference executor."""
 
-    def __init__(self, tower: BaseTower, points: list[PrunePoint], params: PruneParams, square_mask: bool = False):
+    def __init__(self, tower: BaseTower, points: list[PrunePoint], params: PruneParams, square_mask: bool = False,
+                 keep_dtype: bool = False):
         check_schedule(points, tower.depth, tower.num_patches)
-        self.tower, self.points, self.params = tower, list(points), params
+        self.tower, self.points, self.params, self.keep_dtype = tower, list(points), params, keep_dtype
         self.graphs: list[GraphSpec] = []
         cuts = [p.after_layer + 1 for p in points] + [tower.depth]
         first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, "pixel_values", None
@@ -146,7 +152,8 @@ class Pipeline:
             # a positional family's later stages also take the kept indices (rotary positions, windows)
             positional = tower.positional and i > 0
             stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
-                                 proportional=proportional, square_mask=square_mask, positional=positional)
+                                 proportional=proportional, square_mask=square_mask, positional=positional,
+                                 keep_dtype=keep_dtype)
             inputs = [prev_hidden] + ([prev_sizes] if proportional else []) + ([f"indices_{i - 1}"] if positional else [])
             outputs = ["features"] if final else [f"stage{i}_hidden", f"stage{i}_importance"]
             tokens_out = tokens if final else points[i].tokens

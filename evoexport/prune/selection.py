@@ -8,8 +8,8 @@ Definitions (see docs/evoprune.md for the reasoning). At a prune point with N pa
 tokens x_i (hidden states after layer L), attention importance a_i, token sizes s_i and a
 budget of K tokens:
 
-  f_i   = x_i / |x_i|                        similarity features (cosine space)
-  C_ij  = f_i . f_j                          cosine similarity
+  C_ij  = x_i . x_j / (|x_i| |x_j|)          cosine similarity (the Gram matrix, accumulated
+                                             in fp32, then scaled by the inverse norms)
   r_i   = max_{j != i} C_ij                  redundancy: a near-duplicate exists
   S_ij  = C_ij - gamma * dist_ij / g         decision similarity: cosine, discounted by the
                                              distance between the tokens' original patches
@@ -164,13 +164,35 @@ def spatial_distance(positions: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.sqrt(dr * dr + dc * dc) / grid
 
 
+def _gram_fp32(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] -> [B, N, N] x x^T accumulated and returned in fp32.
+
+    A bf16/fp16 chain (the GPU's) hands its hidden states over in their own dtype: on CUDA the
+    products run on tensor cores with an fp32 output (bmm's out_dtype). Products of two
+    bf16/fp16 values are exact in fp32, so this is the fp32 Gram matrix of the same values up
+    to summation order. Never a bf16 output: its rounding (2^-9 relative) is the size of the
+    near-tie tolerance. Elsewhere (the CPU, an fp32 chain, ONNX export) the values are upcast."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+    x = x.float()
+    return x @ x.transpose(1, 2)
+
+
+def cosine_similarity(patches: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] -> [B, N, N] cosine similarity in fp32: the Gram matrix of the hidden states,
+    scaled by their inverse norms (floored at 1e-6, as F.normalize's eps). Scaling after the
+    matmul lets the matmul take the hidden states as they are (see _gram_fp32)."""
+    inv = 1.0 / torch.linalg.vector_norm(patches.float(), dim=-1).clamp_min(1e-6)
+    return _gram_fp32(patches) * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+
+
 def utility_scores(patches: torch.Tensor, importance: torch.Tensor, params: PruneParams,
                    positions: torch.Tensor | None = None, grid: int | None = None):
-    """Returns (utility u [B,N], decision similarity S [B,N,N]). Redundancy is measured on
-    the plain cosine; S, which ranks novelty and assigns merges, also counts distance on the
-    patch grid when `grid` is given (the exported graphs always give it)."""
-    feats = nn.functional.normalize(patches, dim=-1, eps=1e-6)
-    sim = feats @ feats.transpose(1, 2)
+    """Returns (utility u [B,N], decision similarity S [B,N,N]), in fp32 whatever the hidden
+    states' dtype. Redundancy is measured on the plain cosine; S, which ranks novelty and
+    assigns merges, also counts distance on the patch grid when `grid` is given (the
+    exported graphs always give it)."""
+    sim = cosine_similarity(patches)
     n = patches.shape[1]
     if n > 1:
         # written out rather than torch.eye, whose export leaves a UINT16 Equal that
@@ -303,8 +325,8 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     if not 1 <= budget <= n:
         raise EvoExportError(f"budget {budget} must be between 1 and the {n} tokens present")
     patches = hidden[:, c:]
-    if sizes is None:
-        sizes = torch.ones(b, n, dtype=hidden.dtype, device=hidden.device)
+    if sizes is None:   # fp32 whatever the hidden states are: bf16 counts only to 256 exactly
+        sizes = torch.ones(b, n, dtype=torch.float32, device=hidden.device)
 
     if forced is None:
         utility, sim = utility_scores(patches, importance, params, positions, grid)
@@ -332,16 +354,20 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     else:
         new_positions = torch.gather(positions, 1, kept)
     new_sizes = torch.gather(sizes, 1, kept)
-    merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1]))
+    # the merge is computed in fp32 and handed on in the hidden states' dtype: in a bf16 chain
+    # that is the cast the next stage would make on entry, so keeping the chain's dtype
+    # across the boundary changes no number (upcast after the gathers: K and N-K rows, not N)
+    merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1])).float()
     if merging:
         # size-weighted mean of each kept token and the dropped tokens assigned to it
         dropped_sizes = torch.gather(sizes, 1, dropped)
-        dropped_x = torch.gather(patches, 1, dropped.unsqueeze(-1).expand(b, n - budget, patches.shape[-1]))
+        dropped_x = torch.gather(patches, 1, dropped.unsqueeze(-1).expand(b, n - budget, patches.shape[-1])).float()
         assign = torch.gather(owner, 1, dropped).unsqueeze(1) == torch.arange(budget, device=hidden.device).view(1, budget, 1)
-        assign = assign.to(hidden.dtype)                                                 # [B, K, N-K]
+        assign = assign.to(merged.dtype)                                                 # [B, K, N-K]
         mass = merged * new_sizes.unsqueeze(-1) + assign @ (dropped_x * dropped_sizes.unsqueeze(-1))
         new_sizes = new_sizes + (assign @ dropped_sizes.unsqueeze(-1)).squeeze(-1)
         merged = mass / new_sizes.unsqueeze(-1)
+    merged = merged.to(hidden.dtype)
     out = torch.cat([hidden[:, :c], merged], dim=1) if c else merged
     return Selection(out, new_sizes, new_positions, owner, picks)
 

@@ -36,13 +36,16 @@ class GraphedCall:
         self.graph.replay()
         return self.static_outputs
 
-    def __call__(self, *inputs, copy_out: bool = True):
+    def __call__(self, *inputs, copy_out: bool = True, keys=None):
+        """Replay on `inputs`. `keys` (dict outputs): copy out only these (None: all)."""
         for static, x in zip(self.static_inputs, inputs):
             if tuple(x.shape) != tuple(static.shape):
                 raise ValueError(f"graph captured for shape {tuple(static.shape)}, got {tuple(x.shape)}")
             static.copy_(x)
         self.graph.replay()
         out = self.static_outputs
+        if isinstance(out, dict) and keys is not None:
+            out = {k: out[k] for k in keys}
         if not copy_out:
             return out
         if isinstance(out, dict):

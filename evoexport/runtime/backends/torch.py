@@ -37,7 +37,8 @@ class TorchChain:
     accumulates the statistics in fp32 anyway."""
 
     def __init__(self, pipeline, device="cpu", precision: str = "fp32", cuda_graphs: bool | None = None,
-                 compile_selections: bool | None = None, fp32_norms: bool | None = None, selection_form: str = "topk"):
+                 compile_selections: bool | None = None, fp32_norms: bool | None = None, selection_form: str = "topk",
+                 keep_dtype: bool | None = None, sdpa: tuple[str, ...] | None = None):
         import torch
 
         from ...pipeline.stages import Pipeline
@@ -47,11 +48,17 @@ class TorchChain:
         self.device = resolve_device(device) if isinstance(device, str) else device
         on_gpu = self.device.type == "cuda"
         dtype = getattr(torch, DTYPES[precision])
+        # keep_dtype (default on a GPU): stages hand their hidden states on in the chain's
+        # dtype, not through fp32 (same numbers: stages.EncoderStage, selection.select)
+        keep_dtype = on_gpu if keep_dtype is None else keep_dtype
         if dtype != pipeline.tower.compute_dtype:
             # the reduced-precision tower a fp16/bf16 build exports: the patch conv stays
             # fp32, importance and the selections too
             twin = pipeline.tower.reduced_precision_copy(dtype, fp32_norms=not on_gpu if fp32_norms is None else fp32_norms)
-            pipeline = Pipeline(twin, pipeline.points, pipeline.params)
+            pipeline = Pipeline(twin, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
+        elif keep_dtype != pipeline.keep_dtype:
+            pipeline = Pipeline(pipeline.tower, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
+        self.sdpa = sdpa_backends(sdpa)
         cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
         compile_selections = on_gpu if compile_selections is None else compile_selections
         if cuda_graphs and not on_gpu:
@@ -67,17 +74,42 @@ class TorchChain:
         self._graphs: dict[int, object] = {}
 
     def run(self, pixel_values) -> dict:
-        return self.pipeline.run(pixel_values, modules=self.modules)
+        """Every named tensor of the chain (eager)."""
+        if self.sdpa is None:
+            return self.pipeline.run(pixel_values, modules=self.modules)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(self.sdpa, set_priority=True):   # at capture too: a CUDA graph keeps the kernels chosen
+            return self.pipeline.run(pixel_values, modules=self.modules)
 
-    def __call__(self, pixel_values) -> dict:
-        """Every named tensor of the chain, on the device."""
+    def __call__(self, pixel_values, outputs=("features",)) -> dict:
+        """The named tensors `outputs` of the chain (None: every one), on the device. From a
+        CUDA graph only these are copied out of its buffers: the features by default,
+        decisions on request, never the ~100 MB of intermediate hidden states."""
         if not self.cuda_graphs:
-            return self.run(pixel_values)
+            env = self.run(pixel_values)
+            return env if outputs is None else {k: env[k] for k in outputs}
         from ..cuda_graphs import GraphedCall
         batch = pixel_values.shape[0]
         if batch not in self._graphs:
             self._graphs[batch] = GraphedCall(self.run, pixel_values)
-        return self._graphs[batch](pixel_values)
+        return self._graphs[batch](pixel_values, keys=outputs)
+
+
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_backends(names):
+    """('cudnn', 'efficient', ...) -> SDPBackend members in that priority order; None: PyTorch's choice."""
+    if names is None:
+        return None
+    from torch.nn.attention import SDPBackend
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise EvoExportError(f"SDPA backends must be some of {', '.join(SDPA_BACKENDS)}, got {', '.join(unknown) or 'none'}")
+    return [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names]
 
 
 def _selection_modules(pipeline, form: str) -> dict:
@@ -139,6 +171,8 @@ class TorchBackend:
         self.device, self.precision = device, precision
         self.pipeline = self.chain.pipeline
         self.modules = {g.name: self.chain.modules.get(g.name, g.module) for g in self.pipeline.graphs}
+        self.output_names = ["features"] + [f"{kind}_{i}" for i in range(len(self.pipeline.points))
+                                            for kind in ("indices", "merge", "picks")]
         import torch
         self.torch = torch
 
@@ -152,8 +186,9 @@ class TorchBackend:
         return dict(zip([o["name"] for o in entry["outputs"]], outs))
 
     def run_chain(self, pixel_values) -> dict:
-        """The whole chain in one call (one CUDA graph replay on a GPU)."""
-        return self.chain(pixel_values)
+        """The whole chain in one call (one CUDA graph replay on a GPU): the features and the
+        decisions a Runner reports, nothing else copied out."""
+        return self.chain(pixel_values, outputs=self.output_names)
 
     def to_numpy(self, value) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
