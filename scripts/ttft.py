@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Time to first token, image encoding + LLM prefill, with the build's K image tokens
-against the unpruned 576, in one process (medians of alternating runs).
+against the unpruned ones, in one process (medians of alternating runs).
 
     .venv/bin/python scripts/ttft.py graphs/llava-keep0.5 --backend openvino --layers 4
+    python scripts/ttft.py graphs/llava-keep0.5 --device cuda --batch 1 --batch 8
 
-The language model (--llm, by default the build family's) has random weights and the
-7B model's shape, cut to --layers layers so that a CPU prefills it in seconds:
-  llama-7b  LLaVA-1.5-7B's Llama: hidden 4096, 32 heads, MLP 11008, vocabulary 32000, 32 layers
-  qwen2-7b  Qwen2.5-VL-7B's Qwen2: hidden 3584, 28 heads (4 KV), MLP 18944, vocabulary 152064, 28 layers
-The full depth is modelled by scaling the measured per-layer prefill time (prefill FLOPs
-are linear in layers; the LM head is timed once). The encoder is the build's chain and the
+The language model (--llm, by default the build family's; shapes in
+evoexport/measure/ttft.py) has random weights and a 7B model's shape.
+On the CPU (default) it is cut to --layers layers so that a CPU prefills it in seconds, and
+the full depth is modelled by scaling the measured per-layer prefill time (prefill FLOPs are
+linear in layers; the LM head is timed once). The encoder is the build's chain and the
 unpruned keep-1.0 export of the same weights, on --backend.
+With --device cuda everything runs at full depth in bf16 on the GPU: the encoders are the
+torch chains (pruned: the build's; unpruned: the same tower with no prune point) replayed as
+CUDA graphs, the LLM is made on the GPU, and TTFT is measured, not modelled, at each --batch.
 """
 from __future__ import annotations
 
@@ -25,39 +28,43 @@ import torch
 
 import evoexport
 from evoexport.measure.bench import _cpu_name
+from evoexport.measure.ttft import LLM_OF_FAMILY, LLMS, TEXT_TOKENS, make_llm, prefill_call, ttft_torch
 from evoexport.export.build import build_variant
 from evoexport.inputs.images import sample_batch
 
-TEXT_TOKENS = 40   # a short prompt around the image
-
-
-# shape, full depth
-LLMS = {"llama-7b": (dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                          vocab_size=32000), 32),
-        "qwen2-7b": (dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                          vocab_size=152064), 28)}
-LLM_OF_FAMILY = {"qwen2.5-vl": "qwen2-7b"}
-
-
-def _llm(layers: int, name: str = "llama-7b"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    # prefill cost is the shape's: Qwen2 is a Llama with qkv biases and another RoPE base
-    cfg = LlamaConfig(**LLMS[name][0], num_hidden_layers=layers, max_position_embeddings=4096,
-                      attention_bias=name.startswith("qwen"))
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).eval()
-
 
 def _prefill_ms(llm, tokens: int, reps: int) -> float:
-    embeds = torch.randn(1, tokens, llm.config.hidden_size) * 0.02
+    call = prefill_call(llm, tokens)
     ts = []
-    with torch.inference_mode():
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-            ts.append((time.perf_counter() - t0) * 1e3)
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        call()
+        ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts[1:])
+
+
+def measure_full_depth(args, m: dict, llm_name: str, device: str = "cuda") -> dict:
+    """Full depth, bf16, on the GPU (`device`; the tests run it on the CPU at test size):
+    measured TTFT at each batch."""
+    from evoexport.pipeline.stages import Pipeline, pipeline_from_manifest
+    from evoexport.runtime.backends.torch import TorchChain
+
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    pipe = pipeline_from_manifest(m)
+    encoders = {"pruned": TorchChain(pipe, device, "bf16"),
+                "unpruned": TorchChain(Pipeline(pipe.tower, [], pipe.params), device, "bf16")}
+    tokens = {"pruned": pipe.points[-1].tokens if pipe.points else m["tower"]["num_patches"],
+              "unpruned": m["tower"]["num_patches"]}
+    llm = make_llm(llm_name, None, device, torch.bfloat16)
+    photos = sample_batch(m["tower"]["image_size"], m["preprocess"])
+    rows = []
+    for b in args.batch or [1, 8]:
+        x = torch.from_numpy(photos[:1].repeat(b, axis=0)).to(device)
+        rows.append(ttft_torch(encoders, tokens, llm, x, args.reps, 3, sync=torch.cuda.synchronize if on_gpu else None))
+    return {"build": args.build, "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+            "torch": torch.__version__,
+            "llm": llm_name, "precision": "bf16", "rows": rows}
 
 
 def main() -> None:
@@ -67,9 +74,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--llm", choices=sorted(LLMS), default=None, help="LLM shape (default: the build family's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, action="append", help="--device cuda: batch sizes (default 1 and 8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    if args.device == "cuda":
+        from evoexport.manifest import read_manifest
+        m = read_manifest(args.build, verify=False, files=False)
+        llm_name = args.llm or LLM_OF_FAMILY.get(m.get("family"), "llama-7b")
+        result = measure_full_depth(args, m, llm_name)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
     pruned = evoexport.load(args.build, backend=args.backend)
     m = pruned.manifest
     llm_name = args.llm or LLM_OF_FAMILY.get(m.get("family"), "llama-7b")
@@ -88,10 +106,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 runner(x)
                 enc[name].append((time.perf_counter() - t0) * 1e3)
-    llm = _llm(args.layers, llm_name)
+    llm = make_llm(llm_name, args.layers)
     prefill = {"pruned": _prefill_ms(llm, k + TEXT_TOKENS, args.reps),
                "unpruned": _prefill_ms(llm, full_tokens + TEXT_TOKENS, args.reps)}
-    head = {n: _prefill_ms(_llm(0, llm_name), t + TEXT_TOKENS, args.reps)
+    head = {n: _prefill_ms(make_llm(llm_name, 0), t + TEXT_TOKENS, args.reps)
             for n, t in (("pruned", k), ("unpruned", full_tokens))}   # embeddings, final norm, LM head
     rows = {}
     for name in ("pruned", "unpruned"):

@@ -29,30 +29,39 @@ SELECT_SHARE_TARGET = 0.05
 
 
 def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
-    """ms per graph of the chain: each graph as its own CUDA graph (event-timed), and eager
-    (`modules`: the compiled selections the chain runs)."""
+    """ms per graph of the chain: each graph as its own CUDA graph (event-timed; on a GPU
+    only), and eager (`modules`: the compiled selections the chain runs)."""
     import torch
 
     from ..runtime.cuda_graphs import GraphedCall
 
+    on_gpu = x.is_cuda
+    sync = torch.cuda.synchronize if on_gpu else None
     env = pipeline.run(x, modules=modules)
     out = {}
     for g in pipeline.graphs:
         args = [env[n] for n in g.inputs]
+        module = modules.get(g.name, g.module)
+        graph_ms = None
         with torch.inference_mode():
-            graphed = GraphedCall(modules.get(g.name, g.module), *args)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graphed.replay()
-            end.record()
-            torch.cuda.synchronize()
-            eager = time_systems({"eager": lambda: g.module(*args)}, reps, 3, sync=torch.cuda.synchronize)["eager"]
-        out[g.name] = {"kind": g.kind, "graph_ms": start.elapsed_time(end) / reps, "eager_ms": eager["median_ms"]}
+            if on_gpu:
+                graphed = GraphedCall(module, *args)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    graphed.replay()
+                end.record()
+                torch.cuda.synchronize()
+                graph_ms = start.elapsed_time(end) / reps
+            eager = time_systems({"eager": lambda: module(*args)}, max(3, reps // 4) if on_gpu else 3, 1,
+                                 sync=sync)["eager"]
+        out[g.name] = {"kind": g.kind, "graph_ms": graph_ms, "eager_ms": eager["median_ms"]}
     return out
 
 
-def _share(times: dict, key: str) -> float:
+def _share(times: dict, key: str) -> float | None:
+    if any(t[key] is None for t in times.values()):
+        return None
     total = sum(t[key] for t in times.values())
     return sum(t[key] for t in times.values() if t["kind"] == "select") / total
 
@@ -60,24 +69,40 @@ def _share(times: dict, key: str) -> float:
 def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, warmup: int = 10,
                    precisions=("bf16",), hf: bool = True, baseline: str | Path | None = None,
                    progress: Progress | None = None) -> dict:
-    import torch
-
-    from ..runtime.backends.torch import TorchChain, resolve_device
-    from ..pipeline.stages import Pipeline, pipeline_from_manifest
+    from ..runtime.backends.torch import resolve_device
+    from ..pipeline.stages import pipeline_from_manifest
 
     if iters < 1 or warmup < 0 or any(b < 1 for b in batches):
         raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
     device = resolve_device("cuda")
-    progress = progress or Progress()
     build_dir = Path(build_dir)
     # the torch chains are rebuilt from the manifest, their weights checked against its
     # sha256; the graph files are hashed where they are read (ONNX Runtime's Runner)
     manifest = read_manifest(build_dir, verify=False, files=False)
-    pruned_pipe = pipeline_from_manifest(manifest)
+    photos = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"])
+    result = bench_chains(pipeline_from_manifest(manifest), photos, manifest["flops"]["ideal_speedup"], device,
+                          batches, iters, warmup, precisions, hf, _ort_systems(build_dir, baseline), progress)
+    return {"build": str(build_dir), "model": manifest["model"], "keep": manifest["keep"],
+            "weights": manifest["weights"], "flops_per_image": manifest["flops"], **result}
+
+
+def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=(1, 8, 32), iters: int = 50,
+                 warmup: int = 10, precisions=("bf16",), hf: bool = True, extra: dict | None = None,
+                 progress: Progress | None = None) -> dict:
+    """The systems of `bench --device cuda` on one pipeline, in one run: what the bench
+    command and scripts/gpu-probe share. On a CPU device (the probe's `--device cpu` test)
+    the same code runs without the CUDA-graph systems and CUDA-event timings."""
+    import torch
+
+    from ..runtime.backends.torch import TorchChain
+    from ..pipeline.stages import Pipeline
+
+    on_gpu = device.type == "cuda"
+    progress = progress or Progress()
     tower, params = pruned_pipe.tower, pruned_pipe.params
     systems, pruned_pipes, checks = {}, {}, {}
     for prec in precisions:
-        progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device)}")
+        progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device) if on_gpu else 'the CPU'}")
         if hf:
             dtype = getattr(torch, TORCH_DTYPES[prec])
             run = tower.hf_forward(device, dtype)
@@ -86,31 +111,31 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
             eager = TorchChain(pipe, device, prec, cuda_graphs=False, compile_selections=False)
             # the others share eager's weights (same precision: no copy)
             systems[f"{label} {prec} (eager)"] = eager
-            systems[f"{label} {prec} (CUDA graph)"] = TorchChain(eager.pipeline, device, prec, cuda_graphs=True,
-                                                                 compile_selections=False)
+            if on_gpu:
+                systems[f"{label} {prec} (CUDA graph)"] = TorchChain(eager.pipeline, device, prec, cuda_graphs=True,
+                                                                     compile_selections=False)
             if label == "pruned":
                 progress(f"compiling the {prec} selections (torch.compile)")
                 default = TorchChain(eager.pipeline, device, prec)   # compiled selections + CUDA graphs
-                if default.compiled:
+                if default.compiled and on_gpu:
                     systems[f"{label} {prec} (compiled, CUDA graph)"] = default
                 pruned_pipes[prec] = default
                 # the TopK-free selections (same decisions), which inductor compiles whole
                 compare = TorchChain(eager.pipeline, device, prec, selection_form="compare")
-                if compare.compiled:
+                if compare.compiled and on_gpu:
                     systems[f"{label} {prec} (compare-form selections compiled, CUDA graph)"] = compare
-    ort_systems = _ort_systems(build_dir, baseline)
-    systems.update(ort_systems)
+    extra = extra or {}
+    systems.update(extra)
 
-    photos = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"])
     rows, per_graph = [], {}
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if on_gpu else None
     for b in batches:
         x_np = np.ascontiguousarray(np.resize(photos, (b, *photos.shape[1:])))
         x = torch.from_numpy(x_np).to(device)
         progress(f"batch {b}: {warmup} warm-up + {iters} timed runs of each of {len(systems)} systems")
         calls = {}
         for name, fn in systems.items():
-            if name in ort_systems:
+            if name in extra:
                 calls[name] = (lambda fn=fn, arg=fn.backend.as_input(x_np): fn.run_native(arg))
             else:
                 calls[name] = (lambda fn=fn: fn(x))
@@ -124,21 +149,22 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
             per_graph[f"{prec} batch {b}"] = {"graphs": times, "select_share_graph": _share(times, "graph_ms"),
                                               "select_share_eager": _share(times, "eager_ms")}
             with torch.inference_mode():
-                a = systems[f"pruned {prec} (eager)"](x)
-                g = systems.get(f"pruned {prec} (compiled, CUDA graph)", systems[f"pruned {prec} (CUDA graph)"])(x)
+                a = systems[f"pruned {prec} (eager)"](x, outputs=None)
+                g = pruned_pipes[prec](x, outputs=None)
             same = all(torch.equal(a[k], g[k]) for k in a if k.startswith(("picks_", "merge_")))
             diff = float((a["features"] - g["features"]).abs().max() / a["features"].abs().max().clamp_min(1e-30))
             checks[f"{prec} batch {b}"] = {"same_decisions": same, "features_rel_diff": diff,
-                                           "compiled": chain.compiled}
-    ideal = manifest["flops"]["ideal_speedup"]
+                                           "compiled": chain.compiled, "cuda_graph": chain.cuda_graphs}
     summary = [_summarize(b, [r for r in rows if r["batch"] == b], precisions, ideal) for b in batches]
-    import onnxruntime
-    return {"build": str(build_dir), "model": manifest["model"], "keep": manifest["keep"],
-            "weights": manifest["weights"], "device": torch.cuda.get_device_name(device),
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "onnxruntime": onnxruntime.__version__,
-                         "onnxruntime_providers": onnxruntime.get_available_providers()},
-            "ort_cuda": bool(ort_systems), "flops_per_image": manifest["flops"], "rows": rows, "summary": summary,
+    try:
+        import onnxruntime
+        ort = {"onnxruntime": onnxruntime.__version__, "onnxruntime_providers": onnxruntime.get_available_providers()}
+    except ImportError:
+        ort = {"onnxruntime": None}
+    return {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if on_gpu else None,
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, **ort},
+            "ort_cuda": bool(extra), "rows": rows, "summary": summary,
             "per_graph": per_graph, "graph_vs_eager": checks,
             "targets": {"fraction_of_ideal_at_batch_8": SPEEDUP_TARGET, "select_share_with_cuda_graphs": SELECT_SHARE_TARGET}}
 
@@ -160,8 +186,8 @@ def _summarize(batch: int, rows: list[dict], precisions, ideal: float) -> dict:
     per = []
     for prec in precisions:
         for mode, base in (("compiled, CUDA graph", "CUDA graph"), ("CUDA graph", "CUDA graph"), ("eager", "eager")):
-            if f"pruned {prec} ({mode})" not in by:   # torch.compile unavailable there
-                continue
+            if f"pruned {prec} ({mode})" not in by or f"unpruned {prec} ({base})" not in by:
+                continue   # torch.compile unavailable there, or no CUDA graphs (a CPU)
             speedup = by[f"unpruned {prec} ({base})"] / by[f"pruned {prec} ({mode})"]
             per.append({"precision": prec, "mode": mode, "speedup_vs_unpruned": speedup,
                         "fraction_of_ideal": speedup / ideal})
@@ -187,11 +213,12 @@ def format_cuda_bench(r: dict) -> str:
         lines.append(f"  batch {s['batch']}, best vs best: {s['best_pruned']} is {s['best_vs_best']:.2f}x faster than "
                      f"{s['best_unpruned']} ({100 * s['best_vs_best_fraction_of_ideal']:.0f}% of the FLOP ideal)")
     for key, p in r["per_graph"].items():
-        lines.append(f"  {key}: selection share of the chain {100 * p['select_share_graph']:.1f}% as CUDA graphs "
-                     "(selections as the default chain runs them), "
-                     f"{100 * p['select_share_eager']:.1f}% eager")
+        graphed = ("" if p["select_share_graph"] is None else
+                   f"{100 * p['select_share_graph']:.1f}% as CUDA graphs (selections as the default chain runs them), ")
+        lines.append(f"  {key}: selection share of the chain {graphed}{100 * p['select_share_eager']:.1f}% eager")
     for key, c in r["graph_vs_eager"].items():
-        what = "compiled selections + CUDA graph" if c.get("compiled") else "CUDA graph"
+        what = " + ".join(w for w, on in (("compiled selections", c.get("compiled")),
+                                          ("CUDA graph", c.get("cuda_graph", True))) if on) or "default chain"
         lines.append(f"  {key}: {what} vs eager: {'same' if c['same_decisions'] else 'different (near-tie?)'} decisions, "
                      f"features rel diff {c['features_rel_diff']:.1e}")
     return "\n".join(lines)

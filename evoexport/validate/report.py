@@ -138,6 +138,31 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
             "ok": features["ok"] and all(p["ok"] for p in points), "env": env}
 
 
+class _Recorded:
+    """A chain that ran elsewhere (scripts/gpu-probe's dump), replayed as a runner by its outputs."""
+
+    def __init__(self, env: dict):
+        self.env, self.backend = env, self
+
+    def run_all(self, x) -> dict:
+        return self.env
+
+    def to_numpy(self, value):
+        return value
+
+
+def check_recorded(pipeline, x: np.ndarray, env: dict, precision: str) -> dict:
+    """Recorded outputs of a chain (features, merge_i, picks_i, indices_i on pixels `x`) against
+    the fp32 reference `pipeline`, by the same rules as `validate`'s end-to-end check."""
+    import torch
+
+    free = {k: v.numpy() for k, v in pipeline.run(torch.from_numpy(x)).items()}
+    tol = tolerances_for(precision)
+    result = _check_chain(_Recorded(env), pipeline, x, tol, free)
+    result.pop("env")
+    return {"passed": result["ok"], "precision": precision, "tolerances": tol, **result}
+
+
 def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None, runner: Runner | None = None,
              images=SAMPLE_PHOTOS, write: bool = True, **backend_options) -> dict:
     """Validate a build on `backend` (options such as threads= go to the backend); returns the report."""
