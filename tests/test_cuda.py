@@ -66,3 +66,25 @@ def test_onnxruntime_cuda_provider_keeps_tensors_on_the_gpu(tiny_build):
     assert out.features.device_name() == "cuda"
     report = validate(tiny_build, backend="onnxruntime", write=False)
     assert report["passed"], report["summary"]
+
+
+@cuda
+def test_cuda_gram_similarity_on_tensor_cores_is_the_fp32_cosine():
+    from evoexport.prune.selection import cosine_similarity
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(4, 289, 1024, generator=g) * torch.linspace(0.1, 30, 1024)).to(torch.bfloat16)
+    on_gpu = cosine_similarity(hidden.cuda())           # bmm with an fp32 output
+    on_cpu = cosine_similarity(hidden)                  # the upcast fp32 matmul
+    assert on_gpu.dtype == torch.float32
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=2e-6)
+
+
+@cuda
+def test_cuda_chain_copies_out_only_what_was_asked(tiny_build):
+    runner = evoexport.load(tiny_build, backend="torch", device="cuda", precision="bf16")
+    chain = runner.backend.chain
+    x = torch.from_numpy(_photos(tiny_build)).cuda()
+    assert list(chain(x)) == ["features"]
+    full = chain(x, outputs=None)
+    assert full["pruned0_hidden"].dtype == torch.bfloat16      # the chain's dtype across the boundary
+    assert torch.equal(chain(x, outputs=["picks_0"])["picks_0"], full["picks_0"])

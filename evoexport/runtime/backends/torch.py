@@ -157,7 +157,7 @@ class TorchBackend:
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cpu", precision: str | None = None,
                  cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None,
-                 selection_form: str = "topk"):
+                 selection_form: str = "topk", keep_dtype: bool | None = None, sdpa=None):
         from ...pipeline.stages import pipeline_from_manifest
 
         device = resolve_device(device)
@@ -167,7 +167,7 @@ class TorchBackend:
             built = manifest.get("precision", "fp32")
             precision = built if device.type == "cuda" and built in DTYPES else "fp32"
         self.chain = TorchChain(pipeline, device, precision, cuda_graphs, compile_selections,
-                                selection_form=selection_form)
+                                selection_form=selection_form, keep_dtype=keep_dtype, sdpa=sdpa)
         self.device, self.precision = device, precision
         self.pipeline = self.chain.pipeline
         self.modules = {g.name: self.chain.modules.get(g.name, g.module) for g in self.pipeline.graphs}
