@@ -68,6 +68,17 @@ def test_the_dumps_validate_against_the_fp32_reference_on_the_cpu(probe_run):
     assert all(len(c["points"]) == 2 for c in check.values())
 
 
+def test_a_damaged_dump_is_one_error_line(probe_run, tmp_path):
+    import shutil
+    out, _ = probe_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "dump-topk.npz").write_bytes((out / "dump-topk.npz").read_bytes()[:200])   # truncated
+    r = _run("--check", str(copy))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "dump-topk.npz is not a readable dump" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_a_run_cut_short_leaves_the_sections_it_finished(tmp_path):
     out = tmp_path / "cut"
     proc = subprocess.Popen([*PROBE, str(out), "--device", "cpu", "--sections", "env,dump,bench,selections"],

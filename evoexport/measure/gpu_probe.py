@@ -316,14 +316,26 @@ def check_dump(out: str | Path) -> dict:
         info = json.loads((out / "probe.json").read_text())["probe"]
     except (OSError, ValueError, KeyError) as e:
         raise EvoExportError(f"{out} holds no probe.json of a gpu-probe run ({e})") from None
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), t) for k, t in
+                                             (("model", str), ("seed", int), ("keep", float), ("precision", str))):
+        raise EvoExportError(f"{out}/probe.json does not say which model, seed, keep and precision the probe ran")
     tower = load_tower(info["model"], seed=info["seed"], quiet=True)
     points = default_schedule(tower.depth, tower.num_patches, info["keep"], tower.spec.prune_layers)
     pipeline = Pipeline(tower, points, default_params(info["model"]))
+    wanted = ["pixel_values", "features"] + [f"{k}_{i}" for i in range(len(points)) for k in ("indices", "merge", "picks")]
     result = {}
     for dump in sorted(out.glob("dump-*.npz")):
-        with np.load(dump, allow_pickle=False) as z:
-            env = {k: z[k] for k in z.files}
+        try:
+            with np.load(dump, allow_pickle=False) as z:   # arrays only: never unpickled
+                env = {k: z[k] for k in z.files}
+        except Exception as e:   # a truncated or foreign file: numpy and zipfile raise several kinds
+            raise EvoExportError(f"{dump} is not a readable dump ({type(e).__name__}: {e})") from None
+        missing = [k for k in wanted if k not in env]
+        if missing:
+            raise EvoExportError(f"{dump} lacks {', '.join(missing)}")
         x = env.pop("pixel_values")
+        if x.dtype != np.float32 or x.shape[1:] != (3, tower.image_size, tower.image_size):
+            raise EvoExportError(f"{dump}: pixel_values {list(x.shape)} {x.dtype} are not this model's input")
         result[dump.stem] = check_recorded(pipeline, x, env, info["precision"])
     if not result:
         raise EvoExportError(f"{out} holds no dump-*.npz (the probe's dump section did not run)")
