@@ -106,10 +106,22 @@ def atomic_dir(target: str | Path):
 def _replace_dir(new: Path, target: Path) -> None:
     """SIGINT and SIGTERM are held back during the two renames: an interrupt between them would
     otherwise leave nothing at `target` while the cleanup deletes the new folder. A signal that
-    arrives meanwhile is delivered when the swap is done."""
+    arrives meanwhile is delivered when the swap is done.
+
+    Held by swapping the Python handlers, not by masking the signals: a mask holds them for one
+    thread only, and a process-directed signal goes to any thread that does not block it (tqdm's
+    monitor, a compiler's workers), after which Python runs its handler in the main thread all
+    the same. Python's handlers run only in the main thread; elsewhere this thread's mask is
+    what there is."""
     import signal
-    held = {signal.SIGINT, signal.SIGTERM}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    import threading
+
+    held, pending, previous, mask = (signal.SIGINT, signal.SIGTERM), [], {}, None
+    if threading.current_thread() is threading.main_thread():
+        for sig in held:
+            previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    else:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(held))
     old = None
     try:
         if target.exists():
@@ -122,7 +134,12 @@ def _replace_dir(new: Path, target: Path) -> None:
                 os.rename(old, target)   # put the previous one back
             raise
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in previous.items():   # None: a handler not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig in dict.fromkeys(pending):   # each held signal once, now that the swap is done
+            signal.raise_signal(sig)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
