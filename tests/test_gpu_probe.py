@@ -33,7 +33,7 @@ def probe_run(tmp_path_factory):
 def test_every_section_runs_on_the_cpu_and_is_recorded(probe_run):
     out, data = probe_run
     assert data["errors"] == {} and data["skipped"] == {}
-    assert list(data["probe"]["sections"]) == ["env", "dump", "bench", "selections", "sdpa", "qkv", "ttft"]
+    assert list(data["probe"]["sections"]) == ["env", "dump", "bench", "selections", "sdpa", "qkv", "ttft", "budgets"]
     assert data["env"]["ideal_speedup"] > 1 and len(data["env"]["schedule"]) == 2
     # bench-cuda.json is in `bench --device cuda`'s format, readable by its formatter
     from evoexport.measure.bench_cuda import format_cuda_bench
@@ -55,6 +55,12 @@ def test_every_section_runs_on_the_cpu_and_is_recorded(probe_run):
     for row in data["ttft"]["rows"]:
         pruned, unpruned = row["rows"]["pruned"], row["rows"]["unpruned"]
         assert pruned["image_tokens"] == data["env"]["schedule"][-1]["tokens"] < unpruned["image_tokens"] == 49
+    # rounded budgets: every stage's sequence length (tokens + CLS) a multiple of M
+    budgets = data["budgets"]["budgets"]
+    assert budgets["default"] == [q["tokens"] for q in data["env"]["schedule"]]
+    assert all((t + 1) % 8 == 0 for t in budgets["multiple of 8"])
+    assert {"default", "multiple of 8"} <= set(data["budgets"]["rows"][0])
+    assert budgets["multiple of 64"].startswith("error: --round-budgets 64")   # 49 patches: no room
 
 
 def test_the_dumps_validate_against_the_fp32_reference_on_the_cpu(probe_run):
@@ -106,7 +112,7 @@ def test_sections_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_pat
     assert set(data["skipped"]) == {"env", "bench"} and "budget" in data["skipped"]["bench"]
     bad = _run(str(tmp_path / "c"), "--device", "cpu", "--sections", "env,bogus")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: unknown section(s) bogus; sections: env, dump, bench, selections, sdpa, qkv, ttft"]
+        "error: unknown section(s) bogus; sections: env, dump, bench, selections, sdpa, qkv, ttft, budgets"]
 
 
 def test_ttft_at_full_depth_on_the_torch_chains(tiny_build):

@@ -88,10 +88,11 @@ def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, w
 
 def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=(1, 8, 32), iters: int = 50,
                  warmup: int = 10, precisions=("bf16",), hf: bool = True, extra: dict | None = None,
-                 progress: Progress | None = None) -> dict:
+                 progress: Progress | None = None, reuse: dict | None = None) -> dict:
     """The systems of `bench --device cuda` on one pipeline, in one run: what the bench
     command and scripts/gpu-probe share. On a CPU device (the probe's `--device cpu` test)
-    the same code runs without the CUDA-graph systems and CUDA-event timings."""
+    the same code runs without the CUDA-graph systems and CUDA-event timings. `reuse` maps
+    system names to chains already made (the probe's; their selections already compiled)."""
     import torch
 
     from ..runtime.backends.torch import TorchChain
@@ -101,6 +102,10 @@ def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=
     progress = progress or Progress()
     tower, params = pruned_pipe.tower, pruned_pipe.params
     systems, pruned_pipes, checks = {}, {}, {}
+    reuse = reuse or {}
+
+    def chain(name, pipe, **options):
+        return reuse[name] if name in reuse else TorchChain(pipe, device, prec, **options)
     for prec in precisions:
         progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device) if on_gpu else 'the CPU'}")
         if hf:
@@ -112,16 +117,17 @@ def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=
             # the others share eager's weights (same precision: no copy)
             systems[f"{label} {prec} (eager)"] = eager
             if on_gpu:
-                systems[f"{label} {prec} (CUDA graph)"] = TorchChain(eager.pipeline, device, prec, cuda_graphs=True,
-                                                                     compile_selections=False)
+                systems[f"{label} {prec} (CUDA graph)"] = chain(f"{label} {prec} (CUDA graph)", eager.pipeline,
+                                                                cuda_graphs=True, compile_selections=False)
             if label == "pruned":
                 progress(f"compiling the {prec} selections (torch.compile)")
-                default = TorchChain(eager.pipeline, device, prec)   # compiled selections + CUDA graphs
+                default = chain(f"{label} {prec} (compiled, CUDA graph)", eager.pipeline)   # compiled + CUDA graphs
                 if default.compiled and on_gpu:
                     systems[f"{label} {prec} (compiled, CUDA graph)"] = default
                 pruned_pipes[prec] = default
                 # the TopK-free selections (same decisions), which inductor compiles whole
-                compare = TorchChain(eager.pipeline, device, prec, selection_form="compare")
+                compare = chain(f"{label} {prec} (compare-form selections compiled, CUDA graph)", eager.pipeline,
+                                selection_form="compare")
                 if compare.compiled and on_gpu:
                     systems[f"{label} {prec} (compare-form selections compiled, CUDA graph)"] = compare
     extra = extra or {}

@@ -23,6 +23,8 @@ Sections, in order (each is skipped, with the reason, when the time budget canno
   qkv         separate q, k, v projections against one fused projection
   ttft        image encoding + a 7B-shaped Llama's prefill (bf16, random weights), keep 0.5
               against unpruned, at batch 1 and 8
+  budgets     the default budgets against budgets rounded to sequence lengths that are
+              multiples of 8 and of 64 (`build --round-budgets`): what rounding buys
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ SIZES = {"cuda": dict(model="llava", batches=(1, 8, 32), iters=30, warmup=5, llm
          "cpu": dict(model="llava-tiny", batches=(1, 2), iters=3, warmup=1, llm="tiny", ttft_batches=(1, 2),
                      budget_s=600, focus_batches=(2,), sdpa_counts=1)}
 # what a section needs at least, in seconds, on the GPU machine (it is skipped otherwise)
-NEEDS_S = {"env": 0, "dump": 20, "bench": 90, "selections": 40, "sdpa": 15, "qkv": 5, "ttft": 45}
+NEEDS_S = {"env": 0, "dump": 20, "bench": 90, "selections": 40, "sdpa": 15, "qkv": 5, "ttft": 45, "budgets": 60}
 SEED, KEEP, PRECISION = 0, 0.5, "bf16"
 
 
@@ -84,13 +86,24 @@ class Probe:
         return self.torch.cuda.synchronize if self.device.type == "cuda" else None
 
     def chain(self, name: str, **options):
-        """One TorchChain per configuration, made once (compiling selections costs seconds)."""
+        """One TorchChain per configuration, made once and shared by the sections: compiling
+        a form's selections costs ~50 s on the H200 (run 2). Named as `bench` names its systems."""
         from ..runtime.backends.torch import TorchChain
         if name not in self.chains:
-            pipe = self.unpruned if name.startswith("unpruned") else self.pipeline
+            pipe = self.unpruned if name.startswith("unpruned") else options.pop("pipeline", self.pipeline)
             self.progress(f"preparing the {name} chain")
             self.chains[name] = TorchChain(pipe, self.device, PRECISION, **options)
         return self.chains[name]
+
+    def default_chain(self):
+        """The chain a user gets: compiled selections (TopK form), CUDA graphs on a GPU."""
+        return self.chain(f"pruned {PRECISION} (compiled, CUDA graph)")
+
+    def compare_chain(self):
+        return self.chain(f"pruned {PRECISION} (compare-form selections compiled, CUDA graph)", selection_form="compare")
+
+    def unpruned_chain(self):
+        return self.chain(f"unpruned {PRECISION} (CUDA graph)", compile_selections=False)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -133,8 +146,7 @@ def _dump(p: Probe) -> dict:
     validates them on a CPU against the fp32 reference."""
     x = p.x(1)
     out = {}
-    for form, options in (("topk", {}), ("compare", {"selection_form": "compare"})):
-        chain = p.chain(f"pruned {form}", **options)
+    for form, chain in (("topk", p.default_chain()), ("compare", p.compare_chain())):
         env = chain(x, outputs=["features"] + [f"{k}_{i}" for i in range(len(p.pipeline.points))
                                                for k in ("indices", "merge", "picks")])
         arrays = {k: v.detach().float().cpu().numpy() if k == "features" else v.cpu().numpy() for k, v in env.items()}
@@ -146,8 +158,12 @@ def _dump(p: Probe) -> dict:
 def _bench(p: Probe) -> dict:
     from .bench_cuda import bench_chains, format_cuda_bench
 
+    for make in (p.default_chain, p.compare_chain, p.unpruned_chain):
+        make()
+    # on a GPU these are bench's own systems, by name: made and compiled once for every section
+    reuse = dict(p.chains) if p.device.type == "cuda" else {}
     r = bench_chains(p.pipeline, p.photos, p.ideal, p.device, p.size["batches"], p.size["iters"], p.size["warmup"],
-                     (PRECISION,), hf=True, progress=p.progress)
+                     (PRECISION,), hf=True, progress=p.progress, reuse=reuse)
     r = {"build": f"scripts/gpu-probe (seeded {p.size['model']}, built in memory)", "model": p.size["model"],
          "keep": KEEP, "weights": "random", "flops_per_image": {"ideal_speedup": p.ideal}, **r}
     write_json(p.out / "bench-cuda.json", r)
@@ -163,7 +179,7 @@ def _selections(p: Probe) -> dict:
 
     torch = p.torch
     old = p.chain("pruned old selection", keep_dtype=False, cuda_graphs=False)
-    new = p.chain("pruned new selection", keep_dtype=True, selection_form="compare", cuda_graphs=False)
+    new = p.compare_chain()
     rows = []
     for b in p.size["focus_batches"]:
         x = p.x(b)
@@ -279,15 +295,48 @@ def _ttft(p: Probe) -> dict:
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[PRECISION])
     p.progress(f"making a {p.size['llm']}-shaped language model ({PRECISION}, random weights) on {p.device}")
     llm = make_llm(p.size["llm"], None, p.device, dtype)
-    encoders = {"pruned": p.chain("pruned topk"), "unpruned": p.chain("unpruned")}
+    encoders = {"pruned": p.default_chain(), "unpruned": p.unpruned_chain()}
     tokens = {"pruned": p.pipeline.points[-1].tokens, "unpruned": p.pipeline.tower.num_patches}
     rows = [ttft_torch(encoders, tokens, llm, p.x(b), p.size["iters"], p.size["warmup"], sync=p.sync())
             for b in p.size["ttft_batches"]]
     return {"llm": p.size["llm"], "rows": rows}
 
 
+def _budgets(p: Probe) -> dict:
+    """The default budgets against budgets rounded to tile-friendly sequence lengths
+    (`build --round-budgets 8|64`), each as the default chain (compiled, CUDA graph), in one
+    interleaved timing per batch."""
+    from ..errors import EvoExportError
+    from ..pipeline.stages import Pipeline
+    from ..prune.cost import tower_flops
+    from ..prune.schedule import round_budgets
+    from .timing import time_systems
+
+    tower, params = p.pipeline.tower, p.pipeline.params
+    chains, schedules = {"default": p.default_chain()}, {"default": [q.tokens for q in p.pipeline.points]}
+    ideal = {"default": p.ideal}
+    for m in (8, 64):
+        try:
+            points = round_budgets(p.pipeline.points, m, tower.patches_per_token, int(tower.has_cls), tower.num_patches)
+        except EvoExportError as e:   # the tiny test model has no room for a multiple of 64
+            schedules[f"multiple of {m}"] = f"error: {e}"
+            continue
+        chains[f"multiple of {m}"] = p.chain(f"pruned {PRECISION} (compiled, CUDA graph, budgets x{m})",
+                                             pipeline=Pipeline(tower, points, params))
+        schedules[f"multiple of {m}"] = [q.tokens for q in points]
+        ideal[f"multiple of {m}"] = tower_flops(tower, [], params) / tower_flops(tower, points, params)
+    rows = []
+    for b in p.size["focus_batches"]:
+        x = p.x(b)
+        with p.torch.inference_mode():
+            timed = time_systems({k: (lambda c=c: c(x)) for k, c in chains.items()}, p.size["iters"], p.size["warmup"],
+                                 sync=p.sync())
+        rows.append({"batch": b, **{k: {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"]} for k, t in timed.items()}})
+    return {"budgets": schedules, "ideal_speedup": ideal, "rows": rows}
+
+
 SECTIONS = {"env": _env, "dump": _dump, "bench": _bench, "selections": _selections, "sdpa": _sdpa, "qkv": _qkv,
-            "ttft": _ttft}
+            "ttft": _ttft, "budgets": _budgets}
 
 
 def run_probe(out: str | Path, device: str = "cuda", budget_s: float | None = None, sections=None,
