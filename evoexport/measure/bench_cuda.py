@@ -22,7 +22,7 @@ from ..inputs.images import sample_batch
 from ..manifest import read_manifest
 from ..manifest import TORCH_DTYPES
 from ..progress import Progress
-from .timing import time_systems
+from .timing import cuda_graph_ms, time_systems
 
 SPEEDUP_TARGET = 0.90   # pruned vs unpruned at batch 8, as a fraction of the FLOP ideal
 SELECT_SHARE_TARGET = 0.05
@@ -32,8 +32,6 @@ def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
     """ms per graph of the chain: each graph as its own CUDA graph (event-timed; on a GPU
     only), and eager (`modules`: the compiled selections the chain runs)."""
     import torch
-
-    from ..runtime.cuda_graphs import GraphedCall
 
     on_gpu = x.is_cuda
     sync = torch.cuda.synchronize if on_gpu else None
@@ -45,14 +43,7 @@ def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
         graph_ms = None
         with torch.inference_mode():
             if on_gpu:
-                graphed = GraphedCall(module, *args)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(reps):
-                    graphed.replay()
-                end.record()
-                torch.cuda.synchronize()
-                graph_ms = start.elapsed_time(end) / reps
+                graph_ms = cuda_graph_ms(module, *args, reps=reps)
             eager = time_systems({"eager": lambda: module(*args)}, max(3, reps // 4) if on_gpu else 3, 1,
                                  sync=sync)["eager"]
         out[g.name] = {"kind": g.kind, "graph_ms": graph_ms, "eager_ms": eager["median_ms"]}

@@ -202,19 +202,10 @@ def _selections(p: Probe) -> dict:
 
 def _time_graphed(p: Probe, fn, reps: int = 20):
     """ms of fn() as a CUDA graph (events) on a GPU; median of eager calls on a CPU."""
-    from .timing import time_systems
-    torch = p.torch
+    from .timing import cuda_graph_ms, time_systems
     if p.device.type != "cuda":
         return time_systems({"f": fn}, 3, 1)["f"]["median_ms"]
-    from ..runtime.cuda_graphs import GraphedCall
-    graphed = GraphedCall(fn)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graphed.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return cuda_graph_ms(fn, reps=reps)
 
 
 def _sdpa(p: Probe) -> dict:

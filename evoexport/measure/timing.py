@@ -42,6 +42,23 @@ def time_systems(systems: dict[str, Callable[[], object]], iters: int, warmup: i
     return {name: {**stats(ts), "times_ms": ts} for name, ts in times.items()}
 
 
+def cuda_graph_ms(fn, *args, reps: int = 20) -> float:
+    """ms of one replay of fn(*args) captured as a CUDA graph, timed with CUDA events over
+    `reps` back-to-back replays (no host launch cost: what the GPU itself spends)."""
+    import torch
+
+    from ..runtime.cuda_graphs import GraphedCall
+
+    graphed = GraphedCall(fn, *args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graphed.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def cpu_info() -> dict:
     """The CPU a measurement ran on: its name, cores, and the instruction sets that change
     kernels and rounding (AVX2, AVX-512 VNNI and BF16, AMX), from /proc/cpuinfo."""
