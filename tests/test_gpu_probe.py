@@ -33,7 +33,7 @@ def probe_run(tmp_path_factory):
 def test_every_section_runs_on_the_cpu_and_is_recorded(probe_run):
     out, data = probe_run
     assert data["errors"] == {} and data["skipped"] == {}
-    assert list(data["probe"]["sections"]) == ["env", "dump", "bench", "selections", "sdpa", "qkv", "ttft", "budgets"]
+    assert list(data["probe"]["sections"]) == ["env", "dump", "bench", "ttft", "selections", "sdpa", "qkv", "budgets"]
     assert data["env"]["ideal_speedup"] > 1 and len(data["env"]["schedule"]) == 2
     # bench-cuda.json is in `bench --device cuda`'s format, readable by its formatter
     from evoexport.measure.bench_cuda import format_cuda_bench
@@ -112,7 +112,7 @@ def test_sections_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_pat
     assert set(data["skipped"]) == {"env", "bench"} and "budget" in data["skipped"]["bench"]
     bad = _run(str(tmp_path / "c"), "--device", "cpu", "--sections", "env,bogus")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: unknown section(s) bogus; sections: env, dump, bench, selections, sdpa, qkv, ttft, budgets"]
+        "error: unknown section(s) bogus; sections: env, dump, bench, ttft, selections, sdpa, qkv, budgets"]
 
 
 def test_ttft_at_full_depth_on_the_torch_chains(tiny_build):
