@@ -91,6 +91,7 @@ def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tupl
     import tempfile
 
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+    from polygraphy.logger import G_LOGGER
 
     # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are
     # always strongly typed and Polygraphy must not be asked for the missing flag
@@ -99,8 +100,10 @@ def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tupl
     for name, (lo, opt, hi) in shapes.items():
         profile.add(name, min=lo, opt=opt, max=hi)
     try:
-        # real files, as Polygraphy wants of file objects (a mode; fsync on save)
-        with tempfile.TemporaryFile("w+b") as loaded, tempfile.TemporaryFile("w+b") as saved:
+        # real files, as Polygraphy wants of file objects (a mode; fsync on save); its info
+        # lines would name those temporary files: warnings and errors only, our progress says the rest
+        with tempfile.TemporaryFile("w+b") as loaded, tempfile.TemporaryFile("w+b") as saved, \
+                G_LOGGER.verbosity(G_LOGGER.WARNING):
             loaded.write(timing_cache)
             loaded.seek(0)
             config = CreateConfig(profiles=[profile], tf32=False, load_timing_cache=loaded)
