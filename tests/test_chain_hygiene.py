@@ -80,3 +80,18 @@ def test_a_chosen_sdpa_backend_keeps_the_decisions():
     torch.testing.assert_close(default["features"], math_only["features"], rtol=1e-4, atol=1e-4)
     with pytest.raises(EvoExportError, match="SDPA backends must be some of cudnn, flash, efficient, math"):
         TorchChain(pipe, "cpu", sdpa=("cudnn", "fastest"))
+
+
+def test_a_runner_on_the_torch_chain_still_gives_every_tensor_where_asked(tiny_build, tmp_path):
+    """Runner calls ask the chain for features and decisions only; run_all (what `show` reads:
+    the importances) still gets every tensor."""
+    import evoexport
+    from evoexport.cli import main
+    from evoexport.inputs.images import sample_batch
+
+    runner = evoexport.load(tiny_build, backend="torch")
+    x = sample_batch(runner.manifest["tower"]["image_size"], runner.manifest["preprocess"])
+    assert {"stage0_importance", "pruned0_hidden"} <= set(runner.run_all(x))
+    out = runner(x)
+    assert len(out.picks_per_point) == len(runner.manifest["schedule"]) and out.features.shape[0] == x.shape[0]
+    assert main(["show", str(tiny_build), "--backend", "torch", "--output", str(tmp_path / "keep.png")]) == 0

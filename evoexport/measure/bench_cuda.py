@@ -30,7 +30,8 @@ SELECT_SHARE_TARGET = 0.05
 
 def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
     """ms per graph of the chain: each graph as its own CUDA graph (event-timed; on a GPU
-    only), and eager (`modules`: the compiled selections the chain runs)."""
+    only), with `modules` (the compiled selections the chain runs) in place of the
+    pipeline's own, and each graph's own module eagerly."""
     import torch
 
     on_gpu = x.is_cuda
@@ -44,7 +45,8 @@ def _graph_times(pipeline, x, modules: dict, reps: int = 20) -> dict:
         with torch.inference_mode():
             if on_gpu:
                 graph_ms = cuda_graph_ms(module, *args, reps=reps)
-            eager = time_systems({"eager": lambda: module(*args)}, max(3, reps // 4) if on_gpu else 3, 1,
+            # eager: the pipeline's own module, as runs 1 and 2 timed it (so runs compare)
+            eager = time_systems({"eager": lambda: g.module(*args)}, reps if on_gpu else 3, 3 if on_gpu else 1,
                                  sync=sync)["eager"]
         out[g.name] = {"kind": g.kind, "graph_ms": graph_ms, "eager_ms": eager["median_ms"]}
     return out
@@ -95,7 +97,7 @@ def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=
     systems, pruned_pipes, checks = {}, {}, {}
     reuse = reuse or {}
 
-    def chain(name, pipe, **options):
+    def make_chain(name, pipe, **options):
         return reuse[name] if name in reuse else TorchChain(pipe, device, prec, **options)
     for prec in precisions:
         progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device) if on_gpu else 'the CPU'}")
@@ -108,16 +110,16 @@ def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=
             # the others share eager's weights (same precision: no copy)
             systems[f"{label} {prec} (eager)"] = eager
             if on_gpu:
-                systems[f"{label} {prec} (CUDA graph)"] = chain(f"{label} {prec} (CUDA graph)", eager.pipeline,
+                systems[f"{label} {prec} (CUDA graph)"] = make_chain(f"{label} {prec} (CUDA graph)", eager.pipeline,
                                                                 cuda_graphs=True, compile_selections=False)
             if label == "pruned":
                 progress(f"compiling the {prec} selections (torch.compile)")
-                default = chain(f"{label} {prec} (compiled, CUDA graph)", eager.pipeline)   # compiled + CUDA graphs
+                default = make_chain(f"{label} {prec} (compiled, CUDA graph)", eager.pipeline)   # compiled + CUDA graphs
                 if default.compiled and on_gpu:
                     systems[f"{label} {prec} (compiled, CUDA graph)"] = default
                 pruned_pipes[prec] = default
                 # the TopK-free selections (same decisions), which inductor compiles whole
-                compare = chain(f"{label} {prec} (compare-form selections compiled, CUDA graph)", eager.pipeline,
+                compare = make_chain(f"{label} {prec} (compare-form selections compiled, CUDA graph)", eager.pipeline,
                                 selection_form="compare")
                 if compare.compiled and on_gpu:
                     systems[f"{label} {prec} (compare-form selections compiled, CUDA graph)"] = compare

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import write_json
+from ..pipeline.chain import reported_outputs
 from ..progress import Progress
 
 # sdpa_counts: how many of the stages' token counts the attention section times (the CPU
@@ -149,8 +150,7 @@ def _dump(p: Probe) -> dict:
     x = p.x(1)
     out = {}
     for form, chain in (("topk", p.default_chain()), ("compare", p.compare_chain())):
-        env = chain(x, outputs=["features"] + [f"{k}_{i}" for i in range(len(p.pipeline.points))
-                                               for k in ("indices", "merge", "picks")])
+        env = chain(x, outputs=reported_outputs(len(p.pipeline.points)))
         arrays = {k: v.detach().float().cpu().numpy() if k == "features" else v.cpu().numpy() for k, v in env.items()}
         np.savez_compressed(p.out / f"dump-{form}.npz", pixel_values=x.cpu().numpy(), **arrays)
         out[form] = {"file": f"dump-{form}.npz", "compiled": chain.compiled, "cuda_graph": chain.cuda_graphs}
@@ -368,7 +368,7 @@ def check_dump(out: str | Path) -> dict:
     tower = load_tower(info["model"], seed=info["seed"], quiet=True)
     points = default_schedule(tower.depth, tower.num_patches, info["keep"], tower.spec.prune_layers)
     pipeline = Pipeline(tower, points, default_params(info["model"]))
-    wanted = ["pixel_values", "features"] + [f"{k}_{i}" for i in range(len(points)) for k in ("indices", "merge", "picks")]
+    wanted = ["pixel_values"] + reported_outputs(len(points))
     result = {}
     for dump in sorted(out.glob("dump-*.npz")):
         try:

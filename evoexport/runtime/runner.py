@@ -23,7 +23,7 @@ import numpy as np
 from .backends import make_backend
 from ..errors import EvoExportError
 from ..manifest import graph_entries, read_manifest
-from ..pipeline.chain import entry_names, run_chain
+from ..pipeline.chain import entry_names, reported_outputs, run_chain
 
 
 class Output(NamedTuple):
@@ -45,6 +45,8 @@ class Runner:
         self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
         spec = self.manifest["inputs"][0]
         self.input_name, self.input_shape = spec["name"], spec["shape"]
+        # what a call reports: the features and every point's decisions
+        self.output_names = reported_outputs(len(self.manifest["schedule"]))
 
     def check_input(self, pixel_values) -> np.ndarray | object:
         shape = tuple(getattr(pixel_values, "shape", ()))
@@ -64,19 +66,21 @@ class Runner:
         """Every named tensor of the chain (backend-native values)."""
         return self.run_native(self.backend.as_input(self.check_input(pixel_values)))
 
-    def run_native(self, value) -> dict:
+    def run_native(self, value, outputs=None) -> dict:
         """The same from an input already in the backend's own form and place (an OrtValue or
-        a tensor on the GPU): what a benchmark times, without the host-to-device copy."""
+        a tensor on the GPU): what a benchmark times, without the host-to-device copy.
+        `outputs` names the tensors wanted (None: every one); a backend that runs the whole
+        chain in one call (a CUDA graph) then returns only those, the others may add more."""
         whole = getattr(self.backend, "run_chain", None)
-        if whole is not None:   # the backend runs the whole chain in one call (a CUDA graph)
-            return whole(value)
+        if whole is not None:
+            return whole(value, outputs)
 
         def run_graph(entry, args):
             return self.backend.run_graph(entry, dict(zip(entry_names(entry)[0], args)))
         return run_chain(self.graphs, {self.input_name: value}, run_graph, names=entry_names)
 
     def __call__(self, pixel_values) -> Output:
-        env = self.run_all(pixel_values)
+        env = self.run_native(self.backend.as_input(self.check_input(pixel_values)), self.output_names)
         points = range(len(self.manifest["schedule"]))
         per_point = {kind: [env[f"{kind}_{i}"] for i in points] for kind in ("indices", "merge", "picks")}
         if per_point["indices"]:

@@ -75,11 +75,12 @@ def network_flags(trt) -> int:
     return 1 << int(flag)
 
 
-def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
+def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"", strongly_typed: bool = True) -> tuple[bytes, bytes]:
     """One serialized engine from one ONNX file, through Polygraphy's loaders; returns
     (plan, updated timing cache).
 
-    - network_from_onnx_path(strongly_typed=True): precision is what the ONNX says;
+    - network_from_onnx_path(strongly_typed=True): precision is what the ONNX says (False
+      only on a TensorRT 11 without the flag, whose networks are always strongly typed);
     - CreateConfig(profiles=[one batch profile], load_timing_cache=...): no precision flags,
       and tf32=False, which clears TensorRT's default-on TF32 (10 mantissa bits, ~1e-3
       relative): the selections' decisions are validated at fp32's 1e-4 margin, so an fp32
@@ -93,9 +94,6 @@ def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"") -> tupl
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
     from polygraphy.logger import G_LOGGER
 
-    # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are
-    # always strongly typed and Polygraphy must not be asked for the missing flag
-    strongly_typed = bool(network_flags(_require_tensorrt()))
     profile = Profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.add(name, min=lo, opt=opt, max=hi)
@@ -133,6 +131,9 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
     manifest = read_manifest(build_dir)
     prof = batch_profile(manifest, min_batch, opt_batch, max_batch)
     trt = _require_tensorrt()
+    # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are
+    # always strongly typed and Polygraphy must not be asked for the missing flag
+    strongly_typed = bool(network_flags(trt))
     gpu = gpu_info()
     cache_path = Path(timing_cache).expanduser() if timing_cache else None
     cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
@@ -142,7 +143,7 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
             progress(f"building the TensorRT engine for {g['name']} (strongly typed, batch {prof['min']}..{prof['max']})")
         shapes = {t["name"]: tuple((b, *t["shape"][1:]) for b in (prof["min"], prof["opt"], prof["max"]))
                   for t in g["inputs"]}
-        plan, cache = build_plan(build_dir / g["file"], shapes, cache)
+        plan, cache = build_plan(build_dir / g["file"], shapes, cache, strongly_typed)
         path = build_dir / f"{g['name']}.engine"
         atomic_write(path, plan)
         entries.append({"name": g["name"], "file": path.name, "sha256": sha256_file(path), "onnx_sha256": g["sha256"]})

@@ -56,7 +56,7 @@ class TorchChain:
             # fp32, importance and the selections too
             twin = pipeline.tower.reduced_precision_copy(dtype, fp32_norms=not on_gpu if fp32_norms is None else fp32_norms)
             pipeline = Pipeline(twin, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
-        elif keep_dtype != pipeline.keep_dtype:
+        elif keep_dtype != pipeline.keep_dtype and dtype != torch.float32:   # fp32 stages: nothing to keep
             pipeline = Pipeline(pipeline.tower, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
         self.sdpa = sdpa_backends(sdpa)
         cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
@@ -171,8 +171,6 @@ class TorchBackend:
         self.device, self.precision = device, precision
         self.pipeline = self.chain.pipeline
         self.modules = {g.name: self.chain.modules.get(g.name, g.module) for g in self.pipeline.graphs}
-        self.output_names = ["features"] + [f"{kind}_{i}" for i in range(len(self.pipeline.points))
-                                            for kind in ("indices", "merge", "picks")]
         import torch
         self.torch = torch
 
@@ -185,10 +183,10 @@ class TorchBackend:
             outs = self.modules[entry["name"]](*[feeds[n] for n in names])
         return dict(zip([o["name"] for o in entry["outputs"]], outs))
 
-    def run_chain(self, pixel_values) -> dict:
-        """The whole chain in one call (one CUDA graph replay on a GPU): the features and the
-        decisions a Runner reports, nothing else copied out."""
-        return self.chain(pixel_values, outputs=self.output_names)
+    def run_chain(self, pixel_values, outputs=None) -> dict:
+        """The whole chain in one call (one CUDA graph replay on a GPU): the tensors named in
+        `outputs` (None: every one), nothing else copied out."""
+        return self.chain(pixel_values, outputs=outputs)
 
     def to_numpy(self, value) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
