@@ -72,11 +72,17 @@ def read_json(path: str | Path, hint: str = ""):
     (`hint`, e.g. "rebuild the engines", says what to do about it)."""
     import json
     try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(Path(path).read_text(), parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
         raise EvoExportError(f"{path} is not valid JSON: {e}" + (f"; {hint}" if hint else "")) from None
     except OSError as e:
         raise EvoExportError(f"{path} cannot be read ({e.strerror or e})") from None
+
+
+def _not_json(name: str):
+    # Python's json reads NaN and Infinity, which JSON does not have: a NaN image_std or an
+    # infinite size would pass a type check and poison every later number
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def write_json(path: str | Path, value) -> None:
@@ -84,29 +90,160 @@ def write_json(path: str | Path, value) -> None:
     atomic_write(path, json.dumps(value, indent=2) + "\n")
 
 
+class NpzRows:
+    """An .npz whose arrays arrive a block of rows at a time (a video's frames, batch by batch)
+    and never sit in memory whole: each array grows in a memory-mapped .npy beside the target,
+    and `commit()` stores them in the .npz (as numpy.savez does, uncompressed) and renames it
+    into place. Leaving the block without commit, or on an error, removes everything.
+
+        with NpzRows(path, rows=N) as out:
+            for chunk in chunks: out.append(chunk)     # {name: array [n, ...]}
+            out.commit(extra)                          # {name: array} stored whole
+    """
+
+    def __init__(self, path: str | Path, rows: int):
+        self.path, self.rows, self.filled = Path(path), rows, 0
+        self._arrays: dict = {}
+        self._scratch: Path | None = None
+
+    def __enter__(self):
+        try:
+            self._scratch = Path(tempfile.mkdtemp(prefix=f".{self.path.stem}.", suffix=".partial",
+                                                  dir=self.path.parent or "."))
+        except OSError as e:
+            raise EvoExportError(f"cannot write {self.path} ({e.strerror})") from None
+        return self
+
+    def __exit__(self, *exc):
+        self._arrays.clear()          # the memory maps close with their last reference
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    @property
+    def shapes(self) -> dict:
+        return {name: list(a.shape) for name, a in self._arrays.items()}
+
+    def append(self, chunk: dict) -> None:
+        import numpy as np
+        n = len(next(iter(chunk.values())))
+        if self.filled + n > self.rows:
+            raise ValueError(f"{self.filled + n} rows for an .npz of {self.rows}")
+        for name, value in chunk.items():
+            value = np.asarray(value)
+            if name not in self._arrays:
+                self._arrays[name] = self._open(name, value)
+            self._arrays[name][self.filled:self.filled + n] = value
+        self.filled += n
+
+    def _open(self, name: str, value):
+        from numpy.lib.format import open_memmap
+        try:
+            return open_memmap(self._scratch / f"{name}.npy", mode="w+", dtype=value.dtype,
+                               shape=(self.rows, *value.shape[1:]))
+        except OSError as e:
+            raise EvoExportError(f"cannot write {self.path} ({e.strerror or e})") from None
+
+    def commit(self, extra: dict | None = None) -> None:
+        import zipfile
+
+        import numpy as np
+        if self.filled != self.rows:
+            raise ValueError(f"{self.filled} of {self.rows} rows written")
+        for array in self._arrays.values():
+            array.flush()
+        with atomic_path(self.path) as tmp:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name in self._arrays:
+                    zf.write(self._scratch / f"{name}.npy", arcname=f"{name}.npy")
+                for name, value in (extra or {}).items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """Refuse a folder path that cannot be created, before any work is done: no part of it
+    may be a file, and the deepest folder that exists must be writable."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        raise EvoExportError(f"{what} {path} is a file; give a folder")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise EvoExportError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvoExportError(f"{what} {path}: cannot write in {existing}")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path):
+def atomic_dir(target: str | Path, on_commit=None):
     """Yields a hidden temporary folder beside `target`; when the block completes, the folder
     replaces `target` (a previous one is removed only after the swap). On any failure or
     interrupt the temporary folder is removed and `target` is left as it was. Leftovers of
-    runs that were killed (SIGKILL cannot clean up after itself) are cleared first."""
+    runs that were killed (SIGKILL cannot clean up after itself) are cleared first.
+
+    One writer at a time: a second process that asks for the same `target` while the first
+    is writing it is refused at once, naming the first (a lock beside the target).
+    `on_commit()` runs the moment the new folder is in place, before a signal held during the
+    swap is delivered (the CLI uses it to say that the command has succeeded)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
+    check_output_dir(target, "output folder")
     try:
-        yield tmp
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvoExportError(f"cannot create {target.parent} ({e.strerror or e})") from None
+    with _writer_lock(target):
+        _remove_stale_partials(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
+        try:
+            yield tmp
+            _replace_dir(tmp, target, on_commit)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+@contextlib.contextmanager
+def _writer_lock(target: Path):
+    """An exclusive lock on `.NAME.lock` beside the target, held while the folder is written
+    (flock: released by the kernel if the process dies). The lock file is removed on the way
+    out; a process that opened it just before is told by the inode check to open it again."""
+    import fcntl
+
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise EvoExportError(f"{target} is being written by another process (pid {holder}); wait for it to "
+                                 "finish, or write somewhere else") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)   # the holder removed the file after we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _replace_dir(new: Path, target: Path, on_commit=None) -> None:
     """SIGINT and SIGTERM are held back during the two renames: an interrupt between them would
     otherwise leave nothing at `target` while the cleanup deletes the new folder. A signal that
-    arrives meanwhile is delivered when the swap is done.
+    arrives meanwhile is delivered when the swap is done, after `on_commit()`.
 
     Held by swapping the Python handlers, not by masking the signals: a mask holds them for one
     thread only, and a process-directed signal goes to any thread that does not block it (tqdm's
@@ -122,7 +259,7 @@ def _replace_dir(new: Path, target: Path) -> None:
             previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     else:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(held))
-    old = None
+    old, committed = None, False
     try:
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -133,15 +270,18 @@ def _replace_dir(new: Path, target: Path) -> None:
             if old is not None:
                 os.rename(old, target)   # put the previous one back
             raise
+        committed = True
+        if on_commit is not None:
+            on_commit()
     finally:
         for sig, handler in previous.items():   # None: a handler not set from Python
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if committed and old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         for sig in dict.fromkeys(pending):   # each held signal once, now that the swap is done
             signal.raise_signal(sig)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale_partials(target: Path) -> None:

@@ -26,14 +26,26 @@ def rss_gb() -> float:
 # progress step and the build's final rename check this flag, so an interrupted build
 # never completes.
 _interrupted: list[int] = []
+# Set once a command's outcome is decided (its output committed, or the command returned): an
+# interrupt after that cannot undo the work, so it must not turn success into failure.
+_decided: list[bool] = []
 
 
 def mark_interrupted(signum: int) -> None:
     _interrupted.append(signum)
 
 
+def mark_decided() -> None:
+    _decided.append(True)
+
+
+def decided() -> bool:
+    return bool(_decided)
+
+
 def clear_interrupted() -> None:
     _interrupted.clear()
+    _decided.clear()
 
 
 def check_interrupted() -> None:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 import evoexport
-from evoexport.inputs.images import load_image, preprocess
+from evoexport.inputs.image_files import load_image
+from evoexport.inputs.images import preprocess
 
 
 def main() -> None:

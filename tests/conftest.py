@@ -68,3 +68,16 @@ def dinov2_ckpt(tmp_path_factory) -> Path:
     report = convert.convert(convert._find_onnx(None), out)
     assert report["max_abs_vs_onnx"] < 1e-4, report
     return out
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt here, and processes started by the test handle it, as
+    in an interactive shell. A suite started in the background of a non-interactive shell
+    (`scripts/test &`, nohup, some CI runners) inherits SIGINT ignored, and Python then never
+    raises it; a test that interrupts something must not depend on how its shell started."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

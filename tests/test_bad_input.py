@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 import time
 import zlib
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from evoexport.errors import EvoExportError
 
-from .test_reliability import assert_one_error_line, cli
+from .test_reliability import CLI, assert_one_error_line, cli
 
 
 def _huge_png(path: Path, side: int = 40_000) -> None:
@@ -127,8 +128,33 @@ def test_a_corrupt_engines_json_is_one_error(tiny_build, tmp_path, content, msg)
     assert_one_error_line(code, err, msg)
 
 
+def _interrupt_the_swap(monkeypatch) -> list:
+    """SIGINT to this process between the two renames of the next folder swap; returns the
+    names renamed to, in order."""
+    import evoexport.files as files_mod
+    real_rename, real_replace_dir, renames = os.rename, files_mod._replace_dir, []
+
+    def rename_then_interrupt(src, dst):
+        real_rename(src, dst)
+        renames.append(Path(dst).name)
+        if len(renames) == 1:             # between the two renames of the swap
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)               # time for another thread to take it and the main one to act on it
+
+    def replace_dir_interrupted(*args):   # only the swap's renames are interrupted
+        monkeypatch.setattr(os, "rename", rename_then_interrupt)
+        try:
+            real_replace_dir(*args)
+        finally:
+            monkeypatch.setattr(os, "rename", real_rename)
+
+    monkeypatch.setattr(files_mod, "_replace_dir", replace_dir_interrupted)
+    return renames
+
+
 @pytest.mark.parametrize("other_thread", [False, True])
-def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_build, tmp_path, monkeypatch, other_thread):
+def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_build, tmp_path, monkeypatch, other_thread,
+                                                                       sigint_raises):
     """SIGINT right after the old build is moved aside: the signal is held until the new build
     is in place, so the target is never missing and the new build is not deleted. With another
     thread alive (tqdm's monitor, a compiler's workers) the kernel hands the signal to that
@@ -141,26 +167,7 @@ def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_buil
 
     out = tmp_path / "graphs" / "tiny"
     shutil.copytree(tiny_build, out)
-    real_rename, renames = os.rename, []
-
-    def rename_then_interrupt(src, dst):
-        real_rename(src, dst)
-        renames.append(Path(dst).name)
-        if len(renames) == 1:             # between the two renames of the swap
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.3)               # time for another thread to take it and the main one to act on it
-
-    import evoexport.files as files_mod
-    real_replace_dir = files_mod._replace_dir
-
-    def replace_dir_interrupted(new, target):   # only the swap's renames are interrupted
-        monkeypatch.setattr(os, "rename", rename_then_interrupt)
-        try:
-            real_replace_dir(new, target)
-        finally:
-            monkeypatch.setattr(os, "rename", real_rename)
-
-    monkeypatch.setattr(files_mod, "_replace_dir", replace_dir_interrupted)
+    renames = _interrupt_the_swap(monkeypatch)
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait, daemon=True)
     if other_thread:
@@ -172,6 +179,55 @@ def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_buil
         stop.set()
     assert renames[1] == "tiny"                          # the second rename happened before the interrupt
     assert evoexport.load(out).manifest["weights_seed"] == 7   # the new build, complete and verified
+
+
+def test_the_cli_says_success_once_the_build_is_in_place(tiny_build, tmp_path, monkeypatch, sigint_raises, capsys):
+    """The command's outcome is the new build: a Ctrl-C held during the swap (or any later)
+    cannot undo it, so the exit status is 0, with a note, and the new build is in place."""
+    import evoexport
+    from evoexport.cli import main
+
+    out = tmp_path / "graphs" / "tiny"
+    shutil.copytree(tiny_build, out)
+    renames = _interrupt_the_swap(monkeypatch)
+    code = main(["build", "--model", "llava-tiny", "--seed", "7", "--out", str(out), "--no-validate", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "note: interrupt ignored" in captured.err and "built " in captured.out
+    assert renames[1] == "tiny" and evoexport.load(out).manifest["weights_seed"] == 7
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]      # no .old, .partial or lock left
+
+
+def test_a_ctrl_c_after_the_last_line_is_not_a_failure(tmp_path, sigint_raises):
+    """`built ...` is printed, then the process exits at once (no 1-3 s interpreter teardown)
+    and a SIGINT in that window leaves the exit status 0."""
+    out = tmp_path / "b"
+    proc = subprocess.Popen([*CLI, "build", "--model", "llava-tiny", "--out", str(out), "--no-validate", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("built "):
+            seen = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()
+    assert time.monotonic() - seen < 0.5             # it did not linger
+    assert (out / "manifest.json").is_file()
+
+
+def test_two_builds_of_one_folder_the_second_is_refused(tmp_path):
+    """A lock beside the target: the second writer is refused at once, naming the first's pid;
+    the first completes."""
+    out = tmp_path / "b"
+    first = subprocess.Popen([*CLI, "build", "--model", "llava-tiny", "--out", str(out), "--no-validate"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in first.stderr:
+        if line.startswith("[") and "loading" in line:   # inside the writer's lock
+            break
+    code, err, _ = cli("build", "--model", "llava-tiny", "--seed", "3", "--out", out, "--no-validate")
+    assert_one_error_line(code, err, f"is being written by another process (pid {first.pid})")
+    assert first.wait(timeout=120) == 0
+    assert json.loads((out / "manifest.json").read_text())["weights_seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def test_an_interrupted_calibration_fill_is_completed(tmp_path):
@@ -236,6 +292,6 @@ def test_reduced_precision_twin_does_not_write_into_the_fp32_stages():
 
 
 def test_library_errors_name_the_problem(tmp_path):
-    from evoexport.inputs.images import load_image
+    from evoexport.inputs.image_files import load_image
     with pytest.raises(EvoExportError, match="is a directory"):
         load_image(tmp_path)

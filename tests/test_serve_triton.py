@@ -194,7 +194,7 @@ def test_for_trtllm_ensemble_names_dtypes_and_shapes(served):
     assert repo.trtllm["max_multimodal_len"] == MAX_BATCH * k
 
 
-def test_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_build):
+def test_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_build, sigint_raises):
     """`evoexport serve BUILD --engine triton`: loopback, KServe v2 over HTTP, Ctrl-C stops
     the server and its stubs with exit code 0."""
     port = free_port()

@@ -1,6 +1,4 @@
 """`python -m evoexport.cli ...`"""
-import sys
+from . import _entry
 
-from . import main
-
-sys.exit(main())
+_entry()

@@ -58,7 +58,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
           pad_to_square, round_budgets, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from ..export.build import build as run_build
-    from ..progress import Progress, peak_rss_gb
+    from ..progress import Progress, mark_decided, peak_rss_gb
     from ..prune.selection import PruneParams
 
     from ..models import default_params
@@ -68,10 +68,11 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
                          diversity_rounds=diversity_rounds, spatial_weight=spatial_weight, merge=merge,
                          proportional_attention=proportional_attention)
     progress = Progress(enabled=not quiet)
+    # once the new build is in place the command has succeeded: a Ctrl-C after that is ignored
     result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                        out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
                        opset=int(opset), image_size=image_size, pad_to_square=pad_to_square, progress=progress,
-                       round_budgets=int(round_budgets) if round_budgets else None)
+                       round_budgets=int(round_budgets) if round_budgets else None, on_commit=mark_decided)
     m = result.manifest
     if m["weights"] == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)

@@ -54,10 +54,11 @@ def _repo_options(f):
               help="also a `multimodal_encoders` ensemble shaped as TensorRT-LLM's multimodal Triton models expect")
 def triton(build_dir, out, flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads, for_trtllm):
     """Write a Triton model repository: one model per graph, plus an ensemble that chains them."""
+    from ..progress import mark_decided
     from ..serve.repository import describe, write_repository
     repo = write_repository(build_dir, out, flavour=flavour, name=name, max_batch=max_batch, instances=instances,
                             kind=KINDS.get(kind), queue_delay_us=queue_delay_us, runtime=runtime,
-                            threads=threads, for_trtllm=for_trtllm)
+                            threads=threads, for_trtllm=for_trtllm, on_commit=mark_decided)
     click.echo(describe(repo))
 
 

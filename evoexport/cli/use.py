@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import EvoExportError
-from ..files import atomic_path, check_output_path
+from ..files import check_output_path
 from ..runtime.backends import BACKENDS
 from .group import cli
 
@@ -32,10 +32,11 @@ def run(build_dir, input_path, output, backend, frames, batch):
     the batch: features are [N, K, D], and `frame_numbers` says which frames were taken."""
     import numpy as np
 
+    from ..files import NpzRows
     from ..inputs.images import read_pixels
+    from ..inputs.video import is_video, iter_video_pixels, sample
     from ..progress import Progress
     from ..runtime.runner import load
-    from ..inputs.video import is_video, video_pixels
 
     if batch < 1:
         raise EvoExportError(f"--batch must be >= 1, got {batch}")
@@ -47,24 +48,25 @@ def run(build_dir, input_path, output, backend, frames, batch):
         raise EvoExportError(f"{input_path} is a video: say how many frames to sample with --frames N")
     runner = load(build_dir, backend=backend)
     progress = Progress()
-    extra = {}
-    if video:
+    if video:   # decoded, run and written a batch at a time: memory does not grow with --frames
         m = runner.manifest
-        progress(f"decoding {input_path}")
-        pixels, numbers = video_pixels(input_path, frames, m["tower"]["image_size"], m["preprocess"])
-        extra["frame_numbers"] = numbers
-        progress(f"sampled {len(numbers)} frames: {_short_list(numbers.tolist())}")
+        progress(f"counting the frames of {input_path}")
+        numbers = sample(input_path, frames)
+        progress(f"sampling {len(numbers)} frames: {_short_list(numbers.tolist())}")
+        total, extra = len(numbers), {"frame_numbers": numbers}
+        chunks = iter_video_pixels(input_path, numbers, m["tower"]["image_size"], m["preprocess"], batch)
     else:
         pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
-    chunks = []
-    for start in range(0, len(pixels), batch):
-        if len(pixels) > batch:
-            progress(f"frames {start + 1}-{min(start + batch, len(pixels))} of {len(pixels)}")
-        chunks.append(runner.arrays(np.ascontiguousarray(pixels[start:start + batch])))
-    arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} | extra
-    with atomic_path(output) as tmp:
-        np.savez(tmp, **arrays)
-    click.echo(f"wrote {output}: features {list(arrays['features'].shape)}, indices {list(arrays['indices'].shape)}")
+        total, extra = len(pixels), None
+        chunks = (pixels[start:start + batch] for start in range(0, total, batch))
+    with NpzRows(output, total) as out:
+        for pixels in chunks:
+            if total > batch:
+                progress(f"frames {out.filled + 1}-{out.filled + len(pixels)} of {total}")
+            out.append(runner.arrays(np.ascontiguousarray(pixels)))
+        shapes = out.shapes
+        out.commit(extra)
+    click.echo(f"wrote {output}: features {shapes['features']}, indices {shapes['indices']}")
 
 
 def _short_list(values: list) -> str:
@@ -105,6 +107,9 @@ def validate(build_dir, backend, threads, optimization, inference_precision, dev
         sys.exit(1)
 
 
+MAX_SHOWN = 64   # images or frames in one picture of `show`
+
+
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 @click.option("--input", "inputs", multiple=True, type=click.Path(),
@@ -130,6 +135,10 @@ def show(build_dir, inputs, output, backend, frames):
         raise EvoExportError("a video is drawn on its own: give one video --input and --frames N")
     if frames is not None and not videos:
         raise EvoExportError("--frames applies to a video --input")
+    if (frames or len(inputs)) > MAX_SHOWN:
+        what = f"--frames {frames}" if videos else f"{len(inputs)} --input images"
+        raise EvoExportError(f"{what}: show draws at most {MAX_SHOWN} (one picture holds them all); "
+                             "use `evoexport run` for the numbers of more")
     runner = load(build_dir, backend=backend)
     m = runner.manifest
     numbers = None

@@ -71,14 +71,15 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
           out: str | Path | None = None, validate: bool = True, precision: str = "fp32", calib=None,
           target_runtime: str | None = None, opset: int = 20, image_size: int | None = None,
           pad_to_square: bool | None = None, progress: Progress | None = None,
-          round_budgets: int | None = None) -> BuildResult:
+          round_budgets: int | None = None, on_commit=None) -> BuildResult:
     """Build a pruned tower. precision "int8": QDQ-quantized encoder stages, calibrated on
     `calib` (a folder of images, or float32 pixel values [N,3,H,W]; default: calib/).
     target_runtime "tensorrt": the graphs must also pass the static TensorRT check (tensorrt/check.py).
     opset 23: attention exported as ONNX's Attention op (fused in TensorRT >= 10.14).
     pad_to_square: pad images to a square with the mean colour before the processor's resize
     (LLaVA-1.5's original `image_aspect_ratio: pad`); None: as the model's processor does.
-    round_budgets: move every budget so the stage's sequence length is a multiple of it (8 or 64)."""
+    round_budgets: move every budget so the stage's sequence length is a multiple of it (8 or 64).
+    on_commit: called the moment the new build is in place (files.atomic_dir)."""
     from .onnx import OPSETS, export_pipeline
     from ..pipeline.stages import Pipeline
     from ..validate.report import print_report
@@ -106,7 +107,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
     if target.exists() and not (target / "manifest.json").is_file():
         raise EvoExportError(f"--out {target} exists and is not an evoexport build; refusing to replace it")
 
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, on_commit) as tmp:
         progress(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'random weights, seed %d' % seed})")
         tower = load_tower(model, checkpoint, seed=seed, image_size=image_size, pad_to_square=pad_to_square)
         if round_budgets and points:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EvoExportError
-from ..inputs.images import load_image, preprocess
+from ..inputs.image_files import load_image
+from ..inputs.images import preprocess
 
 CALIB_DIR = Path(__file__).resolve().parents[2] / "calib"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

@@ -12,22 +12,19 @@ can do the same.
 """
 from __future__ import annotations
 
-import warnings
+import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import EvoExportError
+from .image_files import load_image, to_8bit
 
 # PIL's resampling filters, by name and by the integer Hugging Face configs store
 _RESAMPLE = {"nearest": Image.NEAREST, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
              "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING}
 _RESAMPLE_BY_INT = {int(v): k for k, v in _RESAMPLE.items()}
-
-# Decoded images larger than this are refused before their pixels are decoded: a small
-# compressed file can decode to gigabytes (Pillow's own decompression-bomb limit).
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # scikit-image ships these photos inside its wheel (no download): astronaut (NASA, public
 # domain), coffee and chelsea the cat (CC0).
@@ -62,13 +59,42 @@ def _size_dict(value, square: bool, where: str, key: str) -> dict:
     raise EvoExportError(f"{where}: {key} {value!r} is not a size (positive integers)")
 
 
+def _flag(raw: dict, key: str, default: bool, where: str) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise EvoExportError(f"{where}: {key} {value!r} is not true or false")
+    return value
+
+
+def _number(value, where: str, key: str, positive: bool) -> float:
+    """A finite real number from a config (never a bool or a string); positive if asked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EvoExportError(f"{where}: {key} {value!r} is not a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise EvoExportError(f"{where}: {key} {value!r} is not finite")
+    if positive and value <= 0:
+        raise EvoExportError(f"{where}: {key} {value!r} must be positive")
+    return value
+
+
+def _rgb(value, where: str, key: str, positive: bool) -> list[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3   # transformers broadcasts a single number over the channels
+    if not isinstance(value, list) or len(value) != 3:
+        raise EvoExportError(f"{where}: {key} must be a list of 3 numbers, got {value!r}")
+    return [_number(v, where, f"{key}[{i}]", positive) for i, v in enumerate(value)]
+
+
 def recipe_from_processor_config(raw: dict, where: str = "preprocessor_config.json") -> dict:
     """A Hugging Face image processor's config (preprocessor_config.json) as our recipe."""
     if not isinstance(raw, dict):
         raise EvoExportError(f"{where} is not a JSON object")
     kind = _processor_kind(raw)
     square = kind.startswith(_SQUARE_SIZE_PROCESSORS)
-    if raw.get("do_resize", True) is False:
+    if _flag(raw, "do_resize", True, where) is False:
         raise EvoExportError(f"{where}: do_resize false is not supported (builds take a fixed image size)")
     if "size" not in raw:
         raise EvoExportError(f"{where} has no size")
@@ -76,7 +102,7 @@ def recipe_from_processor_config(raw: dict, where: str = "preprocessor_config.js
     # LLaVA-OneVision's processor has no crop (its base view is a plain resize); the CLIP-style
     # processors crop by default
     crop = None
-    if raw.get("do_center_crop", not square) and raw.get("crop_size") is not None:
+    if _flag(raw, "do_center_crop", not square, where) and raw.get("crop_size") is not None:
         crop = _size_dict(raw["crop_size"], True, where, "crop_size")
     if "shortest_edge" in resize and crop is None:
         raise EvoExportError(f"{where}: a shortest-edge resize without a centre crop gives non-square images; "
@@ -86,17 +112,15 @@ def recipe_from_processor_config(raw: dict, where: str = "preprocessor_config.js
         resample = _RESAMPLE_BY_INT.get(resample)
     if resample not in _RESAMPLE:
         raise EvoExportError(f"{where}: resample {raw.get('resample')!r} is not a PIL filter")
-    rescale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
-    if raw.get("do_normalize", True):
+    rescale = _number(raw.get("rescale_factor", 1 / 255), where, "rescale_factor", positive=True) \
+        if _flag(raw, "do_rescale", True, where) else 1.0
+    if _flag(raw, "do_normalize", True, where):
         mean, std = raw.get("image_mean"), raw.get("image_std")
-        if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
-            raise EvoExportError(f"{where}: image_mean and image_std must be lists of 3 numbers")
-        mean, std = [float(v) for v in mean], [float(v) for v in std]
-        if min(std) <= 0:
-            raise EvoExportError(f"{where}: image_std must be positive")
+        mean = _rgb(mean, where, "image_mean", positive=False)
+        std = _rgb(std, where, "image_std", positive=True)
     else:
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    pad = bool(raw.get("do_pad", False)) and kind == "LlavaImageProcessor"
+    pad = _flag(raw, "do_pad", False, where) and kind == "LlavaImageProcessor"
     return {"processor": kind or "unknown", "pad_to_square": pad, "resize": resize, "crop": crop,
             "resample": resample, "rescale": rescale, "mean": mean, "std": std}
 
@@ -158,12 +182,16 @@ def describe_recipe(recipe: dict) -> str:
     return text
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # transformers' convert_to_rgb: transparency is composited onto white
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+def _to_rgb(image: Image.Image, where: str = "image") -> Image.Image:
+    image = to_8bit(image, where)
+    try:
+        # transformers' convert_to_rgb: transparency is composited onto white
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:   # a mode Pillow cannot turn into RGB (LAB, HSV, raw modes)
+        raise EvoExportError(f"{where} has pixel mode {image.mode}, which cannot be read as RGB ({e})") from None
 
 
 def _center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -205,27 +233,6 @@ def preprocess(image: Image.Image, size: int, pre: dict) -> np.ndarray:
     x = (x.astype(np.float64) * float(recipe["rescale"])).astype(np.float32)
     x = (x - np.asarray(recipe["mean"], np.float32)) / np.asarray(recipe["std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def load_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if path.is_dir():
-        raise EvoExportError(f"input {path} is a directory, not an image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Pillow checks the size from the header, before decoding: past its limit it
-            # warns (an error here) or refuses
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-    except FileNotFoundError:
-        raise EvoExportError(f"input {path} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise EvoExportError(f"input {path} decodes to more pixels than the {MAX_IMAGE_PIXELS:,} allowed "
-                             f"({e}); downscale it first") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise EvoExportError(f"input {path} is not a readable image ({e})") from None
 
 
 def sample_photos(names=SAMPLE_PHOTOS) -> list[Image.Image]:

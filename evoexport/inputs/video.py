@@ -2,7 +2,11 @@
 exactly as an image file would be, so frames go through a build as its batch.
 
 Frames are sampled at `numpy.linspace(0, T-1, N).round()` of the T decoded frames (the
-first and the last always included, as LLaVA-OneVision's and Video-LLaVA's samplers do).
+first and the last always included, as LLaVA-OneVision's and Video-LLaVA's samplers do);
+N is at most T. Each frame is turned upright by the stream's display matrix (a phone video
+recorded upright is stored sideways), as FFmpeg's players do; transformers' PyAV reader
+does not (docs/manifest.md). Frames are decoded and preprocessed a batch at a time, so
+memory does not grow with N.
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ def is_video(path: str | Path) -> bool:
 
 
 def frame_indices(total: int, count: int) -> np.ndarray:
-    """The `count` frame numbers sampled from `total` decoded frames (ascending; repeats when
-    the video is shorter than `count`)."""
+    """The `count` frame numbers sampled from `total` decoded frames (ascending, distinct:
+    `count` is at most `total`)."""
     return np.linspace(0, total - 1, count).round().astype(np.int64)
 
 
@@ -75,25 +79,53 @@ def count_frames(path: str | Path) -> int:
     return total
 
 
-def read_frames(path: str | Path, count: int) -> tuple[list, np.ndarray]:
-    """The sampled frames as RGB PIL images, and their frame numbers."""
-    if count < 1:
+def sample(path: str | Path, count: int) -> np.ndarray:
+    """The frame numbers `count` evenly sampled frames have; more frames than the video has is
+    refused (each would be a copy of a neighbour, encoded again)."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise EvoExportError(f"--frames must be >= 1, got {count}")
+    total = count_frames(path)
+    if count > total:
+        raise EvoExportError(f"--frames {count}: {path} has only {total} decodable frame{'s' * (total != 1)}; "
+                             f"ask for at most {total}")
+    return frame_indices(total, count)
+
+
+def iter_frames(path: str | Path, numbers: np.ndarray):
+    """The frames numbered `numbers` (ascending, distinct) as upright RGB PIL images, one at a
+    time: memory stays that of one frame whatever the count."""
+    from .image_files import upright_frame
+
     path = Path(path)
-    wanted = frame_indices(count_frames(path), count)
-    want, taken = set(wanted.tolist()), {}
+    want = iter(numbers.tolist())
+    nxt = next(want, None)
     for number, frame in enumerate(_decode(path)):
-        if number in want:
-            taken[number] = frame.to_image()
-        if number >= wanted[-1]:
+        if nxt is None:
             break
-    frames = [taken[int(n)] for n in wanted]
-    return frames, wanted
+        if number == nxt:
+            yield upright_frame(frame.to_image(), frame.rotation, f"input {path}")
+            nxt = next(want, None)
+    if nxt is not None:
+        raise EvoExportError(f"input {path} decoded fewer frames the second time; is it being written to?")
+
+
+def read_frames(path: str | Path, count: int) -> tuple[list, np.ndarray]:
+    """The sampled frames as upright RGB PIL images, and their frame numbers."""
+    numbers = sample(path, count)
+    return list(iter_frames(path, numbers)), numbers
+
+
+def iter_video_pixels(path: str | Path, numbers: np.ndarray, size: int, pre: dict, batch: int):
+    """Pixel values float32 [<=batch, 3, size, size] of the frames numbered `numbers` (from
+    `sample`), `batch` at a time, decoded and preprocessed as they are needed."""
+    from .images import preprocess
+
+    frames = iter_frames(path, numbers)
+    for start in range(0, len(numbers), batch):
+        yield np.stack([preprocess(next(frames), size, pre) for _ in numbers[start:start + batch]])
 
 
 def video_pixels(path: str | Path, count: int, size: int, pre: dict) -> tuple[np.ndarray, np.ndarray]:
     """float32 [count, 3, size, size] pixel values of the sampled frames, and their frame numbers."""
-    from .images import preprocess
-
-    frames, numbers = read_frames(path, count)
-    return np.stack([preprocess(f, size, pre) for f in frames]), numbers
+    numbers = sample(path, count)
+    return next(iter_video_pixels(path, numbers, size, pre, batch=count)), numbers

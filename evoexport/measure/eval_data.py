@@ -24,7 +24,8 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "immunoh
 
 def eval_photos(size: int, pre: dict) -> tuple[np.ndarray, list[str], str]:
     """float32 [N,3,size,size], the source of each photo, and a description of the set."""
-    from ..inputs.images import load_image, preprocess, sample_photos
+    from ..inputs.image_files import load_image
+    from ..inputs.images import preprocess, sample_photos
 
     pixels, sources, parts = [], [], []
     spec = importlib.util.find_spec("foolbox")   # located, not imported (it would pull eagerpy)

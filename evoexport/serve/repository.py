@@ -68,7 +68,7 @@ def _sys_path() -> list[str]:
 def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "python", name: str = "evoexport",
                      max_batch: int | None = None, instances: int = 1, kind: str | None = None,
                      queue_delay_us: int = 500, runtime: str = "onnxruntime", for_trtllm: bool = False,
-                     threads: int = 0, progress=None) -> Repository:
+                     threads: int = 0, progress=None, on_commit=None) -> Repository:
     build_dir, out = Path(build_dir), Path(out)
     if flavour not in FLAVOURS:
         raise EvoExportError(f"unknown Triton backend {flavour!r}; choose one of {', '.join(FLAVOURS)}")
@@ -103,7 +103,7 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
     common = dict(max_batch=max_batch, instances=instances, kind=kind, queue_delay_us=queue_delay_us)
     configs, repo = {}, Repository(out, name, flavour, max_batch)
     say = progress or (lambda *_: None)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, on_commit) as tmp:
         for entry in graphs + [e for _, e in extra]:
             model = f"{name}_{entry['name']}"
             version = tmp / model / "1"
