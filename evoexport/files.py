@@ -92,9 +92,10 @@ def write_json(path: str | Path, value) -> None:
 
 class NpzRows:
     """An .npz whose arrays arrive a block of rows at a time (a video's frames, batch by batch)
-    and never sit in memory whole: each array grows in a memory-mapped .npy beside the target,
-    and `commit()` stores them in the .npz (as numpy.savez does, uncompressed) and renames it
-    into place. Leaving the block without commit, or on an error, removes everything.
+    and never sit in memory whole: each array is appended to a .npy file beside the target
+    (its header written first, for the full row count), and `commit()` stores them in the .npz
+    (as numpy.savez does, uncompressed) and renames it into place. Leaving the block without
+    commit, or on an error, removes everything.
 
         with NpzRows(path, rows=N) as out:
             for chunk in chunks: out.append(chunk)     # {name: array [n, ...]}
@@ -103,7 +104,9 @@ class NpzRows:
 
     def __init__(self, path: str | Path, rows: int):
         self.path, self.rows, self.filled = Path(path), rows, 0
-        self._arrays: dict = {}
+        self.shapes: dict = {}        # name -> [rows, ...]
+        self._files: dict = {}
+        self._dtypes: dict = {}
         self._scratch: Path | None = None
 
     def __enter__(self):
@@ -115,32 +118,34 @@ class NpzRows:
         return self
 
     def __exit__(self, *exc):
-        self._arrays.clear()          # the memory maps close with their last reference
+        for f in self._files.values():
+            f.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
-
-    @property
-    def shapes(self) -> dict:
-        return {name: list(a.shape) for name, a in self._arrays.items()}
 
     def append(self, chunk: dict) -> None:
         import numpy as np
         n = len(next(iter(chunk.values())))
         if self.filled + n > self.rows:
             raise ValueError(f"{self.filled + n} rows for an .npz of {self.rows}")
-        for name, value in chunk.items():
-            value = np.asarray(value)
-            if name not in self._arrays:
-                self._arrays[name] = self._open(name, value)
-            self._arrays[name][self.filled:self.filled + n] = value
-        self.filled += n
-
-    def _open(self, name: str, value):
-        from numpy.lib.format import open_memmap
         try:
-            return open_memmap(self._scratch / f"{name}.npy", mode="w+", dtype=value.dtype,
-                               shape=(self.rows, *value.shape[1:]))
+            for name, value in chunk.items():
+                value = np.ascontiguousarray(value)
+                if name not in self._files:
+                    self._start(name, value)
+                if value.dtype != self._dtypes[name] or [self.rows, *value.shape[1:]] != self.shapes[name]:
+                    raise ValueError(f"{name}: a block of {value.dtype} {list(value.shape)} after {self.shapes[name]}")
+                value.tofile(self._files[name])
         except OSError as e:
             raise EvoExportError(f"cannot write {self.path} ({e.strerror or e})") from None
+        self.filled += n
+
+    def _start(self, name: str, value) -> None:
+        from numpy.lib import format as npy
+        f = open(self._scratch / f"{name}.npy", "wb")
+        self._files[name], self._dtypes[name] = f, value.dtype
+        self.shapes[name] = [self.rows, *value.shape[1:]]
+        npy.write_array_header_2_0(f, {"descr": npy.dtype_to_descr(value.dtype), "fortran_order": False,
+                                       "shape": tuple(self.shapes[name])})
 
     def commit(self, extra: dict | None = None) -> None:
         import zipfile
@@ -148,11 +153,11 @@ class NpzRows:
         import numpy as np
         if self.filled != self.rows:
             raise ValueError(f"{self.filled} of {self.rows} rows written")
-        for array in self._arrays.values():
-            array.flush()
+        for f in self._files.values():
+            f.close()
         with atomic_path(self.path) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name in self._arrays:
+                for name in self._files:
                     zf.write(self._scratch / f"{name}.npy", arcname=f"{name}.npy")
                 for name, value in (extra or {}).items():
                     with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
