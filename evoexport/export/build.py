@@ -44,7 +44,7 @@ def default_out(model: str, keep: float, precision: str = "fp32") -> Path:
 def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None,
                   layers: tuple | None = None) -> tuple[float, list[PrunePoint]]:
     """Resolve --keep / --schedule into (keep, prune points); they must agree when both are given."""
-    if schedule:
+    if schedule is not None:
         points = parse_schedule(schedule, depth, num_patches)
         implied = points[-1].tokens / num_patches
         if keep is not None and budget_for(num_patches, keep) != points[-1].tokens:

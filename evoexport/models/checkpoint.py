@@ -106,12 +106,28 @@ def read_prefixed(ckpt: Path, targets, what: str) -> dict[str, torch.Tensor]:
     if missing:
         raise EvoExportError(f"checkpoint {ckpt} lacks {len(missing)} {what} tensors (e.g. {missing[0]})")
     tensors = read_tensors(index, wanted)
+    checkpoint_name = {ours: theirs for theirs, ours in wanted.items()}
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(own[name].shape):
             raise EvoExportError(f"checkpoint tensor for {name} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(own[name].shape)}")
+        check_weight(checkpoint_name[name], t)
         tensors[name] = t.to(own[name].dtype)
     return tensors
+
+
+# what a trained float weight can be stored as; an integer or bool tensor of the right shape
+# would be cast to float without a word, and every feature would be wrong
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_weight(name: str, t: torch.Tensor) -> None:
+    """Refuse a weight that is not stored as fp32, fp16 or bf16, or holds NaN or infinity."""
+    if t.dtype not in WEIGHT_DTYPES:
+        raise EvoExportError(f"checkpoint tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}; "
+                             "vision weights must be float32, float16 or bfloat16")
+    if not bool(torch.isfinite(t).all()):
+        raise EvoExportError(f"checkpoint tensor {name} holds NaN or infinite values")
 
 
 def preprocess_from_checkpoint(ckpt: Path, preset) -> dict:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, cause
 from ..inputs.images import recipe_from_processor_config
 from .base import BaseTower, Family, TowerSpec
-from .checkpoint import preprocess_from_checkpoint
+from .checkpoint import check_weight, preprocess_from_checkpoint, read_tensors, weight_index
 from .registry import Preset, register, register_family
 
 # The reference checkpoint's own preprocessor_config.json, as data: facebook/dinov2-small
@@ -187,10 +187,15 @@ def load_weights(tower: DinoTower, ckpt: Path) -> None:
 
     if not any(ckpt.glob("*.safetensors")):
         raise EvoExportError(f"checkpoint {ckpt} has no .safetensors weights (pickled weights are refused)")
+    index = weight_index(ckpt)
+    stored = read_tensors(index, {name: name for name in index})   # as stored, before any cast
+    for name, t in stored.items():
+        check_weight(name, t)
+    del stored
     try:
         loaded = Dinov2Model.from_pretrained(ckpt, use_safetensors=True, config=tower.config)
     except Exception as e:
-        raise EvoExportError(f"cannot load the dinov2 checkpoint {ckpt}: {str(e).splitlines()[0]}") from None
+        raise EvoExportError(f"cannot load the dinov2 checkpoint {ckpt}: {cause(e)}") from None
     tower.model.load_state_dict(loaded.state_dict())
     tower.freeze_positions()
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, cause
 from .base import BaseTower, TowerSpec
 from .checkpoint import preprocess_from_checkpoint, read_config, read_prefixed
 from .registry import Preset
@@ -98,7 +98,7 @@ def llava_style_spec(preset: Preset, ckpt: Path, kinds: CheckpointKinds) -> Towe
     except EvoExportError:
         raise
     except Exception as e:
-        raise EvoExportError(f"{ckpt}/config.json is not a valid {kind} config: {e}") from None
+        raise EvoExportError(f"{ckpt}/config.json is not a valid {kind} config: {cause(e)}") from None
     if strategy not in kinds.strategies:
         raise EvoExportError(f"{ckpt}: vision_feature_select_strategy {strategy!r} is not supported "
                              f"(supported: {', '.join(kinds.strategies)})")

@@ -22,8 +22,11 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
     from dataclasses import replace
 
     from ..inputs.images import fit_recipe
+    from .spec_check import check_spec
     preset = get_preset(model)
     family = family_api(preset)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise EvoExportError(f"--image-size must be a positive number of pixels, got {image_size!r}")
     ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
     if image_size is not None and not family.tower.resizable:
         spec = family.spec_from_checkpoint(preset, ckpt) if ckpt else family.spec_from_preset(preset)
@@ -34,6 +37,8 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
         kwargs = {"image_size": image_size} if image_size is not None else {}
         spec = (family.spec_from_checkpoint(preset, ckpt, **kwargs) if ckpt
                 else family.spec_from_preset(preset, **kwargs))
+    where = f"{ckpt}/config.json" if ckpt else f"preset {model}"
+    check_spec(spec, where + (f" at {image_size} px" if image_size is not None else ""))
     size = spec.input_size or spec.vision["image_size"]
     return replace(spec, preprocess=fit_recipe(spec.preprocess, size, pad_to_square))
 

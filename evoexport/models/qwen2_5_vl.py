@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, cause
 from ..inputs.images import recipe_from_processor_config
 from .base import BaseTower, Family, TowerSpec
 from .checkpoint import read_config, read_prefixed
@@ -340,7 +340,7 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = No
     try:
         vcfg = Qwen2_5_VLVisionConfig.from_dict(vision)
     except Exception as e:
-        raise EvoExportError(f"{ckpt}/config.json is not a valid Qwen2.5-VL vision config: {e}") from None
+        raise EvoExportError(f"{ckpt}/config.json is not a valid Qwen2.5-VL vision config: {cause(e)}") from None
     size = _input_size(image_size, preset)
     return _spec(vcfg, preset, size, _recipe_from_checkpoint(ckpt, size))
 

@@ -56,8 +56,13 @@ def default_schedule(depth: int, num_patches: int, keep: float, layers: tuple | 
 
 def parse_schedule(text: str, depth: int, num_patches: int) -> list[PrunePoint]:
     """'LAYER:KEEP,...' with KEEP a fraction of the original patch tokens (0.7) or a count (400)."""
+    if not isinstance(text, str) or not text.strip():
+        raise EvoExportError("--schedule is empty; give LAYER:KEEP,... (e.g. 4:0.8,8:0.5) or leave it out")
+    items = [t.strip() for t in text.split(",")]
+    if "" in items:
+        raise EvoExportError(f"--schedule {text!r} has an empty item (two commas in a row, or one at an end)")
     points: list[PrunePoint] = []
-    for item in [t.strip() for t in text.split(",") if t.strip()]:
+    for item in items:
         try:
             layer_s, keep_s = item.split(":")
             layer = int(layer_s)
@@ -72,8 +77,6 @@ def parse_schedule(text: str, depth: int, num_patches: int) -> list[PrunePoint]:
         else:
             tokens = keep_v
         points.append(PrunePoint(layer, tokens))
-    if not points:
-        raise EvoExportError("--schedule is empty")
     check_schedule(points, depth, num_patches)
     return points
 

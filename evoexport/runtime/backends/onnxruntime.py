@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import EvoExportError
+from ...errors import EvoExportError, cause
 from ...manifest import graph_entries
 
 
@@ -53,7 +53,7 @@ class OrtBackend:
             try:
                 self.sessions[g["name"]] = ort.InferenceSession(str(build_dir / g["file"]), opts, providers=providers)
             except Exception as e:
-                raise EvoExportError(f"ONNX Runtime cannot load {g['file']}: {str(e).splitlines()[0]}") from None
+                raise EvoExportError(f"ONNX Runtime cannot load {g['file']}: {cause(e)}") from None
         self._ort = ort
 
     def as_input(self, array: np.ndarray):

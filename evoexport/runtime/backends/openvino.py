@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import EvoExportError
+from ...errors import EvoExportError, cause
 from ...manifest import graph_entries
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}   # ours -> OpenVINO's inference precision
@@ -59,7 +59,7 @@ class OpenVinoBackend:
             try:
                 compiled = core.compile_model(str(build_dir / g["file"]), device, config)
             except Exception as e:
-                raise EvoExportError(f"OpenVINO cannot compile {g['file']}: {str(e).splitlines()[0]}") from None
+                raise EvoExportError(f"OpenVINO cannot compile {g['file']}: {cause(e)}") from None
             if g["kind"] == "encoder":
                 stage_precisions.add(compiled.get_property("INFERENCE_PRECISION_HINT"))
             self.requests[g["name"]] = compiled.create_infer_request()
