@@ -95,3 +95,43 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
                 raise EvoExportError(f"{build_dir}: {name} does not match its sha256 in the manifest "
                                      "(truncated or edited); rebuild it")
     return manifest
+
+
+def check_graph_io(entry: dict, found_inputs: list, found_outputs: list, runtime: str) -> None:
+    """The manifest is input: refuse a graph whose real inputs and outputs (what `runtime`
+    loaded, as (name, dtype, shape) with None or a string for a dynamic axis) are not the
+    ones the manifest names, in element type, rank and fixed sizes. A renamed tensor or two
+    swapped graphs would otherwise fail mid-run inside the runtime, or run with wrong wiring."""
+    where = f"{entry['file']} ({entry['name']})"
+    for kind, wanted, found in (("input", entry["inputs"], found_inputs), ("output", entry["outputs"], found_outputs)):
+        by_name = {name: (dtype, shape) for name, dtype, shape in found}
+        for spec in wanted:
+            if spec["name"] not in by_name:
+                raise EvoExportError(f"{where} has no {kind} {spec['name']!r}, which the manifest names (the graph's "
+                                     f"{kind}s: {', '.join(sorted(by_name)) or 'none'}); the graph and the manifest "
+                                     "do not belong together, rebuild")
+            dtype, shape = by_name[spec["name"]]
+            if dtype != spec["dtype"] or not _same_dims(shape, spec["shape"]):
+                raise EvoExportError(f"{where}: {kind} {spec['name']!r} is {dtype} {_dims(shape)} in the graph "
+                                     f"({runtime}), {spec['dtype']} {_dims(spec['shape'])} in the manifest; rebuild")
+        if kind == "input":
+            extra = sorted(set(by_name) - {spec["name"] for spec in wanted})
+            if extra:
+                raise EvoExportError(f"{where} takes input(s) {', '.join(extra)}, which the manifest does not name; "
+                                     "the graph and the manifest do not belong together, rebuild")
+
+
+def _fixed(d) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
+
+
+def _same_dims(found: list | None, wanted: list) -> bool:
+    """Same rank, and the same size on every axis both fix (None: a rank not even known)."""
+    return found is not None and len(found) == len(wanted) and all(
+        a == b for a, b in zip(found, wanted) if _fixed(a) and _fixed(b))
+
+
+def _dims(shape: list | None) -> str:
+    if shape is None:
+        return "of unknown rank"
+    return "[" + ", ".join(str(d) if _fixed(d) else "B" for d in shape) + "]"

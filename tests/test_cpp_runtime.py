@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .test_reliability import _rehash, _rename, _swap
+
 import evoexport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,11 @@ def _edit_manifest(build: Path, **changes) -> None:
     (lambda b: (b / "stage_1.onnx.data" if (b / "stage_1.onnx.data").exists() else b / "stage_1.onnx")
         .open("ab").write(b"\0"), "does not match its sha256 in the manifest"),
     (lambda b: (b / "manifest.json").unlink(), "is not an evoexport build: no manifest.json"),
+    (lambda b: (_swap(b, "select_0.onnx", "select_1.onnx"), _rehash(b)),
+     "select_0.onnx (select_0) has no input 'stage0_hidden', which the manifest names"),
+    (lambda b: (_rename(b, "select_1.onnx", "merge_1", "m1"), _rehash(b)), "select_1.onnx (select_1) has no output 'merge_1'"),
+    (lambda b: ((b / "select_1.onnx").write_bytes((b / "select_1.onnx").read_bytes()[:300]), _rehash(b)),
+     "OpenVINO cannot compile select_1.onnx: Model can't be parsed"),
 ])
 def test_cpp_refuses_a_damaged_build(damage, message, cpp_runtime, tiny_build, tmp_path):
     build = tmp_path / "build"

@@ -116,6 +116,99 @@ def test_tampered_builds_are_refused_everywhere(tiny_build, tmp_path, how, msg):
     assert not (tmp_path / "o.npz").exists()
 
 
+def _rehash(build: Path) -> None:
+    """Recompute every sha256 in the manifest, as a careless (or hostile) edit would."""
+    from evoexport.manifest import graph_entries, sha256_file
+    m = json.loads((build / "manifest.json").read_text())
+    for g in graph_entries(m):
+        g["sha256"] = sha256_file(build / g["file"])
+        if g.get("data_file"):
+            g["data_sha256"] = sha256_file(build / g["data_file"])
+    (build / "manifest.json").write_text(json.dumps(m))
+
+
+def _rename(build: Path, file: str, old: str, new: str) -> None:
+    import onnx
+    model = onnx.load(str(build / file), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name == old:
+            value.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if x == old else x for x in node.input]
+        node.output[:] = [new if x == old else x for x in node.output]
+    onnx.save(model, str(build / file))
+
+
+def _swap(build: Path, a: str, b: str) -> None:
+    (build / a).rename(build / "swap.tmp")
+    (build / b).rename(build / a)
+    (build / "swap.tmp").rename(build / b)
+
+
+def _edit_shape(build: Path) -> None:
+    m = json.loads((build / "manifest.json").read_text())
+    m["stages"][1]["inputs"][0]["shape"][1] += 1
+    (build / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_dtype(build: Path) -> None:
+    m = json.loads((build / "manifest.json").read_text())
+    m["stages"][0]["select"]["outputs"][2]["dtype"] = "int32"
+    (build / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda b: _rename(b, "select_0.onnx", "stage0_importance", "imp"),
+     "select_0.onnx (select_0) has no input 'stage0_importance', which the manifest names"),
+    (lambda b: _rename(b, "select_1.onnx", "merge_1", "m1"), "select_1.onnx (select_1) has no output 'merge_1'"),
+    (lambda b: _swap(b, "select_0.onnx", "select_1.onnx"), "select_0.onnx (select_0) has no input 'stage0_hidden'"),
+    (lambda b: _swap(b, "stage_1.onnx", "stage_2.onnx"), "stage_1.onnx (stage_1)"),
+    (_edit_shape, "stage_1.onnx (stage_1): input 'pruned0_hidden' is float32 [B, 36, 64] in the graph"),
+    (_edit_dtype, "select_0.onnx (select_0): output 'indices_0' is int64 [B, 35] in the graph"),
+])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_graphs_that_are_not_the_manifests_are_refused_on_load(tiny_build, tmp_path, damage, msg, backend):
+    """Hashes recomputed to match: the files are intact, but they are not what the manifest
+    says. Each backend compares the graphs' real inputs and outputs with the manifest when it
+    loads them: one line naming the graph and the tensor, on run and validate."""
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    damage(build)
+    _rehash(build)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 56, 56), np.float32))
+    for args in (["run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz", "--backend", backend],
+                 ["validate", build, "--backend", backend]):
+        code, err, _ = cli(*args)
+        assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_openvino_load_errors_say_the_cause(tiny_build, tmp_path):
+    """OpenVINO's message starts with the source lines that raised it ('Exception from
+    src/inference/src/cpp/core.cpp:132:'); the user sees what went wrong."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="evo.custom")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("evo.custom", 1)]),
+              str(build / "select_1.onnx"))
+    _rehash(build)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 56, 56), np.float32))
+    code, err, _ = cli("run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz", "--backend", "openvino")
+    assert_one_error_line(code, err, "OpenVINO cannot compile select_1.onnx: Model wasn't fully converted. Summary: "
+                                     "-- No conversion rule found for operations: evo.custom.Frobnicate")
+    assert "core.cpp" not in err[-1]
+    (build / "select_1.onnx").write_bytes(b"\x08\x07 not ONNX at all")   # never handed to every frontend in turn
+    _rehash(build)
+    code, err, _ = cli("run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz", "--backend", "openvino")
+    assert_one_error_line(code, err, "OpenVINO cannot compile select_1.onnx: it is not an ONNX model")
+    assert len(err) == 1, err                      # no parse errors of TensorFlow's frontend before it
+
+
 # ---------------------------------------------------------------- run inputs
 
 def test_run_on_a_missing_build(tmp_path):

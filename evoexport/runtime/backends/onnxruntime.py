@@ -7,7 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EvoExportError, cause
-from ...manifest import graph_entries
+from ...manifest import check_graph_io, graph_entries
+
+
+def _io(args) -> list:
+    """A session's inputs or outputs as (name, dtype, shape): 'tensor(float)' -> float32."""
+    return [(a.name, _ORT_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+               "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 class OrtBackend:
@@ -51,9 +61,11 @@ class OrtBackend:
         self.sessions = {}
         for g in graph_entries(manifest):
             try:
-                self.sessions[g["name"]] = ort.InferenceSession(str(build_dir / g["file"]), opts, providers=providers)
+                session = ort.InferenceSession(str(build_dir / g["file"]), opts, providers=providers)
             except Exception as e:
                 raise EvoExportError(f"ONNX Runtime cannot load {g['file']}: {cause(e)}") from None
+            check_graph_io(g, _io(session.get_inputs()), _io(session.get_outputs()), "ONNX Runtime")
+            self.sessions[g["name"]] = session
         self._ort = ort
 
     def as_input(self, array: np.ndarray):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EvoExportError, cause
-from ...manifest import graph_entries
+from ...manifest import check_graph_io, graph_entries
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}   # ours -> OpenVINO's inference precision
 
@@ -24,6 +24,28 @@ def default_cache_dir() -> Path:
     root = os.environ.get("EVOEXPORT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                              os.path.expanduser("~/.cache"), "evoexport")
     return Path(root) / "openvino"
+
+
+def _io(ports) -> list:
+    """A compiled model's inputs or outputs as (name, dtype, shape), one row per tensor name."""
+    def dims(shape):   # None: not even the rank is known
+        return [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else None
+    return [(name, _OV_DTYPES.get(p.get_element_type().get_type_name(), p.get_element_type().get_type_name()),
+             dims(p.get_partial_shape())) for p in ports for name in p.get_names()]
+
+
+_OV_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "i64": "int64",
+              "i32": "int32", "i8": "int8", "u8": "uint8", "boolean": "bool"}
+
+
+def _require_onnx(path: Path) -> None:
+    """A file that is not ONNX at all would be tried by every OpenVINO frontend in turn, and
+    TensorFlow's would print its parse errors to stderr: it is refused here, in one line."""
+    import onnx
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise EvoExportError(f"OpenVINO cannot compile {path.name}: it is not an ONNX model ({cause(e)})") from None
 
 
 class OpenVinoBackend:
@@ -56,10 +78,12 @@ class OpenVinoBackend:
                 config["INFERENCE_PRECISION_HINT"] = "f32"
             elif precision is not None:
                 config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
+            _require_onnx(build_dir / g["file"])
             try:
                 compiled = core.compile_model(str(build_dir / g["file"]), device, config)
             except Exception as e:
                 raise EvoExportError(f"OpenVINO cannot compile {g['file']}: {cause(e)}") from None
+            check_graph_io(g, _io(compiled.inputs), _io(compiled.outputs), "OpenVINO")
             if g["kind"] == "encoder":
                 stage_precisions.add(compiled.get_property("INFERENCE_PRECISION_HINT"))
             self.requests[g["name"]] = compiled.create_infer_request()

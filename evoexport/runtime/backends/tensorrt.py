@@ -10,7 +10,21 @@ from pathlib import Path
 from ...tensorrt import engines
 from ...tensorrt.engines import ENGINES, _require_tensorrt, check_engines_match, read_engines
 from ...errors import EvoExportError
-from ...manifest import graph_entries, sha256_file
+from ...manifest import check_graph_io, graph_entries, sha256_file
+
+
+def _io(engine, trt) -> tuple[list, list]:
+    """An engine's inputs and outputs as (name, dtype, shape), -1 on a dynamic axis."""
+    dtypes = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64",
+              trt.DataType.INT32: "int32", trt.DataType.INT8: "int8", trt.DataType.BOOL: "bool",
+              getattr(trt.DataType, "BF16", None): "bfloat16", getattr(trt.DataType, "UINT8", None): "uint8"}
+    found = {trt.TensorIOMode.INPUT: [], trt.TensorIOMode.OUTPUT: []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = engine.get_tensor_dtype(name)
+        found[engine.get_tensor_mode(name)].append((name, dtypes.get(dtype, str(dtype)),
+                                                    list(engine.get_tensor_shape(name))))
+    return found[trt.TensorIOMode.INPUT], found[trt.TensorIOMode.OUTPUT]
 
 
 class TrtBackend:
@@ -40,10 +54,12 @@ class TrtBackend:
 
         self.torch, self.device = torch, torch.device(device)
         self.runners = {}
+        entries = {g["name"]: g for g in graph_entries(manifest)}
         for name, file in files:
             runner = TrtRunner(EngineFromPath(str(file)), name=name)
             runner.activate()
             self.runners[name] = runner
+            check_graph_io(entries[name], *_io(runner.engine, trt), "TensorRT")
 
     def as_input(self, array):
         return self.torch.as_tensor(array).to(self.device)

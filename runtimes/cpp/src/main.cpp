@@ -14,6 +14,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <sstream>
 
 #include "manifest.hpp"
 #include "npy.hpp"
@@ -79,6 +80,62 @@ void check_input(const Array& pixels, const TensorSpec& spec) {
     if (!ok) throw Error(spec.name + " must have shape " + shape_text(spec.shape) + ", got " + shape_text(pixels.shape));
 }
 
+// An OpenVINO error as one line that says what went wrong: the lines naming its source files
+// ("Exception from src/...:132:", "Check '...' failed at src/...:563:") are dropped.
+std::string cause(const std::string& what) {
+    std::string out, line;
+    std::istringstream lines(what);
+    while (std::getline(lines, line)) {
+        const bool where = line.rfind("Exception from ", 0) == 0 || line.rfind("FrontEnd API failed with", 0) == 0 ||
+                           (line.rfind("Check '", 0) == 0 && line.find("' failed at ") != std::string::npos);
+        if (!where && line.find_first_not_of(" \t") != std::string::npos) out += (out.empty() ? "" : " ") + line;
+    }
+    return out.empty() ? what.substr(0, what.find('\n')) : out;
+}
+
+std::string dtype_name(const ov::element::Type& type) {
+    static const std::map<ov::element::Type_t, std::string> names = {
+        {ov::element::f32, "float32"}, {ov::element::f16, "float16"}, {ov::element::bf16, "bfloat16"},
+        {ov::element::i64, "int64"}, {ov::element::i32, "int32"}, {ov::element::u8, "uint8"},
+        {ov::element::i8, "int8"}, {ov::element::boolean, "bool"}};
+    const auto it = names.find(type);
+    return it == names.end() ? type.get_type_name() : it->second;
+}
+
+// The manifest is input: every tensor it names must be the compiled graph's own, with the same
+// element type, rank and fixed sizes, and the graph may take no input the manifest does not name.
+void check_graph_io(const Graph& g, const ov::CompiledModel& compiled) {
+    const std::string where = g.file + " (" + g.name + ")";
+    auto check = [&](const std::vector<TensorSpec>& specs, const std::vector<ov::Output<const ov::Node>>& ports,
+                     const std::string& kind) {
+        for (const TensorSpec& spec : specs) {
+            const ov::Output<const ov::Node>* port = nullptr;
+            for (const auto& p : ports)
+                if (p.get_names().count(spec.name)) port = &p;
+            if (port == nullptr)
+                throw Error(where + " has no " + kind + " '" + spec.name + "', which the manifest names; the graph "
+                            "and the manifest do not belong together, rebuild");
+            const ov::PartialShape& shape = port->get_partial_shape();
+            bool same = dtype_name(port->get_element_type()) == spec.dtype && shape.rank().is_static() &&
+                        shape.rank().get_length() == static_cast<int64_t>(spec.shape.size());
+            for (size_t i = 0; same && i < spec.shape.size(); ++i)
+                if (spec.shape[i] >= 0 && shape[i].is_static()) same = shape[i].get_length() == spec.shape[i];
+            if (!same)
+                throw Error(where + ": " + kind + " '" + spec.name + "' is " + dtype_name(port->get_element_type()) +
+                            " " + shape.to_string() + " in the graph, " + spec.dtype + " " + shape_text(spec.shape) +
+                            " in the manifest; rebuild");
+        }
+    };
+    check(g.inputs, compiled.inputs(), "input");
+    check(g.outputs, compiled.outputs(), "output");
+    for (const auto& port : compiled.inputs()) {
+        bool named = false;
+        for (const TensorSpec& spec : g.inputs) named = named || port.get_names().count(spec.name) > 0;
+        if (!named) throw Error(where + " takes input " + port.get_any_name() + ", which the manifest does not name; "
+                                "the graph and the manifest do not belong together, rebuild");
+    }
+}
+
 std::string numpy_descr(const ov::element::Type& type) {
     static const std::map<ov::element::Type_t, std::string> descr = {
         {ov::element::f32, "<f4"}, {ov::element::f16, "<f2"}, {ov::element::i64, "<i8"},
@@ -118,12 +175,14 @@ int run(const Options& o) {
         ov::AnyMap config{ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
         if (g.kind == "select") config.emplace(ov::hint::inference_precision(ov::element::f32));
         if (o.threads > 0) config.emplace(ov::inference_num_threads(o.threads));
+        ov::CompiledModel compiled;
         try {
-            requests[g.name] = core.compile_model((m.dir / g.file).string(), o.device, config).create_infer_request();
+            compiled = core.compile_model((m.dir / g.file).string(), o.device, config);
         } catch (const ov::Exception& e) {
-            const std::string what = e.what();
-            throw Error("OpenVINO cannot compile " + g.file + ": " + what.substr(0, what.find('\n')));
+            throw Error("OpenVINO cannot compile " + g.file + ": " + cause(e.what()));
         }
+        check_graph_io(g, compiled);
+        requests[g.name] = compiled.create_infer_request();
     }
 
     std::map<std::string, ov::Tensor> env;
@@ -169,8 +228,7 @@ int main(int argc, char** argv) {
     } catch (const Error& e) {
         std::cerr << "error: " << e.what() << "\n";
     } catch (const ov::Exception& e) {
-        const std::string what = e.what();
-        std::cerr << "error: OpenVINO: " << what.substr(0, what.find('\n')) << "\n";
+        std::cerr << "error: OpenVINO: " << cause(e.what()) << "\n";
     } catch (const std::exception& e) {
         std::cerr << "error: " << e.what() << "\n";
     }
