@@ -50,11 +50,25 @@ def assert_one_error_line(code, err, msg):
     (["--importance-ratio", "2"], "importance ratio must be in [0, 1]"),
     (["--keep", "abc"], "'abc' is not a valid float"),
     (["--checkpoint", "/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt does not exist"),
+    (["--schedule", ""], "--schedule is empty"),
+    (["--schedule", " "], "--schedule is empty"),
+    (["--schedule", "1:30,,2:20"], "has an empty item"),
+    (["--schedule", "1:30,"], "has an empty item"),
+    (["--schedule", "1:nan"], "is not LAYER:KEEP"),
+    (["--schedule", "1:1e400"], "a fraction must be in (0, 1]"),
+    (["--model", "qwen2.5-vl", "--image-size", "0"], "--image-size must be a positive number of pixels, got 0"),
+    (["--model", "dinov2", "--image-size", "-14"], "--image-size must be a positive number of pixels, got -14"),
+    (["--model", "dinov2", "--image-size", "1400000"], "more than this machine's"),
+    (["--out", "{file}/sub"], "is a file, not a folder"),
+    (["--out", "{file}"], "exists and is not an evoexport build"),
 ])
 def test_bad_build_flags(args, msg, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    args = [a.replace("{file}", str(tmp_path / "afile")) for a in args]
     code, err, _ = cli("build", "--model", "llava-tiny", "--out", tmp_path / "o", *args)
     assert_one_error_line(code, err, msg)
     assert not (tmp_path / "o").exists()
+    assert (tmp_path / "afile").read_text() == "not a folder"
 
 
 def test_bad_checkpoints(tmp_path):
@@ -72,6 +86,109 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "notckpt" / "config.json").write_text('{"model_type": "bert"}')
     code, err, _ = cli("build", "--checkpoint", tmp_path / "notckpt", "--out", tmp_path / "o")
     assert_one_error_line(code, err, "model_type 'bert'")
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory) -> Path:
+    return make_llava_checkpoint(tmp_path_factory.mktemp("ck") / "llava", shard=None)
+
+
+def _with_weight(ckpt: Path, out: Path, change) -> Path:
+    """A copy of the checkpoint whose first vision q_proj weight is `change(tensor)`."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(ckpt, out)
+    tensors = load_file(out / "model.safetensors")
+    name = next(k for k in tensors if "vision_tower" in k and k.endswith("q_proj.weight"))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _nan_weight(t):
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda t: t.to(torch.int32), "q_proj.weight is stored as int32; vision weights must be float32, float16 or bfloat16"),
+    (lambda t: t > 0, "q_proj.weight is stored as bool"),
+    (lambda t: t.to(torch.float64), "q_proj.weight is stored as float64"),
+    (lambda t: t.to(torch.int8), "q_proj.weight is stored as int8"),
+    (_nan_weight, "q_proj.weight holds NaN or infinite values"),
+    (lambda t: t * float("inf"), "q_proj.weight holds NaN or infinite values"),
+])
+def test_weights_of_the_right_shape_but_not_floats_are_refused(small_ckpt, tmp_path, change, msg):
+    """An integer or bool tensor of the right shape was cast to float and built with exit 0."""
+    ckpt = _with_weight(small_ckpt, tmp_path / "ck", change)
+    code, err, _ = cli("build", "--model", "llava", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp16_and_bf16_weights_are_accepted(small_ckpt, tmp_path):
+    from evoexport.models import load_tower
+    for dtype in (torch.float16, torch.bfloat16):
+        ckpt = _with_weight(small_ckpt, tmp_path / str(dtype), lambda t: t.to(dtype))
+        load_tower("llava", ckpt, quiet=True)
+
+
+_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+              "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "resample": 3,
+              "rescale_factor": 0.00392156862745098, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"rescale_factor": "1/255"}, "rescale_factor '1/255' is not a number"),
+    ({"rescale_factor": 0}, "rescale_factor 0.0 must be positive"),
+    ({"rescale_factor": True}, "rescale_factor True is not a number"),
+    ({"image_mean": ["a", 0.5, 0.5]}, "image_mean[0] 'a' is not a number"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean must be a list of 3 numbers"),
+    ({"image_mean": "grey"}, "image_mean must be a list of 3 numbers"),
+    ({"image_std": [0.5, 0.0, 0.5]}, "image_std[1] 0.0 must be positive"),
+    ({"image_std": [0.5, None, 0.5]}, "image_std[1] None is not a number"),
+    ("NaN", "is not valid JSON: NaN is not a JSON number"),
+    ("Infinity", "is not valid JSON: Infinity is not a JSON number"),
+    ({"do_normalize": "yes"}, "do_normalize 'yes' is not true or false"),
+    ({"size": {"shortest_edge": 0}}, "size {'shortest_edge': 0} is not a size"),
+    ({"size": -3}, "size -3 is not a size"),
+    ({"crop_size": {"height": "x", "width": 32}}, "crop_size {'height': 'x', 'width': 32} is not a size"),
+    ({"resample": 99}, "resample 99 is not a PIL filter"),
+    ({"size": {"longest_edge": 32}}, "is not supported (expected shortest_edge, or height and width)"),
+])
+def test_a_hostile_preprocessor_config_is_one_error_line(small_ckpt, tmp_path, change, msg):
+    """A non-numeric rescale_factor gave a traceback, and a NaN image_std was accepted, after
+    which every run on an image failed; now each is named when the recipe is read."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(small_ckpt, ckpt)
+    if isinstance(change, str):      # a JSON-like number JSON does not have, as Python's json writes it
+        text = json.dumps({**_PROCESSOR, "image_std": [0.5, 0.5, 0.5]}).replace("[0.5, 0.5, 0.5]}", f"[0.5, {change}, 0.5]}}")
+    else:
+        text = json.dumps({**_PROCESSOR, **change})
+    (ckpt / "preprocessor_config.json").write_text(text)
+    code, err, _ = cli("build", "--model", "llava", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, msg)
+    assert "preprocessor_config.json" in err[-1]
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("patch_size", 0, "patch_size 0 must be a positive integer"),
+    ("num_hidden_layers", -1, "num_hidden_layers -1 must be a positive integer"),
+    ("hidden_act", "swishy", "hidden_act 'swishy' is not an activation transformers knows"),
+    ("num_channels", 1, "num_channels 1: builds take RGB images (3 channels)"),
+    ("hidden_size", 10**7, "more than this machine's"),
+    ("layer_norm_eps", 3.5, "layer_norm_eps 3.5 must be a small positive number"),
+    ("image_size", None, "image_size None must be a positive integer"),
+])
+def test_a_hostile_config_json_is_refused_before_any_weight(small_ckpt, tmp_path, key, value, msg):
+    ckpt = tmp_path / "ck"
+    shutil.copytree(small_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vision_config"][key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    code, err, _ = cli("build", "--model", "llava", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, msg)
+    assert not [line for line in err if line.startswith("[")], err     # refused before any work began
 
 
 # ---------------------------------------------------------------- tampered builds

@@ -44,7 +44,7 @@ def _processor_kind(raw: dict) -> str:
 def _size_dict(value, square: bool, where: str, key: str) -> dict:
     if isinstance(value, bool):
         raise EvoExportError(f"{where}: {key} {value!r} is not a size")
-    if isinstance(value, int):
+    if isinstance(value, int) and value > 0:
         return {"height": value, "width": value} if square else {"shortest_edge": value}
     if isinstance(value, dict):
         if set(value) == {"shortest_edge"}:
