@@ -21,6 +21,7 @@ http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 import evoexport  # noqa: E402
+from evoexport.errors import EvoExportError  # noqa: E402
 from evoexport.serve.repository import write_repository  # noqa: E402
 from evoexport.serve.triton import TritonServer, free_port  # noqa: E402
 
@@ -170,6 +171,160 @@ def test_under_load_no_request_fails_and_malformed_ones_change_nothing(served):
     assert len(checked) == 200
     assert time.monotonic() - start < 300
     assert server.ready()
+
+
+def test_pixels_holding_nan_or_infinity_get_a_client_error_alone(served):
+    """Through Triton they got a 200 with an answer, while the library refuses them. The
+    ensemble's first step judges each request by itself: the bad one gets a 400, the good ones
+    batched with it are answered."""
+    server, runner, _ = served
+    shape = runner.input_shape[1:]
+    rng = np.random.default_rng(4)
+    good = [_pixels(rng, 1, shape) for _ in range(12)]
+    bad = []
+    for value in (np.nan, np.inf, -np.inf):
+        x = _pixels(rng, 2, shape)
+        x[1, 0, 3, 4] = value
+        bad.append(x)
+
+    def one(x):
+        try:
+            return _infer(_client(server), x)
+        except InferenceServerException as e:
+            return e
+    with ThreadPoolExecutor(15) as pool:
+        results = list(pool.map(one, good + bad))
+    n_points = len(runner.manifest["schedule"])
+    for x, r in zip(good, results):
+        _check_equal(r, runner(x), n_points)
+    for r in results[len(good):]:
+        assert isinstance(r, InferenceServerException) and r.status() == "400", r
+        assert "pixel_values hold NaN or infinite values" in r.message()
+    with pytest.raises(EvoExportError, match="NaN or infinite"):
+        runner(bad[0])                                   # the library says the same
+
+
+def _stub_pids(server_pid: int, model: str) -> list[int]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,stat=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if line.split()[1] == str(server_pid) and not line.split()[2].startswith("Z") and f"/{model}/1/model.py" in line]
+
+
+def test_a_dead_step_is_not_ready_and_one_check_brings_it_back(tiny_build, tmp_path, capsys):
+    """Triton's own readiness stays 200 with a dead step; `evoexport health` and probe() say
+    no and name the step; one Supervisor.check() reloads that step and all is answered again."""
+    from evoexport.cli import main
+    from evoexport.serve.supervisor import Supervisor, probe
+
+    repo = write_repository(tiny_build, tmp_path / "repo", flavour="python", max_batch=MAX_BATCH)
+    with TritonServer(repo.path, exit_timeout=5) as server:
+        reports = []
+        supervisor = Supervisor(server, report=reports.append)
+        assert probe(server.url).ok and supervisor.check() is None
+        os.kill(_stub_pids(server.process.pid, "evoexport_select_1")[0], signal.SIGKILL)
+        time.sleep(0.3)
+        assert server.ready()                           # what Triton says: wrong
+        state = probe(server.url)
+        assert not state.ok and state.steps == ["evoexport_select_1"], state
+        assert main(["health", server.url]) == 1
+        assert "not ready: HTTP 500" in capsys.readouterr().err
+        done = supervisor.check()
+        assert done.startswith("step(s) evoexport_select_1 reloaded in"), reports
+        assert probe(server.url).ok and main(["health", server.url]) == 0
+        assert len(_stub_pids(server.process.pid, "evoexport_select_1")) == 1
+        x = np.random.default_rng(6).standard_normal((2, *evoexport.load(tiny_build).input_shape[1:]), dtype=np.float32)
+        _check_equal(_infer(_client(server), x), evoexport.load(tiny_build)(x), 2)
+
+
+RECOVERY_S = 5.0    # documented in docs/serving.md: a dead step answers again within this
+
+
+def test_a_stub_killed_under_load_recovers_and_no_answer_is_wrong(tiny_build, sigint_raises):
+    """`evoexport serve --engine triton` under 8 concurrent clients; one step's worker is
+    killed (SIGKILL). Requests may fail while it is reloaded, never with a wrong answer; within
+    RECOVERY_S every request succeeds again, and every answer equals the library's."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "evoexport.cli", "serve", str(tiny_build), "--port", str(port),
+                             "--max-batch", str(MAX_BATCH)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    runner = evoexport.load(tiny_build)
+    shape, n_points = runner.input_shape[1:], len(runner.manifest["schedule"])
+    try:
+        _wait_healthy(url, proc)
+        stop, results, lock = threading.Event(), [], threading.Lock()
+
+        def client(seed):
+            c = http.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+            rng = np.random.default_rng(seed)
+            while not stop.is_set():
+                x = _pixels(rng, int(rng.integers(1, 3)), shape)
+                sent = time.monotonic()
+                try:
+                    r = _infer(c, x)
+                except InferenceServerException as e:
+                    with lock:
+                        results.append((sent, "error", e.message()))
+                    continue
+                _check_equal(r, runner(x), n_points)      # never a wrong answer, before, during or after
+                with lock:
+                    results.append((sent, "ok", ""))
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        killed = time.monotonic()
+        os.kill(_stub_pids(_server_pid(port), "evoexport_select_0")[0], signal.SIGKILL)
+        time.sleep(RECOVERY_S + 3)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        after = [status for sent, status, _ in results if sent > killed + RECOVERY_S]
+        assert len(after) > 20 and set(after) == {"ok"}, [r for r in results if r[0] > killed + RECOVERY_S][:5]
+        errors = [message for _, status, message in results if status == "error"]
+        assert all("is not healthy" in m or "evoexport_select_0" in m for m in errors), errors[:5]
+        assert subprocess.run([sys.executable, "-m", "evoexport.cli", "health", url]).returncode == 0
+        assert any("evoexport_select_0: its worker process is gone; reloading" in line for line in lines), lines
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    assert proc.returncode == 0, lines[-5:]
+
+
+def test_a_crashed_server_is_restarted(tiny_build, sigint_raises):
+    """tritonserver itself killed: `evoexport health` fails at once (no server), and within
+    the documented time the supervisor has it answering again on the same address."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "evoexport.cli", "serve", str(tiny_build), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        os.kill(_server_pid(port), signal.SIGKILL)
+        killed = time.monotonic()
+        assert subprocess.run([sys.executable, "-m", "evoexport.cli", "health", url], capture_output=True).returncode == 1
+        _wait_healthy(url, proc, timeout=30)
+        assert time.monotonic() - killed < 30
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    assert proc.returncode == 0
+    assert subprocess.run(["pgrep", "-f", f"http-port={port}"], capture_output=True).stdout == b""
+
+
+def _server_pid(port: int) -> int:
+    return int(subprocess.run(["pgrep", "-f", f"http-port={port}"], capture_output=True, text=True).stdout.split()[0])
+
+
+def _wait_healthy(url: str, proc, timeout: float = 120) -> None:
+    from evoexport.serve.supervisor import probe
+    deadline = time.monotonic() + timeout
+    while not probe(url).ok:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, f"not healthy in {timeout} s"
+        time.sleep(0.2)
 
 
 def test_for_trtllm_ensemble_names_dtypes_and_shapes(served):

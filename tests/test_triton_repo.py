@@ -49,7 +49,8 @@ def test_every_flavour_follows_the_manifest(build_copy, tmp_path, flavour):
     repo = write_repository(build_copy, tmp_path / "repo", flavour=flavour, instances=2, queue_delay_us=300)
     configs = _configs(repo.path)
     graphs = graph_entries(manifest)
-    assert set(configs) == {"evoexport", "evoexport_indices"} | {f"evoexport_{g['name']}" for g in graphs}
+    assert set(configs) == {"evoexport", "evoexport_pixels", "evoexport_indices"} | {
+        f"evoexport_{g['name']}" for g in graphs}
     max_batch = 16 if flavour == "tensorrt" else manifest["batch_profile"]["max"]
     ensemble = configs["evoexport"]
     assert ensemble.platform == "ensemble" and ensemble.max_batch_size == max_batch
@@ -58,8 +59,14 @@ def test_every_flavour_follows_the_manifest(build_copy, tmp_path, flavour):
     assert [t.name for t in ensemble.output] == ["features", "indices"] + [
         f"{k}_{i}" for i in points for k in ("indices", "merge", "picks")]
     assert not ensemble.HasField("dynamic_batching") and not ensemble.instance_group
-    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [f"evoexport_{g['name']}" for g in graphs] + [
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["evoexport_pixels"] + [f"evoexport_{g['name']}" for g in graphs] + [
         "evoexport_indices"]
+    # every flavour: the pixels go through the NaN/infinity check (Python backend) before stage_0
+    check = configs["evoexport_pixels"]
+    assert check.backend == "python" and (repo.path / "evoexport_pixels" / "1" / "model.py").is_file()
+    assert dict(steps[0].input_map) == {"pixel_values": "pixel_values"} and dict(steps[1].input_map) == {
+        "pixel_values": "pixels_checked"}
     for g in graphs:
         cfg = configs[f"evoexport_{g['name']}"]
         version = repo.path / f"evoexport_{g['name']}" / "1"

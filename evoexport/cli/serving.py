@@ -89,6 +89,7 @@ def serve(build_dir, engine, host, port, flavour, name, max_batch, instances, ki
 
 def _serve_triton(build_dir, host, port, flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads):
     from ..serve.repository import describe, write_repository
+    from ..serve.supervisor import Supervisor
     from ..serve.triton import TritonServer, find_tritonserver
 
     scratch = Path(tempfile.mkdtemp(prefix="evoexport-serve-"))
@@ -106,10 +107,8 @@ def _serve_triton(build_dir, host, port, flavour, name, max_batch, instances, ki
         click.echo(f"starting {install.binary}{' (bundled with nvidia-pytriton)' if install.bundled else ''} ...", err=True)
         server = TritonServer(repo.path, host=host, port=port).start()
         click.echo(f"serving: POST {server.url}/v2/models/{name}/infer (KServe v2); "
-                   f"ready: GET {server.url}/v2/health/ready; Ctrl-C stops", err=True)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        raise EvoExportError(f"tritonserver exited (rc {server.process.returncode}):\n{server.log_tail()}")
+                   f"readiness: `evoexport health {server.url} --model {name}`; Ctrl-C stops", err=True)
+        Supervisor(server, name, report=lambda line: click.echo(f"[supervisor] {line}", err=True)).run()
     except KeyboardInterrupt:
         click.echo("stopping tritonserver ...", err=True)
     finally:
@@ -140,3 +139,24 @@ def _serve_ray(build_dir, host, port, runtime, replicas, gpus, max_batch, addres
         ray_serve.shutdown()
         ray.shutdown()
     click.echo("stopped", err=True)
+
+
+@cli.command()
+@click.argument("url", default="http://127.0.0.1:8000")
+@click.option("--model", default="evoexport", show_default=True, help="the ensemble to ask")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the answer")
+def health(url, model, timeout):
+    """Readiness of a Triton server of an evoexport repository: exit 0 only if a request through
+    every step of the ensemble is answered now (Triton's own /v2/health/ready stays 200 when a
+    step's worker has died). For Kubernetes: an exec readiness probe."""
+    from ..serve.supervisor import probe
+
+    if not url.startswith(("http://", "https://")):
+        raise EvoExportError(f"the URL must start with http:// or https://, got {url!r}")
+    if timeout <= 0:
+        raise EvoExportError(f"--timeout must be positive, got {timeout}")
+    state = probe(url.rstrip("/"), model, timeout)
+    if not state.ok:
+        click.echo(f"not ready: {state.reason}", err=True)
+        raise SystemExit(1)
+    click.echo(f"ready: {model} answered through every step")

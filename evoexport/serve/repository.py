@@ -4,6 +4,8 @@
       evoexport/              the ensemble: pixel_values -> features, indices, indices_i, merge_i, picks_i
         config.pbtxt
         1/                    (empty: an ensemble has no file, but Triton wants the version)
+      evoexport_pixels/       the first step, in every flavour: pixels holding NaN or infinity get a
+        1/model.py            client error (Python backend, numpy only: pixel_check_model.py)
       evoexport_stage_0/      one model per graph of the build, wired by the manifest's tensor names
         config.pbtxt
         1/stage_0.onnx, stage_0.onnx.data       (onnxruntime, openvino: the ONNX with its weights)
@@ -36,6 +38,8 @@ FLAVOURS = ("onnxruntime", "openvino", "tensorrt", "python")
 RUNTIMES = ("onnxruntime", "openvino")     # what runs a graph inside the Python backend
 MARKER = "evoexport_repository.json"       # inside the ensemble's folder (Triton reads only model folders)
 TRTLLM_ENSEMBLE = "multimodal_encoders"
+CHECK_STEP = "pixels"                      # {name}_pixels: the step that refuses NaN and infinity
+CHECKED = "pixels_checked"                 # the ensemble's name for the pixels that step let through
 
 
 @dataclass
@@ -141,10 +145,20 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
             else:
                 configs[model] = tc.step_config(model, entry, platform=step_flavour, model_file=entry["file"], **common)
 
+        # the first step refuses pixels holding NaN or infinity (a client error), as the library does
+        pixels, checked = manifest["inputs"][0], {**manifest["inputs"][0], "name": CHECKED}
+        check_model = f"{name}_{CHECK_STEP}"
+        (tmp / check_model / "1").mkdir(parents=True)
+        shutil.copy2(Path(__file__).with_name("pixel_check_model.py"), tmp / check_model / "1" / "model.py")
+        configs[check_model] = tc.step_config(check_model, {"inputs": [pixels], "outputs": [checked]},
+                                              platform="python", **{**common, "kind": "KIND_CPU"},
+                                              parameters={"EVOEXPORT_SYS_PATH": json.dumps(_sys_path())})
         # features, indices, then per prune point indices_i, merge_i, picks_i
         outputs = [manifest["outputs"][0], extra[0][1]["outputs"][0], *manifest["outputs"][1:]]
-        steps = [(f"{name}_{e['name']}", {t["name"]: t["name"] for t in e["inputs"]},
-                  {t["name"]: t["name"] for t in e["outputs"]}) for e in graphs + [extra[0][1]]]
+        steps = [(check_model, {pixels["name"]: pixels["name"]}, {CHECKED: CHECKED})]
+        steps += [(f"{name}_{e['name']}", {t["name"]: CHECKED if t["name"] == pixels["name"] else t["name"]
+                                           for t in e["inputs"]},
+                   {t["name"]: t["name"] for t in e["outputs"]}) for e in graphs + [extra[0][1]]]
         configs[name] = tc.ensemble_config(name, manifest["inputs"], outputs, steps, max_batch)
         repo.outputs = [t["name"] for t in outputs]
         if for_trtllm:

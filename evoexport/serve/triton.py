@@ -110,17 +110,20 @@ class TritonServer:
                 raise EvoExportError(f"{repository} is a '{flavour}' repository, but this tritonserver "
                                      f"({install.binary}) has only the {', '.join(install.flavours)} backend; "
                                      "write it with `evoexport triton --backend python`")
+        # explicit model control, every model loaded at start: a step can then be reloaded by
+        # itself when its worker dies (serve/supervisor.py)
         cmd = [str(install.binary), *(f"--model-repository={r}" for r in self.repositories), "--allow-http=true",
                f"--http-address={self.host}", f"--http-port={self.port}", "--allow-grpc=false",
                "--allow-metrics=false", "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}",
-               f"--log-verbose={self.log_verbose}", "--disable-auto-complete-config"]
+               f"--log-verbose={self.log_verbose}", "--disable-auto-complete-config",
+               "--model-control-mode=explicit", "--load-model=*"]
         if install.backend_dir:
             cmd.append(f"--backend-directory={install.backend_dir}")
         env = dict(os.environ)
         if install.library_path:
             env["LD_LIBRARY_PATH"] = ":".join(install.library_path + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
         self.log_path = self.log_path or self._scratch / "tritonserver.log"
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "ab")   # a restart adds to the same log
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         self._wait_ready()
@@ -139,6 +142,14 @@ class TritonServer:
         tail = self.log_tail()
         self.stop()
         raise EvoExportError(f"tritonserver was not ready after {self.startup_timeout:.0f} s:\n{tail}")
+
+    def restart(self) -> "TritonServer":
+        """Stop the server and its stubs (however they are), then start it again on the same
+        address: the recovery of last resort (serve/supervisor.py)."""
+        log_path, self.log_path = self.log_path, None
+        self.stop()
+        self.log_path = log_path if log_path and log_path.parent.exists() else None
+        return self.start()
 
     def ready(self) -> bool:
         try:
