@@ -236,7 +236,7 @@ def test_a_dead_step_is_not_ready_and_one_check_brings_it_back(tiny_build, tmp_p
         _check_equal(_infer(_client(server), x), evoexport.load(tiny_build)(x), 2)
 
 
-RECOVERY_S = 5.0    # documented in docs/serving.md: a dead step answers again within this
+RECOVERY_S = 5.0    # docs/serving.md: the tiny build answers again within 1.0 s of a kill; 5 s leaves room
 
 
 def test_a_stub_killed_under_load_recovers_and_no_answer_is_wrong(tiny_build, sigint_raises):
