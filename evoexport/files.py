@@ -289,7 +289,28 @@ def _replace_dir(new: Path, target: Path, on_commit=None) -> None:
             signal.raise_signal(sig)
 
 
+def _remove_stale_lock(target: Path) -> None:
+    """A lock file left by a writer that was killed (the kernel dropped its lock, SIGKILL
+    left the file): removed when nobody holds it. Our own lock is another open file, so a
+    writer never removes the lock it holds."""
+    import fcntl
+    path = target.parent / f".{target.name}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _remove_stale_partials(target: Path) -> None:
+    _remove_stale_lock(target)
     for prefix in (f".{target.name}.partial-", f".{target.name}.old-"):
         for p in target.parent.glob(prefix + "*"):
             pid = p.name[len(prefix):].split("-")[0]

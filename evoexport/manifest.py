@@ -99,12 +99,14 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
 
 def check_graph_io(entry: dict, found_inputs: list, found_outputs: list, runtime: str) -> None:
     """The manifest is input: refuse a graph whose real inputs and outputs (what `runtime`
-    loaded, as (name, dtype, shape) with None or a string for a dynamic axis) are not the
-    ones the manifest names, in element type, rank and fixed sizes. A renamed tensor or two
-    swapped graphs would otherwise fail mid-run inside the runtime, or run with wrong wiring."""
+    loaded, as (names, dtype, shape): the names a port goes by, None or a string for a
+    dynamic axis) are not the ones the manifest names, in element type, rank and fixed sizes.
+    A renamed tensor or two swapped graphs would otherwise fail mid-run inside the runtime,
+    or run with wrong wiring."""
     where = f"{entry['file']} ({entry['name']})"
     for kind, wanted, found in (("input", entry["inputs"], found_inputs), ("output", entry["outputs"], found_outputs)):
-        by_name = {name: (dtype, shape) for name, dtype, shape in found}
+        found = [((names,) if isinstance(names, str) else tuple(names), dtype, shape) for names, dtype, shape in found]
+        by_name = {name: (dtype, shape) for names, dtype, shape in found for name in names}
         for spec in wanted:
             if spec["name"] not in by_name:
                 raise EvoExportError(f"{where} has no {kind} {spec['name']!r}, which the manifest names (the graph's "
@@ -114,8 +116,9 @@ def check_graph_io(entry: dict, found_inputs: list, found_outputs: list, runtime
             if dtype != spec["dtype"] or not _same_dims(shape, spec["shape"]):
                 raise EvoExportError(f"{where}: {kind} {spec['name']!r} is {dtype} {_dims(shape)} in the graph "
                                      f"({runtime}), {spec['dtype']} {_dims(spec['shape'])} in the manifest; rebuild")
-        if kind == "input":
-            extra = sorted(set(by_name) - {spec["name"] for spec in wanted})
+        if kind == "input":   # a port none of whose names the manifest gives would never be fed
+            named = {spec["name"] for spec in wanted}
+            extra = sorted(names[0] for names, _, _ in found if names and not named & set(names))
             if extra:
                 raise EvoExportError(f"{where} takes input(s) {', '.join(extra)}, which the manifest does not name; "
                                      "the graph and the manifest do not belong together, rebuild")

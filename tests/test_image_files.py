@@ -174,6 +174,14 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
+def test_an_extreme_aspect_ratio_is_refused_before_the_resize(tiny_build, tmp_path):
+    """A 2000000x1 strip passes the decoded-size limit, but the processor's shortest-edge
+    resize would make it gigabytes: refused, in little memory."""
+    Image.new("RGB", (2_000_000, 1), (200, 10, 10)).save(tmp_path / "strip.png")
+    code, err, _ = cli("run", tiny_build, "--input", tmp_path / "strip.png", "--output", tmp_path / "o.npz")
+    assert_one_error_line(code, err, "a 2000000x1 image resized as the model's processor does would be 112000000x56")
+
+
 def test_a_damaged_exif_block_is_one_error_line_or_ignored_never_a_traceback(tiny_build, tmp_path):
     jpeg = bytearray(_jpeg_bytes())
     exif = Image.Exif()

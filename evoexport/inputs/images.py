@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EvoExportError
-from .image_files import load_image, to_8bit
+from .image_files import MAX_IMAGE_PIXELS, load_image, to_8bit
 
 # PIL's resampling filters, by name and by the integer Hugging Face configs store
 _RESAMPLE = {"nearest": Image.NEAREST, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR,
@@ -227,6 +227,10 @@ def preprocess(image: Image.Image, size: int, pre: dict) -> np.ndarray:
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     else:
         new_w, new_h = r["width"], r["height"]
+    if new_w * new_h > MAX_IMAGE_PIXELS:   # a 60000x1 strip resized to a short edge of 336: gigabytes
+        raise EvoExportError(f"a {image.width}x{image.height} image resized as the model's processor does would be "
+                             f"{new_w}x{new_h} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; crop it to a "
+                             "less extreme aspect ratio first")
     x = np.asarray(image.resize((new_w, new_h), _RESAMPLE[recipe["resample"]]))
     if recipe["crop"]:
         x = _center_crop(x, recipe["crop"]["height"], recipe["crop"]["width"])

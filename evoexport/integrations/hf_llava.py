@@ -2,6 +2,7 @@
 
     model = LlavaForConditionalGeneration.from_pretrained(CKPT)
     evoexport.integrations.hf_llava.attach(model, "graphs/llava-keep0.5")   # any backend
+    image = load_image(path)      # evoexport.inputs.image_files (or transformers'): upright by EXIF
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     inputs = shrink_image_tokens(inputs, model)          # 576 placeholders -> the build's K
     out = model.generate(**inputs, max_new_tokens=64)

@@ -27,11 +27,14 @@ def default_cache_dir() -> Path:
 
 
 def _io(ports) -> list:
-    """A compiled model's inputs or outputs as (name, dtype, shape), one row per tensor name."""
+    """A compiled model's inputs or outputs as (names, dtype, shape), a row per port: OpenVINO
+    gives a port every name its tensor goes by (an fp16 graph's input also answers to the name
+    of the cast that follows it)."""
     def dims(shape):   # None: not even the rank is known
         return [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else None
-    return [(name, _OV_DTYPES.get(p.get_element_type().get_type_name(), p.get_element_type().get_type_name()),
-             dims(p.get_partial_shape())) for p in ports for name in p.get_names()]
+    return [(sorted(p.get_names()), _OV_DTYPES.get(p.get_element_type().get_type_name(),
+                                                    p.get_element_type().get_type_name()),
+             dims(p.get_partial_shape())) for p in ports]
 
 
 _OV_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "i64": "int64",
