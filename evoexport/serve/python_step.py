@@ -17,21 +17,6 @@ from ..manifest import sha256_file
 from ..runtime.backends import make_backend
 
 
-def _quiet_dlpack_hook():
-    """The stub renames a consumed DLPack capsule to a name numpy's capsule destructor does
-    not know, so numpy reports a ValueError for every output tensor (no memory is lost: the
-    stub frees it; resident memory stayed flat over thousands of requests here). Only that
-    report is dropped; every other unraisable error still reaches the default hook."""
-    import sys
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, ValueError) and unraisable.object is None
-                and "PyCapsule_GetPointer called with incorrect name" in str(unraisable.exc_value)):
-            previous(unraisable)
-    sys.unraisablehook = hook
-
-
 class GraphStep:
     def __init__(self, version_dir: str | Path, model_config: dict | None = None):
         version_dir = Path(version_dir)
@@ -41,7 +26,6 @@ class GraphStep:
                 raise RuntimeError(f"{version_dir / name} does not match its sha256 (truncated or edited); "
                                    "write the repository again with `evoexport triton`")
         self.entry = spec["graph"]
-        _quiet_dlpack_hook()
         options = {"threads": spec["threads"]} if spec.get("threads") else {}
         if spec["runtime"] == "onnxruntime":
             options["providers"] = ["CPUExecutionProvider"]

@@ -5,7 +5,7 @@
         config.pbtxt
         1/                    (empty: an ensemble has no file, but Triton wants the version)
       evoexport_pixels/       the first step, in every flavour: pixels holding NaN or infinity get a
-        1/model.py            client error (Python backend, numpy only: pixel_check_model.py)
+        1/model.py            client error (Python backend, numpy only: triton_model.py)
       evoexport_stage_0/      one model per graph of the build, wired by the manifest's tensor names
         config.pbtxt
         1/stage_0.onnx, stage_0.onnx.data       (onnxruntime, openvino: the ONNX with its weights)
@@ -149,10 +149,11 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
         pixels, checked = manifest["inputs"][0], {**manifest["inputs"][0], "name": CHECKED}
         check_model = f"{name}_{CHECK_STEP}"
         (tmp / check_model / "1").mkdir(parents=True)
-        shutil.copy2(Path(__file__).with_name("pixel_check_model.py"), tmp / check_model / "1" / "model.py")
+        shutil.copy2(Path(__file__).with_name("triton_model.py"), tmp / check_model / "1" / "model.py")
         configs[check_model] = tc.step_config(check_model, {"inputs": [pixels], "outputs": [checked]},
                                               platform="python", **{**common, "kind": "KIND_CPU"},
-                                              parameters={"EVOEXPORT_SYS_PATH": json.dumps(_sys_path())})
+                                              parameters={"EVOEXPORT_SYS_PATH": json.dumps(_sys_path()),
+                                                          "EVOEXPORT_STEP": "pixels"})
         # features, indices, then per prune point indices_i, merge_i, picks_i
         outputs = [manifest["outputs"][0], extra[0][1]["outputs"][0], *manifest["outputs"][1:]]
         steps = [(check_model, {pixels["name"]: pixels["name"]}, {CHECKED: CHECKED})]
