@@ -106,12 +106,6 @@ def test_engines_for_another_tensorrt_or_gpu_are_one_clear_error(tiny_build, tmp
         evoexport.load(build, backend="tensorrt")
 
 
-def test_cli_engines_fp16_flag_points_to_fp16_builds(tiny_build, capsys):
-    assert main(["engines", str(tiny_build), "--fp16"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--precision fp16" in err[0]
-
-
 def test_without_tensorrt_engines_say_so_in_one_line(tiny_build, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)   # import fails, as on this machine
     assert main(["engines", str(tiny_build)]) == 2

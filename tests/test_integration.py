@@ -1,4 +1,4 @@
-"""evoexport.integrations.transformers: a build feeding transformers' own LLaVA generate()."""
+"""evoexport.integrations.hf_llava: a build feeding transformers' own LLaVA generate()."""
 from __future__ import annotations
 
 import pytest

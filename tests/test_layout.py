@@ -90,20 +90,6 @@ def test_the_tree_shows_the_flow_and_modules_stay_small():
     assert not long, long
 
 
-@pytest.mark.parametrize("old", ["evoexport.build", "evoexport.images", "evoexport.integrations.transformers",
-                                 "evoexport.backends.torch", "evoexport.models.tower"])
-def test_old_module_names_still_import_with_a_deprecation_warning(old):
-    import evoexport
-    new = evoexport.MOVED_MODULES[old]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import sys
-        sys.modules.pop(old, None)
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
-    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
-
-
 def test_one_list_of_precisions():
     """The manifest's PRECISIONS is what the schema allows and what the CLI offers."""
     import json

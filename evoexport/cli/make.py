@@ -89,8 +89,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
 @click.option("--max-batch", type=int, default=None, help="largest batch (video frames, tiles)  [default: the manifest's]")
 @click.option("--timing-cache", type=click.Path(), default=None,
               help="TensorRT timing cache file: read if present, written back (faster rebuilds, as with trtexec)")
-@click.option("--fp16", is_flag=True, hidden=True)
-def engines(build_dir, min_batch, opt_batch, max_batch, timing_cache, fp16):
+def engines(build_dir, min_batch, opt_batch, max_batch, timing_cache):
     """Strongly typed TensorRT engines for every graph of a build (needs TensorRT >= 10 and an NVIDIA GPU).
 
     Precision comes from the build: make an fp16 build (`build --precision fp16`) for fp16
@@ -98,9 +97,6 @@ def engines(build_dir, min_batch, opt_batch, max_batch, timing_cache, fp16):
     from ..tensorrt.engines import build_engines
     from ..progress import Progress
 
-    if fp16:
-        raise EvoExportError("--fp16 (weakly typed fp16) is gone: TensorRT 11 removed it and it wrecks ViT accuracy; "
-                             "build with `evoexport build --precision fp16` and run `engines` on that build")
     info = build_engines(build_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                          timing_cache=timing_cache, progress=Progress())
     click.echo(f"wrote {len(info['engines'])} engines to {build_dir} (TensorRT {info['tensorrt']}, {info['gpu']}, "

@@ -32,7 +32,7 @@ class BuildResult:
     path: Path
     manifest: dict
     report: dict | None
-    tower: object = None    # the loaded VisionTower, for callers that go on to use it (bench)
+    tower: object = None    # the loaded tower, for callers that go on to use it (bench)
 
 
 
@@ -194,5 +194,3 @@ def build_variant(manifest: dict, out: Path, *, unpruned: bool = False, precisio
                  image_size=manifest["tower"]["image_size"], progress=Progress(enabled=False),
                  pad_to_square=manifest["preprocess"].get("pad_to_square"))
 
-
-rebuild = build_variant   # the name before it said what it makes (deprecated; one release)

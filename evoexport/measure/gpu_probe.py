@@ -1,4 +1,4 @@
-"""scripts/gpu-probe: issue 23's GPU measurements in one short run, prepared in advance.
+"""scripts/gpu-probe: the GPU measurements of docs/gpu.md in one short run, prepared in advance.
 
     scripts/gpu-probe OUT                    # on the GPU machine: ~5 minutes, llava at full size
     scripts/gpu-probe OUT --device cpu       # the same code paths at test size (tests run this)

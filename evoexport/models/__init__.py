@@ -5,5 +5,5 @@ registry."""
 from .registry import Preset, default_params, get_preset, list_presets, register  # noqa: F401
 
 from . import clip, dinov2, qwen2_5_vl, siglip, vit_digits  # noqa: E402,F401  (each registers its family and presets)
-from .clip import CLIPTower, VisionTower  # noqa: E402,F401
+from .clip import CLIPTower  # noqa: E402,F401
 from .loader import load_tower, spec_for, tower_from_manifest  # noqa: E402,F401

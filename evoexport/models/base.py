@@ -80,10 +80,6 @@ class BaseTower(nn.Module):
         (baselines and parity checks)."""
         raise NotImplementedError
 
-    def hf_features(self, device="cpu", dtype=None):
-        """Deprecated name of hf_forward (it returns a function); kept for one release."""
-        return self.hf_forward(device, dtype)
-
     @staticmethod
     def _config(config_cls, spec: TowerSpec):
         """transformers' config for the layers actually run (up to the feature layer), SDPA attention."""

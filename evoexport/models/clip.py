@@ -155,6 +155,5 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path) -> TowerSpec:
                                                           "clip", CLIPConfig, ("default", "full")))
 
 
-VisionTower = CLIPTower   # the name before the registry (deprecated; one release)
 
 register_family("llava", Family(CLIPTower, spec_from_preset, spec_from_checkpoint, load_prefixed_weights))

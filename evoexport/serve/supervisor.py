@@ -2,7 +2,7 @@
 step, recover it by itself, and say whether the ensemble can answer right now.
 
 Why this exists: when a Python-backend stub dies (killed, out of memory), Triton 2.51 (and
-2.64, server issue 8604) neither restarts it nor reports it: every request through that step
+2.64, triton-inference-server/server#8604) neither restarts it nor reports it: every request through that step
 gets HTTP 500 ("Stub process ... is not healthy") while /v2/health/ready keeps answering 200.
 
 How it recovers (measured in docs/serving.md):

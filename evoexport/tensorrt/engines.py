@@ -23,7 +23,7 @@ clear error (runtime/backends/tensorrt.py). Engines are built through Polygraphy
 tests run the real Polygraphy over stand-in TensorRT 10 and 11 modules, pinning what
 reaches TensorRT.
 
-Not run in this project: TensorRT cannot be installed on its machines (see README).
+Where this code has and has not run: docs/gpu.md ("Not run").
 """
 from __future__ import annotations
 

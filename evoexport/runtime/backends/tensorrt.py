@@ -1,7 +1,7 @@
 """TensorRT engines (built by `evoexport engines`, see tensorrt/engines.py) run through Polygraphy's
 TrtRunner on torch CUDA tensors: tensors stay on the GPU between graphs.
 
-Not run in this project: TensorRT cannot be installed on its machines (see README).
+Where this code has and has not run: docs/gpu.md ("Not run").
 """
 from __future__ import annotations
 
