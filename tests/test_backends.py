@@ -139,3 +139,38 @@ def test_torch_backend_needs_only_the_manifest(tiny_build, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EvoExportError, match="weights loaded now differ"):
         evoexport.load(tmp_path, backend="torch")
+
+
+def test_every_backend_declares_what_it_takes():
+    """One base class; the options each backend declares are exactly its constructor's
+    keywords, so the CLI (cli_options) and make_backend read them instead of a table."""
+    import inspect
+
+    from evoexport.runtime.backends import BACKENDS, Backend, backend_class
+    for name in BACKENDS:
+        cls = backend_class(name)
+        assert issubclass(cls, Backend) and cls.name == name
+        takes = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "build_dir", "manifest")]
+        assert sorted(o.name for o in cls.options) == sorted(takes), name
+    assert backend_class("torch").runs_whole_chain and not backend_class("torch").reads_graph_files
+    assert backend_class("onnxruntime").reads_graph_files and not backend_class("openvino").runs_whole_chain
+
+
+def test_cli_options_route_flags_by_the_backends_declarations():
+    from evoexport.errors import EvoExportError
+    from evoexport.runtime.backends import cli_options
+    defaults = {"threads": 0, "precision": None, "device": "cpu"}
+    assert cli_options("openvino", {"threads": 2, "precision": "bf16", "device": "cpu"}, defaults) == {
+        "threads": 2, "precision": "bf16"}
+    assert cli_options("torch", {"threads": 0, "precision": None, "device": "cuda"}, defaults) == {
+        "precision": None, "device": "cuda"}
+    with pytest.raises(EvoExportError, match="--threads is an option of --backend onnxruntime or openvino"):
+        cli_options("torch", {"threads": 2}, defaults)
+
+
+def test_a_runner_closes_its_backend(tiny_build):
+    import evoexport
+    with evoexport.load(tiny_build) as runner:
+        closed = []
+        runner.backend.close = lambda: closed.append(True)
+    assert closed == [True]

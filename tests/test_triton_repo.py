@@ -5,6 +5,7 @@ The `tensorrt` flavour uses stand-in plan files (TensorRT cannot be installed he
 pins our file layout and config, not TensorRT."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -28,8 +29,10 @@ def _stand_in_engines(build, cc="9.0", max_batch=16):
     manifest = read_manifest(build)
     entries = []
     for g in graph_entries(manifest):
-        (build / f"{g['name']}.engine").write_bytes(b"stand-in plan for " + g["name"].encode())
-        entries.append({"name": g["name"], "file": f"{g['name']}.engine", "sha256": "0" * 64, "onnx_sha256": g["sha256"]})
+        plan = b"stand-in plan for " + g["name"].encode()
+        (build / f"{g['name']}.engine").write_bytes(plan)
+        entries.append({"name": g["name"], "file": f"{g['name']}.engine", "sha256": hashlib.sha256(plan).hexdigest(),
+                        "onnx_sha256": g["sha256"]})
     (build / "engines.json").write_text(json.dumps({"tensorrt": "10.13.0", "gpu": "stand-in", "compute_capability": cc,
                                                    "batch_profile": {"min": 1, "opt": 1, "max": max_batch},
                                                    "engines": entries}))
@@ -122,6 +125,10 @@ def test_what_triton_would_refuse_is_refused_first(build_copy, tmp_path):
     engines["engines"][1]["onnx_sha256"] = "f" * 64
     (build_copy / "engines.json").write_text(json.dumps(engines))
     with pytest.raises(EvoExportError, match="built from another"):
+        write_repository(build_copy, tmp_path / "r", flavour="tensorrt")
+    _stand_in_engines(build_copy)
+    (build_copy / "select_0.engine").write_bytes(b"another plan")    # the one check of engines against a build
+    with pytest.raises(EvoExportError, match="select_0.engine does not match its sha256 in engines.json"):
         write_repository(build_copy, tmp_path / "r", flavour="tensorrt")
     # the ensemble check itself: a step whose batch limit is below the ensemble's
     repo = write_repository(build_copy, tmp_path / "ok", flavour="onnxruntime")

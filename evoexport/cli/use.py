@@ -94,13 +94,13 @@ def validate(build_dir, backend, threads, optimization, inference_precision, dev
     from ..validate.report import format_report
     from ..validate.report import validate as run_validation
 
+    from ..runtime.backends import cli_options
+
     if threads < 0:
         raise EvoExportError(f"--threads must be >= 0, got {threads}")
-    if device != "cpu" and backend != "torch":
-        raise EvoExportError("--device is an option of --backend torch")
-    options = {"onnxruntime": {"threads": threads, "optimization": optimization},
-               "openvino": {"threads": threads, "precision": inference_precision},
-               "torch": {"device": device, "precision": inference_precision}}.get(backend, {})
+    given = {"threads": threads, "optimization": optimization, "precision": inference_precision, "device": device}
+    options = cli_options(backend, given, defaults={"threads": 0, "optimization": "all", "precision": None,
+                                                    "device": "cpu"})
     report = run_validation(build_dir, backend=backend, **options)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:

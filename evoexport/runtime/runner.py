@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backends import make_backend
+from .backends import backend_class, make_backend
 from ..errors import EvoExportError
 from ..manifest import graph_entries, read_manifest
 from ..pipeline.chain import entry_names, reported_outputs, run_chain
@@ -39,8 +39,8 @@ class Runner:
 
     def __init__(self, build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, **options):
         self.build_dir = Path(build_dir)
-        # the torch backend rebuilds the chain from the manifest and never opens a graph file
-        self.manifest = read_manifest(self.build_dir, verify=verify, files=backend != "torch")
+        # a backend that rebuilds the chain from the manifest (torch) never opens a graph file
+        self.manifest = read_manifest(self.build_dir, verify=verify, files=backend_class(backend).reads_graph_files)
         self.graphs = graph_entries(self.manifest)
         self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
         spec = self.manifest["inputs"][0]
@@ -71,9 +71,8 @@ class Runner:
         a tensor on the GPU): what a benchmark times, without the host-to-device copy.
         `outputs` names the tensors wanted (None: every one); a backend that runs the whole
         chain in one call (a CUDA graph) then returns only those, the others may add more."""
-        whole = getattr(self.backend, "run_chain", None)
-        if whole is not None:
-            return whole(value, outputs)
+        if self.backend.runs_whole_chain:
+            return self.backend.run_chain(value, outputs)
 
         def run_graph(entry, args):
             return self.backend.run_graph(entry, dict(zip(entry_names(entry)[0], args)))
@@ -90,6 +89,16 @@ class Runner:
             final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
         return Output(env["features"], final, per_point["indices"], per_point["merge"], per_point["picks"])
 
+
+    def close(self) -> None:
+        """Free the backend's engines and sessions; the runner cannot run afterwards."""
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def arrays(self, pixel_values) -> dict:
         """The outputs as numpy arrays under the names every consumer uses (`run --output`,

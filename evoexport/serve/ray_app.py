@@ -47,7 +47,9 @@ def encoder_app(build_dir: str, *, backend: str = "onnxruntime", replicas: int =
     """The deployment bound to a build (an Application for serve.run)."""
     from ..manifest import read_manifest
 
-    manifest = read_manifest(build_dir, verify=False, files=backend != "torch")   # replicas verify on load
+    from ..runtime.backends import backend_class
+    files = backend_class(backend).reads_graph_files
+    manifest = read_manifest(build_dir, verify=False, files=files)   # replicas verify on load
     profile = manifest.get("batch_profile", {}).get("max", 32)
     if max_batch is not None and not 1 <= max_batch <= profile:
         raise EvoExportError(f"--max-batch must be between 1 and the build's batch profile ({profile})")

@@ -89,10 +89,12 @@ def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "
     profile = manifest.get("batch_profile", {}).get("max", 32)
     engines = None
     if flavour == "tensorrt":
-        from ..tensorrt.engines import read_engines
+        from ..tensorrt.engines import engine_files, read_engines
         engines = read_engines(build_dir)
         profile = min(profile, engines.get("batch_profile", {}).get("max", profile))
-        _check_engines(build_dir, manifest, engines)
+        engine_files(build_dir, manifest, engines)   # Triton would load whatever plan it is given
+        if not isinstance(engines.get("compute_capability"), str):
+            raise EvoExportError(f"{build_dir}: engines.json records no compute capability; rerun `evoexport engines`")
     if max_batch is not None and max_batch > profile:
         raise EvoExportError(f"--max-batch {max_batch} is larger than the build's batch profile (max {profile}); "
                              "Triton would refuse the ensemble")
@@ -192,22 +194,6 @@ def _hashes(entry: dict, version: Path, made_here: bool) -> dict:
         return {entry["file"]: sha256_file(version / entry["file"])}
     pairs = ((entry["file"], entry["sha256"]), (entry.get("data_file"), entry.get("data_sha256")))
     return {f: h for f, h in pairs if f}
-
-
-def _check_engines(build_dir: Path, manifest: dict, engines: dict) -> None:
-    """The plans must be the build's graphs: one per graph, made from the same ONNX."""
-    by_name = {e["name"]: e for e in engines["engines"]}
-    for g in graph_entries(manifest):
-        e = by_name.get(g["name"])
-        if e is None:
-            raise EvoExportError(f"{build_dir}: engines.json has no engine for {g['name']}; rerun `evoexport engines`")
-        if e["onnx_sha256"] != g["sha256"]:
-            raise EvoExportError(f"{build_dir}: the engine for {g['name']} was built from another {g['file']}; "
-                                 "rerun `evoexport engines`")
-        if not (build_dir / e["file"]).is_file():
-            raise EvoExportError(f"{build_dir}: engine file {e['file']} is missing; rerun `evoexport engines`")
-    if not isinstance(engines.get("compute_capability"), str):
-        raise EvoExportError(f"{build_dir}: engines.json records no compute capability; rerun `evoexport engines`")
 
 
 def describe(repo: Repository) -> str:

@@ -176,6 +176,29 @@ def read_engines(build_dir: Path) -> dict:
     return info
 
 
+def engine_files(build_dir: Path, manifest: dict, info: dict, verify: bool = True) -> dict:
+    """{graph name: its engine file}: one engine per graph of the build, made from that very
+    ONNX (engines.json's onnx_sha256), present and, with `verify`, matching its own sha256.
+    The one check of engines against a build (the TensorRT backend, the Triton repository)."""
+    by_name = {e["name"]: e for e in info["engines"]}
+    files = {}
+    for g in graph_entries(manifest):
+        e = by_name.get(g["name"])
+        if e is None:
+            raise EvoExportError(f"{build_dir}: {ENGINES} has no engine for {g['name']}; rerun `evoexport engines`")
+        if e["onnx_sha256"] != g["sha256"]:
+            raise EvoExportError(f"{build_dir}: the engine for {g['name']} was built from another {g['file']}; "
+                                 "rerun `evoexport engines`")
+        path = Path(build_dir) / e["file"]
+        if not path.is_file():
+            raise EvoExportError(f"{build_dir}: engine file {e['file']} is missing; rerun `evoexport engines`")
+        if verify and sha256_file(path) != e["sha256"]:
+            raise EvoExportError(f"{build_dir}: {e['file']} does not match its sha256 in {ENGINES}; "
+                                 "rerun `evoexport engines`")
+        files[g["name"]] = path
+    return files
+
+
 def check_engines_match(info: dict, trt, gpu: dict) -> None:
     """Engines run only on the TensorRT version and GPU compute capability they were built for."""
     have = (str(trt.__version__), gpu["compute_capability"])

@@ -31,6 +31,7 @@ from .decisions import check_decisions, make_ties
 from ..files import write_json
 from ..inputs.images import SAMPLE_PHOTOS, sample_batch
 from ..manifest import graph_entries, read_manifest
+from ..runtime.backends import backend_class
 from ..runtime.backends.torch import TorchBackend
 from ..runtime.runner import Runner
 from .tolerances import tolerances_for
@@ -171,7 +172,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
     build_dir = Path(build_dir)
     # The torch backend never reads the graph files: it rebuilds the chain from the manifest
     # and checks the weights against the manifest's sha256. A manifest alone validates it.
-    files = backend != "torch"
+    files = backend_class(backend).reads_graph_files
     manifest = read_manifest(build_dir, verify=files, files=files)
     if runner is None:
         if backend == "onnxruntime":

@@ -8,6 +8,7 @@ import numpy as np
 
 from ...errors import EvoExportError, cause
 from ...manifest import check_graph_io, graph_entries
+from .base import Backend, Option
 
 
 def _io(args) -> list:
@@ -20,8 +21,12 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
                "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     name = "onnxruntime"
+    options = (Option("providers", "execution providers in order  [default: CUDA if installed, then CPU]"),
+               Option("threads", "threads per graph  [default: all cores]", "--threads"),
+               Option("low_memory", "no prepacked weights and no arena: about half the memory, a few % slower"),
+               Option("optimization", "graph optimization level: all, extended, basic, disable", "--optimization"))
 
     def __init__(self, build_dir: Path, manifest: dict, providers: list[str] | None = None, threads: int = 0,
                  low_memory: bool = False, optimization: str = "all"):

@@ -16,6 +16,7 @@ import numpy as np
 
 from ...errors import EvoExportError, cause
 from ...manifest import check_graph_io, graph_entries
+from .base import Backend, Option
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}   # ours -> OpenVINO's inference precision
 
@@ -51,8 +52,13 @@ def _require_onnx(path: Path) -> None:
         raise EvoExportError(f"OpenVINO cannot compile {path.name}: it is not an ONNX model ({cause(e)})") from None
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(Backend):
     name = "openvino"
+    options = (Option("precision", "the stages' inference precision (fp32, bf16, fp16)  [default: OpenVINO's for "
+                                   "this CPU]", "--inference-precision"),
+               Option("threads", "inference threads  [default: all cores]", "--threads"),
+               Option("cache_dir", "compiled-model cache  [default: ~/.cache/evoexport/openvino; None: off]"),
+               Option("device", "OpenVINO device  [default: CPU]"))
 
     def __init__(self, build_dir: Path, manifest: dict, precision: str | None = None, threads: int = 0,
                  cache_dir: str | Path | None = "default", device: str = "CPU"):

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...tensorrt import engines
-from ...tensorrt.engines import ENGINES, _require_tensorrt, check_engines_match, read_engines
-from ...errors import EvoExportError
-from ...manifest import check_graph_io, graph_entries, sha256_file
+from ...tensorrt.engines import _require_tensorrt, check_engines_match, engine_files, read_engines
+from ...manifest import check_graph_io, graph_entries
+from .base import Backend, Option
 
 
 def _io(engine, trt) -> tuple[list, list]:
@@ -27,9 +27,10 @@ def _io(engine, trt) -> tuple[list, list]:
     return found[trt.TensorIOMode.INPUT], found[trt.TensorIOMode.OUTPUT]
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     """Runs every graph as a TensorRT engine; tensors stay on the GPU between graphs."""
     name = "tensorrt"
+    options = (Option("device", "the CUDA device the engines run on  [default: cuda]"),)
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cuda"):
         info = read_engines(build_dir)   # input first: a corrupt engines.json is named even without TensorRT
@@ -37,29 +38,22 @@ class TrtBackend:
         check_engines_match(info, trt, engines.gpu_info())
         # strongly typed engines compute in what the ONNX says
         self.precision = manifest.get("precision", "fp32")
-        by_name = {e["name"]: e for e in info["engines"]}
-        files = []
-        for g in graph_entries(manifest):
-            e = by_name.get(g["name"])
-            if e is None or not (build_dir / e["file"]).is_file():
-                raise EvoExportError(f"{build_dir}: engine for {g['name']} is missing; rebuild the engines")
-            if e.get("onnx_sha256") != g["sha256"]:
-                raise EvoExportError(f"{build_dir}: {e['file']} was built from another {g['file']}; rebuild the engines")
-            if sha256_file(build_dir / e["file"]) != e["sha256"]:
-                raise EvoExportError(f"{build_dir}: {e['file']} does not match its sha256 in {ENGINES}")
-            files.append((g["name"], build_dir / e["file"]))
+        files = engine_files(build_dir, manifest, info)
 
         import torch
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
         self.torch, self.device = torch, torch.device(device)
         self.runners = {}
-        entries = {g["name"]: g for g in graph_entries(manifest)}
-        for name, file in files:
-            runner = TrtRunner(EngineFromPath(str(file)), name=name)
-            runner.activate()
-            self.runners[name] = runner
-            check_graph_io(entries[name], *_io(runner.engine, trt), "TensorRT")
+        try:
+            for g in graph_entries(manifest):
+                runner = TrtRunner(EngineFromPath(str(files[g["name"]])), name=g["name"])
+                runner.activate()
+                self.runners[g["name"]] = runner
+                check_graph_io(g, *_io(runner.engine, trt), "TensorRT")
+        except BaseException:
+            self.close()
+            raise
 
     def as_input(self, array):
         return self.torch.as_tensor(array).to(self.device)
@@ -71,9 +65,8 @@ class TrtBackend:
         import numpy as np
         return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
 
-    def __del__(self):
-        for r in getattr(self, "runners", {}).values():
-            try:
-                r.deactivate()
-            except Exception:
-                pass
+    def close(self) -> None:
+        """Deactivate every engine's runner (Polygraphy's activate/deactivate)."""
+        runners, self.runners = getattr(self, "runners", {}), {}
+        for r in runners.values():
+            r.deactivate()

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...errors import EvoExportError
 from ...manifest import TORCH_DTYPES as DTYPES
+from .base import Backend, Option
 
 
 def resolve_device(device: str):
@@ -152,8 +153,19 @@ def _compiled_selections(pipeline, modules: dict | None = None) -> dict:
     return compiled
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
+    reads_graph_files = False   # the chain is rebuilt from the manifest; the weights' sha256 is checked
+    runs_whole_chain = True
+    options = (Option("device", "cpu or cuda (the chain replayed as CUDA graphs)", "--device"),
+               Option("precision", "what the stages compute in  [default: the build's on cuda, fp32 on cpu]",
+                      "--inference-precision"),
+               Option("cuda_graphs", "replay the chain as one CUDA graph per batch  [default: on cuda]"),
+               Option("compile_selections", "torch.compile the selections  [default: on cuda]"),
+               Option("pipeline", "an already loaded Pipeline of the build (validation reuses the reference's)"),
+               Option("selection_form", "topk or compare (prune/selection.py FORMS)"),
+               Option("keep_dtype", "stages hand reduced-precision states on without an fp32 round trip"),
+               Option("sdpa", "SDPA backends in order of preference (cudnn, flash, efficient, math)"))
 
     def __init__(self, build_dir: Path, manifest: dict, device: str = "cpu", precision: str | None = None,
                  cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None,
