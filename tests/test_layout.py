@@ -1,6 +1,6 @@
 """The package reads as the data flow: subpackages by pipeline step, imports pointing down
 it with no cycle (function-level imports counted), no module over 400 lines, families
-found only through the registry, and the old module names still importing for a release."""
+found only through the registry."""
 from __future__ import annotations
 
 import ast
@@ -33,7 +33,9 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
-                names = [target] + [f"{target}.{a.name}" for a in node.names]
+                names = [f"{target}.{a.name}" for a in node.names]
+                if not all(n in mods for n in names):   # `from .. import names` imports a module, not the package's body
+                    names.append(target)
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             else:
@@ -123,3 +125,19 @@ def test_run_chain_wires_graphs_by_name_in_order():
     assert env == {"x": 2, "y": 3, "z": 20, "w": 17} and calls == [[2], [20, 3]]
     entry = {"inputs": [{"name": "a"}], "outputs": [{"name": "b"}]}
     assert run_chain([entry], {"a": 1}, lambda e, args: [args[0] * 5], names=entry_names) == {"a": 1, "b": 5}
+
+
+def test_graph_kinds_and_tensor_names_have_one_home():
+    """Graph kinds are compared through names.GraphKind, and tensor names of the chain are
+    made by names.py's functions: no module spells them itself."""
+    import re
+    kind_literal = re.compile(r"""kind\)?\s*[!=]=\s*["'](encoder|select)["']|["'](encoder|select)["']\s*[!=]=""")
+    name_fstring = re.compile(r"""f["'](stage|pruned|indices|merge|picks|sizes)(_?\{)""")
+    found = []
+    for p in PACKAGE.rglob("*.py"):
+        if p.name == "names.py":
+            continue
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if kind_literal.search(line) or name_fstring.search(line):
+                found.append(f"{p.relative_to(PACKAGE)}:{n}: {line.strip()}")
+    assert not found, found

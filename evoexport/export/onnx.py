@@ -11,6 +11,7 @@ import torch
 
 from ..errors import EvoExportError
 from ..manifest import sha256_file
+from ..names import GraphKind
 from ..pipeline.stages import GraphSpec, Pipeline
 
 OPSET = 20
@@ -81,14 +82,14 @@ def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_sour
     example = pipeline.example_inputs(batch=2)
     stages: list[dict] = []
     for i, graph in enumerate(pipeline.graphs):
-        if stage_source is not None and graph.kind == "encoder":
+        if stage_source is not None and graph.kind == GraphKind.ENCODER:
             graph = replace(graph, module=stage_source.graphs[i].module)
         if progress:
             what = (f"layers {graph.layers[0]}-{graph.layers[1] - 1}, {graph.tokens_in} tokens"
-                    if graph.kind == "encoder" else f"keep {graph.tokens_out} of {graph.tokens_in} tokens")
+                    if graph.kind == GraphKind.ENCODER else f"keep {graph.tokens_out} of {graph.tokens_in} tokens")
             progress(f"exporting {graph.name} ({what}) [{i + 1}/{len(pipeline.graphs)}]")
         entry = export_graph(graph, example, out_dir, opset)
-        if graph.kind == "encoder":
+        if graph.kind == GraphKind.ENCODER:
             entry["select"] = None
             stages.append(entry)
         else:

@@ -21,6 +21,7 @@ from ..errors import EvoExportError
 from ..inputs.images import sample_batch
 from ..manifest import read_manifest
 from ..manifest import TORCH_DTYPES
+from ..names import GraphKind
 from ..progress import Progress
 from .timing import cuda_graph_ms, time_systems
 
@@ -56,7 +57,7 @@ def _share(times: dict, key: str) -> float | None:
     if any(t[key] is None for t in times.values()):
         return None
     total = sum(t[key] for t in times.values())
-    return sum(t[key] for t in times.values() if t["kind"] == "select") / total
+    return sum(t[key] for t in times.values() if t["kind"] == GraphKind.SELECT) / total
 
 
 def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, warmup: int = 10,

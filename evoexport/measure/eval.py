@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
+from .. import names
+from ..names import GraphKind
 from .eval_data import eval_photos, paired_comparison
 from ..prune.cost import tower_flops
 from ..prune.selection import PruneParams
@@ -130,8 +132,8 @@ def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Ten
     per = pipe.tower.patches_per_token      # a unit tower's tokens are unit x unit patches side by side
     features = features.reshape(b, -1, per * features.shape[-1])
     owner = None
-    for i, g in enumerate(s for s in pipe.graphs if s.kind == "select"):
-        merge, picks = env[f"merge_{i}"], env[f"picks_{i}"]
+    for i, g in enumerate(s for s in pipe.graphs if s.kind == GraphKind.SELECT):
+        merge, picks = env[names.merge(i)], env[names.picks(i)]
         if (merge < 0).any():
             tokens = torch.nn.functional.normalize(env[g.inputs[0]][:, c:].float(), dim=-1)
             kept = kept_indices(picks, g.tokens_out)

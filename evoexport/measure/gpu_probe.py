@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import write_json
-from ..pipeline.chain import reported_outputs
+from .. import names
+from ..names import GraphKind
 from ..progress import Progress
 
 # sdpa_counts: how many of the stages' token counts the attention section times (the CPU
@@ -150,7 +151,7 @@ def _dump(p: Probe) -> dict:
     x = p.x(1)
     out = {}
     for form, chain in (("topk", p.default_chain()), ("compare", p.compare_chain())):
-        env = chain(x, outputs=reported_outputs(len(p.pipeline.points)))
+        env = chain(x, outputs=names.reported(len(p.pipeline.points)))
         arrays = {k: v.detach().float().cpu().numpy() if k == "features" else v.cpu().numpy() for k, v in env.items()}
         np.savez_compressed(p.out / f"dump-{form}.npz", pixel_values=x.cpu().numpy(), **arrays)
         out[form] = {"file": f"dump-{form}.npz", "compiled": chain.compiled, "cuda_graph": chain.cuda_graphs}
@@ -190,7 +191,7 @@ def _selections(p: Probe) -> dict:
             a, n = old(x, outputs=None), new(x, outputs=None)
         differ = {k: int((a[k] != n[k]).sum()) for k in a if k.startswith(("picks_", "merge_"))}
         for g, t in times["old"].items():
-            if t["kind"] == "select":
+            if t["kind"] == GraphKind.SELECT:
                 key = "graph_ms" if t["graph_ms"] is not None else "eager_ms"
                 rows.append({"batch": b, "graph": g, "old_ms": t[key], "new_ms": times["new"][g][key], "timed_as": key,
                              "decisions_differ": {k: v for k, v in differ.items()
@@ -218,7 +219,7 @@ def _sdpa(p: Probe) -> dict:
     tower = p.pipeline.tower
     heads, d = tower.num_heads, tower.hidden_size
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[PRECISION])
-    counts = [g.tokens_in * tower.patches_per_token + int(tower.has_cls) for g in p.pipeline.graphs if g.kind == "encoder"]
+    counts = [g.tokens_in * tower.patches_per_token + int(tower.has_cls) for g in p.pipeline.graphs if g.kind == GraphKind.ENCODER]
     from torch.nn.attention import sdpa_kernel
     dynamo = torch._dynamo.config   # one FlexAttention compile per shape and bias below
     dynamo.recompile_limit = max(getattr(dynamo, "recompile_limit", 8), 64)
@@ -270,7 +271,7 @@ def _qkv(p: Probe) -> dict:
     torch = p.torch
     d = p.pipeline.tower.hidden_size
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[PRECISION])
-    counts = sorted({g.tokens_in + int(p.pipeline.tower.has_cls) for g in p.pipeline.graphs if g.kind == "encoder"})
+    counts = sorted({g.tokens_in + int(p.pipeline.tower.has_cls) for g in p.pipeline.graphs if g.kind == GraphKind.ENCODER})
     separate = [torch.nn.Linear(d, d, device=p.device, dtype=dtype) for _ in range(3)]
     fused = torch.nn.Linear(d, 3 * d, device=p.device, dtype=dtype)
     rows = []
@@ -368,7 +369,7 @@ def check_dump(out: str | Path) -> dict:
     tower = load_tower(info["model"], seed=info["seed"], quiet=True)
     points = default_schedule(tower.depth, tower.num_patches, info["keep"], tower.spec.prune_layers)
     pipeline = Pipeline(tower, points, default_params(info["model"]))
-    wanted = ["pixel_values"] + reported_outputs(len(points))
+    wanted = [names.PIXELS] + names.reported(len(points))
     result = {}
     for dump in sorted(out.glob("dump-*.npz")):
         try:
@@ -379,7 +380,7 @@ def check_dump(out: str | Path) -> dict:
         missing = [k for k in wanted if k not in env]
         if missing:
             raise EvoExportError(f"{dump} lacks {', '.join(missing)}")
-        x = env.pop("pixel_values")
+        x = env.pop(names.PIXELS)
         if x.dtype != np.float32 or x.shape[1:] != (3, tower.image_size, tower.image_size):
             raise EvoExportError(f"{dump}: pixel_values {list(x.shape)} {x.dtype} are not this model's input")
         result[dump.stem] = check_recorded(pipeline, x, env, info["precision"])

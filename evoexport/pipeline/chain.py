@@ -17,12 +17,6 @@ def entry_names(entry: dict) -> tuple[list[str], list[str]]:
     return [t["name"] for t in entry["inputs"]], [t["name"] for t in entry["outputs"]]
 
 
-def reported_outputs(points: int) -> list[str]:
-    """What a chain reports to its caller (a Runner call, the GPU probe's dumps): the features
-    and every prune point's kept indices and decisions."""
-    return ["features"] + [f"{kind}_{i}" for i in range(points) for kind in ("indices", "merge", "picks")]
-
-
 def run_chain(graphs: Iterable, env: dict, run_graph: Callable, names: Callable = spec_names) -> dict:
     """Run `graphs` in order. `run_graph(graph, inputs)` gets the graph and its inputs as a
     list (in its input order) and returns its outputs as a sequence (in its output order)

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import names
 from ..models.base import BaseTower
+from ..names import GraphKind
 from .chain import run_chain
 from ..prune.selection import PruneParams, SelectGraph
 from ..prune.schedule import PrunePoint, check_schedule
@@ -33,7 +35,7 @@ from ..prune.schedule import PrunePoint, check_schedule
 @dataclass
 class GraphSpec:
     name: str
-    kind: str                   # "encoder" | "select"
+    kind: GraphKind
     module: nn.Module
     inputs: list[str]
     outputs: list[str]
@@ -131,11 +133,6 @@ class EncoderStage(nn.Module):
         return (tokens,)
 
 
-def select_outputs(i: int) -> list[str]:
-    """Output names of selection graph i, in the order `select` returns them."""
-    return [f"pruned{i}_hidden", f"sizes_{i}", f"indices_{i}", f"merge_{i}", f"picks_{i}"]
-
-
 class Pipeline:
     """The pruned tower as a list of graphs, with a PyTorch reference executor."""
 
@@ -145,7 +142,7 @@ class Pipeline:
         self.tower, self.points, self.params, self.keep_dtype = tower, list(points), params, keep_dtype
         self.graphs: list[GraphSpec] = []
         cuts = [p.after_layer + 1 for p in points] + [tower.depth]
-        first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, "pixel_values", None
+        first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, names.PIXELS, None
         for i, last in enumerate(cuts):
             final = i == len(points)
             proportional = params.merge and params.proportional_attention and prev_sizes is not None
@@ -154,21 +151,22 @@ class Pipeline:
             stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
                                  proportional=proportional, square_mask=square_mask, positional=positional,
                                  keep_dtype=keep_dtype)
-            inputs = [prev_hidden] + ([prev_sizes] if proportional else []) + ([f"indices_{i - 1}"] if positional else [])
-            outputs = ["features"] if final else [f"stage{i}_hidden", f"stage{i}_importance"]
+            inputs = [prev_hidden] + ([prev_sizes] if proportional else []) + ([names.indices(i - 1)] if positional else [])
+            outputs = [names.FEATURES] if final else [names.stage_hidden(i), names.stage_importance(i)]
             tokens_out = tokens if final else points[i].tokens
-            self.graphs.append(GraphSpec(f"stage_{i}", "encoder", stage, inputs, outputs, (first, last),
+            self.graphs.append(GraphSpec(names.stage(i), GraphKind.ENCODER, stage, inputs, outputs, (first, last),
                                          tokens, tokens_out, {"proportional_attention": proportional}))
             if final:
                 break
             budget = points[i].tokens
-            sel_inputs = [f"stage{i}_hidden", f"stage{i}_importance"]
+            sel_inputs = [names.stage_hidden(i), names.stage_importance(i)]
             if i > 0:
-                sel_inputs += [f"sizes_{i - 1}", f"indices_{i - 1}"]
-            self.graphs.append(GraphSpec(f"select_{i}", "select", SelectGraph(budget, params, tower.has_cls, tower.grid),
-                                         sel_inputs, select_outputs(i),
+                sel_inputs += [names.sizes(i - 1), names.indices(i - 1)]
+            self.graphs.append(GraphSpec(names.select(i), GraphKind.SELECT,
+                                         SelectGraph(budget, params, tower.has_cls, tower.grid),
+                                         sel_inputs, names.select_outputs(i),
                                          None, tokens, budget, {"after_layer": points[i].after_layer}))
-            first, tokens, prev_hidden, prev_sizes = last, budget, f"pruned{i}_hidden", f"sizes_{i}"
+            first, tokens, prev_hidden, prev_sizes = last, budget, names.pruned_hidden(i), names.sizes(i)
 
     @torch.inference_mode()
     def run(self, pixel_values: torch.Tensor, rescore=None, forced: dict | None = None,
@@ -182,14 +180,14 @@ class Pipeline:
         `forced` maps tensor names `picks_i` and `merge_i` to another executor's decisions:
         every selection then applies those instead of deciding (validation)."""
         def run_graph(g, args):
-            if forced is not None and g.kind == "select":
+            if forced is not None and g.kind == GraphKind.SELECT:
                 merge_name, picks_name = g.outputs[3:5]
                 return g.module.forced(*args, merge=forced[merge_name], picks=forced[picks_name])
             outs = (modules or {}).get(g.name, g.module)(*args)
-            if rescore is not None and g.kind == "encoder" and len(g.outputs) == 2:
+            if rescore is not None and g.kind == GraphKind.ENCODER and len(g.outputs) == 2:
                 outs = (outs[0], rescore(outs[1]))
             return outs
-        return run_chain(self.graphs, {"pixel_values": pixel_values}, run_graph)
+        return run_chain(self.graphs, {names.PIXELS: pixel_values}, run_graph)
 
     def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
         """A consistent set of every graph input, for tracing."""

@@ -21,9 +21,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .backends import backend_class, make_backend
+from .. import names
 from ..errors import EvoExportError
 from ..manifest import graph_entries, read_manifest
-from ..pipeline.chain import entry_names, reported_outputs, run_chain
+from ..pipeline.chain import entry_names, run_chain
 
 
 class Output(NamedTuple):
@@ -46,7 +47,7 @@ class Runner:
         spec = self.manifest["inputs"][0]
         self.input_name, self.input_shape = spec["name"], spec["shape"]
         # what a call reports: the features and every point's decisions
-        self.output_names = reported_outputs(len(self.manifest["schedule"]))
+        self.output_names = names.reported(len(self.manifest["schedule"]))
 
     def check_input(self, pixel_values) -> np.ndarray | object:
         shape = tuple(getattr(pixel_values, "shape", ()))
@@ -81,13 +82,13 @@ class Runner:
     def __call__(self, pixel_values) -> Output:
         env = self.run_native(self.backend.as_input(self.check_input(pixel_values)), self.output_names)
         points = range(len(self.manifest["schedule"]))
-        per_point = {kind: [env[f"{kind}_{i}"] for i in points] for kind in ("indices", "merge", "picks")}
+        per_point = {kind: [env[names.decision(kind, i)] for i in points] for kind in names.DECISIONS}
         if per_point["indices"]:
             final = per_point["indices"][-1]
         else:  # nothing pruned: every patch is kept, in raster order
             b, n = pixel_values.shape[0], self.manifest["tower"]["num_patches"]
             final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
-        return Output(env["features"], final, per_point["indices"], per_point["merge"], per_point["picks"])
+        return Output(env[names.FEATURES], final, *(per_point[kind] for kind in names.DECISIONS))
 
 
     def close(self) -> None:
@@ -105,10 +106,10 @@ class Runner:
         the Triton ensemble, Ray Serve): features, indices, then indices_i, merge_i, picks_i."""
         out = self(pixel_values)
         to_np = self.backend.to_numpy
-        arrays = {"features": to_np(out.features), "indices": to_np(out.indices)}
-        for kind in ("indices", "merge", "picks"):
+        arrays = {names.FEATURES: to_np(out.features), names.INDICES: to_np(out.indices)}
+        for kind in names.DECISIONS:
             for i, value in enumerate(getattr(out, f"{kind}_per_point")):
-                arrays[f"{kind}_{i}"] = to_np(value)
+                arrays[names.decision(kind, i)] = to_np(value)
         return {k: np.asarray(v) for k, v in arrays.items()}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..files import atomic_path
+from .. import names
 
 DIM = 0.25   # brightness left to a dropped patch
 
@@ -133,9 +134,9 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
     to_np = runner.backend.to_numpy
     m = runner.manifest
     grid, pre, points = m["tower"]["grid"], m["preprocess"], range(len(m["schedule"]))
-    indices = [to_np(env[f"indices_{i}"]) for i in points]
-    merges = [to_np(env[f"merge_{i}"]) for i in points]
-    importances = [to_np(env[f"stage{i}_importance"]) for i in points]
+    indices = [to_np(env[names.indices(i)]) for i in points]
+    merges = [to_np(env[names.merge(i)]) for i in points]
+    importances = [to_np(env[names.stage_importance(i)]) for i in points]
     per_image = [panels_for(pixels[b], pre, grid, [x[b] for x in indices], [x[b] for x in merges],
                             [x[b] for x in importances],
                             label=None if frame_numbers is None else f"frame {int(frame_numbers[b])}")

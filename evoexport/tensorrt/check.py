@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import EvoExportError
 from ..manifest import graph_entries, read_manifest
+from ..names import GraphKind
 
 TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "tensorrt_onnx_ops.json"
 TOPK_MAX = 3840
@@ -141,12 +142,12 @@ def check_model(model, graph: str, kind: str, precision: str = "fp32", table: di
             zp = consts.get(node.input[2])
             if zp is not None and np.any(zp != 0):
                 add(node, "qdq", "non-zero zero point; TensorRT's explicit quantization is symmetric")
-    if kind == "select":
+    if kind == GraphKind.SELECT:
         low = sorted({n for n, t in types.items() if t in ("FP16", "BF16")})
         if low:
             add(None, "select-fp32", f"selection graph holds {len(low)} fp16/bf16 tensors (e.g. {low[0]}); "
                                      "selections must compute in fp32")
-    if kind == "encoder" and precision in ("fp16", "bf16"):
+    if kind == GraphKind.ENCODER and precision in ("fp16", "bf16"):
         want = {"fp16": "FP16", "bf16": "BF16"}[precision]
         inits = {i.name: i for i in model.graph.initializer}
         weights = [n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
@@ -181,7 +182,7 @@ def check_build(build_dir: str | Path) -> dict:
     findings: list[Finding] = []
     graphs = graph_entries(manifest)
     for g in graphs:
-        kind = "select" if g["name"].startswith("select") else "encoder"
+        kind = GraphKind(g["kind"])
         try:
             model = _load(build_dir / g["file"])
         except Exception as e:

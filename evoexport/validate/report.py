@@ -31,6 +31,8 @@ from .decisions import check_decisions, make_ties
 from ..files import write_json
 from ..inputs.images import SAMPLE_PHOTOS, sample_batch
 from ..manifest import graph_entries, read_manifest
+from .. import names
+from ..names import GraphKind
 from ..runtime.backends import backend_class
 from ..runtime.backends.torch import TorchBackend
 from ..runtime.runner import Runner
@@ -96,17 +98,17 @@ def _tied(spec, feeds: dict) -> dict:
 
 def _owner_positions(env: dict, i: int) -> np.ndarray:
     """Original patch position of the kept token each entering token went to (-1: none)."""
-    merge, kept = env[f"merge_{i}"], env[f"indices_{i}"]
+    merge, kept = env[names.merge(i)], env[names.indices(i)]
     return np.where(merge >= 0, np.take_along_axis(kept, np.maximum(merge, 0), axis=1), -1)
 
 
 def _versus_free_running(env: dict, free: dict, i: int) -> dict:
     """How point i's decisions differ from the free-running reference's (information)."""
-    got, ref = env[f"indices_{i}"], free[f"indices_{i}"]
+    got, ref = env[names.indices(i)], free[names.indices(i)]
     kept_differ = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(got, ref)))
     # merge owners are comparable only where the same tokens entered the point
     rows = [r for r in range(got.shape[0])
-            if i == 0 or np.array_equal(env[f"indices_{i - 1}"][r], free[f"indices_{i - 1}"][r])]
+            if i == 0 or np.array_equal(env[names.indices(i - 1)][r], free[names.indices(i - 1)][r])]
     owners, ref_owners = _owner_positions(env, i), _owner_positions(free, i)
     merge_differ = int(sum((owners[r] != ref_owners[r]).sum() for r in rows))
     return {"kept_differ": kept_differ, "kept_total": int(got.size), "merge_differ": merge_differ,
@@ -126,10 +128,10 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
         ref = pipeline.run(torch.from_numpy(x), forced=forced)
     features = compare("features", env["features"], ref["features"].numpy(), tol, "e2e")
     points = []
-    for i, spec in enumerate(g for g in pipeline.graphs if g.kind == "select"):
+    for i, spec in enumerate(g for g in pipeline.graphs if g.kind == GraphKind.SELECT):
         sel = spec.module
         decisions = check_decisions(ref[spec.inputs[0]], ref[spec.inputs[1]], sel.budget, sel.params,
-                                    has_cls=sel.has_cls, picks=forced[f"picks_{i}"], merge=forced[f"merge_{i}"],
+                                    has_cls=sel.has_cls, picks=forced[names.picks(i)], merge=forced[names.merge(i)],
                                     tolerance=tol["decision_margin"], grid=sel.grid,
                                     positions=ref[spec.inputs[3]] if len(spec.inputs) > 3 else None)
         points.append({"point": i, "decisions": decisions, "free_running": _versus_free_running(env, free, i),
@@ -196,7 +198,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
     for entry in graph_entries(manifest):
         spec = specs[entry["name"]]
         feeds = {name: ref_env[name] for name in spec.inputs}
-        if spec.kind == "select":
+        if spec.kind == GraphKind.SELECT:
             graphs.append(_check_select(be, entry, spec, feeds, select_tol, "reference"))
             graphs.append(_check_select(be, entry, spec, _tied(spec, feeds), select_tol, "exact ties"))
         else:

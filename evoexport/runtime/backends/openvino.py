@@ -16,6 +16,7 @@ import numpy as np
 
 from ...errors import EvoExportError, cause
 from ...manifest import check_graph_io, graph_entries
+from ...names import GraphKind
 from .base import Backend, Option
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}   # ours -> OpenVINO's inference precision
@@ -83,7 +84,7 @@ class OpenVinoBackend(Backend):
         stage_precisions = set()
         for g in graph_entries(manifest):
             config = dict(common)
-            if g["kind"] == "select":
+            if g["kind"] == GraphKind.SELECT:
                 config["INFERENCE_PRECISION_HINT"] = "f32"
             elif precision is not None:
                 config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
@@ -93,7 +94,7 @@ class OpenVinoBackend(Backend):
             except Exception as e:
                 raise EvoExportError(f"OpenVINO cannot compile {g['file']}: {cause(e)}") from None
             check_graph_io(g, _io(compiled.inputs), _io(compiled.outputs), "OpenVINO")
-            if g["kind"] == "encoder":
+            if g["kind"] == GraphKind.ENCODER:
                 stage_precisions.add(compiled.get_property("INFERENCE_PRECISION_HINT"))
             self.requests[g["name"]] = compiled.create_infer_request()
             self.ports[g["name"]] = [(o["name"], compiled.output(o["name"])) for o in g["outputs"]]

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...errors import EvoExportError
 from ...manifest import TORCH_DTYPES as DTYPES
+from ...names import GraphKind
 from .base import Backend, Option
 
 
@@ -120,7 +121,7 @@ def _selection_modules(pipeline, form: str) -> dict:
     if form == "topk":
         return {}
     return {g.name: SelectGraph(g.module.budget, g.module.params, g.module.has_cls, g.module.grid, form)
-            for g in pipeline.graphs if g.kind == "select"}
+            for g in pipeline.graphs if g.kind == GraphKind.SELECT}
 
 
 def _compiled_selections(pipeline, modules: dict | None = None) -> dict:
@@ -139,7 +140,7 @@ def _compiled_selections(pipeline, modules: dict | None = None) -> dict:
             setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     modules = modules or {}
     compiled = {g.name: torch.compile(modules.get(g.name, g.module), dynamic=True, fullgraph=True)
-                for g in pipeline.graphs if g.kind == "select"}
+                for g in pipeline.graphs if g.kind == GraphKind.SELECT}
     env = pipeline.example_inputs(batch=2)   # compile now, not inside a CUDA graph capture
     try:
         with torch.inference_mode():   # the mode the chain runs in: no recompile for it later

@@ -1,0 +1,83 @@
+"""What the contract calls things: the kinds of graph, and the names of the tensors that wire
+a chain (the manifest, every runtime, the Triton ensemble and the C++ runtime agree on them).
+
+    pixel_values -> stage_0 -> stage0_hidden, stage0_importance
+                 -> select_0 -> pruned0_hidden, sizes_0, indices_0, merge_0, picks_0
+                 -> stage_1 -> ... -> stage_N -> features
+
+Prune point i has the selection graph select_i; the stage before it outputs stage{i}_hidden
+and stage{i}_importance, and the stage after it reads pruned{i}_hidden (with sizes_i for
+proportional attention, indices_i for a family whose stages need positions).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+PIXELS = "pixel_values"
+FEATURES = "features"
+INDICES = "indices"          # the final kept positions (Runner, run --output, the Triton ensemble)
+DECISIONS = ("indices", "merge", "picks")   # what each prune point reports, in this order
+
+
+class GraphKind(str, Enum):
+    """A graph of a chain: an encoder stage, or a selection between two stages. A str, so a
+    manifest's "kind" compares equal to it and it is written to JSON as the plain word."""
+    ENCODER = "encoder"
+    SELECT = "select"
+
+    def __str__(self) -> str:   # the plain word in messages and f-strings too
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def stage(i: int) -> str:
+    return f"stage_{i}"
+
+
+def select(i: int) -> str:
+    return f"select_{i}"
+
+
+def stage_hidden(i: int) -> str:
+    return f"stage{i}_hidden"
+
+
+def stage_importance(i: int) -> str:
+    return f"stage{i}_importance"
+
+
+def pruned_hidden(i: int) -> str:
+    return f"pruned{i}_hidden"
+
+
+def sizes(i: int) -> str:
+    return f"sizes_{i}"
+
+
+def indices(i: int) -> str:
+    return f"indices_{i}"
+
+
+def merge(i: int) -> str:
+    return f"merge_{i}"
+
+
+def picks(i: int) -> str:
+    return f"picks_{i}"
+
+
+def decision(kind: str, i: int) -> str:
+    """`kind` one of DECISIONS: indices_i, merge_i or picks_i."""
+    return f"{kind}_{i}"
+
+
+def select_outputs(i: int) -> list[str]:
+    """A selection graph's outputs, in order."""
+    return [pruned_hidden(i), sizes(i), indices(i), merge(i), picks(i)]
+
+
+def reported(points: int) -> list[str]:
+    """What a chain reports: the features, then per prune point its decisions."""
+    return [FEATURES] + [decision(kind, i) for i in range(points) for kind in DECISIONS]
