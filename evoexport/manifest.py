@@ -10,16 +10,46 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from enum import Enum
 from pathlib import Path
 
 from .errors import EvoExportError
 from .files import read_json, write_json
 
-# The precisions a build can compute its encoder stages in, in one place (the CLI's choices,
-# the builder, the schema's enum is checked against it by tests/test_layout.py)
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+class Precision(str, Enum):
+    """What a build's encoder stages compute in, in one place: the CLI's choices, the builder,
+    the backends; the schema's enum is checked against it (tests/test_layout.py). Selections
+    always compute in fp32."""
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __hash__(self) -> int:   # as its word's: equal to it in sets and as a dict key too
+        return hash(self.value)
+
+    @property
+    def is_half(self) -> bool:
+        """16-bit floating stages (weights and math in the ONNX; LayerNorm and I/O fp32)."""
+        return self in (Precision.FP16, Precision.BF16)
+
+    @property
+    def torch_dtype(self) -> str | None:
+        """The torch dtype a floating precision computes in (None: int8, a QDQ build)."""
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.value)
+
+
+PRECISIONS = tuple(p.value for p in Precision)
+# what a runtime can be asked to compute floating stages in (OpenVINO's hint, the torch chain)
+FLOAT_PRECISIONS = tuple(p.value for p in Precision if p.torch_dtype)
 # the torch dtype each floating precision computes in (the reduced-precision tower, the GPU chain)
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TORCH_DTYPES = {p.value: p.torch_dtype for p in Precision if p.torch_dtype}
 SCHEMA_VERSION = 2   # 2: selection graphs also output their decisions (merge_i, picks_i); `precision`
 MANIFEST = "manifest.json"
 SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "manifest.schema.json"

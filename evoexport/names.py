@@ -31,6 +31,9 @@ class GraphKind(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
+    def __hash__(self) -> int:   # as its word's: equal to it in sets and as a dict key too
+        return hash(self.value)
+
 
 def stage(i: int) -> str:
     return f"stage_{i}"

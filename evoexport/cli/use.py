@@ -9,6 +9,7 @@ import click
 
 from ..errors import EvoExportError
 from ..files import check_output_path
+from ..manifest import FLOAT_PRECISIONS
 from ..runtime.backends import BACKENDS
 from .group import cli
 
@@ -80,7 +81,7 @@ def _short_list(values: list) -> str:
 @click.option("--threads", type=int, default=0, help="onnxruntime, openvino: threads  [default: all cores]")
 @click.option("--optimization", type=click.Choice(["all", "extended", "basic", "disable"]), default="all",
               show_default=True, help="onnxruntime: graph optimization level")
-@click.option("--inference-precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+@click.option("--inference-precision", type=click.Choice(FLOAT_PRECISIONS), default=None,
               help="openvino, torch: precision of the encoder stages  [default: OpenVINO's choice for this CPU; "
                    "torch: the build's on cuda, fp32 on cpu]")
 @click.option("--device", default="cpu", show_default=True, help="torch: cpu or cuda (the chain replayed as CUDA graphs)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import EvoExportError
 from ..inputs.images import describe_recipe
-from ..manifest import PRECISIONS, SCHEMA_VERSION, TORCH_DTYPES, write_manifest
+from ..manifest import PRECISIONS, SCHEMA_VERSION, TORCH_DTYPES, Precision, write_manifest
 from ..models import default_params, get_preset, load_tower
 from ..models.loader import spec_for
 from ..files import atomic_dir
@@ -120,7 +120,7 @@ def build(model: str = "llava", keep: float | None = 0.5, *, schedule: str | Non
         progress(f"schedule {format_schedule(points)} (after_layer:tokens of {tower.num_patches}); "
                  f"ideal FLOP speedup {flops_full / flops_pruned:.2f}x")
         stage_source = None
-        if precision in ("fp16", "bf16"):   # stages carry weights and math in that dtype; selections stay fp32
+        if Precision(precision).is_half:   # stages carry weights and math in that dtype; selections stay fp32
             import torch
             half = tower.reduced_precision_copy(getattr(torch, TORCH_DTYPES[precision]))
             stage_source = Pipeline(half, points, params, square_mask=square)

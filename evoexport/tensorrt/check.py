@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EvoExportError
-from ..manifest import graph_entries, read_manifest
+from ..manifest import Precision, graph_entries, read_manifest
 from ..names import GraphKind
 
 TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "tensorrt_onnx_ops.json"
@@ -147,7 +147,7 @@ def check_model(model, graph: str, kind: str, precision: str = "fp32", table: di
         if low:
             add(None, "select-fp32", f"selection graph holds {len(low)} fp16/bf16 tensors (e.g. {low[0]}); "
                                      "selections must compute in fp32")
-    if kind == GraphKind.ENCODER and precision in ("fp16", "bf16"):
+    if kind == GraphKind.ENCODER and Precision(precision).is_half:
         want = {"fp16": "FP16", "bf16": "BF16"}[precision]
         inits = {i.name: i for i in model.graph.initializer}
         weights = [n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]

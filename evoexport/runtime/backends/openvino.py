@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EvoExportError, cause
-from ...manifest import check_graph_io, graph_entries
+from ...manifest import FLOAT_PRECISIONS, Precision, check_graph_io, graph_entries
 from ...names import GraphKind
 from .base import Backend, Option
 
-PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}   # ours -> OpenVINO's inference precision
+# ours -> OpenVINO's inference precision hint
+_HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.FP16: "f16"}
 
 
 def default_cache_dir() -> Path:
@@ -67,8 +68,8 @@ class OpenVinoBackend(Backend):
         cache_dir: compiled-model cache ("default": ~/.cache/evoexport/openvino, None: off)."""
         import openvino as ov
 
-        if precision is not None and precision not in PRECISIONS:
-            raise EvoExportError(f"OpenVINO precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision is not None and precision not in FLOAT_PRECISIONS:
+            raise EvoExportError(f"OpenVINO precision {precision!r} is not one of {', '.join(FLOAT_PRECISIONS)}")
         core = ov.Core()
         if cache_dir is not None:
             cache = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
@@ -87,7 +88,7 @@ class OpenVinoBackend(Backend):
             if g["kind"] == GraphKind.SELECT:
                 config["INFERENCE_PRECISION_HINT"] = "f32"
             elif precision is not None:
-                config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
+                config["INFERENCE_PRECISION_HINT"] = _HINTS[Precision(precision)]
             _require_onnx(build_dir / g["file"])
             try:
                 compiled = core.compile_model(str(build_dir / g["file"]), device, config)
@@ -99,9 +100,10 @@ class OpenVinoBackend(Backend):
             self.requests[g["name"]] = compiled.create_infer_request()
             self.ports[g["name"]] = [(o["name"], compiled.output(o["name"])) for o in g["outputs"]]
         # the precision the stages really compute in: validation picks its tolerances by it
-        ours = {ov.Type.f32: "fp32", ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}
+        ours = {ov.Type.f32: Precision.FP32, ov.Type.bf16: Precision.BF16, ov.Type.f16: Precision.FP16}
         found = {ours.get(t, "fp32") for t in stage_precisions} | {manifest.get("precision", "fp32")}
-        self.precision = next(p for p in ("int8", "bf16", "fp16", "fp32") if p in found)   # the loosest wins
+        loosest_first = (Precision.INT8, Precision.BF16, Precision.FP16, Precision.FP32)
+        self.precision = next(p.value for p in loosest_first if p in found)
 
     def as_input(self, array: np.ndarray):
         return np.ascontiguousarray(array)
