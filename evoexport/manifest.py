@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from enum import Enum
 from pathlib import Path
 
 from .errors import EvoExportError
 from .files import read_json, write_json
+from .names import Word
 
-class Precision(str, Enum):
+class Precision(Word):
     """What a build's encoder stages compute in, in one place: the CLI's choices, the builder,
     the backends; the schema's enum is checked against it (tests/test_layout.py). Selections
     always compute in fp32."""
@@ -24,15 +24,6 @@ class Precision(str, Enum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-    def __hash__(self) -> int:   # as its word's: equal to it in sets and as a dict key too
-        return hash(self.value)
 
     @property
     def is_half(self) -> bool:

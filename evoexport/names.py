@@ -19,11 +19,10 @@ INDICES = "indices"          # the final kept positions (Runner, run --output, t
 DECISIONS = ("indices", "merge", "picks")   # what each prune point reports, in this order
 
 
-class GraphKind(str, Enum):
-    """A graph of a chain: an encoder stage, or a selection between two stages. A str, so a
-    manifest's "kind" compares equal to it and it is written to JSON as the plain word."""
-    ENCODER = "encoder"
-    SELECT = "select"
+class Word(str, Enum):
+    """An enum of the contract's words (graph kinds, precisions): each member is its word,
+    equal to it, hashed and formatted as it, and written to JSON as it, so a manifest's
+    plain strings and the members can be compared and mixed freely."""
 
     def __str__(self) -> str:   # the plain word in messages and f-strings too
         return self.value
@@ -33,6 +32,12 @@ class GraphKind(str, Enum):
 
     def __hash__(self) -> int:   # as its word's: equal to it in sets and as a dict key too
         return hash(self.value)
+
+
+class GraphKind(Word):
+    """A graph of a chain: an encoder stage, or a selection between two stages."""
+    ENCODER = "encoder"
+    SELECT = "select"
 
 
 def stage(i: int) -> str:

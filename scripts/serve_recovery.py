@@ -102,6 +102,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import evoexport
+    from evoexport.manifest import graph_entries
     from evoexport.serve.supervisor import probe
 
     runner = evoexport.load(args.build)
@@ -121,7 +122,7 @@ def main() -> int:
         startup = time.monotonic() - started
         load = Load(port, runner, args.clients)
         time.sleep(3)
-        steps = ["pixels"] + [g["name"] for g in evoexport.manifest.graph_entries(runner.manifest)] + ["indices"]
+        steps = ["pixels"] + [g["name"] for g in graph_entries(runner.manifest)] + ["indices"]
         for step in steps:
             stubs = _pids(f"/evoexport_{step}/1/model.py")
             rows[f"stub of evoexport_{step}"] = recovery(load, lambda: os.kill(stubs[0], signal.SIGKILL), args.settle)

@@ -146,9 +146,9 @@ class TritonServer:
     def restart(self) -> "TritonServer":
         """Stop the server and its stubs (however they are), then start it again on the same
         address: the recovery of last resort (serve/supervisor.py)."""
-        log_path, self.log_path = self.log_path, None
         self.stop()
-        self.log_path = log_path if log_path and log_path.parent.exists() else None
+        if self.log_path is not None and not self.log_path.parent.exists():
+            self.log_path = None   # the default log lived in the scratch folder stop() removed
         return self.start()
 
     def ready(self) -> bool:
