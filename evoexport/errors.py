@@ -13,6 +13,20 @@ class EvoExportError(Exception):
     """An error the user can fix; its message is printed as-is, on one line."""
 
 
+class OptionError(EvoExportError):
+    """A bad value of one option. The library names the option as its callers spell it
+    (`keep`, `max_batch`); the CLI names the flag instead (`--keep`, `--max-batch`)."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")
+
+    def as_flag(self) -> str:
+        """The message with the option spelled as the CLI's flag (the flags are named after
+        the options they fill)."""
+        return f"--{self.option.replace('_', '-')} {self.problem}"
+
+
 # lines of a library's error that say where in its sources it was raised, not what happened:
 # OpenVINO's "Exception from src/...cpp:132:" and "Check '...' failed at src/...:563:",
 # "FrontEnd API failed with GeneralFailure:"

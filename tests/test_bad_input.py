@@ -1,24 +1,298 @@
-"""Hostile and clumsy input: one `error:` line and a non-zero exit on every path, checked
-before long work starts; nothing half-written, nothing clobbered, no process-wide state
-left behind by library use."""
+"""Bad input, in one home: flags, checkpoints, configs, images, manifests, tampered
+builds and graphs get one clear error line and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import struct
-import subprocess
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evoexport.errors import EvoExportError
+from tests.conftest import make_llava_checkpoint
+from tests.helpers import assert_one_error_line, cli, rehash_build, rename_tensor, swap_graphs
 
-from .test_reliability import CLI, assert_one_error_line, cli
+
+@pytest.mark.parametrize("args,msg", [
+    (["--keep", "-0.5"], "--keep must be in (0, 1]"),
+    (["--keep", "1.01"], "--keep must be in (0, 1]"),
+    (["--keep", "nan"], "--keep must be a number"),
+    (["--keep", "0.001"], "leaves no token of 49"),
+    (["--keep", "0.5", "--schedule", "1:30,3:10"], "the schedule ends at 10"),
+    (["--schedule", "1:30,1:20"], "strictly increasing"),
+    (["--schedule", "9:20"], "does not fit a 5-layer encoder"),
+    (["--schedule", "1:60"], "budgets must decrease"),
+    (["--importance-ratio", "2"], "importance ratio must be in [0, 1]"),
+    (["--keep", "abc"], "'abc' is not a valid float"),
+    (["--checkpoint", "/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt does not exist"),
+    (["--schedule", ""], "--schedule is empty"),
+    (["--schedule", " "], "--schedule is empty"),
+    (["--schedule", "1:30,,2:20"], "has an empty item"),
+    (["--schedule", "1:30,"], "has an empty item"),
+    (["--schedule", "1:nan"], "is not LAYER:KEEP"),
+    (["--schedule", "1:1e400"], "a fraction must be in (0, 1]"),
+    (["--model", "qwen2.5-vl", "--image-size", "0"], "--image-size must be a positive number of pixels, got 0"),
+    (["--model", "dinov2", "--image-size", "-14"], "--image-size must be a positive number of pixels, got -14"),
+    (["--model", "dinov2", "--image-size", "1400000"], "more than this machine's"),
+    (["--out", "{file}/sub"], "is a file, not a folder"),
+    (["--out", "{file}"], "exists and is not an evoexport build"),
+])
+def test_bad_build_flags(args, msg, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    args = [a.replace("{file}", str(tmp_path / "afile")) for a in args]
+    code, err, _ = cli("build", "--model", "llava-tiny", "--out", tmp_path / "o", *args)
+    assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o").exists()
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_bad_checkpoints(tmp_path):
+    ckpt = make_llava_checkpoint(tmp_path / "ck", shard=None)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, err, _ = cli("build", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, "truncated or corrupt")
+
+    (tmp_path / "weights.bin").write_bytes(b"\x80\x04K\x01.")
+    code, err, _ = cli("build", "--checkpoint", tmp_path / "weights.bin", "--out", tmp_path / "o")
+    assert_one_error_line(code, err, "pickle")
+
+    (tmp_path / "notckpt").mkdir()
+    (tmp_path / "notckpt" / "config.json").write_text('{"model_type": "bert"}')
+    code, err, _ = cli("build", "--checkpoint", tmp_path / "notckpt", "--out", tmp_path / "o")
+    assert_one_error_line(code, err, "model_type 'bert'")
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory) -> Path:
+    return make_llava_checkpoint(tmp_path_factory.mktemp("ck") / "llava", shard=None)
+
+
+def _with_weight(ckpt: Path, out: Path, change) -> Path:
+    """A copy of the checkpoint whose first vision q_proj weight is `change(tensor)`."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(ckpt, out)
+    tensors = load_file(out / "model.safetensors")
+    name = next(k for k in tensors if "vision_tower" in k and k.endswith("q_proj.weight"))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _nan_weight(t):
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda t: t.to(torch.int32), "q_proj.weight is stored as int32; vision weights must be float32, float16 or bfloat16"),
+    (lambda t: t > 0, "q_proj.weight is stored as bool"),
+    (lambda t: t.to(torch.float64), "q_proj.weight is stored as float64"),
+    (lambda t: t.to(torch.int8), "q_proj.weight is stored as int8"),
+    (_nan_weight, "q_proj.weight holds NaN or infinite values"),
+    (lambda t: t * float("inf"), "q_proj.weight holds NaN or infinite values"),
+])
+def test_weights_of_the_right_shape_but_not_floats_are_refused(small_ckpt, tmp_path, change, msg):
+    """An integer or bool tensor of the right shape was cast to float and built with exit 0."""
+    ckpt = _with_weight(small_ckpt, tmp_path / "ck", change)
+    code, err, _ = cli("build", "--model", "llava", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp16_and_bf16_weights_are_accepted(small_ckpt, tmp_path):
+    from evoexport.models import load_tower
+    for dtype in (torch.float16, torch.bfloat16):
+        ckpt = _with_weight(small_ckpt, tmp_path / str(dtype), lambda t: t.to(dtype))
+        load_tower("llava", ckpt, quiet=True)
+
+
+_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+              "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "resample": 3,
+              "rescale_factor": 0.00392156862745098, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"rescale_factor": "1/255"}, "rescale_factor '1/255' is not a number"),
+    ({"rescale_factor": 0}, "rescale_factor 0.0 must be positive"),
+    ({"rescale_factor": True}, "rescale_factor True is not a number"),
+    ({"image_mean": ["a", 0.5, 0.5]}, "image_mean[0] 'a' is not a number"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean must be a list of 3 numbers"),
+    ({"image_mean": "grey"}, "image_mean must be a list of 3 numbers"),
+    ({"image_std": [0.5, 0.0, 0.5]}, "image_std[1] 0.0 must be positive"),
+    ({"image_std": [0.5, None, 0.5]}, "image_std[1] None is not a number"),
+    ("NaN", "is not valid JSON: NaN is not a JSON number"),
+    ("Infinity", "is not valid JSON: Infinity is not a JSON number"),
+    ({"do_normalize": "yes"}, "do_normalize 'yes' is not true or false"),
+    ({"size": {"shortest_edge": 0}}, "size {'shortest_edge': 0} is not a size"),
+    ({"size": -3}, "size -3 is not a size"),
+    ({"crop_size": {"height": "x", "width": 32}}, "crop_size {'height': 'x', 'width': 32} is not a size"),
+    ({"resample": 99}, "resample 99 is not a PIL filter"),
+    ({"size": {"longest_edge": 32}}, "is not supported (expected shortest_edge, or height and width)"),
+])
+def test_a_hostile_preprocessor_config_is_one_error_line(small_ckpt, tmp_path, change, msg):
+    """A non-numeric rescale_factor gave a traceback, and a NaN image_std was accepted, after
+    which every run on an image failed; now each is named when the recipe is read."""
+    ckpt = tmp_path / "ck"
+    shutil.copytree(small_ckpt, ckpt)
+    if isinstance(change, str):      # a JSON-like number JSON does not have, as Python's json writes it
+        text = json.dumps({**_PROCESSOR, "image_std": [0.5, 0.5, 0.5]}).replace("[0.5, 0.5, 0.5]}", f"[0.5, {change}, 0.5]}}")
+    else:
+        text = json.dumps({**_PROCESSOR, **change})
+    (ckpt / "preprocessor_config.json").write_text(text)
+    code, err, _ = cli("build", "--model", "llava", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, msg)
+    assert "preprocessor_config.json" in err[-1]
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("patch_size", 0, "patch_size 0 must be a positive integer"),
+    ("num_hidden_layers", -1, "num_hidden_layers -1 must be a positive integer"),
+    ("hidden_act", "swishy", "hidden_act 'swishy' is not an activation transformers knows"),
+    ("num_channels", 1, "num_channels 1: builds take RGB images (3 channels)"),
+    ("hidden_size", 10**7, "more than this machine's"),
+    ("layer_norm_eps", 3.5, "layer_norm_eps 3.5 must be a small positive number"),
+    ("image_size", None, "image_size None must be a positive integer"),
+])
+def test_a_hostile_config_json_is_refused_before_any_weight(small_ckpt, tmp_path, key, value, msg):
+    ckpt = tmp_path / "ck"
+    shutil.copytree(small_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vision_config"][key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    code, err, _ = cli("build", "--model", "llava", "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert_one_error_line(code, err, msg)
+    assert not [line for line in err if line.startswith("[")], err     # refused before any work began
+
+
+def _tamper(build: Path, how: str) -> None:
+    if how == "missing":
+        (build / "select_1.onnx").unlink()
+    elif how == "truncated":
+        data = (build / "stage_0.onnx.data").read_bytes()
+        (build / "stage_0.onnx.data").write_bytes(data[:1000])
+    elif how == "edited":
+        with open(build / "stage_2.onnx", "r+b") as f:
+            f.seek(200)
+            b = f.read(1)
+            f.seek(200)
+            f.write(bytes([b[0] ^ 0xFF]))
+    elif how == "schema":
+        m = json.loads((build / "manifest.json").read_text())
+        m["schema_version"] = 99
+        (build / "manifest.json").write_text(json.dumps(m))
+    elif how == "not-json":
+        (build / "manifest.json").write_text("{ nope")
+
+
+@pytest.mark.parametrize("how,msg", [("missing", "select_1.onnx named by the manifest is missing"),
+                                     ("truncated", "stage_0.onnx.data does not match its sha256"),
+                                     ("edited", "stage_2.onnx does not match its sha256"),
+                                     ("schema", "schema_version 99"),
+                                     ("not-json", "not valid JSON")])
+def test_tampered_builds_are_refused_everywhere(tiny_build, tmp_path, how, msg):
+    import evoexport
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    _tamper(build, how)
+    with pytest.raises(EvoExportError, match=msg.replace("(", r"\(")):
+        evoexport.load(build)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 56, 56), np.float32))
+    for args in (["run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz"],
+                 ["validate", build]):
+        code, err, _ = cli(*args)
+        assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def _edit_shape(build: Path) -> None:
+    m = json.loads((build / "manifest.json").read_text())
+    m["stages"][1]["inputs"][0]["shape"][1] += 1
+    (build / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_dtype(build: Path) -> None:
+    m = json.loads((build / "manifest.json").read_text())
+    m["stages"][0]["select"]["outputs"][2]["dtype"] = "int32"
+    (build / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda b: rename_tensor(b, "select_0.onnx", "stage0_importance", "imp"),
+     "select_0.onnx (select_0) has no input 'stage0_importance', which the manifest names"),
+    (lambda b: rename_tensor(b, "select_1.onnx", "merge_1", "m1"), "select_1.onnx (select_1) has no output 'merge_1'"),
+    (lambda b: swap_graphs(b, "select_0.onnx", "select_1.onnx"), "select_0.onnx (select_0) has no input 'stage0_hidden'"),
+    (lambda b: swap_graphs(b, "stage_1.onnx", "stage_2.onnx"), "stage_1.onnx (stage_1)"),
+    (_edit_shape, "stage_1.onnx (stage_1): input 'pruned0_hidden' is float32 [B, 36, 64] in the graph"),
+    (_edit_dtype, "select_0.onnx (select_0): output 'indices_0' is int64 [B, 35] in the graph"),
+])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_graphs_that_are_not_the_manifests_are_refused_on_load(tiny_build, tmp_path, damage, msg, backend):
+    """Hashes recomputed to match: the files are intact, but they are not what the manifest
+    says. Each backend compares the graphs' real inputs and outputs with the manifest when it
+    loads them: one line naming the graph and the tensor, on run and validate."""
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    damage(build)
+    rehash_build(build)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 56, 56), np.float32))
+    for args in (["run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz", "--backend", backend],
+                 ["validate", build, "--backend", backend]):
+        code, err, _ = cli(*args)
+        assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_openvino_load_errors_say_the_cause(tiny_build, tmp_path):
+    """OpenVINO's message starts with the source lines that raised it ('Exception from
+    src/inference/src/cpp/core.cpp:132:'); the user sees what went wrong."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="evo.custom")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("evo.custom", 1)]),
+              str(build / "select_1.onnx"))
+    rehash_build(build)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 56, 56), np.float32))
+    code, err, _ = cli("run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz", "--backend", "openvino")
+    assert_one_error_line(code, err, "OpenVINO cannot compile select_1.onnx: Model wasn't fully converted. Summary: "
+                                     "-- No conversion rule found for operations: evo.custom.Frobnicate")
+    assert "core.cpp" not in err[-1]
+    (build / "select_1.onnx").write_bytes(b"\x08\x07 not ONNX at all")   # never handed to every frontend in turn
+    rehash_build(build)
+    code, err, _ = cli("run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz", "--backend", "openvino")
+    assert_one_error_line(code, err, "OpenVINO cannot compile select_1.onnx: it is not an ONNX model")
+    assert len(err) == 1, err                      # no parse errors of TensorFlow's frontend before it
+
+
+def test_run_on_a_missing_build(tmp_path):
+    code, err, _ = cli("run", tmp_path / "nope", "--input", "x.png", "--output", tmp_path / "o.npz")
+    assert_one_error_line(code, err, "does not exist")
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda p: np.save(p / "x.npy", np.zeros((3, 56, 56), np.float32)), "rank 4"),
+    (lambda p: np.save(p / "x.npy", np.zeros((1, 3, 32, 32), np.float32)), "shape ['B', 3, 56, 56]"),
+    (lambda p: np.save(p / "x.npy", np.zeros((1, 3, 56, 56), np.float64)), "float32, got float64"),
+    (lambda p: np.save(p / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), "holds Python objects; pickled arrays are refused"),
+    (lambda p: (p / "x.npy").write_bytes(b"garbage"), "not a readable .npy file (no NumPy header)"),
+    (lambda p: (p / "x.png").write_bytes(b"\x89PNG not really"), "not a readable image"),
+])
+def test_bad_run_inputs(tiny_build, tmp_path, make, msg):
+    make(tmp_path)
+    inp = tmp_path / "x.npy" if (tmp_path / "x.npy").exists() else tmp_path / "x.png"
+    code, err, _ = cli("run", tiny_build, "--input", inp, "--output", tmp_path / "o.npz")
+    assert_one_error_line(code, err, msg)
+    assert not (tmp_path / "o.npz").exists()
 
 
 def _huge_png(path: Path, side: int = 40_000) -> None:
@@ -126,169 +400,6 @@ def test_a_corrupt_engines_json_is_one_error(tiny_build, tmp_path, content, msg)
     code, err, _ = cli("run", build, "--input", tmp_path / "x.npy", "--output", tmp_path / "o.npz",
                        "--backend", "tensorrt")
     assert_one_error_line(code, err, msg)
-
-
-def _interrupt_the_swap(monkeypatch) -> list:
-    """SIGINT to this process between the two renames of the next folder swap; returns the
-    names renamed to, in order."""
-    import evoexport.files as files_mod
-    real_rename, real_replace_dir, renames = os.rename, files_mod._replace_dir, []
-
-    def rename_then_interrupt(src, dst):
-        real_rename(src, dst)
-        renames.append(Path(dst).name)
-        if len(renames) == 1:             # between the two renames of the swap
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.3)               # time for another thread to take it and the main one to act on it
-
-    def replace_dir_interrupted(*args):   # only the swap's renames are interrupted
-        monkeypatch.setattr(os, "rename", rename_then_interrupt)
-        try:
-            real_replace_dir(*args)
-        finally:
-            monkeypatch.setattr(os, "rename", real_rename)
-
-    monkeypatch.setattr(files_mod, "_replace_dir", replace_dir_interrupted)
-    return renames
-
-
-@pytest.mark.parametrize("other_thread", [False, True])
-def test_an_interrupt_between_the_swaps_renames_keeps_a_complete_build(tiny_build, tmp_path, monkeypatch, other_thread,
-                                                                       sigint_raises):
-    """SIGINT right after the old build is moved aside: the signal is held until the new build
-    is in place, so the target is never missing and the new build is not deleted. With another
-    thread alive (tqdm's monitor, a compiler's workers) the kernel hands the signal to that
-    thread when the main one masks it: holding must not depend on which thread receives it."""
-    import threading
-
-    import evoexport
-    from evoexport.export import build as build_mod
-    from evoexport.progress import Progress
-
-    out = tmp_path / "graphs" / "tiny"
-    shutil.copytree(tiny_build, out)
-    renames = _interrupt_the_swap(monkeypatch)
-    stop = threading.Event()
-    helper = threading.Thread(target=stop.wait, daemon=True)
-    if other_thread:
-        helper.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            build_mod.build("llava-tiny", 0.5, seed=7, out=out, validate=False, progress=Progress(enabled=False))
-    finally:
-        stop.set()
-    assert renames[1] == "tiny"                          # the second rename happened before the interrupt
-    assert evoexport.load(out).manifest["weights_seed"] == 7   # the new build, complete and verified
-
-
-def test_the_cli_says_success_once_the_build_is_in_place(tiny_build, tmp_path, monkeypatch, sigint_raises, capsys):
-    """The command's outcome is the new build: a Ctrl-C held during the swap (or any later)
-    cannot undo it, so the exit status is 0, with a note, and the new build is in place."""
-    import evoexport
-    from evoexport.cli import main
-
-    out = tmp_path / "graphs" / "tiny"
-    shutil.copytree(tiny_build, out)
-    renames = _interrupt_the_swap(monkeypatch)
-    code = main(["build", "--model", "llava-tiny", "--seed", "7", "--out", str(out), "--no-validate", "--quiet"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert "note: interrupt ignored" in captured.err and "built " in captured.out
-    assert renames[1] == "tiny" and evoexport.load(out).manifest["weights_seed"] == 7
-    assert [p.name for p in out.parent.iterdir()] == ["tiny"]      # no .old, .partial or lock left
-
-
-def test_a_ctrl_c_after_the_last_line_is_not_a_failure(tmp_path, sigint_raises):
-    """`built ...` is printed, then the process exits at once (no 1-3 s interpreter teardown)
-    and a SIGINT in that window leaves the exit status 0."""
-    out = tmp_path / "b"
-    proc = subprocess.Popen([*CLI, "build", "--model", "llava-tiny", "--out", str(out), "--no-validate", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("built "):
-            seen = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=60)
-    assert code == 0, proc.stderr.read()
-    assert time.monotonic() - seen < 0.5             # it did not linger
-    assert (out / "manifest.json").is_file()
-
-
-def test_two_builds_of_one_folder_the_second_is_refused(tmp_path):
-    """A lock beside the target: the second writer is refused at once, naming the first's pid;
-    the first completes."""
-    out = tmp_path / "b"
-    first = subprocess.Popen([*CLI, "build", "--model", "llava-tiny", "--out", str(out), "--no-validate"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in first.stderr:
-        if line.startswith("[") and "loading" in line:   # inside the writer's lock
-            break
-    code, err, _ = cli("build", "--model", "llava-tiny", "--seed", "3", "--out", out, "--no-validate")
-    assert_one_error_line(code, err, f"is being written by another process (pid {first.pid})")
-    assert first.wait(timeout=120) == 0
-    assert json.loads((out / "manifest.json").read_text())["weights_seed"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
-
-
-def test_an_interrupted_calibration_fill_is_completed(tmp_path):
-    """calib/ filled partly (a fill killed midway): the next use writes what is missing, and
-    a leftover partial file is never read as a calibration image."""
-    from evoexport.export.calibration import CALIB_PHOTOS, materialize
-    from evoexport.export.quantize import calibration_pixels
-
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    from PIL import Image
-    Image.new("RGB", (8, 8)).save(folder / "rocket.png")
-    (folder / ".coins.abc.partial.png").write_bytes(b"half a png")
-    materialize(folder)
-    assert sorted(p.stem for p in folder.glob("[!.]*.png")) == sorted(CALIB_PHOTOS)
-    assert calibration_pixels(folder, 56, {"mean": [0.5] * 3, "std": [0.5] * 3}).shape == (len(CALIB_PHOTOS), 3, 56, 56)
-
-
-def test_cli_main_leaves_no_process_wide_state(tiny_build, capsys):
-    """After main(): the caller's signal handlers are back, and an interrupt seen during one
-    call does not make every later Progress() raise."""
-    from evoexport import progress as progress_mod
-    from evoexport.cli import main
-    from evoexport.progress import Progress
-
-    def mine(signum, frame):
-        pass
-    old = signal.signal(signal.SIGINT, mine)
-    try:
-        progress_mod.mark_interrupted(signal.SIGINT)     # a Ctrl-C seen by an earlier call
-        assert main(["info", str(tiny_build)]) == 0      # this call is not interrupted by it
-        assert signal.getsignal(signal.SIGINT) is mine
-        progress_mod.mark_interrupted(signal.SIGINT)
-        assert main(["models"]) == 0
-        Progress(enabled=False)("a later step in the same notebook")   # does not raise
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def test_reduced_precision_twin_does_not_write_into_the_fp32_stages():
-    """The fp16 twin is a deepcopy of the tower; the capture hooks of the fp32 pipeline's
-    stages must not come with it."""
-    import torch
-
-    from evoexport.models import load_tower
-    from evoexport.prune.selection import PruneParams
-    from evoexport.prune.schedule import default_schedule
-    from evoexport.pipeline.stages import Pipeline
-
-    tower = load_tower("llava-tiny", quiet=True)
-    pipe = Pipeline(tower, default_schedule(tower.depth, tower.num_patches, 0.5), PruneParams())
-    x = torch.randn(1, 3, 56, 56)
-    pipe.run(x)
-    probes = [g.module for g in pipe.graphs if g.kind == "encoder" and g.module.probe]
-    before = [{k: v.clone() for k, v in s._captured.items()} for s in probes]
-    twin = tower.reduced_precision_copy(torch.bfloat16)
-    Pipeline(twin, pipe.points, PruneParams()).run(x)
-    for stage, was in zip(probes, before):
-        assert stage._captured.keys() == was.keys()
-        for k in was:
-            assert stage._captured[k].dtype == torch.float32 and torch.equal(stage._captured[k], was[k])
 
 
 def test_library_errors_name_the_problem(tmp_path):

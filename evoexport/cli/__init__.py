@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 from . import make, measure, serving, use  # noqa: F401  (each adds its commands to the group)
 from .group import cli
 
@@ -66,6 +66,9 @@ def _main(argv) -> int:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return e.exit_code or 2
+    except OptionError as e:   # the library names the option; the user typed a flag
+        click.echo(f"error: {e.as_flag()}", err=True)
+        return 2
     except EvoExportError as e:
         click.echo(f"error: {e}", err=True)
         return 2

@@ -6,7 +6,6 @@ import sys
 
 import click
 
-from ..errors import EvoExportError
 from ..manifest import PRECISIONS
 from .group import cli
 
@@ -57,7 +56,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
           pad_to_square, round_budgets, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
-    from ..export.build import build as run_build
+    from ..export.build import BuildOptions, run
     from ..progress import Progress, mark_decided, peak_rss_gb
     from ..prune.selection import PruneParams
 
@@ -69,16 +68,17 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
                          proportional_attention=proportional_attention)
     progress = Progress(enabled=not quiet)
     # once the new build is in place the command has succeeded: a Ctrl-C after that is ignored
-    result = run_build(model, keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
-                       out=out, validate=validate, precision=precision, calib=calib, target_runtime=target,
-                       opset=int(opset), image_size=image_size, pad_to_square=pad_to_square, progress=progress,
-                       round_budgets=int(round_budgets) if round_budgets else None, on_commit=mark_decided)
+    options = BuildOptions(model=model, keep=keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
+                           out=out, validate=validate, precision=precision, calib=calib, target=target,
+                           opset=int(opset), image_size=image_size, pad_to_square=pad_to_square,
+                           round_budgets=int(round_budgets) if round_budgets else None)
+    result = run(options, progress, on_commit=mark_decided)
     m = result.manifest
-    if m["weights"] == "random":
+    if m.weights == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)
-    click.echo(f"built {result.path}: {len(m['stages'])} stages, keep {m['keep']} "
-               f"({m['stages'][-1]['tokens_out']} of {m['tower']['num_patches']} tokens), "
-               f"ideal FLOP speedup {m['flops']['ideal_speedup']:.2f}x, "
+    click.echo(f"built {result.path}: {len(m.stages)} stages, keep {m.keep} "
+               f"({m.kept_patches} of {m.num_patches} tokens), "
+               f"ideal FLOP speedup {m.ideal_speedup:.2f}x, "
                f"{progress.elapsed:.1f} s, peak memory {peak_rss_gb():.2f} GB")
 
 

@@ -39,10 +39,17 @@ from .group import cli
 def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisions, no_hf, serve_engine, concurrency,
           runtime, json_path, plot_path):
     """Latency of the pruned chain vs the unpruned encoder vs transformers' PyTorch model, in one run."""
+    from dataclasses import replace
+
+    from ..measure.timing import CPU_BENCH, CUDA_BENCH
     from ..progress import Progress
 
     if (iters is not None and iters < 1) or (warmup is not None and warmup < 0) or any(b < 1 for b in batches):
         raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
+    given = {k: v for k, v in dict(batches=tuple(batches), iters=iters, warmup=warmup, precisions=tuple(precisions),
+                                   baseline=baseline, backends=tuple(backends)).items() if v not in (None, ())}
+    options = replace(CUDA_BENCH if device == "cuda" else CPU_BENCH, hf=not no_hf, **given)
+    options.check()
     if plot_path:
         check_output_path(plot_path, "--plot", ".png")
     if json_path:
@@ -58,15 +65,11 @@ def bench(build_dir, device, batches, iters, warmup, baseline, backends, precisi
         from ..measure.bench_cuda import format_cuda_bench, run_cuda_bench
         if "int8" in precisions:
             raise EvoExportError("--device cuda times the torch chain in fp32, bf16 or fp16; int8 is a CPU build")
-        result = run_cuda_bench(build_dir, batches=batches or (1, 8, 32), iters=50 if iters is None else iters,
-                                warmup=10 if warmup is None else warmup, precisions=precisions or ("bf16",),
-                                hf=not no_hf, baseline=baseline, progress=Progress())
+        result = run_cuda_bench(build_dir, options, Progress())
         text = format_cuda_bench(result)
     else:
         from ..measure.bench import format_bench, run_bench
-        result = run_bench(build_dir, batches=batches or (1, 4), iters=10 if iters is None else iters,
-                           warmup=2 if warmup is None else warmup, baseline=baseline, hf=not no_hf,
-                           backends=backends, precisions=precisions)
+        result = run_bench(build_dir, options)
         text = format_bench(result)
     click.echo(text)
     if json_path:

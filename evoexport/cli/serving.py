@@ -3,14 +3,12 @@ with a build: Triton Inference Server or Ray Serve). docs/serving.md."""
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import click
 
 from ..errors import EvoExportError
+from ..serve.repository import FLAVOURS, RUNTIMES
 from .group import cli
 
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -35,7 +33,7 @@ def _repo_options(f):
                      help="instance_group kind  [default: gpu for tensorrt, else cpu]")(f)
     f = click.option("--queue-delay-us", type=int, default=500, show_default=True,
                      help="dynamic batching: how long a step waits to fill a batch")(f)
-    f = click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+    f = click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime",
                      show_default=True, help="--backend python: the runtime inside each Python model")(f)
     f = click.option("--threads", type=int, default=0, show_default=True,
                      help="--backend python: threads per graph's runtime (0: the runtime's default)")(f)
@@ -45,7 +43,7 @@ def _repo_options(f):
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 @click.option("--out", type=click.Path(), required=True, help="repository folder to write (replaced whole)")
-@click.option("--backend", "flavour", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "python"]),
+@click.option("--backend", "flavour", type=click.Choice(FLAVOURS),
               default="onnxruntime", show_default=True,
               help="Triton backend of each graph: tensorrt takes the plans of `evoexport engines`; python runs "
                    "our runtime inside Triton's Python backend (the one the bundled server has)")
@@ -56,10 +54,16 @@ def triton(build_dir, out, flavour, name, max_batch, instances, kind, queue_dela
     """Write a Triton model repository: one model per graph, plus an ensemble that chains them."""
     from ..progress import mark_decided
     from ..serve.repository import describe, write_repository
-    repo = write_repository(build_dir, out, flavour=flavour, name=name, max_batch=max_batch, instances=instances,
-                            kind=KINDS.get(kind), queue_delay_us=queue_delay_us, runtime=runtime,
-                            threads=threads, for_trtllm=for_trtllm, on_commit=mark_decided)
-    click.echo(describe(repo))
+    options = _repository_options(flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads,
+                                  for_trtllm)
+    click.echo(describe(write_repository(build_dir, out, options, on_commit=mark_decided)))
+
+
+def _repository_options(flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads, for_trtllm=False):
+    from ..serve.repository import RepositoryOptions
+    return RepositoryOptions(flavour=flavour, name=name, max_batch=max_batch, instances=instances,
+                             kind=KINDS.get(kind), queue_delay_us=queue_delay_us, runtime=runtime, threads=threads,
+                             for_trtllm=for_trtllm)
 
 
 @cli.command()
@@ -67,7 +71,7 @@ def triton(build_dir, out, flavour, name, max_batch, instances, kind, queue_dela
 @click.option("--engine", type=click.Choice(["triton", "ray"]), default="triton", show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (anything but loopback is your explicit choice)")
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP port")
-@click.option("--backend", "flavour", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "python"]), default=None,
+@click.option("--backend", "flavour", type=click.Choice(FLAVOURS), default=None,
               help="triton: repository flavour  [default: python with the bundled server, onnxruntime with one on PATH]")
 @_repo_options
 @click.option("--replicas", type=int, default=1, show_default=True, help="ray: replicas of the deployment")
@@ -76,69 +80,32 @@ def triton(build_dir, out, flavour, name, max_batch, instances, kind, queue_dela
 def serve(build_dir, engine, host, port, flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads,
           replicas, gpus, address):
     """Run a real server with a build: Triton Inference Server (KServe v2 over HTTP) or Ray Serve."""
-    from ..manifest import read_manifest
-    read_manifest(build_dir)      # a bad build is one error line, before any server starts
+    from ..serve.serving import serve_ray, serve_triton
     if not 1 <= port <= 65535:
         raise EvoExportError(f"--port {port} is not a TCP port")
     _warn_if_exposed(host)
-    if engine == "ray":
-        _serve_ray(build_dir, host, port, runtime, replicas, gpus, max_batch, address)
-    else:
-        _serve_triton(build_dir, host, port, flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads)
 
-
-def _serve_triton(build_dir, host, port, flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads):
-    from ..serve.repository import describe, write_repository
-    from ..serve.supervisor import Supervisor
-    from ..serve.triton import TritonServer, find_tritonserver
-
-    scratch = Path(tempfile.mkdtemp(prefix="evoexport-serve-"))
-    server = None
+    def say(line):
+        click.echo(line, err=True)
     try:
-        install = find_tritonserver(scratch / "probe")
-        flavour = flavour or ("python" if install.bundled else "onnxruntime")
-        if flavour not in install.flavours:
-            raise EvoExportError(f"this tritonserver ({install.binary}) has only the {', '.join(install.flavours)} "
-                                 f"backend; use --backend python")
-        repo = write_repository(build_dir, scratch / "repository", flavour=flavour, name=name, max_batch=max_batch,
-                                instances=instances, kind=KINDS.get(kind), queue_delay_us=queue_delay_us,
-                                runtime=runtime, threads=threads)
-        click.echo(describe(repo), err=True)
-        click.echo(f"starting {install.binary}{' (bundled with nvidia-pytriton)' if install.bundled else ''} ...", err=True)
-        server = TritonServer(repo.path, host=host, port=port).start()
-        click.echo(f"serving: POST {server.url}/v2/models/{name}/infer (KServe v2); "
-                   f"readiness: `evoexport health {server.url} --model {name}`; Ctrl-C stops", err=True)
-        Supervisor(server, name, report=lambda line: click.echo(f"[supervisor] {line}", err=True)).run()
+        if engine == "ray":
+            from ..serve.ray_app import RayOptions
+            options = RayOptions(backend=runtime, replicas=replicas, gpus=gpus, max_batch=max_batch)
+            with serve_ray(build_dir, options, host=host, port=port, address=address, say=say) as served:
+                say(f"serving: POST a .npy of float32 pixel values to {served.url} (an .npz comes back); Python: "
+                    "serve.get_app_handle('evoexport').encode.remote(pixels); Ctrl-C stops")
+                while True:
+                    time.sleep(1)
+        else:
+            options = _repository_options(flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads)
+            with serve_triton(build_dir, options, host=host, port=port, say=say) as served:
+                from ..serve.supervisor import Supervisor
+                say(f"serving: POST {served.url}/v2/models/{name}/infer (KServe v2); "
+                    f"readiness: `evoexport health {served.url} --model {name}`; Ctrl-C stops")
+                Supervisor(served.server, name, report=lambda line: say(f"[supervisor] {line}")).run()
     except KeyboardInterrupt:
-        click.echo("stopping tritonserver ...", err=True)
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
-    click.echo("stopped", err=True)
-
-
-def _serve_ray(build_dir, host, port, runtime, replicas, gpus, max_batch, address):
-    from ..serve.ray_app import encoder_app   # first: one error line if Ray is not installed
-
-    import ray
-    from ray import serve as ray_serve
-
-    app = encoder_app(str(Path(build_dir).resolve()), backend=runtime, replicas=replicas, gpus=gpus, max_batch=max_batch)
-    ray.init(address=address, include_dashboard=False)
-    try:
-        ray_serve.start(http_options={"host": host, "port": port})
-        ray_serve.run(app, name="evoexport", route_prefix="/evoexport")
-        click.echo(f"serving: POST a .npy of float32 pixel values to http://{host}:{port}/evoexport (an .npz comes "
-                   "back); Python: serve.get_app_handle('evoexport').encode.remote(pixels); Ctrl-C stops", err=True)
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        click.echo("stopping Ray Serve ...", err=True)
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
-    click.echo("stopped", err=True)
+        pass
+    say("stopped")
 
 
 @cli.command()

@@ -55,7 +55,7 @@ def run(build_dir, input_path, output, backend, frames, batch):
         numbers = sample(input_path, frames)
         progress(f"sampling {len(numbers)} frames: {_short_list(numbers.tolist())}")
         total, extra = len(numbers), {"frame_numbers": numbers}
-        chunks = iter_video_pixels(input_path, numbers, m["tower"]["image_size"], m["preprocess"], batch)
+        chunks = iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch)
     else:
         pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
         total, extra = len(pixels), None
@@ -145,12 +145,12 @@ def show(build_dir, inputs, output, backend, frames):
     numbers = None
     if videos:
         Progress()(f"decoding {videos[0]}")
-        pixels, numbers = video_pixels(videos[0], frames, m["tower"]["image_size"], m["preprocess"])
+        pixels, numbers = video_pixels(videos[0], frames, m.image_size, m.preprocess)
     elif inputs:
         pixels = np.concatenate([runner.check_input(np.ascontiguousarray(read_pixels(Path(p), m), dtype=np.float32))
                                  for p in inputs])
     else:
-        pixels = sample_batch(m["tower"]["image_size"], m["preprocess"])
+        pixels = sample_batch(m.image_size, m.preprocess)
     info = render_show(runner, np.ascontiguousarray(pixels, dtype=np.float32), Path(output), numbers)
     what = f"{info['images']} frame(s)" if videos else f"{info['images']} image(s)"
     click.echo(f"wrote {output}: {what} x {info['panels']} panels ({info['size'][0]}x{info['size'][1]})")
@@ -160,13 +160,13 @@ def show(build_dir, inputs, output, backend, frames):
 @click.argument("build_dir", type=click.Path())
 def info(build_dir):
     """Summarize a build's manifest (graphs, tensors, schedule, weights)."""
-    from ..manifest import graph_entries, read_manifest
+    from ..manifest import read_manifest
 
     m = read_manifest(build_dir, verify=False)
-    click.echo(f"{build_dir}: model {m['model']}, keep {m['keep']}, weights {m['weights']} "
-               f"(sha256 {m.get('weights_sha256', '?')[:12]}), schema {m['schema_version']}")
-    click.echo(f"  prune params: {m['prune_params']}")
-    for g in graph_entries(m):
+    click.echo(f"{build_dir}: model {m.model}, keep {m.keep}, weights {m.weights} "
+               f"(sha256 {(m.weights_sha256 or '?')[:12]}), schema {m.schema_version}")
+    click.echo(f"  prune params: {m.prune_params}")
+    for g in m.graphs:
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"])
         outs = ", ".join(f"{t['name']}{t['shape']}" for t in g["outputs"])
         click.echo(f"  {g['name']:<9} {ins} -> {outs}")

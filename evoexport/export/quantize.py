@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 from ..inputs.image_files import load_image
 from ..inputs.images import preprocess
 
@@ -47,12 +47,12 @@ def calibration_files(folder: Path) -> list[Path]:
     """The images of a calibration folder, or one error line; `build` calls it before any
     weight is touched, so a wrong --calib costs nothing."""
     if not folder.is_dir():
-        raise EvoExportError(f"--calib {folder} is not a directory of images")
+        raise OptionError("calib", f"{folder} is not a directory of images")
     # hidden files are skipped: an interrupted write leaves only a hidden partial file
     files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))[:MAX_CALIB_IMAGES]
     if not files:
-        raise EvoExportError(f"--calib {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise OptionError("calib", f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 

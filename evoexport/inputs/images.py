@@ -268,4 +268,4 @@ def read_pixels(path: Path, manifest: dict) -> np.ndarray:
         except OSError as e:
             raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
     image = load_image(path)
-    return preprocess(image, manifest["tower"]["image_size"], manifest["preprocess"])[None]
+    return preprocess(image, manifest.image_size, manifest.preprocess)[None]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts"}
 
@@ -83,10 +83,10 @@ def sample(path: str | Path, count: int) -> np.ndarray:
     """The frame numbers `count` evenly sampled frames have; more frames than the video has is
     refused (each would be a copy of a neighbour, encoded again)."""
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise EvoExportError(f"--frames must be >= 1, got {count}")
+        raise OptionError("frames", f"must be >= 1, got {count}")
     total = count_frames(path)
     if count > total:
-        raise EvoExportError(f"--frames {count}: {path} has only {total} decodable frame{'s' * (total != 1)}; "
+        raise OptionError("frames", f"{count}: {path} has only {total} decodable frame{'s' * (total != 1)}; "
                              f"ask for at most {total}")
     return frame_indices(total, count)
 

@@ -17,19 +17,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import EvoExportError
+from ..manifest import Manifest
 from .common import features_from_build
 
 
-def _vision_sha256(model, manifest: dict) -> str:
+def _vision_sha256(model, manifest: Manifest) -> str:
     """The sha256 evoexport's tower would give this model's vision tower and projector."""
-    from ..models import get_preset
-    from ..models.base import TowerSpec
-    from ..models.registry import family_api
-
-    t = manifest["tower"]
-    spec = TowerSpec(vision=t["vision"], projector=t["projector"], feature_layer=t["feature_layer"],
-                     select_strategy=t["select_strategy"], preprocess=manifest["preprocess"])
-    tower = family_api(get_preset(manifest["model"])).tower(spec)
+    from ..models.loader import untrained_tower
+    tower = untrained_tower(manifest)
     inner = getattr(model, "model", model)
     tower.vision.load_state_dict(inner.vision_tower.state_dict(), strict=False)   # layers past the feature layer unused
     if tower.projector is not None:
@@ -59,7 +54,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
                              "pruned tiles is not written; see docs/llm.md (tiles)")
     runner = load(build_dir, **load_options)
     manifest = runner.manifest
-    if verify_weights and _vision_sha256(model, manifest) != manifest.get("weights_sha256"):
+    if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
         raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
                              "(sha256 differs); build it from this model's checkpoint")
     model.evoexport_runner = runner
@@ -74,7 +69,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         return BaseModelOutputWithPooling(pooler_output=list(features_from_build(runner, pixel_values, embed)[0]))
 
     inner.get_image_features = get_image_features
-    model.evoexport_image_tokens = manifest["stages"][-1]["outputs"][0]["shape"][1]
+    model.evoexport_image_tokens = manifest.tokens_per_image
     return model
 
 

@@ -89,7 +89,7 @@ def attach_onevision(model, inner, runner) -> None:
 
     from .common import features_from_build
 
-    full = runner.manifest["stages"][-1]["outputs"][0]["shape"][1] == runner.manifest["tower"]["num_patches"]
+    full = runner.manifest.tokens_per_image == runner.manifest.num_patches
     last = {}   # the latest call: shrink_image_tokens counts with it, generate() then reuses it
 
     def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None,

@@ -29,19 +29,13 @@ import itertools
 import torch
 
 from ..errors import EvoExportError
+from ..manifest import Manifest
 from .common import features_from_build
 
 
-def _vision_sha256(model, manifest: dict) -> str:
-    from ..models import get_preset
-    from ..models.base import TowerSpec
-    from ..models.registry import family_api
-
-    t = manifest["tower"]
-    spec = TowerSpec(vision=t["vision"], projector=t["projector"], feature_layer=t["feature_layer"],
-                     select_strategy=t["select_strategy"], preprocess=manifest["preprocess"],
-                     input_size=t["image_size"], unit=t.get("unit", 2))
-    tower = family_api(get_preset(manifest["model"])).tower(spec)
+def _vision_sha256(model, manifest: Manifest) -> str:
+    from ..models.loader import untrained_tower
+    tower = untrained_tower(manifest)
     tower.visual.load_state_dict(_inner(model).visual.state_dict())
     return tower.state_sha256()
 
@@ -77,13 +71,13 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         raise EvoExportError(f"attach() for Qwen2.5-VL takes Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}")
     runner = load(build_dir, **load_options)
     manifest = runner.manifest
-    if manifest.get("family") != "qwen2.5-vl":
-        raise EvoExportError(f"{build_dir} is a {manifest.get('family')} build; this model needs a qwen2.5-vl build")
-    if verify_weights and _vision_sha256(model, manifest) != manifest.get("weights_sha256"):
+    if manifest.family != "qwen2.5-vl":
+        raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a qwen2.5-vl build")
+    if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
         raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
                              "(sha256 differs); build it from this model's checkpoint")
     vcfg = inner.config.vision_config
-    size, grid = manifest["tower"]["image_size"], manifest["tower"]["grid"]
+    size, grid = manifest.image_size, manifest.tower["grid"]
     embed = model.get_input_embeddings().weight
     last: dict = {}
 
@@ -123,7 +117,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     inner.get_image_features = get_image_features
     inner.get_rope_index = get_rope_index
     model.evoexport_runner = runner
-    model.evoexport_image_tokens = manifest["stages"][-1]["outputs"][0]["shape"][1]
+    model.evoexport_image_tokens = manifest.tokens_per_image
     return model
 
 

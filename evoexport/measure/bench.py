@@ -13,36 +13,36 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 from ..inputs.images import sample_batch
-from ..manifest import read_manifest
+from ..manifest import Manifest, read_manifest
+from ..models.loader import tower_from_manifest
 from ..progress import Progress
-from .timing import time_systems
 from ..runtime.runner import Runner
+from .timing import CPU_BENCH, BenchOptions, cpu_info, time_systems
 
 SPEEDUP_TARGET = 0.95   # measured pruned/unpruned speedup must reach 95% of the FLOP ideal
 HF_FP32 = "transformers fp32 (torch)"
 HF_BF16 = "transformers bf16 autocast (torch)"
 
 
-def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: int = 2, baseline: str | None = None,
-              hf: bool = True, backends=("onnxruntime",), precisions=(), progress: Progress | None = None) -> dict:
+def run_bench(build_dir: str | Path, options: BenchOptions = CPU_BENCH, progress: Progress | None = None,
+              **fields) -> dict:
     """Time the pruned chain and the unpruned export on each backend, and transformers'
     model in fp32 and under bf16 autocast, on the same photos; medians, p90 and ratios.
-    `precisions`: also time builds of these precisions (same weights, schedule and
-    parameters), exported now, on each backend that runs them."""
+    `options.precisions`: also time builds of these precisions (same weights, schedule and
+    parameters), exported now, on each backend that runs them. `fields` override `options`."""
+    import onnxruntime
     import torch
 
-    from ..export.build import build_variant
-    from ..models.loader import tower_from_manifest
-
-    if iters < 1 or warmup < 0 or any(b < 1 for b in batches):
-        raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
-    backends = list(dict.fromkeys(backends))
+    o = replace(options, **fields)
+    o.check()
+    backends = tuple(dict.fromkeys(o.backends))
     progress = progress or Progress()
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
@@ -50,65 +50,75 @@ def run_bench(build_dir: str | Path, batches=(1, 4), iters: int = 10, warmup: in
     torch.set_num_threads(threads)
     systems = {f"pruned ({b})": Runner(build_dir, backend=b) for b in backends}
     computes_in = {b: systems[f"pruned ({b})"].backend.precision for b in backends}
-    tower = None
     with tempfile.TemporaryDirectory(prefix="evoexport-bench-") as tmp:
-        if baseline is None:
-            progress("exporting the unpruned encoder (keep 1.0, same weights) for comparison")
-            result = build_variant(manifest, Path(tmp) / "unpruned", unpruned=True)
-            baseline, tower = result.path, result.tower
-            del result
-        base_manifest = read_manifest(baseline)
-        if base_manifest["schedule"] or base_manifest.get("weights_sha256") != manifest.get("weights_sha256"):
-            raise EvoExportError(f"--baseline {baseline} must be an unpruned (keep 1.0) build of the same weights")
-        systems.update({f"unpruned ({b})": Runner(baseline, backend=b) for b in backends})
-        extra = _other_precisions(manifest, precisions, backends, Path(tmp), progress)
+        tower = _add_unpruned(systems, manifest, o.baseline, backends, Path(tmp), progress)
+        extra = _other_precisions(manifest, o.precisions, backends, Path(tmp), progress)
         systems.update(extra["systems"])
-        if hf:
-            progress("loading transformers' PyTorch model with the same weights")
-            if tower is None:  # --baseline given: nothing loaded the weights yet
-                tower = tower_from_manifest(manifest)
-            hf_run = tower.hf_forward()
-
-            def hf_fp32(x, _run=hf_run):
-                with torch.inference_mode():
-                    return _run(torch.from_numpy(x))
-
-            def hf_bf16(x, _run=hf_run):   # what a PyTorch user gets from one line
-                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    return _run(torch.from_numpy(x))
-            systems[HF_FP32] = hf_fp32
-            systems[HF_BF16] = hf_bf16
+        if o.hf:
+            systems.update(_transformers_systems(tower or tower_from_manifest(manifest), progress))
         del tower  # transformers' model holds its own copy of the weights
-
-        size = manifest["tower"]["image_size"]
-        photos = sample_batch(size, manifest["preprocess"])
-        rows = []
-        for b in batches:
-            x = np.ascontiguousarray(np.resize(photos, (b, *photos.shape[1:])))
-            progress(f"batch {b}: {warmup} warm-up + {iters} timed iterations of each of {len(systems)} systems, "
-                     "interleaved")
-            timed = time_systems({name: (lambda fn=fn: fn(x)) for name, fn in systems.items()}, iters, warmup)
-            for name, t in timed.items():
-                rows.append({"batch": b, "system": name, **{k: v for k, v in t.items() if k != "times_ms"}})
-    ideal = manifest["flops"]["ideal_speedup"]
-    summary = [_summarize(b, [r for r in rows if r["batch"] == b], backends, ideal) for b in batches]
-    import onnxruntime
-    return {"build": str(build_dir), "model": manifest["model"], "keep": manifest["keep"],
-            "weights": manifest["weights"], "threads": threads, "cpu": _cpu_name(), "precisions": computes_in,
-            "build_precision": manifest.get("precision", "fp32"), "other_precisions": extra["computed"],
+        photos = sample_batch(manifest.image_size, manifest.preprocess)
+        rows = [row for b in o.batches for row in _time_batch(systems, photos, b, o, progress)]
+    summary = [_summarize(b, [r for r in rows if r["batch"] == b], backends, manifest.ideal_speedup)
+               for b in o.batches]
+    return {"build": str(build_dir), "model": manifest.model, "keep": manifest.keep,
+            "weights": manifest.weights, "threads": threads, "cpu": cpu_info()["cpu"], "precisions": computes_in,
+            "build_precision": manifest.precision, "other_precisions": extra["computed"],
             "skipped": extra["skipped"],
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, **_openvino_version(backends)},
-            "flops_per_image": manifest["flops"], "rows": rows, "summary": summary, "target": SPEEDUP_TARGET}
+            "flops_per_image": manifest.flops, "rows": rows, "summary": summary, "target": SPEEDUP_TARGET}
 
 
-def _other_precisions(manifest: dict, precisions, backends, tmp: Path, progress: Progress) -> dict:
+def _add_unpruned(systems: dict, manifest: Manifest, baseline, backends, tmp: Path, progress: Progress):
+    """The unpruned build on each backend (exported now when no baseline is given: its
+    tower, then loaded, is returned for transformers' systems)."""
+    from ..export.build import build_variant
+    tower = None
+    if baseline is None:
+        progress("exporting the unpruned encoder (keep 1.0, same weights) for comparison")
+        result = build_variant(manifest, tmp / "unpruned", unpruned=True)
+        baseline, tower = result.path, result.tower
+    base_manifest = read_manifest(baseline)
+    if base_manifest.prune_points or base_manifest.weights_sha256 != manifest.weights_sha256:
+        raise OptionError("baseline", f"{baseline} must be an unpruned (keep 1.0) build of the same weights")
+    systems.update({f"unpruned ({b})": Runner(baseline, backend=b) for b in backends})
+    return tower
+
+
+def _transformers_systems(tower, progress: Progress) -> dict:
+    """transformers' model with the same weights, in fp32 and under bf16 autocast (what a
+    PyTorch user gets from one line)."""
+    import torch
+    progress("loading transformers' PyTorch model with the same weights")
+    run = tower.hf_forward()
+
+    def hf_fp32(x):
+        with torch.inference_mode():
+            return run(torch.from_numpy(x))
+
+    def hf_bf16(x):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return run(torch.from_numpy(x))
+    return {HF_FP32: hf_fp32, HF_BF16: hf_bf16}
+
+
+def _time_batch(systems: dict, photos: np.ndarray, batch: int, o: BenchOptions, progress: Progress) -> list[dict]:
+    x = np.ascontiguousarray(np.resize(photos, (batch, *photos.shape[1:])))
+    progress(f"batch {batch}: {o.warmup} warm-up + {o.iters} timed iterations of each of {len(systems)} systems, "
+             "interleaved")
+    timed = time_systems({name: (lambda fn=fn: fn(x)) for name, fn in systems.items()}, o.iters, o.warmup)
+    return [{"batch": batch, "system": name, **{k: v for k, v in t.items() if k != "times_ms"}}
+            for name, t in timed.items()]
+
+
+def _other_precisions(manifest: Manifest, precisions, backends, tmp: Path, progress: Progress) -> dict:
     """Builds of the same weights, schedule and parameters in other precisions, loaded on
     each backend that can run them: systems "pruned PREC (backend)"."""
     from ..export.build import build_variant
 
     systems, computed, skipped = {}, {}, []
     for prec in dict.fromkeys(precisions):
-        if prec == manifest.get("precision", "fp32"):
+        if prec == manifest.precision:
             continue
         progress(f"exporting a {prec} build of the same weights and schedule for comparison")
         result = build_variant(manifest, tmp / f"pruned-{prec}", precision=prec)
@@ -143,11 +153,6 @@ def _openvino_version(backends) -> dict:
         return {}
     import openvino
     return {"openvino": openvino.__version__}
-
-
-def _cpu_name() -> str:
-    from .timing import cpu_info
-    return cpu_info()["cpu"]
 
 
 def format_bench(r: dict) -> str:

@@ -13,17 +13,16 @@ the same photos (same decisions, feature difference).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EvoExportError
 from ..inputs.images import sample_batch
-from ..manifest import read_manifest
-from ..manifest import TORCH_DTYPES
+from ..manifest import TORCH_DTYPES, read_manifest
 from ..names import GraphKind
 from ..progress import Progress
-from .timing import cuda_graph_ms, time_systems
+from .timing import CUDA_BENCH, BenchOptions, cuda_graph_ms, time_systems
 
 SPEEDUP_TARGET = 0.90   # pruned vs unpruned at batch 8, as a fraction of the FLOP ideal
 SELECT_SHARE_TARGET = 0.05
@@ -60,102 +59,115 @@ def _share(times: dict, key: str) -> float | None:
     return sum(t[key] for t in times.values() if t["kind"] == GraphKind.SELECT) / total
 
 
-def run_cuda_bench(build_dir: str | Path, batches=(1, 8, 32), iters: int = 50, warmup: int = 10,
-                   precisions=("bf16",), hf: bool = True, baseline: str | Path | None = None,
-                   progress: Progress | None = None) -> dict:
+def run_cuda_bench(build_dir: str | Path, options: BenchOptions = CUDA_BENCH, progress: Progress | None = None,
+                   **fields) -> dict:
+    """`bench --device cuda`: the systems of bench_chains on a build's pipeline (its torch
+    chains rebuilt from the manifest, weights checked against its sha256), plus ONNX
+    Runtime's CUDA provider on the build's graphs where it is installed."""
     from ..runtime.backends.torch import resolve_device
     from ..pipeline.stages import pipeline_from_manifest
 
-    if iters < 1 or warmup < 0 or any(b < 1 for b in batches):
-        raise EvoExportError("--iters and --batch must be >= 1, --warmup >= 0")
+    options = replace(options, **fields)
+    options.check()
     device = resolve_device("cuda")
     build_dir = Path(build_dir)
-    # the torch chains are rebuilt from the manifest, their weights checked against its
-    # sha256; the graph files are hashed where they are read (ONNX Runtime's Runner)
-    manifest = read_manifest(build_dir, verify=False, files=False)
-    photos = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"])
-    result = bench_chains(pipeline_from_manifest(manifest), photos, manifest["flops"]["ideal_speedup"], device,
-                          batches, iters, warmup, precisions, hf, _ort_systems(build_dir, baseline), progress)
-    return {"build": str(build_dir), "model": manifest["model"], "keep": manifest["keep"],
-            "weights": manifest["weights"], "flops_per_image": manifest["flops"], **result}
+    manifest = read_manifest(build_dir, verify=False, files=False)   # the graph files are hashed where read (ORT)
+    photos = sample_batch(manifest.image_size, manifest.preprocess)
+    result = bench_chains(pipeline_from_manifest(manifest), photos, manifest.ideal_speedup, device, options,
+                          extra=_ort_systems(build_dir, options.baseline), progress=progress)
+    return {"build": str(build_dir), "model": manifest.model, "keep": manifest.keep,
+            "weights": manifest.weights, "flops_per_image": manifest.flops, **result}
 
 
-def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=(1, 8, 32), iters: int = 50,
-                 warmup: int = 10, precisions=("bf16",), hf: bool = True, extra: dict | None = None,
-                 progress: Progress | None = None, reuse: dict | None = None) -> dict:
+def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, options: BenchOptions = CUDA_BENCH, *,
+                 extra: dict | None = None, progress: Progress | None = None, reuse: dict | None = None) -> dict:
     """The systems of `bench --device cuda` on one pipeline, in one run: what the bench
     command and scripts/gpu-probe share. On a CPU device (the probe's `--device cpu` test)
     the same code runs without the CUDA-graph systems and CUDA-event timings. `reuse` maps
     system names to chains already made (the probe's; their selections already compiled)."""
     import torch
 
-    from ..runtime.backends.torch import TorchChain
-    from ..pipeline.stages import Pipeline
-
     on_gpu = device.type == "cuda"
     progress = progress or Progress()
-    tower, params = pruned_pipe.tower, pruned_pipe.params
-    systems, pruned_pipes, checks = {}, {}, {}
-    reuse = reuse or {}
+    systems, pruned_chains = _chain_systems(pruned_pipe, device, options, progress, reuse or {})
+    extra = extra or {}
+    systems.update(extra)
+    rows, per_graph, checks = [], {}, {}
+    for b in options.batches:
+        x_np = np.ascontiguousarray(np.resize(photos, (b, *photos.shape[1:])))
+        x = torch.from_numpy(x_np).to(device)
+        progress(f"batch {b}: {options.warmup} warm-up + {options.iters} timed runs of each of {len(systems)} systems")
+        calls = {name: ((lambda fn=fn, arg=fn.backend.as_input(x_np): fn.run_native(arg)) if name in extra
+                        else (lambda fn=fn: fn(x))) for name, fn in systems.items()}
+        with torch.inference_mode():
+            timed = time_systems(calls, options.iters, options.warmup, sync=torch.cuda.synchronize if on_gpu else None)
+        rows += [{"batch": b, "system": name, **{k: v for k, v in t.items() if k != "times_ms"}}
+                 for name, t in timed.items()]
+        for prec, chain in pruned_chains.items():
+            per_graph[f"{prec} batch {b}"], checks[f"{prec} batch {b}"] = _check_chain(systems, prec, chain, x)
+    summary = [_summarize(b, [r for r in rows if r["batch"] == b], options.precisions, ideal) for b in options.batches]
+    return {**_versions(device), "ort_cuda": bool(extra), "rows": rows, "summary": summary,
+            "per_graph": per_graph, "graph_vs_eager": checks,
+            "targets": {"fraction_of_ideal_at_batch_8": SPEEDUP_TARGET, "select_share_with_cuda_graphs": SELECT_SHARE_TARGET}}
 
-    def make_chain(name, pipe, **options):
-        return reuse[name] if name in reuse else TorchChain(pipe, device, prec, **options)
-    for prec in precisions:
+
+def _chain_systems(pruned_pipe, device, options: BenchOptions, progress: Progress, reuse: dict) -> tuple[dict, dict]:
+    """For each precision: transformers' model, the pruned and unpruned chains eager and as
+    CUDA graphs, the pruned one with compiled selections (both forms). Returns the systems
+    and each precision's default pruned chain."""
+    import torch
+
+    from ..pipeline.stages import Pipeline
+    from ..runtime.backends.torch import TorchChain
+    on_gpu = device.type == "cuda"
+    tower, params = pruned_pipe.tower, pruned_pipe.params
+    systems, pruned_chains = {}, {}
+    for prec in options.precisions:
+        def chain(name, pipe, **chain_options):
+            return reuse[name] if name in reuse else TorchChain(pipe, device, prec, **chain_options)
         progress(f"preparing the {prec} chains on {torch.cuda.get_device_name(device) if on_gpu else 'the CPU'}")
-        if hf:
-            dtype = getattr(torch, TORCH_DTYPES[prec])
-            run = tower.hf_forward(device, dtype)
+        if options.hf:
+            run = tower.hf_forward(device, getattr(torch, TORCH_DTYPES[prec]))
             systems[f"transformers {prec} (eager)"] = lambda x, _run=run: _run(x)
         for label, pipe in (("pruned", pruned_pipe), ("unpruned", Pipeline(tower, [], params))):
             eager = TorchChain(pipe, device, prec, cuda_graphs=False, compile_selections=False)
-            # the others share eager's weights (same precision: no copy)
-            systems[f"{label} {prec} (eager)"] = eager
+            systems[f"{label} {prec} (eager)"] = eager   # the others share eager's weights (no copy)
             if on_gpu:
-                systems[f"{label} {prec} (CUDA graph)"] = make_chain(f"{label} {prec} (CUDA graph)", eager.pipeline,
-                                                                cuda_graphs=True, compile_selections=False)
-            if label == "pruned":
-                progress(f"compiling the {prec} selections (torch.compile)")
-                default = make_chain(f"{label} {prec} (compiled, CUDA graph)", eager.pipeline)   # compiled + CUDA graphs
-                if default.compiled and on_gpu:
-                    systems[f"{label} {prec} (compiled, CUDA graph)"] = default
-                pruned_pipes[prec] = default
-                # the TopK-free selections (same decisions), which inductor compiles whole
-                compare = make_chain(f"{label} {prec} (compare-form selections compiled, CUDA graph)", eager.pipeline,
-                                selection_form="compare")
-                if compare.compiled and on_gpu:
-                    systems[f"{label} {prec} (compare-form selections compiled, CUDA graph)"] = compare
-    extra = extra or {}
-    systems.update(extra)
+                name = f"{label} {prec} (CUDA graph)"
+                systems[name] = chain(name, eager.pipeline, cuda_graphs=True, compile_selections=False)
+            if label != "pruned":
+                continue
+            progress(f"compiling the {prec} selections (torch.compile)")
+            for name, form in ((f"pruned {prec} (compiled, CUDA graph)", "topk"),
+                               # the TopK-free selections (same decisions), which inductor compiles whole
+                               (f"pruned {prec} (compare-form selections compiled, CUDA graph)", "compare")):
+                made = chain(name, eager.pipeline, selection_form=form)
+                if made.compiled and on_gpu:
+                    systems[name] = made
+                if form == "topk":
+                    pruned_chains[prec] = made
+    return systems, pruned_chains
 
-    rows, per_graph = [], {}
-    sync = torch.cuda.synchronize if on_gpu else None
-    for b in batches:
-        x_np = np.ascontiguousarray(np.resize(photos, (b, *photos.shape[1:])))
-        x = torch.from_numpy(x_np).to(device)
-        progress(f"batch {b}: {warmup} warm-up + {iters} timed runs of each of {len(systems)} systems")
-        calls = {}
-        for name, fn in systems.items():
-            if name in extra:
-                calls[name] = (lambda fn=fn, arg=fn.backend.as_input(x_np): fn.run_native(arg))
-            else:
-                calls[name] = (lambda fn=fn: fn(x))
-        with torch.inference_mode():
-            timed = time_systems(calls, iters, warmup, sync=sync)
-        for name, t in timed.items():
-            rows.append({"batch": b, "system": name, **{k: v for k, v in t.items() if k != "times_ms"}})
-        for prec, chain in pruned_pipes.items():
-            with torch.inference_mode():
-                times = _graph_times(chain.pipeline, x, chain.modules)
-            per_graph[f"{prec} batch {b}"] = {"graphs": times, "select_share_graph": _share(times, "graph_ms"),
-                                              "select_share_eager": _share(times, "eager_ms")}
-            with torch.inference_mode():
-                a = systems[f"pruned {prec} (eager)"](x, outputs=None)
-                g = pruned_pipes[prec](x, outputs=None)
-            same = all(torch.equal(a[k], g[k]) for k in a if k.startswith(("picks_", "merge_")))
-            diff = float((a["features"] - g["features"]).abs().max() / a["features"].abs().max().clamp_min(1e-30))
-            checks[f"{prec} batch {b}"] = {"same_decisions": same, "features_rel_diff": diff,
-                                           "compiled": chain.compiled, "cuda_graph": chain.cuda_graphs}
-    summary = [_summarize(b, [r for r in rows if r["batch"] == b], precisions, ideal) for b in batches]
+
+def _check_chain(systems: dict, prec: str, chain, x) -> tuple[dict, dict]:
+    """Per-graph times of the default pruned chain, and whether it decides and computes as
+    the eager chain does."""
+    import torch
+    with torch.inference_mode():
+        times = _graph_times(chain.pipeline, x, chain.modules)
+        a = systems[f"pruned {prec} (eager)"](x, outputs=None)
+        g = chain(x, outputs=None)
+    same = all(torch.equal(a[k], g[k]) for k in a if k.startswith(("picks_", "merge_")))
+    diff = float((a["features"] - g["features"]).abs().max() / a["features"].abs().max().clamp_min(1e-30))
+    return ({"graphs": times, "select_share_graph": _share(times, "graph_ms"),
+             "select_share_eager": _share(times, "eager_ms")},
+            {"same_decisions": same, "features_rel_diff": diff, "compiled": chain.compiled,
+             "cuda_graph": chain.cuda_graphs})
+
+
+def _versions(device) -> dict:
+    import torch
+    on_gpu = device.type == "cuda"
     try:
         import onnxruntime
         ort = {"onnxruntime": onnxruntime.__version__, "onnxruntime_providers": onnxruntime.get_available_providers()}
@@ -163,10 +175,7 @@ def bench_chains(pruned_pipe, photos: np.ndarray, ideal: float, device, batches=
         ort = {"onnxruntime": None}
     return {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if on_gpu else None,
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, **ort},
-            "ort_cuda": bool(extra), "rows": rows, "summary": summary,
-            "per_graph": per_graph, "graph_vs_eager": checks,
-            "targets": {"fraction_of_ideal_at_batch_8": SPEEDUP_TARGET, "select_share_with_cuda_graphs": SELECT_SHARE_TARGET}}
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, **ort}}
 
 
 def _ort_systems(build_dir: Path, baseline) -> dict:

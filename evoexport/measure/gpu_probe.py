@@ -160,13 +160,15 @@ def _dump(p: Probe) -> dict:
 
 def _bench(p: Probe) -> dict:
     from .bench_cuda import bench_chains, format_cuda_bench
+    from .timing import BenchOptions
 
     for make in (p.default_chain, p.compare_chain, p.unpruned_chain):
         make()
     # on a GPU these are bench's own systems, by name: made and compiled once for every section
     reuse = dict(p.chains) if p.device.type == "cuda" else {}
-    r = bench_chains(p.pipeline, p.photos, p.ideal, p.device, p.size["batches"], p.size["iters"], p.size["warmup"],
-                     (PRECISION,), hf=True, progress=p.progress, reuse=reuse)
+    options = BenchOptions(batches=p.size["batches"], iters=p.size["iters"], warmup=p.size["warmup"],
+                           precisions=(PRECISION,))
+    r = bench_chains(p.pipeline, p.photos, p.ideal, p.device, options, progress=p.progress, reuse=reuse)
     r = {"build": f"scripts/gpu-probe (seeded {p.size['model']}, built in memory)", "model": p.size["model"],
          "keep": KEEP, "weights": "random", "flops_per_image": {"ideal_speedup": p.ideal}, **r}
     write_json(p.out / "bench-cuda.json", r)

@@ -61,8 +61,14 @@ def plot_bench(result: dict, path: str | Path) -> dict:
                  + (f" ({where})" if where else ""))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.canvas.draw()
+    bars = _placed(drawn, ax, fig.canvas.get_width_height()[1])
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    return {"bars": bars, "size": fig.canvas.get_width_height()}
 
-    height = fig.canvas.get_width_height()[1]
+
+def _placed(drawn: list, ax, height: int) -> list[dict]:
+    """Where each drawn bar (and FLOP-ideal line) landed, in pixels from the top left."""
     to_pixels = ax.transData.transform
     bars = []
     for b, s, value, artist in drawn:
@@ -73,6 +79,4 @@ def plot_bench(result: dict, path: str | Path) -> dict:
             box = artist.get_window_extent()
             bars.append({"batch": b, "system": s, "ms_per_image": value, "x": box.x0, "width": box.width,
                          "top": height - box.y1, "bottom": height - box.y0})
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    return {"bars": bars, "size": fig.canvas.get_width_height()}
+    return bars

@@ -5,9 +5,34 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from ..errors import EvoExportError
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What a library bench times; `bench` fills it from its flags over the device's defaults
+    (CPU_BENCH, CUDA_BENCH)."""
+    batches: tuple = (1, 4)
+    iters: int = 10
+    warmup: int = 2
+    precisions: tuple = ()              # also builds of these precisions (CPU), or the chains' (CUDA)
+    hf: bool = True                     # also transformers' own model
+    baseline: str | Path | None = None  # an unpruned build; None: exported now
+    backends: tuple = ("onnxruntime",)  # CPU: each system on each of these runtimes
+
+    def check(self) -> None:
+        if self.iters < 1 or self.warmup < 0 or not self.batches or any(b < 1 for b in self.batches):
+            raise EvoExportError("iters and batches must be >= 1, warmup >= 0")
+
+
+CPU_BENCH = BenchOptions()
+CUDA_BENCH = BenchOptions(batches=(1, 8, 32), iters=50, warmup=10, precisions=("bf16",))
 
 
 def stats(times_ms: list[float]) -> dict:
@@ -40,6 +65,40 @@ def time_systems(systems: dict[str, Callable[[], object]], iters: int, warmup: i
                 sync()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: {**stats(ts), "times_ms": ts} for name, ts in times.items()}
+
+
+def time_clients(make_client: Callable[[], tuple[Callable[[], object], Callable[[], None]]], clients: int,
+                 per_client: int) -> dict:
+    """`clients` threads at once, each with its own (call, close) from `make_client`, calling
+    `per_client` times: every call's seconds, the errors (counted, never hidden: a bench with
+    failures is reported as such) and the wall time of the whole round."""
+    import threading
+    latencies, errors = [], []
+    lock = threading.Lock()
+
+    def client():
+        call, close = make_client()
+        try:
+            for _ in range(per_client):
+                t = time.perf_counter()
+                try:
+                    call()
+                except Exception as e:
+                    with lock:
+                        errors.append(str(e)[:200])
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+        finally:
+            close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies": latencies, "errors": errors, "wall_s": time.perf_counter() - start}
 
 
 def cuda_graph_ms(fn, *args, reps: int = 20) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError, cause
+from ..errors import EvoExportError, OptionError, cause
 from ..inputs.images import recipe_from_processor_config
 from .base import BaseTower, Family, TowerSpec
 from .checkpoint import check_weight, preprocess_from_checkpoint, read_tensors, weight_index
@@ -47,6 +47,7 @@ DINOV2 = register(Preset(
     feature_layer=-1,
     select_strategy="full",
     preprocess=IMAGENET_PREPROCESS,
+    processor=DINOV2_PROCESSOR,
     input_size=224,
 ))
 
@@ -55,7 +56,7 @@ register(replace(
     DINOV2,
     name="dinov2-units",
     description="DINOv2 ViT-S/14 at 224 px pruned in 2x2 units of patches, as Qwen2.5-VL prunes its merge units "
-                "(measures what unit-level pruning costs: scripts/unit_eval.py)",
+                "(measures what unit-level pruning costs: experiments/unit_eval.py)",
     unit=2,
 ))
 
@@ -152,7 +153,7 @@ class DinoTower(BaseTower):
 def _input_size(image_size: int | None, preset: Preset, patch: int) -> int:
     size = image_size or preset.input_size
     if isinstance(size, bool) or not isinstance(size, int) or size < patch or size % patch:
-        raise EvoExportError(f"--image-size must be a multiple of the patch size {patch} (e.g. 224, 280, 518), got {size}")
+        raise OptionError("image_size", f"must be a multiple of the patch size {patch} (e.g. 224, 280, 518), got {size}")
     return size
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
+from ..manifest import Manifest
 from .base import BaseTower, TowerSpec
 from .registry import family_api, get_preset
 
@@ -26,13 +27,13 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
     preset = get_preset(model)
     family = family_api(preset)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise EvoExportError(f"--image-size must be a positive number of pixels, got {image_size!r}")
+        raise OptionError("image_size", f"must be a positive number of pixels, got {image_size!r}")
     ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
     if image_size is not None and not family.tower.resizable:
         spec = family.spec_from_checkpoint(preset, ckpt) if ckpt else family.spec_from_preset(preset)
         if image_size != spec.vision["image_size"]:
-            raise EvoExportError(f"--image-size: {model} runs at its own {spec.vision['image_size']} px "
-                                 "(other input sizes: --model dinov2)")
+            raise OptionError("image_size", f"is fixed: {model} runs at its own {spec.vision['image_size']} px "
+                                            "(other input sizes: the dinov2 model)")
     else:
         kwargs = {"image_size": image_size} if image_size is not None else {}
         spec = (family.spec_from_checkpoint(preset, ckpt, **kwargs) if ckpt
@@ -69,9 +70,19 @@ def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
     return tower
 
 
-def tower_from_manifest(manifest: dict) -> BaseTower:
+def tower_from_manifest(manifest: Manifest) -> BaseTower:
     """A build's tower in PyTorch: its model, weights (checked against the manifest's sha256)
     and input size."""
-    return load_tower(manifest["model"], manifest.get("checkpoint"), seed=manifest.get("weights_seed") or 0,
-                      image_size=manifest["tower"]["image_size"], expect_sha256=manifest.get("weights_sha256"),
-                      quiet=True, pad_to_square=manifest.get("preprocess", {}).get("pad_to_square"))
+    return load_tower(manifest.model, manifest.checkpoint, seed=manifest.weights_seed, image_size=manifest.image_size,
+                      expect_sha256=manifest.weights_sha256, quiet=True, pad_to_square=manifest.pad_to_square)
+
+
+def untrained_tower(manifest: Manifest) -> BaseTower:
+    """A build's tower architecture with no weights loaded (a model's own weights go in
+    next, to compare their sha256 with the build's)."""
+    from .base import TowerSpec
+    t = manifest.tower
+    spec = TowerSpec(vision=t["vision"], projector=t["projector"], feature_layer=t["feature_layer"],
+                     select_strategy=t["select_strategy"], preprocess=manifest.preprocess,
+                     input_size=t["image_size"], unit=t.get("unit", 1))
+    return family_api(get_preset(manifest.model)).tower(spec)

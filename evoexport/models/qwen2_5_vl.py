@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError, cause
+from ..errors import EvoExportError, OptionError, cause
 from ..inputs.images import recipe_from_processor_config
 from .base import BaseTower, Family, TowerSpec
 from .checkpoint import read_config, read_prefixed
@@ -298,7 +298,7 @@ def flatten_patches(pixel_values: torch.Tensor, patch: int, merge: int, temporal
 def _input_size(image_size: int | None, preset: Preset) -> int:
     size = image_size or preset.input_size
     if isinstance(size, bool) or not isinstance(size, int) or size < WINDOW_PX or size % WINDOW_PX:
-        raise EvoExportError(f"--image-size for {preset.name} must be a multiple of {WINDOW_PX} "
+        raise OptionError("image_size", f"for {preset.name} must be a multiple of {WINDOW_PX} "
                              f"(one attention window: 4x4 merge units of 28 px), e.g. 448 or 672; got {size}")
     return size
 

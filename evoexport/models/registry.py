@@ -7,6 +7,7 @@ Face checkpoint of that family (whose config.json then wins over the preset's si
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from ..errors import EvoExportError
@@ -22,19 +23,29 @@ class Preset:
     feature_layer: int = -2          # transformers hidden_states index fed to the projector
     select_strategy: str = "default"  # "default": drop CLS from the features (LLaVA)
     preprocess: dict = field(default_factory=dict)
+    # the reference checkpoint's preprocessor_config.json, as data (where a converter writes it)
+    processor: dict | None = None
     input_size: int | None = None    # pixels fed to the tower where the config's image_size is another (DINOv2)
     prune_defaults: dict = field(default_factory=dict)   # PruneParams fields this model defaults differently
     unit: int = 1                    # patches per side of a prunable token (TowerSpec.unit)
 
 
 _PRESETS: dict[str, Preset] = {}
+_MODULES: set[str] = set()   # the modules that registered presets or families
 
 
 def register(preset: Preset) -> Preset:
     if preset.name in _PRESETS:
         raise ValueError(f"preset {preset.name!r} registered twice")
     _PRESETS[preset.name] = preset
+    _MODULES.add(sys._getframe(1).f_globals["__name__"])
     return preset
+
+
+def family_modules() -> set[str]:
+    """The modules that registered a preset or a family (the layering test keeps every other
+    module from importing them)."""
+    return set(_MODULES)
 
 
 def get_preset(name: str) -> Preset:
@@ -63,6 +74,7 @@ def register_family(name: str, family) -> None:
     if name in _FAMILIES:
         raise ValueError(f"family {name!r} registered twice")
     _FAMILIES[name] = family
+    _MODULES.add(sys._getframe(1).f_globals["__name__"])
 
 
 def family_api(preset: Preset):

@@ -4,7 +4,7 @@ scoring keeps the informative tokens of a *trained* model (random weights cannot
 Same tower code path as the LLaVA presets (transformers' CLIPVisionModel, CLS kept in the
 features so a linear head can classify from it). 8x8 digits are upsampled 4x to 32x32, so
 each 4x4 patch is one original pixel: 64 patch tokens, many of them blank background.
-Weights: tests/fixtures/digits-vit (made by scripts/train_digits_vit.py).
+Weights: shipped with the package, in data/digits-vit (made by measure/digits_train.py).
 """
 from __future__ import annotations
 

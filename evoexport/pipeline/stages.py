@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,25 +54,36 @@ def _capture_into(stage_ref, key: str):
     return hook
 
 
+class StageRole(NamedTuple):
+    """Where a stage sits in the chain: the first embeds pixels, the last projects, the
+    others end in the importance probe; later stages may take token sizes (proportional
+    attention) and kept positions (positional families)."""
+    embed: bool
+    probe: bool
+    project: bool
+    proportional: bool
+    positional: bool = False
+
+
 class EncoderStage(nn.Module):
     """Layers [first, last) of the tower; optionally the embedding in front and, at the end,
     either the attention-importance probe (before a prune point) or the projector."""
 
-    def __init__(self, tower: BaseTower, first: int, last: int, *, embed: bool, probe: bool,
-                 project: bool, proportional: bool, square_mask: bool = False, positional: bool = False,
+    def __init__(self, tower: BaseTower, layers: range, role: StageRole, *, square_mask: bool = False,
                  keep_dtype: bool = False):
         super().__init__()
         self.tower = tower
-        self.first, self.last = first, last
-        self.embed, self.probe, self.project, self.proportional = embed, probe, project, proportional
-        self.square_mask, self.positional, self.keep_dtype = square_mask, positional, keep_dtype
+        self.first, self.last = layers.start, layers.stop
+        self.embed, self.probe, self.project = role.embed, role.probe, role.project
+        self.proportional, self.positional = role.proportional, role.positional
+        self.square_mask, self.keep_dtype = square_mask, keep_dtype
         self._captured: dict[str, torch.Tensor] = {}
-        if probe:
+        if self.probe:
             # The probe reads the last layer's query and key projections rather than its
             # attention probabilities: every layer keeps fused attention (SDPA; fused MHA in
             # TensorRT and OpenVINO), and no runtime has to keep an N x N probability tensor
             # alive for a second consumer (OpenVINO's int8 pipeline zeroed it past batch row 0).
-            attn, self.heads, self.scale = tower.probe_attention(last - 1)
+            attn, self.heads, self.scale = tower.probe_attention(self.last - 1)
             # The hooks hold the stage weakly and go when it does: many Pipelines over one
             # tower (ablations, benches) do not pile them up or keep each other alive.
             stage = weakref.ref(self)
@@ -140,6 +152,7 @@ class Pipeline:
                  keep_dtype: bool = False):
         check_schedule(points, tower.depth, tower.num_patches)
         self.tower, self.points, self.params, self.keep_dtype = tower, list(points), params, keep_dtype
+        self.square_mask = square_mask
         self.graphs: list[GraphSpec] = []
         cuts = [p.after_layer + 1 for p in points] + [tower.depth]
         first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, names.PIXELS, None
@@ -148,9 +161,9 @@ class Pipeline:
             proportional = params.merge and params.proportional_attention and prev_sizes is not None
             # a positional family's later stages also take the kept indices (rotary positions, windows)
             positional = tower.positional and i > 0
-            stage = EncoderStage(tower, first, last, embed=(i == 0), probe=not final, project=final,
-                                 proportional=proportional, square_mask=square_mask, positional=positional,
-                                 keep_dtype=keep_dtype)
+            role = StageRole(embed=i == 0, probe=not final, project=final, proportional=proportional,
+                             positional=positional)
+            stage = EncoderStage(tower, range(first, last), role, square_mask=square_mask, keep_dtype=keep_dtype)
             inputs = [prev_hidden] + ([prev_sizes] if proportional else []) + ([names.indices(i - 1)] if positional else [])
             outputs = [names.FEATURES] if final else [names.stage_hidden(i), names.stage_importance(i)]
             tokens_out = tokens if final else points[i].tokens
@@ -201,5 +214,5 @@ def pipeline_from_manifest(manifest: dict, tower: BaseTower | None = None) -> Pi
     manifest), prune points and parameters; `tower` reuses one already loaded."""
     from ..models.loader import tower_from_manifest
 
-    points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest["schedule"]]
-    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams.from_manifest(manifest["prune_params"]))
+    points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest.schedule]
+    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams.from_manifest(manifest.prune_params))

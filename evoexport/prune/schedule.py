@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,12 @@ DEFAULT_PRUNE_DEPTHS = (0.2, 0.3, 0.4)
 
 def budget_for(num_patches: int, keep: float) -> int:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
-        raise EvoExportError(f"--keep must be a number in (0, 1], got {keep!r}")
+        raise OptionError("keep", f"must be a number in (0, 1], got {keep!r}")
     if not 0 < keep <= 1:
-        raise EvoExportError(f"--keep must be in (0, 1], got {keep}")
+        raise OptionError("keep", f"must be in (0, 1], got {keep}")
     k = round(num_patches * keep)
     if k < 1:
-        raise EvoExportError(f"--keep {keep} leaves no token of {num_patches}")
+        raise OptionError("keep", f"{keep} leaves no token of {num_patches}")
     return k
 
 
@@ -57,10 +57,10 @@ def default_schedule(depth: int, num_patches: int, keep: float, layers: tuple | 
 def parse_schedule(text: str, depth: int, num_patches: int) -> list[PrunePoint]:
     """'LAYER:KEEP,...' with KEEP a fraction of the original patch tokens (0.7) or a count (400)."""
     if not isinstance(text, str) or not text.strip():
-        raise EvoExportError("--schedule is empty; give LAYER:KEEP,... (e.g. 4:0.8,8:0.5) or leave it out")
+        raise OptionError("schedule", "is empty; give LAYER:KEEP,... (e.g. 4:0.8,8:0.5) or leave it out")
     items = [t.strip() for t in text.split(",")]
     if "" in items:
-        raise EvoExportError(f"--schedule {text!r} has an empty item (two commas in a row, or one at an end)")
+        raise OptionError("schedule", f"{text!r} has an empty item (two commas in a row, or one at an end)")
     points: list[PrunePoint] = []
     for item in items:
         try:
@@ -69,10 +69,10 @@ def parse_schedule(text: str, depth: int, num_patches: int) -> list[PrunePoint]:
             is_fraction = "." in keep_s or "e" in keep_s.lower()
             keep_v = float(keep_s) if is_fraction else int(keep_s)
         except ValueError:
-            raise EvoExportError(f"--schedule item {item!r} is not LAYER:KEEP (e.g. 4:0.8,8:0.5 or 4:400,8:288)") from None
+            raise OptionError("schedule", f"item {item!r} is not LAYER:KEEP (e.g. 4:0.8,8:0.5 or 4:400,8:288)") from None
         if is_fraction:
             if not 0 < keep_v <= 1:
-                raise EvoExportError(f"--schedule item {item!r}: a fraction must be in (0, 1]")
+                raise OptionError("schedule", f"item {item!r}: a fraction must be in (0, 1]")
             tokens = budget_for(num_patches, keep_v)
         else:
             tokens = keep_v
@@ -88,7 +88,7 @@ def check_schedule(points: list[PrunePoint], depth: int, num_patches: int) -> No
             raise EvoExportError(f"prune point after layer {p.after_layer} does not fit a {depth}-layer encoder "
                                  f"(allowed: 0..{depth - 2}; the last layer must run on the kept tokens)")
         if p.after_layer <= prev_layer:
-            raise EvoExportError("--schedule prune layers must be strictly increasing")
+            raise OptionError("schedule", "prune layers must be strictly increasing")
         if not 1 <= p.tokens < prev_tokens:
             raise EvoExportError(f"prune point after layer {p.after_layer} keeps {p.tokens} tokens; "
                                  f"budgets must decrease and stay >= 1 (previous: {prev_tokens})")
@@ -105,7 +105,7 @@ def round_budgets(points: list[PrunePoint], multiple: int, per_token: int = 1, e
         limit = (prev if prev is not None else p.tokens + multiple) - 1        # strictly below what enters
         valid = [t for t in range(1, limit + 1) if (t * per_token + extra) % multiple == 0]
         if not valid:
-            raise EvoExportError(f"--round-budgets {multiple}: no token count below {limit + 1} after layer "
+            raise OptionError("round_budgets", f"{multiple}: no token count below {limit + 1} after layer "
                                  f"{p.after_layer} gives a sequence length that is a multiple of {multiple}")
         best = min(valid, key=lambda t: (abs(t - p.tokens), t))
         out.append(PrunePoint(p.after_layer, best))

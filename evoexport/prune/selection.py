@@ -36,11 +36,7 @@ Only dense ops: matmul, top-k, gather, comparisons, reductions, running sums; no
 no ArgMax and no data-dependent shapes, so the same code exports to ONNX and TensorRT with
 static budgets. Ties break towards the lower token index everywhere (TopK only finds the
 k-th value; who is in is then decided by value and index, never by a sort's tie order);
-NaN and -inf scores rank last, so a selection is always valid.
-
-Cost: one N x N similarity matmul and a few N x N elementwise passes (redundancy, the
-spatial term); every later step touches only N x take, N x K or (N-K) x K entries, since
-the N - K dropped tokens are the only ones that need a merge decision.
+NaN and -inf scores rank last, so a selection is always valid. Cost: docs/evoprune.md.
 """
 from __future__ import annotations
 
@@ -52,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
+from .merge import merge_tokens
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def _rank_key(x: torch.Tensor) -> torch.Tensor:
 # Two forms of the same decisions. "topk" (the default; every CPU graph): TopK thresholds,
 # running sums and gathers, the fewest FLOPs. "compare": pairwise compares and sums, no TopK
 # at all, for compilers that cannot fuse TopK (Inductor splits a graph at every one) and
-# where the N x N compares are cheap next to the layers (the GPU). tests/test_prune.py
+# where the N x N compares are cheap next to the layers (the GPU). tests/prune/test_selection.py
 # proves both forms decide identically, ties and non-finite scores included.
 FORMS = ("topk", "compare")
 
@@ -107,7 +104,7 @@ def _top_mask(key: torch.Tensor, k: int, form: str = "topk") -> torch.Tensor:
     (a value it selects, never computes, so every backend finds the same v whatever order
     it leaves ties in); every key above v is in, and of the keys equal to v the first
     k - #above by index, counted with a running sum. Exact and deterministic on every
-    backend, as the N^2 pairwise compare it replaces (tests/test_prune.py keeps that as the
+    backend, as the N^2 pairwise compare it replaces (tests/prune/test_selection.py keeps that as the
     reference) but without the [B, N, N] tensors.
     """
     n = key.shape[-1]
@@ -301,24 +298,31 @@ def _is_self(kept: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=kept.device).view(1, n, 1) == kept.unsqueeze(1)     # [B, N, K]
 
 
-def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
-           has_cls: bool = True, sizes: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-           forced: tuple[torch.Tensor, torch.Tensor] | None = None, grid: int | None = None,
-           form: str = "topk") -> Selection:
-    """Keep `budget` patch tokens of `hidden` and merge the rest into them.
+@dataclass(frozen=True)
+class SelectRule:
+    """What one prune point keeps and how it decides."""
+    budget: int                # patch tokens kept
+    params: PruneParams
+    has_cls: bool = True       # one leading CLS token, never pruned
+    grid: int | None = None    # the patch grid's width, for the spatial term (None: cosine alone)
+    form: str = "topk"         # how the decisions are computed (FORMS)
 
-    hidden     [B, c+N, D]  hidden states (c = 1 leading CLS token if has_cls, never pruned)
+
+def select(hidden: torch.Tensor, importance: torch.Tensor, rule: SelectRule, *, sizes: torch.Tensor | None = None,
+           positions: torch.Tensor | None = None,
+           forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
+    """Keep `rule.budget` patch tokens of `hidden` and merge the rest into them.
+
+    hidden     [B, c+N, D]  hidden states (c = 1 leading CLS token if rule.has_cls)
     importance [B, N]       attention importance of the patch tokens
     sizes      [B, N]       how many original patches each token stands for (default 1)
     positions  [B, N] int64 original patch index of each token (default 0..N-1)
     forced     (picks, merge) decisions of another executor to apply instead of deciding
                (validation: the reference's continuous outputs under a backend's decisions)
-    grid       the patch grid's width, for the spatial term of the decision similarity
-               (None: cosine alone, whatever params.spatial_weight says)
     returns    Selection(hidden [B, c+K, D], sizes [B, K], positions [B, K] ascending = raster
                order, merge [B, N], picks [B, N])
     """
-    c = 1 if has_cls else 0
+    c, budget = int(rule.has_cls), rule.budget
     b, n = hidden.shape[0], hidden.shape[1] - c
     if importance.shape != (b, n):
         raise EvoExportError(f"importance has shape {tuple(importance.shape)}, expected {(b, n)}")
@@ -327,49 +331,37 @@ def select(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: 
     patches = hidden[:, c:]
     if sizes is None:   # fp32 whatever the hidden states are: bf16 counts only to 256 exactly
         sizes = torch.ones(b, n, dtype=torch.float32, device=hidden.device)
-
+    sim = None
     if forced is None:
-        utility, sim = utility_scores(patches, importance, params, positions, grid)
-        picks = pick_steps(utility, sim, budget, params, form=form)
+        utility, sim = utility_scores(patches, importance, rule.params, positions, rule.grid)
+        picks = pick_steps(utility, sim, budget, rule.params, form=rule.form)
     else:
-        picks, owner = forced
+        picks = forced[0]
     kept_mask = picks >= 0
-    kept = kept_indices(picks, budget, form)                                         # [B, K]
+    kept = kept_indices(picks, budget, rule.form)                                    # [B, K]
     # only the N - K dropped tokens need a merge decision and a merge: a kept token is its own
     # slot (its rank among the kept), so nothing N x N or K x N is built after the picks
-    merging = params.merge and n > budget
-    if merging:
-        dropped = _ascending_indices(~kept_mask, n - budget, form)                   # [B, N-K]
-    if forced is None:
-        # running counts in float32 (exact, and the only CumSum TensorRT takes), then indices
-        owner = (torch.cumsum(kept_mask.to(torch.float32), dim=-1) - 1).to(torch.int64)  # kept: own slot
-        if merging:
-            dropped_owner = first_max_index(_dropped_affinity(sim, kept, dropped))     # [B, N-K]
-            dropped_rank = (torch.cumsum((~kept_mask).to(torch.float32), dim=-1) - 1).clamp_min(0).to(torch.int64)
-            owner = torch.where(kept_mask, owner, torch.gather(dropped_owner, 1, dropped_rank))
-        else:  # no merge: a dropped token went nowhere
-            owner = torch.where(kept_mask, owner, -1)
-    if positions is None:
-        new_positions = kept
-    else:
-        new_positions = torch.gather(positions, 1, kept)
-    new_sizes = torch.gather(sizes, 1, kept)
-    # the merge is computed in fp32 and handed on in the hidden states' dtype: in a bf16 chain
-    # that is the cast the next stage would make on entry, so keeping the chain's dtype
-    # across the boundary changes no number (upcast after the gathers: K and N-K rows, not N)
-    merged = torch.gather(patches, 1, kept.unsqueeze(-1).expand(b, budget, patches.shape[-1])).float()
-    if merging:
-        # size-weighted mean of each kept token and the dropped tokens assigned to it
-        dropped_sizes = torch.gather(sizes, 1, dropped)
-        dropped_x = torch.gather(patches, 1, dropped.unsqueeze(-1).expand(b, n - budget, patches.shape[-1])).float()
-        assign = torch.gather(owner, 1, dropped).unsqueeze(1) == torch.arange(budget, device=hidden.device).view(1, budget, 1)
-        assign = assign.to(merged.dtype)                                                 # [B, K, N-K]
-        mass = merged * new_sizes.unsqueeze(-1) + assign @ (dropped_x * dropped_sizes.unsqueeze(-1))
-        new_sizes = new_sizes + (assign @ dropped_sizes.unsqueeze(-1)).squeeze(-1)
-        merged = mass / new_sizes.unsqueeze(-1)
+    merging = rule.params.merge and n > budget
+    dropped = _ascending_indices(~kept_mask, n - budget, rule.form) if merging else None   # [B, N-K]
+    owner = forced[1] if forced is not None else _owners(kept_mask, kept, dropped, sim)
+    new_positions = kept if positions is None else torch.gather(positions, 1, kept)
+    merged, new_sizes = merge_tokens(patches, sizes, kept, dropped, owner)
     merged = merged.to(hidden.dtype)
     out = torch.cat([hidden[:, :c], merged], dim=1) if c else merged
     return Selection(out, new_sizes, new_positions, owner, picks)
+
+
+def _owners(kept_mask: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor | None,
+            sim: torch.Tensor) -> torch.Tensor:
+    """The kept slot each token goes to: a kept token its own, a dropped one the kept token
+    it is most like (-1 without a merge)."""
+    # running counts in float32 (exact, and the only CumSum TensorRT takes), then indices
+    owner = (torch.cumsum(kept_mask.to(torch.float32), dim=-1) - 1).to(torch.int64)  # kept: own slot
+    if dropped is None:   # no merge: a dropped token went nowhere
+        return torch.where(kept_mask, owner, -1)
+    dropped_owner = first_max_index(_dropped_affinity(sim, kept, dropped))          # [B, N-K]
+    dropped_rank = (torch.cumsum((~kept_mask).to(torch.float32), dim=-1) - 1).clamp_min(0).to(torch.int64)
+    return torch.where(kept_mask, owner, torch.gather(dropped_owner, 1, dropped_rank))
 
 
 class SelectGraph(nn.Module):
@@ -380,12 +372,11 @@ class SelectGraph(nn.Module):
         if form not in FORMS:
             raise EvoExportError(f"selection form {form!r} is not one of {', '.join(FORMS)}")
         self.budget, self.params, self.has_cls, self.grid, self.form = budget, params, has_cls, grid, form
+        self.rule = SelectRule(budget, params, has_cls, grid, form)
 
     def forward(self, hidden, importance, sizes=None, positions=None):
-        return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
-                            sizes=sizes, positions=positions, grid=self.grid, form=self.form))
+        return tuple(select(hidden, importance, self.rule, sizes=sizes, positions=positions))
 
     def forced(self, hidden, importance, sizes=None, positions=None, *, picks, merge):
         """The same outputs, computed under given decisions (never exported)."""
-        return tuple(select(hidden, importance, self.budget, self.params, has_cls=self.has_cls,
-                            sizes=sizes, positions=positions, forced=(picks, merge), grid=self.grid))
+        return tuple(select(hidden, importance, self.rule, sizes=sizes, positions=positions, forced=(picks, merge)))

@@ -23,7 +23,7 @@ import numpy as np
 from .backends import backend_class, make_backend
 from .. import names
 from ..errors import EvoExportError
-from ..manifest import graph_entries, read_manifest
+from ..manifest import read_manifest
 from ..pipeline.chain import entry_names, run_chain
 
 
@@ -42,12 +42,12 @@ class Runner:
         self.build_dir = Path(build_dir)
         # a backend that rebuilds the chain from the manifest (torch) never opens a graph file
         self.manifest = read_manifest(self.build_dir, verify=verify, files=backend_class(backend).reads_graph_files)
-        self.graphs = graph_entries(self.manifest)
+        self.graphs = self.manifest.graphs
         self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
-        spec = self.manifest["inputs"][0]
+        spec = self.manifest.pixels
         self.input_name, self.input_shape = spec["name"], spec["shape"]
         # what a call reports: the features and every point's decisions
-        self.output_names = names.reported(len(self.manifest["schedule"]))
+        self.output_names = names.reported(self.manifest.prune_points)
 
     def check_input(self, pixel_values) -> np.ndarray | object:
         shape = tuple(getattr(pixel_values, "shape", ()))
@@ -81,12 +81,12 @@ class Runner:
 
     def __call__(self, pixel_values) -> Output:
         env = self.run_native(self.backend.as_input(self.check_input(pixel_values)), self.output_names)
-        points = range(len(self.manifest["schedule"]))
+        points = range(self.manifest.prune_points)
         per_point = {kind: [env[names.decision(kind, i)] for i in points] for kind in names.DECISIONS}
         if per_point["indices"]:
             final = per_point["indices"][-1]
         else:  # nothing pruned: every patch is kept, in raster order
-            b, n = pixel_values.shape[0], self.manifest["tower"]["num_patches"]
+            b, n = pixel_values.shape[0], self.manifest.num_patches
             final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
         return Output(env[names.FEATURES], final, *(per_point[kind] for kind in names.DECISIONS))
 

@@ -12,50 +12,31 @@ same runtime) at batch 1 (latency) and at the largest concurrency's batch (throu
 from __future__ import annotations
 
 import tempfile
-import threading
-import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 from ..manifest import read_manifest
-from ..measure.timing import cpu_info
+from ..measure.timing import cpu_info, time_clients, time_systems
 
 SYSTEMS = ("pruned", "unpruned")
 
 
 def _client_round(url: str, model: str, pixels: np.ndarray, concurrency: int, per_client: int) -> dict:
+    """`concurrency` clients, each sending `per_client` one-image requests with binary tensors."""
     import tritonclient.http as http
 
-    latencies, errors = [], []
-    lock = threading.Lock()
-
-    def client(_):
+    def make_client():
         c = http.InferenceServerClient(url, connection_timeout=600, network_timeout=600)
         inp = http.InferInput("pixel_values", pixels.shape, "FP32")
         inp.set_data_from_numpy(pixels, binary_data=True)
         outs = [http.InferRequestedOutput("features", binary_data=True)]
-        for _ in range(per_client):
-            t = time.perf_counter()
-            try:
-                c.infer(model, [inp], outputs=outs)
-            except Exception as e:   # counted, never hidden: a bench with failures is reported as such
-                with lock:
-                    errors.append(str(e)[:200])
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - t)
-        c.close()
+        return (lambda: c.infer(model, [inp], outputs=outs)), c.close
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return {"latencies": latencies, "errors": errors, "wall_s": wall, "images": len(latencies) * pixels.shape[0]}
+    round_ = time_clients(make_client, concurrency, per_client)
+    return {**round_, "images": len(round_["latencies"]) * pixels.shape[0]}
 
 
 def _summary(rounds: list[dict]) -> dict:
@@ -70,78 +51,87 @@ def _summary(rounds: list[dict]) -> dict:
 
 
 def _library(build_dir: Path, runtime: str, pixels: np.ndarray, batch: int, iters: int) -> dict:
+    """The same runtime called directly in this process: batch-1 latency, and throughput at `batch`."""
     import evoexport
     runner = evoexport.load(build_dir, backend=runtime)
     one, many = pixels[:1], np.repeat(pixels[:1], batch, axis=0)
-    runner(one)
-    runner(many)   # warm-up
-    lat = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        runner(one)
-        lat.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(max(1, iters // batch)):
-        runner(many)
-    thr = max(1, iters // batch) * batch / (time.perf_counter() - t)
-    return {"batch1_p50_ms": float(np.median(lat) * 1e3), "images_per_s_at_batch": thr, "batch": batch}
+    one_ms = time_systems({"one": lambda: runner(one)}, iters, warmup=1)["one"]["median_ms"]
+    many_ms = time_systems({"many": lambda: runner(many)}, max(1, iters // batch), warmup=1)["many"]["median_ms"]
+    return {"batch1_p50_ms": one_ms, "images_per_s_at_batch": batch / (many_ms / 1e3), "batch": batch}
 
 
-def run_serve_bench(build_dir, *, baseline=None, concurrency=(1, 8, 32), rounds: int = 2, per_client=None,
-                    runtime: str = "openvino", queue_delay_us: int = 2000, threads: int = 0, progress=None) -> dict:
+@dataclass(frozen=True)
+class ServeBenchOptions:
+    concurrency: tuple = (1, 8, 32)   # clients at once, one round set per value
+    rounds: int = 2                   # rounds per concurrency, the systems alternating
+    per_client: int | None = None     # requests per client and round; None: 8 at 1 client, 2 from 4 up
+    runtime: str = "openvino"         # what runs the graphs inside Triton's Python backend
+    queue_delay_us: int = 2000
+    threads: int = 0
+
+
+def run_serve_bench(build_dir, options: ServeBenchOptions = ServeBenchOptions(), *, baseline=None, progress=None,
+                    **fields) -> dict:
+    """The pruned build and the unpruned one (exported now when no baseline is given) served
+    side by side by one Triton server; `fields` override `options`."""
     from ..export.build import build_variant
-    from .repository import write_repository
     from .triton import TritonServer
 
+    o = replace(options, **fields)
     say = progress or (lambda *_: None)
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    if any(c < 1 for c in concurrency) or rounds < 1:
-        raise EvoExportError("--concurrency and rounds must be >= 1")
-    profile = manifest.get("batch_profile", {}).get("max", 32)
+    if not o.concurrency or any(c < 1 for c in o.concurrency) or o.rounds < 1:
+        raise EvoExportError("concurrency and rounds must be >= 1")
     with tempfile.TemporaryDirectory(prefix="evoexport-serve-bench-") as scratch:
         scratch = Path(scratch)
         if baseline is None:
             say("exporting the unpruned encoder (keep 1.0, same weights) as the baseline")
             baseline = build_variant(manifest, scratch / "unpruned-build", unpruned=True).path
         builds = {"pruned": build_dir, "unpruned": Path(baseline)}
-        base = read_manifest(builds["unpruned"], verify=False)
-        if base["schedule"]:
-            raise EvoExportError(f"--baseline {baseline} is pruned (keep {base['keep']}); give a keep 1.0 build")
-        repos = []
-        for system, path in builds.items():
-            repo = write_repository(path, scratch / f"repo-{system}", flavour="python", name=system, runtime=runtime,
-                                    queue_delay_us=queue_delay_us, threads=threads, max_batch=profile)
-            repos.append(repo.path)
-        say(f"starting tritonserver with both ensembles ({runtime} inside the Python backend)")
-        rng = np.random.default_rng(0)
-        shape = [1] + manifest["inputs"][0]["shape"][1:]
-        pixels = rng.standard_normal(shape, dtype=np.float32)
-        results = {s: {} for s in SYSTEMS}
+        repos = _repositories(builds, scratch, o, manifest.max_batch)
+        say(f"starting tritonserver with both ensembles ({o.runtime} inside the Python backend)")
+        pixels = np.random.default_rng(0).standard_normal([1] + manifest.pixels["shape"][1:], dtype=np.float32)
         with TritonServer(repos, startup_timeout=600) as server:
-            url = server.url.removeprefix("http://")
-            for system in SYSTEMS:                     # warm-up: first calls compile and allocate
-                _client_round(url, system, pixels, 2, 2)
-            for c in concurrency:
-                n = per_client or max(2, 8 // c)   # requests per client and round: 8 at 1 client, 2 from 4 up
-                per = {s: [] for s in SYSTEMS}
-                for r in range(rounds):
-                    order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
-                    for system in order:
-                        say(f"concurrency {c}, round {r + 1}/{rounds}: {system} ({c} clients x {n} requests)")
-                        per[system].append(_client_round(url, system, pixels, c, n))
-                for system in SYSTEMS:
-                    results[system][str(c)] = _summary(per[system])
+            results = _serve_rounds(server.url.removeprefix("http://"), pixels, o, say)
             stats = _stats(server.url, [f"{s}_stage_0" for s in SYSTEMS])
-        say(f"the library directly ({runtime}, this process)")
-        library = {s: _library(builds[s], runtime, pixels, max(concurrency), 8) for s in SYSTEMS}
+        say(f"the library directly ({o.runtime}, this process)")
+        library = {s: _library(builds[s], o.runtime, pixels, max(o.concurrency), 8) for s in SYSTEMS}
     ratio = {str(c): results["pruned"][str(c)]["images_per_s"] / results["unpruned"][str(c)]["images_per_s"]
-             for c in concurrency if results["unpruned"][str(c)]["images_per_s"]}
-    return {"build": str(build_dir), "baseline": str(baseline), "model": manifest["model"], "keep": manifest["keep"],
-            "ideal_speedup": manifest["flops"]["ideal_speedup"], "runtime": runtime, "engine": "triton (python backend)",
-            "queue_delay_us": queue_delay_us, "concurrency": list(concurrency), "rounds": rounds,
+             for c in o.concurrency if results["unpruned"][str(c)]["images_per_s"]}
+    return {"build": str(build_dir), "baseline": str(baseline), "model": manifest.model, "keep": manifest.keep,
+            "ideal_speedup": manifest.ideal_speedup, "runtime": o.runtime, "engine": "triton (python backend)",
+            "queue_delay_us": o.queue_delay_us, "concurrency": list(o.concurrency), "rounds": o.rounds,
             "results": results, "throughput_ratio": ratio, "library": library, "batching": stats,
             "machine": cpu_info()}
+
+
+def _repositories(builds: dict, scratch: Path, o: ServeBenchOptions, max_batch: int) -> list[Path]:
+    """Each build as a Python-backend repository whose ensemble is named after its system."""
+    from .repository import write_repository
+    base = read_manifest(builds["unpruned"], verify=False)
+    if base.prune_points:
+        raise OptionError("baseline", f"{builds['unpruned']} is pruned (keep {base.keep}); give a keep 1.0 build")
+    return [write_repository(path, scratch / f"repo-{system}", flavour="python", name=system, runtime=o.runtime,
+                             queue_delay_us=o.queue_delay_us, threads=o.threads, max_batch=max_batch).path
+            for system, path in builds.items()]
+
+
+def _serve_rounds(url: str, pixels: np.ndarray, o: ServeBenchOptions, say) -> dict:
+    """{system: {concurrency: summary}}, the systems alternating round by round."""
+    results = {s: {} for s in SYSTEMS}
+    for system in SYSTEMS:                     # warm-up: first calls compile and allocate
+        _client_round(url, system, pixels, 2, 2)
+    for c in o.concurrency:
+        n = o.per_client or max(2, 8 // c)
+        per = {s: [] for s in SYSTEMS}
+        for r in range(o.rounds):
+            for system in (SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]):
+                say(f"concurrency {c}, round {r + 1}/{o.rounds}: {system} ({c} clients x {n} requests)")
+                per[system].append(_client_round(url, system, pixels, c, n))
+        for system in SYSTEMS:
+            results[system][str(c)] = _summary(per[system])
+    return results
 
 
 def _stats(url: str, models: list[str]) -> dict:

@@ -9,6 +9,8 @@ Rules Triton enforces at load time, followed here (docs/serving.md):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..errors import EvoExportError
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
@@ -33,12 +35,20 @@ def _add_tensors(field, tensors: list[dict]) -> None:
         io.dims.extend(-1 if isinstance(d, str) else int(d) for d in t["shape"][1:])   # batch axis left out
 
 
-def step_config(name: str, entry: dict, *, platform: str, max_batch: int, instances: int, kind: str,
-                queue_delay_us: int, model_file: str | None = None, cc_files: dict | None = None,
-                parameters: dict | None = None):
+class Batching(NamedTuple):
+    """How every step of a repository batches and is replicated."""
+    max_batch: int
+    instances: int
+    kind: str              # KIND_CPU or KIND_GPU
+    queue_delay_us: int
+
+
+def step_config(name: str, entry: dict, batching: Batching, *, platform: str, model_file: str | None = None,
+                cc_files: dict | None = None, parameters: dict | None = None):
     """One graph as a Triton model. `platform` is a backend name (onnxruntime, openvino,
     python) or tensorrt_plan."""
     pb = _pb()
+    max_batch, instances, kind, queue_delay_us = batching
     cfg = pb.ModelConfig(name=name, max_batch_size=max_batch)
     if platform == "tensorrt_plan":
         cfg.platform = platform

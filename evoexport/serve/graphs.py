@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import names
+
 OPSET = 17
 _ONNX_TYPES = {"float32": 1, "int64": 7, "float16": 10, "int32": 6}   # onnx.TensorProto values
 
@@ -52,14 +54,14 @@ def _batch_shape(source: str, tail: list[int], out: str) -> tuple[list, list]:
 
 def indices_graph(manifest: dict) -> tuple[object, dict]:
     from onnx import helper
-    if manifest["schedule"]:
-        last = manifest["outputs"][-3]          # indices_{last}, then merge_{last}, picks_{last}
+    if manifest.prune_points:
+        last = manifest.output(names.indices(manifest.prune_points - 1))
         k = last["shape"][1]
         inputs = [_tensor(last["name"], "int64", ["batch", k])]
         nodes, consts = [helper.make_node("Identity", [last["name"]], ["indices"])], []
     else:
-        spec = manifest["inputs"][0]
-        k = manifest["tower"]["num_patches"]
+        spec = manifest.pixels
+        k = manifest.num_patches
         inputs = [_tensor(spec["name"], spec["dtype"], spec["shape"])]
         nodes, consts = _batch_shape(spec["name"], [k], "shape")
         nodes.append(helper.make_node("Expand", ["positions", "shape"], ["indices"]))
@@ -70,7 +72,7 @@ def indices_graph(manifest: dict) -> tuple[object, dict]:
 
 def mm_in_graph(manifest: dict) -> tuple[object, dict]:
     from onnx import helper
-    spec = manifest["inputs"][0]
+    spec = manifest.pixels
     chw = spec["shape"][1:]
     inputs = [_tensor("IMAGE", "float16", ["batch", 1, *chw])]
     outputs = [_tensor(spec["name"], "float32", spec["shape"])]
@@ -82,7 +84,7 @@ def mm_in_graph(manifest: dict) -> tuple[object, dict]:
 
 def mm_out_graph(manifest: dict) -> tuple[object, dict]:
     from onnx import helper
-    feats = manifest["outputs"][0]
+    feats = manifest.features
     k, d = feats["shape"][1:]
     inputs = [_tensor(feats["name"], feats["dtype"], feats["shape"])]
     outputs = [_tensor("OUT_PROMPT_EMBEDDING_TABLE", "float16", ["batch", k, d]),

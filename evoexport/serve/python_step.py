@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import read_json
-from ..manifest import sha256_file
+from ..manifest import Manifest, sha256_file
 from ..runtime.backends import make_backend
 
 
@@ -29,8 +29,8 @@ class GraphStep:
         options = {"threads": spec["threads"]} if spec.get("threads") else {}
         if spec["runtime"] == "onnxruntime":
             options["providers"] = ["CPUExecutionProvider"]
-        self.backend = make_backend(spec["runtime"], version_dir, {"stages": [self.entry],
-                                                                   "precision": spec["precision"]}, **options)
+        manifest = Manifest({"stages": [self.entry], "precision": spec["precision"]})   # this one graph
+        self.backend = make_backend(spec["runtime"], version_dir, manifest, **options)
         self.inputs = [t["name"] for t in self.entry["inputs"]]
         self.outputs = [t["name"] for t in self.entry["outputs"]]
 

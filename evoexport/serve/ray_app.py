@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 
 try:
     from ray import serve
@@ -42,23 +43,33 @@ def _images(items: list) -> int:
     return sum(int(x.shape[0]) for x in items)
 
 
-def encoder_app(build_dir: str, *, backend: str = "onnxruntime", replicas: int = 1, gpus: float = 0.0,
-                max_batch: int | None = None, wait_s: float = DEFAULT_WAIT_S, options: dict | None = None):
-    """The deployment bound to a build (an Application for serve.run)."""
-    from ..manifest import read_manifest
+@dataclass(frozen=True)
+class RayOptions:
+    backend: str = "onnxruntime"     # the runtime each replica loads the build on
+    replicas: int = 1
+    gpus: float = 0.0                # GPUs per replica (fractions allowed)
+    max_batch: int | None = None     # images per batch; None: the build's batch profile
+    wait_s: float = DEFAULT_WAIT_S   # how long a batch waits to fill
+    options: dict = field(default_factory=dict)   # the backend's own options
 
+
+def encoder_app(build_dir: str, options: RayOptions = RayOptions(), **fields):
+    """The deployment bound to a build (an Application for serve.run); `fields` override `options`."""
+    from ..manifest import read_manifest
     from ..runtime.backends import backend_class
-    files = backend_class(backend).reads_graph_files
+
+    o = replace(options, **fields)
+    files = backend_class(o.backend).reads_graph_files
     manifest = read_manifest(build_dir, verify=False, files=files)   # replicas verify on load
-    profile = manifest.get("batch_profile", {}).get("max", 32)
-    if max_batch is not None and not 1 <= max_batch <= profile:
-        raise EvoExportError(f"--max-batch must be between 1 and the build's batch profile ({profile})")
-    if replicas < 1 or gpus < 0:
-        raise EvoExportError("--replicas must be >= 1 and --gpus >= 0")
-    actor = {"num_gpus": gpus} if gpus else {}
-    deployment = serve.deployment(Encoder, name="EvoExportEncoder", num_replicas=replicas, ray_actor_options=actor,
-                                  max_ongoing_requests=4 * (max_batch or profile))
-    return deployment.bind(str(build_dir), backend, max_batch or profile, wait_s, options or {})
+    profile = manifest.max_batch
+    if o.max_batch is not None and not 1 <= o.max_batch <= profile:
+        raise OptionError("max_batch", f"must be between 1 and the build's batch profile ({profile})")
+    if o.replicas < 1 or o.gpus < 0:
+        raise EvoExportError("replicas must be >= 1 and gpus >= 0")
+    actor = {"num_gpus": o.gpus} if o.gpus else {}
+    deployment = serve.deployment(Encoder, name="EvoExportEncoder", num_replicas=o.replicas, ray_actor_options=actor,
+                                  max_ongoing_requests=4 * (o.max_batch or profile))
+    return deployment.bind(str(build_dir), o.backend, o.max_batch or profile, o.wait_s, dict(o.options))
 
 
 class Encoder:

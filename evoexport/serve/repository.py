@@ -25,21 +25,46 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, OptionError
 from ..files import atomic_dir, write_json
-from ..manifest import graph_entries, read_manifest, sha256_file
+from ..manifest import Manifest, read_manifest, sha256_file
 from . import config as tc
 from .graphs import indices_graph, mm_in_graph, mm_out_graph
 
-FLAVOURS = ("onnxruntime", "openvino", "tensorrt", "python")
 RUNTIMES = ("onnxruntime", "openvino")     # what runs a graph inside the Python backend
 MARKER = "evoexport_repository.json"       # inside the ensemble's folder (Triton reads only model folders)
 TRTLLM_ENSEMBLE = "multimodal_encoders"
 CHECK_STEP = "pixels"                      # {name}_pixels: the step that refuses NaN and infinity
 CHECKED = "pixels_checked"                 # the ensemble's name for the pixels that step let through
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """How a build becomes a repository (the CLI fills it from `evoexport triton`'s flags)."""
+    flavour: str = "python"        # Triton backend of each graph (FLAVOURS)
+    name: str = "evoexport"        # the ensemble's name; its steps are NAME_stage_0, ...
+    max_batch: int | None = None   # None: the build's batch profile (and the engines')
+    instances: int = 1
+    kind: str | None = None        # KIND_GPU or KIND_CPU; None: GPU for tensorrt, else CPU
+    queue_delay_us: int = 500
+    runtime: str = "onnxruntime"   # python flavour: what runs a graph inside the stub
+    for_trtllm: bool = False       # also TensorRT-LLM's `multimodal_encoders` ensemble
+    threads: int = 0               # python flavour: threads per graph (0: the runtime's default)
+
+    def check(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise EvoExportError(f"unknown Triton backend {self.flavour!r}; choose one of {', '.join(FLAVOURS)}")
+        if self.runtime not in RUNTIMES:
+            raise OptionError("runtime", f"must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if not self.name.replace("_", "").replace("-", "").isalnum() or self.name == TRTLLM_ENSEMBLE:
+            raise OptionError("name", f"{self.name!r}: use letters, digits, '-' and '_' (and not {TRTLLM_ENSEMBLE})")
+        if self.instances < 1 or self.queue_delay_us < 0 or (self.max_batch is not None and self.max_batch < 1):
+            raise EvoExportError("instances and max_batch must be >= 1, queue_delay_us >= 0")
+        if self.kind not in (None, "KIND_GPU", "KIND_CPU"):
+            raise EvoExportError(f"instance kind must be KIND_GPU or KIND_CPU, got {self.kind!r}")
 
 
 @dataclass
@@ -69,124 +94,191 @@ def _sys_path() -> list[str]:
     return list(dict.fromkeys([here, deps] + [p for p in sys.path if p.endswith("site-packages")]))
 
 
-def write_repository(build_dir: str | Path, out: str | Path, *, flavour: str = "python", name: str = "evoexport",
-                     max_batch: int | None = None, instances: int = 1, kind: str | None = None,
-                     queue_delay_us: int = 500, runtime: str = "onnxruntime", for_trtllm: bool = False,
-                     threads: int = 0, progress=None, on_commit=None) -> Repository:
-    build_dir, out = Path(build_dir), Path(out)
-    if flavour not in FLAVOURS:
-        raise EvoExportError(f"unknown Triton backend {flavour!r}; choose one of {', '.join(FLAVOURS)}")
-    if runtime not in RUNTIMES:
-        raise EvoExportError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if not name.replace("_", "").replace("-", "").isalnum() or name == TRTLLM_ENSEMBLE:
-        raise EvoExportError(f"--name {name!r}: use letters, digits, '-' and '_' (and not {TRTLLM_ENSEMBLE})")
-    if instances < 1 or queue_delay_us < 0 or (max_batch is not None and max_batch < 1):
-        raise EvoExportError("--instances and --max-batch must be >= 1, --queue-delay-us >= 0")
-    manifest = read_manifest(build_dir)
-    kind = kind or ("KIND_GPU" if flavour == "tensorrt" else "KIND_CPU")
-    if kind not in ("KIND_GPU", "KIND_CPU"):
-        raise EvoExportError(f"instance kind must be KIND_GPU or KIND_CPU, got {kind!r}")
-    profile = manifest.get("batch_profile", {}).get("max", 32)
-    engines = None
-    if flavour == "tensorrt":
-        from ..tensorrt.engines import engine_files, read_engines
-        engines = read_engines(build_dir)
-        profile = min(profile, engines.get("batch_profile", {}).get("max", profile))
-        engine_files(build_dir, manifest, engines)   # Triton would load whatever plan it is given
-        if not isinstance(engines.get("compute_capability"), str):
-            raise EvoExportError(f"{build_dir}: engines.json records no compute capability; rerun `evoexport engines`")
-    if max_batch is not None and max_batch > profile:
-        raise EvoExportError(f"--max-batch {max_batch} is larger than the build's batch profile (max {profile}); "
-                             "Triton would refuse the ensemble")
-    max_batch = max_batch or profile
-    if out.is_file() or (out.exists() and not (out / name / MARKER).is_file() and any(out.iterdir())):
-        raise EvoExportError(f"--out {out} exists and is not a repository evoexport wrote for --name {name}; "
-                             "refusing to replace it")
+def _python_model(version: Path, parameters: dict) -> dict:
+    """Triton's Python backend running triton_model.py; returns the config's parameters."""
+    shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
+    return {"EVOEXPORT_SYS_PATH": json.dumps(_sys_path()), **parameters}
 
-    # each graph on its own (a stage's entry nests its selection's)
-    graphs = [{k: v for k, v in g.items() if k != "select"} for g in graph_entries(manifest)]
-    extra = [indices_graph(manifest)] + ([mm_in_graph(manifest), mm_out_graph(manifest)] if for_trtllm else [])
-    common = dict(max_batch=max_batch, instances=instances, kind=kind, queue_delay_us=queue_delay_us)
-    configs, repo = {}, Repository(out, name, flavour, max_batch)
+
+class StepWriter:
+    """Writes one graph of the build as a Triton model, in one flavour. `made_here`: a small
+    graph this module made (indices, mm_in, mm_out), saved by the caller; the build's
+    graphs are copied from it with their weights."""
+    platform = ""
+
+    def __init__(self, build_dir: Path, manifest: Manifest, options: RepositoryOptions, batching: tc.Batching):
+        self.build_dir, self.manifest, self.options, self.batching = build_dir, manifest, options, batching
+
+    def copy_graph(self, entry: dict, version: Path) -> None:
+        for key in ("file", "data_file"):
+            if entry.get(key):
+                _copy(self.build_dir / entry[key], version / entry[key])
+
+    def write(self, model: str, entry: dict, version: Path, made_here: bool):
+        if not made_here:
+            self.copy_graph(entry, version)
+        return tc.step_config(model, entry, self.batching, platform=self.platform, model_file=entry["file"])
+
+
+class OnnxRuntimeStep(StepWriter):
+    platform = "onnxruntime"
+
+
+class OpenVinoStep(StepWriter):
+    platform = "openvino"
+
+
+class PythonStep(StepWriter):
+    """Our runtime (ONNX Runtime or OpenVINO on the CPU) inside Triton's Python backend."""
+    platform = "python"
+
+    def write(self, model: str, entry: dict, version: Path, made_here: bool):
+        if not made_here:
+            self.copy_graph(entry, version)
+        # the manifest's hashes (read_manifest just checked the build's files against them);
+        # only the small graphs made here are hashed here
+        graph = {"graph": entry, "runtime": self.options.runtime, "threads": self.options.threads,
+                 "precision": self.manifest.precision, "sha256": _hashes(entry, version, made_here)}
+        write_json(version / "graph.json", graph)
+        # the graph runs on the CPU inside the stub, so inputs arrive as CPU tensors even next to GPU steps
+        params = _python_model(version, {"FORCE_CPU_ONLY_INPUT_TENSORS": "yes"})
+        return tc.step_config(model, entry, self.batching, platform="python", parameters=params)
+
+
+class TensorRTStep(StepWriter):
+    """The plans of `evoexport engines`, checked against the build (Triton would load whatever
+    plan it is given); the small graphs made here run on ONNX Runtime."""
+    platform = "tensorrt_plan"
+
+    def __init__(self, build_dir: Path, manifest: Manifest, options: RepositoryOptions, batching: tc.Batching):
+        super().__init__(build_dir, manifest, options, batching)
+        from ..tensorrt.engines import engine_files, read_engines
+        self.engines = read_engines(build_dir)
+        engine_files(build_dir, manifest, self.engines)
+        if not isinstance(self.engines.get("compute_capability"), str):
+            raise EvoExportError(f"{build_dir}: engines.json records no compute capability; rerun `evoexport engines`")
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.engines.get("batch_profile", {}).get("max")
+
+    def write(self, model: str, entry: dict, version: Path, made_here: bool):
+        if made_here:
+            return tc.step_config(model, entry, self.batching, platform="onnxruntime", model_file=entry["file"])
+        engine = next(e for e in self.engines["engines"] if e["name"] == entry["name"])
+        cc = self.engines["compute_capability"]
+        plan = f"model_sm{cc.replace('.', '')}.plan"
+        _copy(self.build_dir / engine["file"], version / plan)
+        return tc.step_config(model, entry, self.batching, platform=self.platform, cc_files={cc: plan})
+
+
+FLAVOUR_WRITERS = {"onnxruntime": OnnxRuntimeStep, "openvino": OpenVinoStep, "tensorrt": TensorRTStep,
+                   "python": PythonStep}
+FLAVOURS = tuple(FLAVOUR_WRITERS)
+
+
+def write_repository(build_dir: str | Path, out: str | Path, options: RepositoryOptions | None = None, *,
+                     progress=None, on_commit=None, **fields) -> Repository:
+    """Write a build as a Triton model repository at `out`, swapped in whole. `fields`
+    override `options` (write_repository(build, out, flavour="onnxruntime"))."""
+    options = replace(options or RepositoryOptions(), **fields)
+    options.check()
+    build_dir, out = Path(build_dir), Path(out)
+    manifest = read_manifest(build_dir)
+    kind = options.kind or ("KIND_GPU" if options.flavour == "tensorrt" else "KIND_CPU")
+    batching = tc.Batching(0, options.instances, kind, options.queue_delay_us)
+    writer = FLAVOUR_WRITERS[options.flavour](build_dir, manifest, options, batching)
+    max_batch = _max_batch(manifest, options, getattr(writer, "max_batch", None))
+    writer.batching = batching._replace(max_batch=max_batch)
+    _check_target(out, options.name)
     say = progress or (lambda *_: None)
     with atomic_dir(out, on_commit) as tmp:
-        for entry in graphs + [e for _, e in extra]:
-            model = f"{name}_{entry['name']}"
-            version = tmp / model / "1"
-            version.mkdir(parents=True)
-            onnx_model = next((m for m, e in extra if e is entry), None)
-            if onnx_model is not None:
-                import onnx
-                onnx.save(onnx_model, version / entry["file"])
-            else:
-                say(f"{model}: {entry['file']}")
-            step_flavour = "onnxruntime" if flavour == "tensorrt" and onnx_model is not None else flavour
-            if step_flavour == "tensorrt":
-                engine = next(e for e in engines["engines"] if e["name"] == entry["name"])
-                cc = engines["compute_capability"]
-                plan = f"model_sm{cc.replace('.', '')}.plan"
-                _copy(build_dir / engine["file"], version / plan)
-                configs[model] = tc.step_config(model, entry, platform="tensorrt_plan", cc_files={cc: plan}, **common)
-                continue
-            if onnx_model is None:
-                for key in ("file", "data_file"):
-                    if entry.get(key):
-                        _copy(build_dir / entry[key], version / entry[key])
-            if step_flavour == "python":
-                graph = {"graph": entry, "runtime": runtime, "threads": threads,
-                         "precision": manifest.get("precision", "fp32"),
-                         # the manifest's hashes (read_manifest just checked the build's files against
-                         # them); only the small graphs made here are hashed here
-                         "sha256": _hashes(entry, version, made_here=onnx_model is not None)}
-                write_json(version / "graph.json", graph)
-                shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
-                # our runtime runs the graph on the CPU inside the stub (ONNX Runtime's CPU
-                # provider or OpenVINO), so inputs arrive as CPU tensors even next to GPU steps
-                params = {"EVOEXPORT_SYS_PATH": json.dumps(_sys_path()), "FORCE_CPU_ONLY_INPUT_TENSORS": "yes"}
-                configs[model] = tc.step_config(model, entry, platform="python", parameters=params, **common)
-            else:
-                configs[model] = tc.step_config(model, entry, platform=step_flavour, model_file=entry["file"], **common)
-
-        # the first step refuses pixels holding NaN or infinity (a client error), as the library does
-        pixels, checked = manifest["inputs"][0], {**manifest["inputs"][0], "name": CHECKED}
-        check_model = f"{name}_{CHECK_STEP}"
-        (tmp / check_model / "1").mkdir(parents=True)
-        shutil.copy2(Path(__file__).with_name("triton_model.py"), tmp / check_model / "1" / "model.py")
-        configs[check_model] = tc.step_config(check_model, {"inputs": [pixels], "outputs": [checked]},
-                                              platform="python", **{**common, "kind": "KIND_CPU"},
-                                              parameters={"EVOEXPORT_SYS_PATH": json.dumps(_sys_path()),
-                                                          "EVOEXPORT_STEP": "pixels"})
-        # features, indices, then per prune point indices_i, merge_i, picks_i
-        outputs = [manifest["outputs"][0], extra[0][1]["outputs"][0], *manifest["outputs"][1:]]
-        steps = [(check_model, {pixels["name"]: pixels["name"]}, {CHECKED: CHECKED})]
-        steps += [(f"{name}_{e['name']}", {t["name"]: CHECKED if t["name"] == pixels["name"] else t["name"]
-                                           for t in e["inputs"]},
-                   {t["name"]: t["name"] for t in e["outputs"]}) for e in graphs + [extra[0][1]]]
-        configs[name] = tc.ensemble_config(name, manifest["inputs"], outputs, steps, max_batch)
-        repo.outputs = [t["name"] for t in outputs]
-        if for_trtllm:
-            (_, mm_in), (_, mm_out) = extra[1], extra[2]
-            spec = manifest["inputs"][0]
-            steps = [(f"{name}_mm_in", {"IMAGE": "IMAGE"}, {spec["name"]: spec["name"]}),
-                     (name, {spec["name"]: spec["name"]}, {"features": "features"}),
-                     (f"{name}_mm_out", {"features": "features"},
-                      {t["name"]: t["name"] for t in mm_out["outputs"]})]
-            configs[TRTLLM_ENSEMBLE] = tc.ensemble_config(TRTLLM_ENSEMBLE, mm_in["inputs"], mm_out["outputs"], steps,
-                                                          max_batch)
-            k = manifest["outputs"][0]["shape"][1]
-            repo.trtllm = {"ensemble": TRTLLM_ENSEMBLE, "tokens_per_image": k, "hidden": manifest["outputs"][0]["shape"][2],
-                           "max_multimodal_len": max_batch * k}
-        tc.check_ensemble(configs)
-        for model, cfg in configs.items():
-            (tmp / model / "1").mkdir(parents=True, exist_ok=True)
-            (tmp / model / "config.pbtxt").write_text(tc.to_text(cfg))
-        repo.models = sorted(configs)
-        write_json(tmp / name / MARKER, {
-            "build": str(build_dir.resolve()), "model": manifest["model"], "keep": manifest["keep"],
-            "weights_sha256": manifest.get("weights_sha256"), "flavour": flavour,
-            "runtime": runtime if flavour == "python" else None, "max_batch_size": max_batch, "models": repo.models,
-            "outputs": repo.outputs, "trtllm": repo.trtllm})
+        repo = _write_models(tmp, writer, Repository(out, options.name, options.flavour, max_batch), say)
+        write_json(tmp / options.name / MARKER, {
+            "build": str(build_dir.resolve()), "model": manifest.model, "keep": manifest.keep,
+            "weights_sha256": manifest.weights_sha256, "flavour": options.flavour,
+            "runtime": options.runtime if options.flavour == "python" else None, "max_batch_size": max_batch,
+            "models": repo.models, "outputs": repo.outputs, "trtllm": repo.trtllm})
     return repo
+
+
+def _max_batch(manifest: Manifest, options: RepositoryOptions, engines_max: int | None) -> int:
+    profile = min(manifest.max_batch, engines_max or manifest.max_batch)
+    if options.max_batch is not None and options.max_batch > profile:
+        raise OptionError("max_batch", f"{options.max_batch} is larger than the build's batch profile "
+                             f"(max {profile}); Triton would refuse the ensemble")
+    return options.max_batch or profile
+
+
+def _check_target(out: Path, name: str) -> None:
+    if out.is_file() or (out.exists() and not (out / name / MARKER).is_file() and any(out.iterdir())):
+        raise EvoExportError(f"{out} exists and is not a repository evoexport wrote for the ensemble {name}; "
+                             "refusing to replace it")
+
+
+def _write_models(tmp: Path, writer: StepWriter, repo: Repository, say) -> Repository:
+    """Every step, the ensemble that chains them (and TensorRT-LLM's), and their configs."""
+    import onnx
+    manifest, name = writer.manifest, repo.name
+    # each graph on its own (a stage's entry nests its selection's)
+    graphs = [{k: v for k, v in g.items() if k != "select"} for g in manifest.graphs]
+    made = [indices_graph(manifest)]
+    if writer.options.for_trtllm:
+        made += [mm_in_graph(manifest), mm_out_graph(manifest)]
+    configs = {}
+    for entry, graph in [(g, None) for g in graphs] + [(e, m) for m, e in made]:
+        model, version = f"{name}_{entry['name']}", tmp / f"{name}_{entry['name']}" / "1"
+        version.mkdir(parents=True)
+        if graph is not None:
+            onnx.save(graph, version / entry["file"])
+        else:
+            say(f"{model}: {entry['file']}")
+        configs[model] = writer.write(model, entry, version, made_here=graph is not None)
+    indices = made[0][1]
+    configs.update(_ensemble(tmp, writer, repo, graphs + [indices], indices))
+    if writer.options.for_trtllm:
+        configs.update(_trtllm_ensemble(repo, made[1][1], made[2][1], manifest))
+    tc.check_ensemble(configs)
+    for model, cfg in configs.items():
+        (tmp / model / "1").mkdir(parents=True, exist_ok=True)
+        (tmp / model / "config.pbtxt").write_text(tc.to_text(cfg))
+    repo.models = sorted(configs)
+    return repo
+
+
+def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict], indices: dict) -> dict:
+    """The pixels check (NaN or infinity: a client error, as the library gives), then every
+    graph, wired by the manifest's tensor names."""
+    manifest, name = writer.manifest, repo.name
+    pixels, checked = manifest.pixels, {**manifest.pixels, "name": CHECKED}
+    check_model = f"{name}_{CHECK_STEP}"
+    (tmp / check_model / "1").mkdir(parents=True)
+    params = _python_model(tmp / check_model / "1", {"EVOEXPORT_STEP": "pixels"})
+    configs = {check_model: tc.step_config(check_model, {"inputs": [pixels], "outputs": [checked]},
+                                           writer.batching._replace(kind="KIND_CPU"), platform="python",
+                                           parameters=params)}
+    # features, indices, then per prune point indices_i, merge_i, picks_i
+    outputs = [manifest.features, indices["outputs"][0], *manifest.outputs[1:]]
+    steps = [(check_model, {pixels["name"]: pixels["name"]}, {CHECKED: CHECKED})]
+    steps += [(f"{name}_{e['name']}", {t["name"]: CHECKED if t["name"] == pixels["name"] else t["name"]
+                                       for t in e["inputs"]},
+               {t["name"]: t["name"] for t in e["outputs"]}) for e in graphs]
+    configs[name] = tc.ensemble_config(name, manifest.inputs, outputs, steps, repo.max_batch)
+    repo.outputs = [t["name"] for t in outputs]
+    return configs
+
+
+def _trtllm_ensemble(repo: Repository, mm_in: dict, mm_out: dict, manifest: Manifest) -> dict:
+    """TensorRT-LLM's multimodal encoder contract: fp16 IMAGE in, the prompt table out."""
+    name, spec = repo.name, manifest.pixels
+    steps = [(f"{name}_mm_in", {"IMAGE": "IMAGE"}, {spec["name"]: spec["name"]}),
+             (name, {spec["name"]: spec["name"]}, {"features": "features"}),
+             (f"{name}_mm_out", {"features": "features"}, {t["name"]: t["name"] for t in mm_out["outputs"]})]
+    k, hidden = manifest.features["shape"][1:]
+    repo.trtllm = {"ensemble": TRTLLM_ENSEMBLE, "tokens_per_image": k, "hidden": hidden,
+                   "max_multimodal_len": repo.max_batch * k}
+    return {TRTLLM_ENSEMBLE: tc.ensemble_config(TRTLLM_ENSEMBLE, mm_in["inputs"], mm_out["outputs"], steps,
+                                                repo.max_batch)}
 
 
 def _hashes(entry: dict, version: Path, made_here: bool) -> dict:

@@ -133,7 +133,7 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
     env = runner.run_all(pixels)
     to_np = runner.backend.to_numpy
     m = runner.manifest
-    grid, pre, points = m["tower"]["grid"], m["preprocess"], range(len(m["schedule"]))
+    grid, pre, points = m.tower["grid"], m.preprocess, range(m.prune_points)
     indices = [to_np(env[names.indices(i)]) for i in points]
     merges = [to_np(env[names.merge(i)]) for i in points]
     importances = [to_np(env[names.stage_importance(i)]) for i in points]
@@ -141,7 +141,7 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
                             [x[b] for x in importances],
                             label=None if frame_numbers is None else f"frame {int(frame_numbers[b])}")
                  for b in range(pixels.shape[0])]
-    titles = panel_titles(m["schedule"], bool(indices))
+    titles = panel_titles(m.schedule, bool(indices))
     if frame_numbers is None:   # one row per image, each column titled
         sheet = _sheet(per_image, col_labels=titles)
     else:   # a strip of frames: frames across, one row per kind of panel, named on the left

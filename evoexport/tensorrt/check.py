@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EvoExportError
-from ..manifest import Precision, graph_entries, read_manifest
+from ..manifest import Precision, read_manifest
 from ..names import GraphKind
 
 TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "tensorrt_onnx_ops.json"
@@ -94,7 +94,6 @@ def _attr(node, name, default=None):
 def check_model(model, graph: str, kind: str, precision: str = "fp32", table: dict | None = None) -> list[Finding]:
     """Every rule on one ONNX model. kind: 'select' or 'encoder'; precision: the build's."""
     table = table or load_table()
-    supported, unsupported = table["supported"], set(table["unsupported"])
     found: list[Finding] = []
 
     def add(node, rule, message):
@@ -107,57 +106,73 @@ def check_model(model, graph: str, kind: str, precision: str = "fp32", table: di
                            f"{table['opset_min']}..{table['opset_max']}")
     types, consts = _dtype_of(model), _constants(model)
     for node in model.graph.node:
-        op = node.op_type
-        if node.domain not in ("", "ai.onnx"):
-            add(node, "op", f"custom-domain op {node.domain}::{op} needs a TensorRT plugin")
-            continue
-        if op in ("ArgMax", "ArgMin"):
-            add(node, "argmax", f"{op} has no documented tie rule in TensorRT (lowered to TopK k=1); "
-                                "use ReduceMax + Equal + the smallest index (prune.first_max_index)")
-        if op in unsupported or op not in supported:
-            add(node, "op", f"{op} is not supported by TensorRT {table['tensorrt']}'s ONNX parser")
-            continue
-        data = node.input[1] if op == "Where" else (node.input[0] if node.input else "")
-        dtype = types.get(data)
-        if dtype is not None and op != "Constant" and dtype not in supported[op]:
-            add(node, "op", f"{op} on {dtype} is not supported (TensorRT takes {', '.join(supported[op])})")
-        if op in ("Cast", "CastLike"):
-            target = ONNX_TYPES.get(_attr(node, "to"), str(_attr(node, "to"))) if op == "Cast" else types.get(node.input[1])
-            if target is not None and target not in supported[op]:
-                add(node, "cast", f"Cast to {target}: not a TensorRT type")
-        if op == "TopK":
-            k = consts.get(node.input[1], "missing") if node.input[1] in consts else "missing"
-            if isinstance(k, str):
-                add(node, "topk", "K is computed at run time; TensorRT needs a build-time constant")
-            elif k is not None and int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX:
-                add(node, "topk", f"K = {int(np.asarray(k).reshape(-1)[0])} >= {TOPK_MAX}, TensorRT's TopK limit")
-            if _attr(node, "sorted", 1) != 1:
-                add(node, "topk", "sorted = 0; TensorRT needs sorted = 1")
-        axes = 1 if op.startswith("Reduce") else AXES_INPUT.get(op)
-        if axes is not None and len(node.input) > axes and node.input[axes] and node.input[axes] not in consts:
-            add(node, "axes", f"{op} takes its axes from a run-time tensor; TensorRT needs constants")
-        if op == "LayerNormalization" and _attr(node, "stash_type", 1) != 1:
-            add(node, "layernorm", "stash_type != 1: statistics would be computed in the input's type")
-        if op in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            zp = consts.get(node.input[2])
-            if zp is not None and np.any(zp != 0):
-                add(node, "qdq", "non-zero zero point; TensorRT's explicit quantization is symmetric")
+        for rule, message in _node_findings(node, table, types, consts):
+            add(node, rule, message)
+    for rule, message in _precision_findings(model, kind, precision, types):
+        add(None, rule, message)
+    return found
+
+
+def _node_findings(node, table: dict, types: dict, consts: dict):
+    """(rule, message) for each way TensorRT's parser would refuse or mistreat one node."""
+    op, supported = node.op_type, table["supported"]
+    if node.domain not in ("", "ai.onnx"):
+        yield "op", f"custom-domain op {node.domain}::{op} needs a TensorRT plugin"
+        return
+    if op in ("ArgMax", "ArgMin"):
+        yield "argmax", (f"{op} has no documented tie rule in TensorRT (lowered to TopK k=1); "
+                         "use ReduceMax + Equal + the smallest index (prune.first_max_index)")
+    if op in set(table["unsupported"]) or op not in supported:
+        yield "op", f"{op} is not supported by TensorRT {table['tensorrt']}'s ONNX parser"
+        return
+    data = node.input[1] if op == "Where" else (node.input[0] if node.input else "")
+    dtype = types.get(data)
+    if dtype is not None and op != "Constant" and dtype not in supported[op]:
+        yield "op", f"{op} on {dtype} is not supported (TensorRT takes {', '.join(supported[op])})"
+    if op in ("Cast", "CastLike"):
+        target = ONNX_TYPES.get(_attr(node, "to"), str(_attr(node, "to"))) if op == "Cast" else types.get(node.input[1])
+        if target is not None and target not in supported[op]:
+            yield "cast", f"Cast to {target}: not a TensorRT type"
+    if op == "TopK":
+        yield from _topk_findings(node, consts)
+    axes = 1 if op.startswith("Reduce") else AXES_INPUT.get(op)
+    if axes is not None and len(node.input) > axes and node.input[axes] and node.input[axes] not in consts:
+        yield "axes", f"{op} takes its axes from a run-time tensor; TensorRT needs constants"
+    if op == "LayerNormalization" and _attr(node, "stash_type", 1) != 1:
+        yield "layernorm", "stash_type != 1: statistics would be computed in the input's type"
+    if op in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+        zp = consts.get(node.input[2])
+        if zp is not None and np.any(zp != 0):
+            yield "qdq", "non-zero zero point; TensorRT's explicit quantization is symmetric"
+
+
+def _topk_findings(node, consts: dict):
+    k = consts.get(node.input[1], "missing") if node.input[1] in consts else "missing"
+    if isinstance(k, str):
+        yield "topk", "K is computed at run time; TensorRT needs a build-time constant"
+    elif k is not None and int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX:
+        yield "topk", f"K = {int(np.asarray(k).reshape(-1)[0])} >= {TOPK_MAX}, TensorRT's TopK limit"
+    if _attr(node, "sorted", 1) != 1:
+        yield "topk", "sorted = 0; TensorRT needs sorted = 1"
+
+
+def _precision_findings(model, kind: str, precision: str, types: dict):
+    """Selections compute in fp32; a fp16/bf16 build's stages carry weights of that type."""
     if kind == GraphKind.SELECT:
         low = sorted({n for n, t in types.items() if t in ("FP16", "BF16")})
         if low:
-            add(None, "select-fp32", f"selection graph holds {len(low)} fp16/bf16 tensors (e.g. {low[0]}); "
-                                     "selections must compute in fp32")
+            yield "select-fp32", (f"selection graph holds {len(low)} fp16/bf16 tensors (e.g. {low[0]}); "
+                                  "selections must compute in fp32")
     if kind == GraphKind.ENCODER and Precision(precision).is_half:
         want = {"fp16": "FP16", "bf16": "BF16"}[precision]
         inits = {i.name: i for i in model.graph.initializer}
         weights = [n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
         wrong = [w for w in weights if ONNX_TYPES.get(inits[w].data_type) != want]
         if not weights:
-            add(None, "weights", f"a {precision} stage with no constant matmul weights to check")
+            yield "weights", f"a {precision} stage with no constant matmul weights to check"
         elif wrong:
-            add(None, "weights", f"{len(wrong)} of {len(weights)} matmul weights are not {want} (e.g. {wrong[0]}): "
-                                 f"the {precision} build does not carry {precision} weights")
-    return found
+            yield "weights", (f"{len(wrong)} of {len(weights)} matmul weights are not {want} (e.g. {wrong[0]}): "
+                              f"the {precision} build does not carry {precision} weights")
 
 
 def _load(path: Path):
@@ -180,14 +195,14 @@ def check_build(build_dir: str | Path) -> dict:
     manifest = read_manifest(build_dir, verify=False)
     table = load_table()
     findings: list[Finding] = []
-    graphs = graph_entries(manifest)
+    graphs = manifest.graphs
     for g in graphs:
         kind = GraphKind(g["kind"])
         try:
             model = _load(build_dir / g["file"])
         except Exception as e:
             raise EvoExportError(f"cannot read {g['file']}: {str(e).splitlines()[0]}") from None
-        findings += check_model(model, g["name"], kind, manifest.get("precision", "fp32"), table)
+        findings += check_model(model, g["name"], kind, manifest.precision, table)
     return {"target": "tensorrt", "tensorrt": table["tensorrt"], "source": table["source"],
             "graphs": [g["name"] for g in graphs], "findings": [asdict(f) for f in findings], "ok": not findings}
 

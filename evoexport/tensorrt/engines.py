@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import EvoExportError
 from ..files import atomic_write, read_json, write_json
-from ..manifest import graph_entries, read_manifest, sha256_file
+from ..manifest import read_manifest, sha256_file
 
 ENGINES = "engines.json"
 DEFAULT_BATCH_PROFILE = {"min": 1, "opt": 1, "max": 32}
@@ -116,7 +116,7 @@ def build_plan(onnx_path: Path, shapes: dict, timing_cache: bytes = b"", strongl
 
 
 def batch_profile(manifest: dict, min_batch=None, opt_batch=None, max_batch=None) -> dict:
-    prof = {**DEFAULT_BATCH_PROFILE, **manifest.get("batch_profile", {})}
+    prof = {**DEFAULT_BATCH_PROFILE, **manifest.batch_profile}
     for key, value in (("min", min_batch), ("opt", opt_batch), ("max", max_batch)):
         if value is not None:
             prof[key] = value
@@ -138,7 +138,7 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
     cache_path = Path(timing_cache).expanduser() if timing_cache else None
     cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     entries = []
-    for g in graph_entries(manifest):
+    for g in manifest.graphs:
         if progress:
             progress(f"building the TensorRT engine for {g['name']} (strongly typed, batch {prof['min']}..{prof['max']})")
         shapes = {t["name"]: tuple((b, *t["shape"][1:]) for b in (prof["min"], prof["opt"], prof["max"]))
@@ -150,7 +150,7 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
         if cache_path:   # after every engine: an interrupted run keeps what it learned
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(cache_path, cache)
-    info = {"tensorrt": str(trt.__version__), **gpu, "strongly_typed": True, "precision": manifest.get("precision", "fp32"),
+    info = {"tensorrt": str(trt.__version__), **gpu, "strongly_typed": True, "precision": manifest.precision,
             "batch_profile": prof, "timing_cache": str(cache_path) if cache_path else None, "engines": entries}
     write_json(build_dir / ENGINES, info)
     return info
@@ -182,7 +182,7 @@ def engine_files(build_dir: Path, manifest: dict, info: dict, verify: bool = Tru
     The one check of engines against a build (the TensorRT backend, the Triton repository)."""
     by_name = {e["name"]: e for e in info["engines"]}
     files = {}
-    for g in graph_entries(manifest):
+    for g in manifest.graphs:
         e = by_name.get(g["name"])
         if e is None:
             raise EvoExportError(f"{build_dir}: {ENGINES} has no engine for {g['name']}; rerun `evoexport engines`")

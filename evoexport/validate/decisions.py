@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..prune.selection import PruneParams, first_max_index, kept_indices, merge_affinity, pick_steps, step_sizes, utility_scores
+from ..prune.selection import SelectRule, first_max_index, kept_indices, merge_affinity, pick_steps, step_sizes, utility_scores
 
 
 def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, own_choice: torch.Tensor,
@@ -43,34 +43,58 @@ def _margins(key: torch.Tensor, eligible: torch.Tensor, chosen: torch.Tensor, ow
     return margin, flips, close
 
 
-def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int, params: PruneParams, *,
-                    has_cls: bool, picks: torch.Tensor, merge: torch.Tensor, tolerance: float,
-                    positions: torch.Tensor | None = None, grid: int | None = None) -> dict:
+def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, rule: SelectRule, *, picks: torch.Tensor,
+                    merge: torch.Tensor, tolerance: float, positions: torch.Tensor | None = None) -> dict:
     """Check `picks` and `merge` (a backend's) against the reference's scores on `hidden`/`importance`.
 
     Returns counts over the batch: decisions examined, flips (differ from the reference),
     near_ties (flips within tolerance), worst_margin, close_calls (reference margins within
     tolerance, flipped or not), `invalid` (a structural error, or None) and ok."""
-    c = int(has_cls)
     hidden, importance = hidden.float(), importance.float()
     picks, merge = torch.as_tensor(picks).long(), torch.as_tensor(merge).long()
-    b, n = importance.shape
     result = {"decisions": 0, "flips": 0, "near_ties": 0, "worst_margin": 0.0, "close_calls": 0, "invalid": None}
-    sizes = step_sizes(budget, params)
-    if picks.shape != (b, n) or merge.shape != (b, n):
-        result["invalid"] = f"decision tensors have shapes {list(picks.shape)}, {list(merge.shape)}; expected {[b, n]}"
+    result["invalid"] = _picks_invalid(picks, merge, rule, tuple(importance.shape))
+    if result["invalid"]:
         return _finish(result, tolerance)
+    utility, sim = utility_scores(hidden[:, int(rule.has_cls):], importance, rule.params, positions, rule.grid)
+    margins, flips, close = _pick_margins(utility, sim, rule, picks, tolerance)
+    b, n = importance.shape
+    result["decisions"] += b * n
+    merged = _merge_margins(sim, rule, picks, merge, tolerance)
+    if isinstance(merged, str):
+        result["invalid"] = merged
+        return _finish(result, tolerance)
+    if merged is not None:
+        margins.append(merged["margin"])
+        flips.append(merged["flips"])
+        close += merged["close"]
+        result["decisions"] += merged["decisions"]
+    margin = torch.stack(margins).amax(dim=0) if margins else torch.zeros(b)
+    result["worst_margin"] = max(float(margin.max()), 0.0) if margin.numel() else 0.0
+    result["flips"] = int(torch.stack(flips).sum()) if flips else 0
+    result["close_calls"] = close
+    return _finish(result, tolerance)
+
+
+def _picks_invalid(picks: torch.Tensor, merge: torch.Tensor, rule: SelectRule, shape: tuple) -> str | None:
+    """A structural error in the decisions (shapes, tokens per step), or None."""
+    sizes = step_sizes(rule.budget, rule.params)
+    if picks.shape != shape or merge.shape != shape:
+        return f"decision tensors have shapes {list(picks.shape)}, {list(merge.shape)}; expected {list(shape)}"
     counts = [(picks == s).sum(dim=-1) for s in range(len(sizes))]
     bad = [s for s, want in enumerate(sizes) if not bool((counts[s] == want).all())]
     if bad or not bool(((picks >= -1) & (picks < len(sizes))).all()):
         got = [int(x) for x in counts[bad[0]]] if bad else "out of range"
-        result["invalid"] = (f"picks per step must be {sizes}; step {bad[0] if bad else '?'} took {got} "
-                             "(not a near-tie: other prune parameters or a broken graph)")
-        return _finish(result, tolerance)
+        return (f"picks per step must be {sizes}; step {bad[0] if bad else '?'} took {got} "
+                "(not a near-tie: other prune parameters or a broken graph)")
+    return None
 
-    utility, sim = utility_scores(hidden[:, c:], importance, params, positions, grid)
+
+def _pick_margins(utility, sim, rule: SelectRule, picks: torch.Tensor, tolerance: float) -> tuple[list, list, int]:
+    """Replays the picks under the reference's scores: per step the margins, the flips, and
+    the tokens that were close calls (each counted once, however many steps it was close in)."""
     margins, flips = [], []
-    close_token = torch.zeros(b, n, dtype=torch.bool)   # a token counts once, however many steps it was close in
+    close_token = torch.zeros(picks.shape, dtype=torch.bool)
 
     def on_step(step, key, picked_before, chosen, own_choice):
         nonlocal close_token
@@ -79,39 +103,33 @@ def check_decisions(hidden: torch.Tensor, importance: torch.Tensor, budget: int,
         flips.append(f)
         close_token = close_token | cc
 
-    pick_steps(utility, sim, budget, params, forced_picks=picks, on_step=on_step)
-    result["decisions"] += b * n
+    pick_steps(utility, sim, rule.budget, rule.params, forced_picks=picks, on_step=on_step)
+    return margins, flips, int(close_token.sum())
+
+
+def _merge_margins(sim, rule: SelectRule, picks: torch.Tensor, merge: torch.Tensor, tolerance: float):
+    """The merge map against the reference's affinities: a dict (margin, flips, close,
+    decisions), None without a merge, or the structural error as a string."""
+    budget, (b, n) = rule.budget, picks.shape
     kept_mask = picks >= 0
     kept = kept_indices(picks, budget)
     slot_of = torch.full((b, n), -1, dtype=torch.long)
     slot_of.scatter_(1, kept, torch.arange(budget).expand(b, budget))
     if not bool((merge[kept_mask] == slot_of[kept_mask]).all()):
-        result["invalid"] = "a kept token is not merged into itself (merge map broken)"
-        return _finish(result, tolerance)
+        return "a kept token is not merged into itself (merge map broken)"
     dropped = ~kept_mask
-    close_merge = 0
-    if params.merge:
-        if not bool(((merge >= 0) & (merge < budget)).all()):
-            result["invalid"] = f"merge map points outside the {budget} kept tokens"
-            return _finish(result, tolerance)
-        affinity = merge_affinity(sim, kept).double()                                # [B, N, K]
-        top2 = affinity.masked_fill(affinity == math.inf, -math.inf).topk(min(2, budget), dim=-1).values
-        taken = torch.gather(affinity, 2, merge.unsqueeze(-1)).squeeze(-1)
-        m = torch.where(dropped, top2[..., 0] - taken, torch.zeros_like(taken))
-        margins.append(m.amax(dim=-1))
-        flips.append((dropped & (merge != first_max_index(affinity))).sum(dim=-1))   # lowest index on ties
-        runner_up = top2[..., 1] if budget > 1 else torch.full_like(taken, -math.inf)
-        close_merge = int((dropped & (top2[..., 0] - runner_up <= tolerance)).sum())
-        result["decisions"] += int(dropped.sum())
-    elif not bool((merge[dropped] == -1).all()):
-        result["invalid"] = "without merge, a dropped token must map to -1"
-        return _finish(result, tolerance)
-
-    margin = torch.stack(margins).amax(dim=0) if margins else torch.zeros(b)
-    result["worst_margin"] = max(float(margin.max()), 0.0) if margin.numel() else 0.0
-    result["flips"] = int(torch.stack(flips).sum()) if flips else 0
-    result["close_calls"] = int(close_token.sum()) + close_merge
-    return _finish(result, tolerance)
+    if not rule.params.merge:
+        return None if bool((merge[dropped] == -1).all()) else "without merge, a dropped token must map to -1"
+    if not bool(((merge >= 0) & (merge < budget)).all()):
+        return f"merge map points outside the {budget} kept tokens"
+    affinity = merge_affinity(sim, kept).double()                                # [B, N, K]
+    top2 = affinity.masked_fill(affinity == math.inf, -math.inf).topk(min(2, budget), dim=-1).values
+    taken = torch.gather(affinity, 2, merge.unsqueeze(-1)).squeeze(-1)
+    runner_up = top2[..., 1] if budget > 1 else torch.full_like(taken, -math.inf)
+    return {"margin": torch.where(dropped, top2[..., 0] - taken, torch.zeros_like(taken)).amax(dim=-1),
+            "flips": (dropped & (merge != first_max_index(affinity))).sum(dim=-1),   # lowest index on ties
+            "close": int((dropped & (top2[..., 0] - runner_up <= tolerance)).sum()),
+            "decisions": int(dropped.sum())}
 
 
 def _finish(result: dict, tolerance: float) -> dict:

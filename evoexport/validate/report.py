@@ -30,7 +30,7 @@ import numpy as np
 from .decisions import check_decisions, make_ties
 from ..files import write_json
 from ..inputs.images import SAMPLE_PHOTOS, sample_batch
-from ..manifest import graph_entries, read_manifest
+from ..manifest import read_manifest
 from .. import names
 from ..names import GraphKind
 from ..runtime.backends import backend_class
@@ -77,9 +77,8 @@ def _check_select(backend, entry: dict, spec, feeds: dict, tol: dict, inputs: st
     hidden_name, sizes_name, indices_name, merge_name, picks_name = spec.outputs
     sel, args = spec.module, [feeds[n] for n in spec.inputs]
     merge, picks = torch.from_numpy(outs[merge_name]), torch.from_numpy(outs[picks_name])
-    decisions = check_decisions(args[0], args[1], sel.budget, sel.params, has_cls=sel.has_cls,
-                                picks=picks, merge=merge, tolerance=tol["decision_margin"],
-                                positions=args[3] if len(args) > 3 else None, grid=sel.grid)
+    decisions = check_decisions(args[0], args[1], sel.rule, picks=picks, merge=merge, tolerance=tol["decision_margin"],
+                                positions=args[3] if len(args) > 3 else None)
     rows = [{"tensor": f"{picks_name}, {merge_name}", "decisions": decisions, "ok": decisions["ok"]}]
     if decisions["invalid"] is None:
         forced = sel.forced(*args, merge=merge, picks=picks)
@@ -130,9 +129,8 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
     points = []
     for i, spec in enumerate(g for g in pipeline.graphs if g.kind == GraphKind.SELECT):
         sel = spec.module
-        decisions = check_decisions(ref[spec.inputs[0]], ref[spec.inputs[1]], sel.budget, sel.params,
-                                    has_cls=sel.has_cls, picks=forced[names.picks(i)], merge=forced[names.merge(i)],
-                                    tolerance=tol["decision_margin"], grid=sel.grid,
+        decisions = check_decisions(ref[spec.inputs[0]], ref[spec.inputs[1]], sel.rule, picks=forced[names.picks(i)],
+                                    merge=forced[names.merge(i)], tolerance=tol["decision_margin"],
                                     positions=ref[spec.inputs[3]] if len(spec.inputs) > 3 else None)
         points.append({"point": i, "decisions": decisions, "free_running": _versus_free_running(env, free, i),
                        "ok": decisions["ok"]})
@@ -190,24 +188,47 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
     reference = TorchBackend(build_dir, manifest, precision="fp32", pipeline=pipeline)
     pipe = reference.pipeline
     specs = {g.name: g for g in pipe.graphs}
-    x = sample_batch(manifest["tower"]["image_size"], manifest["preprocess"], images)
+    x = sample_batch(manifest.image_size, manifest.preprocess, images)
     ref_env = pipe.run(torch.from_numpy(x))
     be = runner.backend
-
     graphs = []
-    for entry in graph_entries(manifest):
-        spec = specs[entry["name"]]
-        feeds = {name: ref_env[name] for name in spec.inputs}
-        if spec.kind == GraphKind.SELECT:
-            graphs.append(_check_select(be, entry, spec, feeds, select_tol, "reference"))
-            graphs.append(_check_select(be, entry, spec, _tied(spec, feeds), select_tol, "exact ties"))
-        else:
-            outs = _run(be, entry, feeds)
-            rows = [compare(name, value, ref_env[name].numpy(), tol, "graph") for name, value in outs.items()]
-            graphs.append({"graph": entry["name"], "inputs": "reference", "outputs": rows,
-                           "ok": all(r["ok"] for r in rows)})
+    for entry in manifest.graphs:
+        graphs += _check_graph(be, entry, specs[entry["name"]], ref_env, tol, select_tol)
+    chain, batch = _check_chains(runner, pipe, x, tol, {k: v.numpy() for k, v in ref_env.items()})
+    report = {
+        "passed": all(g["ok"] for g in graphs) and chain["ok"] and batch["ok"],
+        "backend": be.name,
+        "reference": f"torch {torch.__version__} (cpu)",
+        "precision": precision,
+        "images": list(images),
+        "batch": int(x.shape[0]),
+        "weights": manifest.weights,
+        "tolerances": tol,
+        "selection_tolerances": select_tol,
+        "graphs": graphs,
+        "end_to_end": chain,
+        "batch_consistency": batch,
+    }
+    report["summary"] = summarize(report)
+    if write:
+        write_json(build_dir / REPORT, report)
+    return report
 
-    free = {k: v.numpy() for k, v in ref_env.items()}
+
+def _check_graph(be, entry: dict, spec, ref_env: dict, tol: dict, select_tol: dict) -> list[dict]:
+    """One graph on the reference's inputs (a selection also on exact ties)."""
+    feeds = {name: ref_env[name] for name in spec.inputs}
+    if spec.kind == GraphKind.SELECT:
+        return [_check_select(be, entry, spec, feeds, select_tol, "reference"),
+                _check_select(be, entry, spec, _tied(spec, feeds), select_tol, "exact ties")]
+    outs = _run(be, entry, feeds)
+    rows = [compare(name, value, ref_env[name].numpy(), tol, "graph") for name, value in outs.items()]
+    return [{"graph": entry["name"], "inputs": "reference", "outputs": rows, "ok": all(r["ok"] for r in rows)}]
+
+
+def _check_chains(runner: Runner, pipe, x: np.ndarray, tol: dict, free: dict) -> tuple[dict, dict]:
+    """The whole chain on the batch, and on its first image alone: where both make the same
+    decisions, image 0's features must agree across batch sizes."""
     chain = _check_chain(runner, pipe, x, tol, free)
     single = _check_chain(runner, pipe, x[:1], tol, {k: v[:1] for k, v in free.items()})
     same = all(np.array_equal(single["env"][k][0], chain["env"][k][0]) for k in chain["env"]
@@ -221,25 +242,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
         batch = {"same_decisions": False, "ok": single["ok"]}
     batch["single"] = {k: v for k, v in single.items() if k != "env"}
     chain.pop("env")
-
-    report = {
-        "passed": all(g["ok"] for g in graphs) and chain["ok"] and batch["ok"],
-        "backend": be.name,
-        "reference": f"torch {torch.__version__} (cpu)",
-        "precision": precision,
-        "images": list(images),
-        "batch": int(x.shape[0]),
-        "weights": manifest["weights"],
-        "tolerances": tol,
-        "selection_tolerances": select_tol,
-        "graphs": graphs,
-        "end_to_end": chain,
-        "batch_consistency": batch,
-    }
-    report["summary"] = summarize(report)
-    if write:
-        write_json(build_dir / REPORT, report)
-    return report
+    return chain, batch
 
 
 def summarize(report: dict) -> dict:

@@ -36,7 +36,7 @@ room. Selection graphs are held to the fp32 row on identical inputs in every bui
 (validate/report.py): they compute in fp32, and a wrong selection misses by about 1e-2, inside
 this row's margin. Whether int8
 keeps a model's *answers* is a separate question, answered by the digits accuracy gate
-(tests/test_precision.py), not by these numbers.
+(tests/export/test_quantize.py), not by these numbers.
 """
 from __future__ import annotations
 

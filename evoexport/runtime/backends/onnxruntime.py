@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EvoExportError, cause
-from ...manifest import check_graph_io, graph_entries
+from ...manifest import check_graph_io
 from .base import Backend, Option
 
 
@@ -59,12 +59,12 @@ class OrtBackend(Backend):
             opts.add_session_config_entry("session.disable_prepacking", "1")
             opts.enable_cpu_mem_arena = False
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.precision = manifest.get("precision", "fp32")   # ORT computes in what the ONNX says
+        self.precision = manifest.precision   # ORT computes in what the ONNX says
         if self.precision == "bf16" and self.device == "cpu":
             raise EvoExportError("ONNX Runtime's CPU provider has no bf16 kernels for this build's stages; "
-                                 "use --backend openvino (or torch)")
+                                 "use the openvino backend (or torch)")
         self.sessions = {}
-        for g in graph_entries(manifest):
+        for g in manifest.graphs:
             try:
                 session = ort.InferenceSession(str(build_dir / g["file"]), opts, providers=providers)
             except Exception as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EvoExportError, cause
-from ...manifest import FLOAT_PRECISIONS, Precision, check_graph_io, graph_entries
+from ...manifest import FLOAT_PRECISIONS, Precision, check_graph_io
 from ...names import GraphKind
 from .base import Backend, Option
 
@@ -83,7 +83,7 @@ class OpenVinoBackend(Backend):
             common["INFERENCE_NUM_THREADS"] = int(threads)
         self.requests, self.ports = {}, {}
         stage_precisions = set()
-        for g in graph_entries(manifest):
+        for g in manifest.graphs:
             config = dict(common)
             if g["kind"] == GraphKind.SELECT:
                 config["INFERENCE_PRECISION_HINT"] = "f32"
@@ -101,7 +101,7 @@ class OpenVinoBackend(Backend):
             self.ports[g["name"]] = [(o["name"], compiled.output(o["name"])) for o in g["outputs"]]
         # the precision the stages really compute in: validation picks its tolerances by it
         ours = {ov.Type.f32: Precision.FP32, ov.Type.bf16: Precision.BF16, ov.Type.f16: Precision.FP16}
-        found = {ours.get(t, "fp32") for t in stage_precisions} | {manifest.get("precision", "fp32")}
+        found = {ours.get(t, "fp32") for t in stage_precisions} | {manifest.precision}
         loosest_first = (Precision.INT8, Precision.BF16, Precision.FP16, Precision.FP32)
         self.precision = next(p.value for p in loosest_first if p in found)
 

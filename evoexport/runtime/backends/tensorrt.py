@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...tensorrt import engines
 from ...tensorrt.engines import _require_tensorrt, check_engines_match, engine_files, read_engines
-from ...manifest import check_graph_io, graph_entries
+from ...manifest import check_graph_io
 from .base import Backend, Option
 
 
@@ -37,7 +37,7 @@ class TrtBackend(Backend):
         trt = _require_tensorrt()
         check_engines_match(info, trt, engines.gpu_info())
         # strongly typed engines compute in what the ONNX says
-        self.precision = manifest.get("precision", "fp32")
+        self.precision = manifest.precision
         files = engine_files(build_dir, manifest, info)
 
         import torch
@@ -46,7 +46,7 @@ class TrtBackend(Backend):
         self.torch, self.device = torch, torch.device(device)
         self.runners = {}
         try:
-            for g in graph_entries(manifest):
+            for g in manifest.graphs:
                 runner = TrtRunner(EngineFromPath(str(files[g["name"]])), name=g["name"])
                 runner.activate()
                 self.runners[g["name"]] = runner

@@ -3,12 +3,14 @@ validated against (on the CPU), and a GPU runtime (CUDA, bf16 or fp16, the whole
 selections included, replayed as one CUDA graph per batch size)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import EvoExportError
 from ...manifest import TORCH_DTYPES as DTYPES
+from ...manifest import Manifest
 from ...names import GraphKind
 from .base import Backend, Option
 
@@ -27,6 +29,17 @@ def resolve_device(device: str):
     return dev
 
 
+@dataclass(frozen=True)
+class ChainOptions:
+    """How a TorchChain runs; None: the device's default (on a GPU: on; on a CPU: off)."""
+    cuda_graphs: bool | None = None          # replay the whole chain as one CUDA graph per batch size
+    compile_selections: bool | None = None   # torch.compile the selections
+    fp32_norms: bool | None = None           # LayerNorm in fp32 in a reduced-precision chain (default: on a CPU)
+    selection_form: str = "topk"             # or "compare" (prune/selection.py FORMS)
+    keep_dtype: bool | None = None           # hand reduced-precision states on without an fp32 round trip
+    sdpa: tuple[str, ...] | None = None      # SDPA backends in order of preference
+
+
 class TorchChain:
     """A Pipeline on one device and precision.
 
@@ -38,12 +51,13 @@ class TorchChain:
     (as the build's ONNX does) and in its own dtype on a GPU, where PyTorch's kernel
     accumulates the statistics in fp32 anyway."""
 
-    def __init__(self, pipeline, device="cpu", precision: str = "fp32", cuda_graphs: bool | None = None,
-                 compile_selections: bool | None = None, fp32_norms: bool | None = None, selection_form: str = "topk",
-                 keep_dtype: bool | None = None, sdpa: tuple[str, ...] | None = None):
+    def __init__(self, pipeline, device="cpu", precision: str = "fp32", options: ChainOptions | None = None, **fields):
         import torch
 
         from ...pipeline.stages import Pipeline
+
+        o = replace(options or ChainOptions(), **fields)
+        cuda_graphs, compile_selections, keep_dtype = o.cuda_graphs, o.compile_selections, o.keep_dtype
 
         if precision not in DTYPES:
             raise EvoExportError(f"torch precision {precision!r} is not one of {', '.join(DTYPES)}")
@@ -56,11 +70,11 @@ class TorchChain:
         if dtype != pipeline.tower.compute_dtype:
             # the reduced-precision tower a fp16/bf16 build exports: the patch conv stays
             # fp32, importance and the selections too
-            twin = pipeline.tower.reduced_precision_copy(dtype, fp32_norms=not on_gpu if fp32_norms is None else fp32_norms)
+            twin = pipeline.tower.reduced_precision_copy(dtype, fp32_norms=not on_gpu if o.fp32_norms is None else o.fp32_norms)
             pipeline = Pipeline(twin, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
         elif keep_dtype != pipeline.keep_dtype and dtype != torch.float32:   # fp32 stages: nothing to keep
             pipeline = Pipeline(pipeline.tower, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
-        self.sdpa = sdpa_backends(sdpa)
+        self.sdpa = sdpa_backends(o.sdpa)
         cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
         compile_selections = on_gpu if compile_selections is None else compile_selections
         if cuda_graphs and not on_gpu:
@@ -69,10 +83,10 @@ class TorchChain:
         self.pipeline, self.precision, self.cuda_graphs = pipeline, precision, cuda_graphs
         # selection_form "compare": the TopK-free selections (same decisions; prune/selection.py
         # FORMS), which inductor can fuse whole; "topk" runs the pipeline's own modules
-        forms = _selection_modules(pipeline, selection_form)
+        forms = _selection_modules(pipeline, o.selection_form)
         compiled = _compiled_selections(pipeline, forms) if compile_selections else {}
         self.modules = {**forms, **compiled}
-        self.compiled, self.selection_form = bool(compiled), selection_form
+        self.compiled, self.selection_form = bool(compiled), o.selection_form
         self._graphs: dict[int, object] = {}
 
     def run(self, pixel_values) -> dict:
@@ -168,19 +182,17 @@ class TorchBackend(Backend):
                Option("keep_dtype", "stages hand reduced-precision states on without an fp32 round trip"),
                Option("sdpa", "SDPA backends in order of preference (cudnn, flash, efficient, math)"))
 
-    def __init__(self, build_dir: Path, manifest: dict, device: str = "cpu", precision: str | None = None,
-                 cuda_graphs: bool | None = None, compile_selections: bool | None = None, pipeline=None,
-                 selection_form: str = "topk", keep_dtype: bool | None = None, sdpa=None):
+    def __init__(self, build_dir: Path, manifest: Manifest, device: str = "cpu", precision: str | None = None,
+                 pipeline=None, **chain_options):
         from ...pipeline.stages import pipeline_from_manifest
 
         device = resolve_device(device)
         if pipeline is None:
             pipeline = pipeline_from_manifest(manifest)
         if precision is None:   # on a GPU, what the build's stages compute in; the CPU reference is fp32
-            built = manifest.get("precision", "fp32")
+            built = manifest.precision
             precision = built if device.type == "cuda" and built in DTYPES else "fp32"
-        self.chain = TorchChain(pipeline, device, precision, cuda_graphs, compile_selections,
-                                selection_form=selection_form, keep_dtype=keep_dtype, sdpa=sdpa)
+        self.chain = TorchChain(pipeline, device, precision, ChainOptions(**chain_options))
         self.device, self.precision = device, precision
         self.pipeline = self.chain.pipeline
         self.modules = {g.name: self.chain.modules.get(g.name, g.module) for g in self.pipeline.graphs}
