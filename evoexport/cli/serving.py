@@ -66,9 +66,10 @@ def _repository_options(flavour, name, max_batch, instances, kind, queue_delay_u
                              for_trtllm=for_trtllm)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("build_dir", type=click.Path())
-@click.option("--engine", type=click.Choice(["triton", "ray"]), default="triton", show_default=True)
+@click.option("--engine", type=click.Choice(["triton", "ray", "vllm"]), default="triton", show_default=True,
+              help="triton, ray: the encoder alone; vllm: the whole VLM (OpenAI API) with the build as its encoder")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (anything but loopback is your explicit choice)")
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP port")
 @click.option("--backend", "flavour", type=click.Choice(FLAVOURS), default=None,
@@ -77,18 +78,35 @@ def _repository_options(flavour, name, max_batch, instances, kind, queue_delay_u
 @click.option("--replicas", type=int, default=1, show_default=True, help="ray: replicas of the deployment")
 @click.option("--gpus", type=float, default=0.0, show_default=True, help="ray: GPUs per replica (fractions allowed)")
 @click.option("--address", default=None, help="ray: an existing Ray cluster (`auto`, or HEAD:6379)  [default: a local one]")
-def serve(build_dir, engine, host, port, flavour, name, max_batch, instances, kind, queue_delay_us, runtime, threads,
-          replicas, gpus, address):
-    """Run a real server with a build: Triton Inference Server (KServe v2 over HTTP) or Ray Serve."""
+@click.option("--model", "checkpoint", type=click.Path(), default=None,
+              help="vllm: the VLM's checkpoint directory (the one the build was made from)")
+@click.option("--vllm-python", default=None,
+              help="vllm: the Python of an environment with vLLM and evoexport  [default: .venv-vllm, made on first use]")
+@click.pass_context
+def serve(ctx, build_dir, engine, host, port, flavour, name, max_batch, instances, kind, queue_delay_us, runtime,
+          threads, replicas, gpus, address, checkpoint, vllm_python):
+    """Run a real server with a build: Triton Inference Server (KServe v2 over HTTP), Ray Serve,
+    or vLLM (the whole VLM, OpenAI API; vLLM's own options follow, e.g. -- --max-model-len 4096)."""
     from ..serve.serving import serve_ray, serve_triton
     if not 1 <= port <= 65535:
         raise EvoExportError(f"--port {port} is not a TCP port")
+    if ctx.args and engine != "vllm":
+        raise EvoExportError(f"unknown option(s) {' '.join(ctx.args)} (only --engine vllm passes options on)")
+    if engine == "vllm" and not checkpoint:
+        raise EvoExportError("--engine vllm needs --model CHECKPOINT_DIR (the VLM the build was made from)")
     _warn_if_exposed(host)
 
     def say(line):
         click.echo(line, err=True)
     try:
-        if engine == "ray":
+        if engine == "vllm":
+            from ..serve.vllm_server import serve_vllm
+            with serve_vllm(build_dir, checkpoint, host=host, port=port, python=vllm_python, vllm_args=tuple(ctx.args),
+                            say=say) as (url, proc):
+                say(f"serving: POST {url}/v1/chat/completions (OpenAI API, images as image_url); Ctrl-C stops")
+                if proc.wait():
+                    raise EvoExportError(f"vLLM exited (rc {proc.returncode}); its log is named above")
+        elif engine == "ray":
             from ..serve.ray_app import RayOptions
             options = RayOptions(backend=runtime, replicas=replicas, gpus=gpus, max_batch=max_batch)
             with serve_ray(build_dir, options, host=host, port=port, address=address, say=say) as served:
