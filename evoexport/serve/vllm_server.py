@@ -23,9 +23,9 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 VENV = CHECKOUT / ".venv-vllm"
 
 
-def vllm_python(python: str | None = None) -> str:
+def vllm_python(python: str | None = None, say=lambda line: None) -> str:
     """The Python that runs vLLM: `python`, $EVOEXPORT_VLLM_PYTHON, or the checkout's
-    .venv-vllm (made now by scripts/setup-env --vllm if it is missing)."""
+    .venv-vllm (made now by scripts/setup-env --vllm if it is missing or out of date)."""
     python = python or os.environ.get("EVOEXPORT_VLLM_PYTHON")
     if python:
         if not Path(python).is_file():
@@ -33,6 +33,8 @@ def vllm_python(python: str | None = None) -> str:
         return python
     setup = CHECKOUT / "scripts" / "setup-env"
     if setup.is_file():
+        if not (VENV / ".evoexport-installed").is_file():
+            say(f"setting up vLLM's own environment in {VENV} (first use: about 4 minutes, 3.5 GB) ...")
         done = subprocess.run([str(setup), "--vllm"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise EvoExportError(f"setting up vLLM's environment failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -57,7 +59,7 @@ def serve_vllm(build_dir, checkpoint, *, host: str = "127.0.0.1", port: int = 80
     """vLLM's OpenAI server for `checkpoint` with `build_dir` as its vision encoder, up inside
     the `with` (its /health answered), stopped on the way out."""
     overrides = hf_overrides(build_dir, checkpoint)     # a bad build or checkpoint: one error line, no server
-    python = vllm_python(python)
+    python = vllm_python(python, say)
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(checkpoint).resolve()),
            "--host", host, "--port", str(port), "--hf-overrides", json.dumps(overrides), *vllm_args]
     log = tempfile.NamedTemporaryFile(prefix="evoexport-vllm-", suffix=".log", delete=False)
