@@ -55,3 +55,20 @@ def swap_graphs(build: Path, a: str, b: str) -> None:
     (build / "swap.tmp").rename(build / b)
 
 
+
+
+def hostile_importance(imp, pattern: str, g):
+    """Importance scores as hostile as a selection may meet: exact ties, NaN, +-inf, all
+    equal (other patterns leave `imp` as it is)."""
+    import torch
+    if pattern == "ties":
+        return torch.round(imp * 3) / 3
+    imp = imp.clone()
+    if pattern == "nan":
+        imp[torch.rand(imp.shape, generator=g) < 0.4] = float("nan")
+    elif pattern == "inf":
+        imp[torch.rand(imp.shape, generator=g) < 0.3] = float("inf")
+        imp[torch.rand(imp.shape, generator=g) < 0.3] = -float("inf")
+    elif pattern == "equal":
+        imp[:] = 0.05
+    return imp

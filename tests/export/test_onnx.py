@@ -8,6 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import hostile_importance
+
 
 # The configurations builds ship: the spatial term on (the default), first and later prune
 # points (a later one takes sizes and the kept tokens' original positions), with and
@@ -57,16 +59,8 @@ def test_exported_selection_matches_torch_exactly(select_sessions, config, b, se
     imp = torch.rand(b, n, generator=g)
     sizes = torch.randint(1, 4, (b, n), generator=g).float()
     pos = torch.stack([torch.randperm(grid * grid, generator=g)[:n].sort().values for _ in range(b)])
-    if pattern == "ties":
-        imp = torch.round(imp * 3) / 3
-    elif pattern == "nan":
-        imp[torch.rand(b, n, generator=g) < 0.4] = float("nan")
-    elif pattern == "inf":
-        imp[torch.rand(b, n, generator=g) < 0.3] = float("inf")
-        imp[torch.rand(b, n, generator=g) < 0.3] = -float("inf")
-    elif pattern == "equal":
-        imp[:] = 0.05
-    elif pattern == "duplicate_tokens":
+    imp = hostile_importance(imp, pattern, g)
+    if pattern == "duplicate_tokens":
         h[:, cls:] = h[:, cls:cls + 1]
     elif pattern == "zero_features":
         h[:, cls:] = 0

@@ -12,6 +12,7 @@ from evoexport.errors import EvoExportError
 from evoexport.prune.cost import layer_flops, tower_flops
 from evoexport.prune.selection import PruneParams, SelectRule, select
 from evoexport.prune.schedule import PrunePoint, default_schedule, parse_schedule
+from tests.helpers import hostile_importance
 
 
 def brute_force_select(hidden, importance, budget, alpha, beta, has_cls=True, rounds=4, gamma=0.0, grid=None,
@@ -181,16 +182,8 @@ def test_selection_is_always_valid_and_deterministic(b, n, d, data, pattern):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(b, 1 + n, d, generator=g)
     imp = torch.rand(b, n, generator=g)
-    if pattern == "ties":
-        imp = torch.round(imp * 2) / 2
-    elif pattern == "nan":
-        imp[torch.rand(b, n, generator=g) < 0.5] = float("nan")
-    elif pattern == "inf":
-        imp[torch.rand(b, n, generator=g) < 0.3] = float("inf")
-        imp[torch.rand(b, n, generator=g) < 0.3] = -float("inf")
-    elif pattern == "equal":
-        imp = torch.full((b, n), 0.25)
-    elif pattern == "zero_features":
+    imp = hostile_importance(imp, pattern, g)
+    if pattern == "zero_features":
         hidden[:, 1:] = 0
     params = PruneParams(importance_ratio=alpha)
     out, sizes, pos, *_ = select(hidden, imp, SelectRule(k, params))
