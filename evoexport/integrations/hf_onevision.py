@@ -25,54 +25,76 @@ import torch
 from ..errors import EvoExportError
 
 
-def tiles_per_image(inner, pixel_values, image_sizes, batch_num_images=None) -> tuple[torch.Tensor, list[int]]:
-    """The tiles of every image as one batch, and how many belong to each (transformers' rule)."""
+def tiles_per_image(config, pixel_values, image_sizes, batch_num_images=None) -> tuple[torch.Tensor, list[int]]:
+    """The tiles of every image as one batch, and how many belong to each (transformers'
+    rule; padding tiles are dropped)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-    cfg = inner.config
     if batch_num_images is None:
         patching = [True] * len(image_sizes)
     else:
         patching = [n == 1 for n in batch_num_images for _ in range(n)]
-    counts = [image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
-                                        patch_size=cfg.vision_config.image_size) if p else 1
+    counts = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                        patch_size=config.vision_config.image_size) if p else 1
               for size, p in zip(image_sizes, patching)]
-    if pixel_values.dim() == 5:
+    if isinstance(pixel_values, (list, tuple)) or pixel_values.dim() == 5:
         pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)], dim=0)
     return pixel_values, counts
 
 
-def pack_pruned(inner, features: torch.Tensor, indices: torch.Tensor, image_size, vision_aspect_ratio: str,
-                full: bool) -> torch.Tensor:
-    """One image: features [T, K, D] and indices [T, K] of its base view and tiles -> the
-    packed sequence [L, D] that its placeholder tokens take."""
+def _tile_layout(config, indices: torch.Tensor, image_size, vision_aspect_ratio: str, full: bool):
+    """Where the kept tile tokens go: (which of them survive unpadding [T-1, K], their and
+    the newlines' order, the grid's rows, its width), or None where transformers' own path
+    must pack (keep 1.0 and the anyres_max resize)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 
-    cfg, newline = inner.config, inner.image_newline.to(features.dtype)
-    if features.shape[0] == 1:
-        return torch.cat([features[0], newline[None]], dim=0)
-    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    rows, cols = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    g = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
     coords = torch.stack(torch.meshgrid(torch.arange(rows * g), torch.arange(cols * g), indexing="ij"))
     kept = unpad_image(coords, image_size)                        # [2, H', W']: the rows and columns that stay
     height, width = kept.shape[1:]
     top, left = int(kept[0, 0, 0]), int(kept[1, 0, 0])
-    limit = int(vision_aspect_ratio.strip("anyres_max_"))
+    limit = int(vision_aspect_ratio.removeprefix("anyres_max_"))
     if math.sqrt(height * width / (limit * g * g)) > 1.1:
         if full:
-            return None                                            # transformers' own path resizes the full grid
+            return None
         raise EvoExportError(f"this image needs LLaVA-OneVision's {vision_aspect_ratio} resize of its tile grid, "
                              "which a pruned build cannot do (bilinear over a grid with holes); "
                              "use fewer tiles (image_grid_pinpoints) or a keep-1.0 build")
-    tile = torch.arange(features.shape[0] - 1).unsqueeze(1)
+    tile = torch.arange(indices.shape[0] - 1).unsqueeze(1)
     r, c = indices[1:] // g, indices[1:] % g
     grid_row, grid_col = (tile // cols) * g + r - top, (tile % cols) * g + c - left
     inside = (grid_row >= 0) & (grid_row < height) & (grid_col >= 0) & (grid_col < width)
     # order key: row by row, the newline last in its row (column `width`)
     token_keys = (grid_row * (width + 1) + grid_col)[inside]
     newline_keys = torch.arange(height) * (width + 1) + width
+    return inside, torch.cat([token_keys, newline_keys]).argsort(stable=True), height
+
+
+def packed_length(config, indices: torch.Tensor, image_size, vision_aspect_ratio: str, full: bool) -> int | None:
+    """How many placeholder tokens one image packs to (indices [T, K] of its base view and
+    tiles); None where transformers' own count holds (keep 1.0 and the anyres_max resize)."""
+    if indices.shape[0] == 1:
+        return indices.shape[1] + 1
+    layout = _tile_layout(config, indices, image_size, vision_aspect_ratio, full)
+    if layout is None:
+        return None
+    inside, _, height = layout
+    return indices.shape[1] + int(inside.sum()) + height
+
+
+def pack_pruned(config, image_newline, features: torch.Tensor, indices: torch.Tensor, image_size,
+                vision_aspect_ratio: str, full: bool) -> torch.Tensor | None:
+    """One image: features [T, K, D] and indices [T, K] of its base view and tiles -> the
+    packed sequence [L, D] that its placeholder tokens take (None as in `packed_length`)."""
+    newline = image_newline.to(features.dtype)
+    if features.shape[0] == 1:
+        return torch.cat([features[0], newline[None]], dim=0)
+    layout = _tile_layout(config, indices, image_size, vision_aspect_ratio, full)
+    if layout is None:
+        return None
+    inside, order, height = layout
     tokens = torch.cat([features[1:][inside], newline.expand(height, -1)], dim=0)
-    order = torch.cat([token_keys, newline_keys]).argsort(stable=True)
     return torch.cat([features[0], tokens[order]], dim=0)
 
 
@@ -100,11 +122,11 @@ def attach_onevision(model, inner, runner) -> None:
                batch_num_images)
         if "key" in last and all(_same(a, b) for a, b in zip(last["key"], key)):
             return BaseModelOutputWithPooling(pooler_output=last["packed"])
-        tiles, counts = tiles_per_image(inner, pixel_values, image_sizes, batch_num_images)
+        tiles, counts = tiles_per_image(inner.config, pixel_values, image_sizes, batch_num_images)
         features, indices = features_from_build(runner, tiles, model.get_input_embeddings().weight)
         packed = []
         for f, i, size in zip(features.split(counts), indices.split(counts), image_sizes):
-            one = pack_pruned(inner, f, i, size, aspect, full)
+            one = pack_pruned(inner.config, inner.image_newline, f, i, size, aspect, full)
             if one is None:    # keep 1.0 and the anyres resize: transformers' packing of the same features
                 one = inner.pack_image_features([f], size[None], image_newline=inner.image_newline,
                                                 vision_aspect_ratio=aspect)[0][0]

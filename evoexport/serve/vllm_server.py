@@ -21,6 +21,7 @@ from ..integrations.vllm import hf_overrides
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 VENV = CHECKOUT / ".venv-vllm"
+STARTUP_TIMEOUT = 900      # seconds: a large checkpoint's load and vLLM's profiling run on 2 cores
 
 
 def vllm_python(python: str | None = None, say=lambda line: None) -> str:
@@ -55,19 +56,22 @@ def server_env() -> dict:
 
 @contextmanager
 def serve_vllm(build_dir, checkpoint, *, host: str = "127.0.0.1", port: int = 8000, python: str | None = None,
-               vllm_args: tuple = (), say=lambda line: None, startup_timeout: float = 900):
-    """vLLM's OpenAI server for `checkpoint` with `build_dir` as its vision encoder, up inside
-    the `with` (its /health answered), stopped on the way out."""
-    overrides = hf_overrides(build_dir, checkpoint)     # a bad build or checkpoint: one error line, no server
+               vllm_args: tuple = (), say=lambda line: None, encoder: dict | None = None):
+    """vLLM's OpenAI server for `checkpoint` with `build_dir` as its vision encoder (None:
+    stock vLLM, its own encoder, the baseline), up inside the `with` (its /health
+    answered), stopped on the way out. `encoder`: hf_overrides' backend and threads."""
+    # a bad build or checkpoint: one error line, no server
+    overrides = (["--hf-overrides", json.dumps(hf_overrides(build_dir, checkpoint, **(encoder or {})))]
+                 if build_dir else [])
     python = vllm_python(python, say)
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(checkpoint).resolve()),
-           "--host", host, "--port", str(port), "--hf-overrides", json.dumps(overrides), *vllm_args]
+           "--host", host, "--port", str(port), *overrides, *vllm_args]
     log = tempfile.NamedTemporaryFile(prefix="evoexport-vllm-", suffix=".log", delete=False)
     say(f"starting vLLM ({python}); log: {log.name}")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
     url = f"http://{host}:{port}"
     try:
-        _wait_ready(proc, url, Path(log.name), startup_timeout)
+        _wait_ready(proc, url, Path(log.name), STARTUP_TIMEOUT)
         yield url, proc
     finally:
         say("stopping vLLM ...")

@@ -3,7 +3,11 @@ prompts with images through `vllm.LLM`, stock or with the evoexport plugin, one 
 another in one process. Reads a JSON spec from argv[1], prints one JSON line of results.
 
 spec: {"model": DIR, "runs": [{"name", "build": DIR|null, "embeds_build": DIR|null}],
-       "prompts": [{"prompt": str, "images": [PNG path, ...]}], "max_tokens": n}
+       "prompts": [{"prompt": str, "images": [PNG path, ...]}], "max_tokens": n,
+       "pixels_dir": DIR|null}
+With pixels_dir, the checkpoint's image processor as vLLM loads it (transformers' torchvision
+backend here) also writes each image's pixel values there as IMAGE_STEM.npz, for references
+computed elsewhere on the very pixels vLLM saw.
 """
 import gc
 import json
@@ -43,7 +47,21 @@ def main() -> None:
                                 for o in outs]
         del llm
         gc.collect()
+    if spec.get("pixels_dir"):
+        _save_pixels(spec["model"], {path for p in spec["prompts"] for path in p["images"]}, spec["pixels_dir"])
     print(json.dumps(results))
+
+
+def _save_pixels(model, paths, out_dir):
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+    processor = AutoImageProcessor.from_pretrained(model)
+    for path in paths:
+        arrays = processor(images=[Image.open(path).convert("RGB")], return_tensors="np")
+        np.savez(Path(out_dir) / f"{Path(path).stem}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def _features(build, model, images):

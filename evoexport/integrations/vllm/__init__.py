@@ -7,14 +7,15 @@ Two ways, for two kinds of deployment:
   `evoexport serve BUILD --engine vllm --model CHECKPOINT_DIR`, or pass `hf_overrides(BUILD)`
   to `vllm.LLM(...)` / `--hf-overrides`. An image goes through vLLM's own processor to pixel
   values, then through the build (ONNX Runtime or OpenVINO on a CPU, the torch chain on a
-  GPU), and the language model sees exactly the build's K tokens per image; for Qwen2.5-VL
-  at the mRoPE positions of the units the build kept (`positions.py`).
+  GPU), and the language model sees exactly the build's K tokens per image: for
+  LLaVA-OneVision the packed length of its base view and tiles, as `attach` packs them; for
+  Qwen2.5-VL at the mRoPE positions of the units the build kept (`positions.py`).
 - **Stock vLLM, no plugin** (LLaVA): the encoder runs elsewhere (Triton, Ray Serve,
   `evoexport.load`) and vLLM takes its features as `image_embeds` (any K works there):
   `image_embeds_part(features)` makes the OpenAI request part, `image_embeds_input(features)`
   the `multi_modal_data` of `LLM.generate`. The server needs `--enable-mm-embeds`.
 
-Nothing here imports vLLM: the model classes (`llava.py`, `qwen2_5_vl.py`) are imported by
+Nothing here imports vLLM: the model classes (`llava.py`, `llava_onevision.py`, `qwen2_5_vl.py`) are imported by
 vLLM, in its own environment (docs/llm.md).
 """
 from __future__ import annotations
@@ -30,10 +31,11 @@ from ...errors import EvoExportError
 BUILD_KEY = "evoexport_build"        # hf_overrides: the build directory
 BACKEND_KEY = "evoexport_backend"    # hf_overrides: the runtime that runs it (default: onnxruntime)
 THREADS_KEY = "evoexport_threads"    # hf_overrides: the encoder's threads (0: the runtime's default)
-# checkpoint architecture -> the plugin's class (vLLM's own, with the build as its encoder)
+# checkpoint architecture -> the plugin's module and class (vLLM's own, with the build as its encoder)
 ARCHITECTURES = {
-    "LlavaForConditionalGeneration": "EvoExportLlavaForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "EvoExportQwen2_5_VLForConditionalGeneration",
+    "LlavaForConditionalGeneration": ("llava", "EvoExportLlavaForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "EvoExportLlavaOnevisionForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "EvoExportQwen2_5_VLForConditionalGeneration"),
 }
 
 
@@ -47,7 +49,7 @@ def hf_overrides(build_dir, checkpoint_dir, backend: str = "onnxruntime", thread
     if not config.is_file():
         raise EvoExportError(f"{checkpoint_dir} is not a Hugging Face checkpoint directory: no config.json")
     found = read_json(config).get("architectures") or []
-    arch = next((ARCHITECTURES[a] for a in found if a in ARCHITECTURES), None)
+    arch = next((ARCHITECTURES[a][1] for a in found if a in ARCHITECTURES), None)
     if arch is None:
         raise EvoExportError(f"{checkpoint_dir} is a {', '.join(found) or 'model of no architecture'}; the vLLM "
                              f"plugin runs {', '.join(ARCHITECTURES)}")

@@ -9,8 +9,6 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from . import ARCHITECTURES
-    modules = {"EvoExportLlavaForConditionalGeneration": "llava",
-               "EvoExportQwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
-    for arch in ARCHITECTURES.values():
+    for module, arch in ARCHITECTURES.values():
         if arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(arch, f"evoexport.integrations.vllm.{modules[arch]}:{arch}")
+            ModelRegistry.register_model(arch, f"evoexport.integrations.vllm.{module}:{arch}")

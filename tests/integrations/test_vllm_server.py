@@ -1,0 +1,165 @@
+"""`evoexport serve BUILD --engine vllm`: vLLM's OpenAI server with the evoexport plugin, on
+vLLM's CPU build, started as a user starts it. Answers equal attach() + transformers'
+generate() token for token; concurrent requests equal single ones; bad input gets a client
+error and the server goes on; a build of other weights is refused at start."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import CLI
+from tests.integrations.conftest import photo
+from tests.integrations.test_vllm import llava_transformers, qwen_transformers
+from evoexport.measure.random_vlm import make_qwen_vlm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _chat(url: str, images: list[str], text: str = "what is in the image?") -> tuple[int, dict]:
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in images] + [{"type": "text", "text": text}]
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0,
+            "return_token_ids": True}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextmanager
+def vllm_server(python: str, build_dir: Path, ckpt: Path):
+    """`evoexport serve BUILD --engine vllm` as a user starts it, up until the block ends."""
+    port = _free_port()
+    env = {**os.environ, "EVOEXPORT_VLLM_PYTHON": python}
+    proc = subprocess.Popen([*CLI, "serve", str(build_dir), "--engine", "vllm", "--model", str(ckpt), "--port",
+                             str(port), "--", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                             "--served-model-name", "m", "--limit-mm-per-prompt", '{"image": 2}'],
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                break
+        except OSError:
+            time.sleep(2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    try:
+        yield url, proc
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def qwen_server(vllm_python, qwen):
+    ckpt, builds, photo = qwen
+    with vllm_server(vllm_python, builds[0.5], ckpt) as (url, proc):
+        yield url, proc, photo
+
+
+def test_server_answers_openai_requests_with_k_tokens_per_image(qwen_server, qwen, tmp_path):
+    url, proc, photo = qwen_server
+    ckpt, builds, _ = qwen
+    ref = qwen_transformers(ckpt, builds[0.5], photo)
+    status, body = _chat(url, [_data_url(photo)])
+    assert status == 200, body
+    assert body["choices"][0]["token_ids"] == ref["attach"]
+    assert body["usage"]["prompt_tokens"] == ref["attach_prompt_tokens"]
+
+
+def test_server_concurrent_requests_equal_single_ones(qwen_server, tmp_path):
+    url, proc, photo = qwen_server
+    photos = [photo(tmp_path / f"p{i}.png", 224, seed=i + 1) for i in range(4)]
+    requests = [[_data_url(photos[i % 4])] + ([_data_url(photos[(i + 1) % 4])] if i % 2 else []) for i in range(32)]
+    single = {json.dumps(r): _chat(url, r)[1]["choices"][0]["token_ids"] for r in requests[:8]}
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda r: _chat(url, r), requests))
+    assert all(status == 200 for status, _ in answers)
+    for r, (_, body) in zip(requests, answers):
+        assert body["choices"][0]["token_ids"] == single[json.dumps(r)]
+
+
+def test_server_refuses_bad_input_with_a_client_error_and_keeps_serving(qwen_server):
+    url, proc, photo = qwen_server
+    status, body = _chat(url, ["data:image/png;base64,bm90IGFuIGltYWdl"])        # "not an image"
+    assert 400 <= status < 500, body
+    status, body = _chat(url, [_data_url(photo)] * 3)                            # over --limit-mm-per-prompt
+    assert 400 <= status < 500, body
+    status, body = _chat(url, [_data_url(photo)])
+    assert status == 200 and proc.poll() is None
+
+
+def test_llava_server_answers_as_attach(vllm_python, llava):
+    ckpt, builds, photo = llava
+    ref = llava_transformers(ckpt, builds[0.5], photo)
+    with vllm_server(vllm_python, builds[0.5], ckpt) as (url, _):
+        status, body = _chat(url, [_data_url(photo)])
+    assert status == 200, body
+    assert body["choices"][0]["token_ids"] == ref["attach"]
+    assert body["usage"]["prompt_tokens"] == ref["attach_prompt_tokens"]
+
+
+def test_onevision_server_answers_as_attach_and_refuses_what_the_build_cannot_pack(vllm_python, onevision,
+                                                                                   onevision_answers, tmp_path):
+    """A square photo of 224 px takes 4x4 tiles, whose grid needs the anyres_max_9 resize,
+    undefined over a pruned grid: a client error that says what to do; the server goes on."""
+    ckpt, builds, photos = onevision
+    big = photo(tmp_path / "big.png", 224)
+    with vllm_server(vllm_python, builds[0.5], ckpt) as (url, proc):
+        answers = {p.stem: _chat(url, [_data_url(p)]) for p in photos}
+        refused = _chat(url, [_data_url(big)])
+        after = _chat(url, [_data_url(photos[0])])
+        alive = proc.poll() is None
+    for stem, (status, body) in answers.items():
+        ref = onevision_answers[stem]["ref"]
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == ref["attach"], stem
+        assert body["usage"]["prompt_tokens"] == ref["attach_prompt_tokens"], stem
+    assert refused[0] == 400 and "keep-1.0 build" in json.dumps(refused[1]), refused
+    assert after[0] == 200 and alive
+    assert after[1]["choices"][0]["token_ids"] == answers[photos[0].stem][1]["choices"][0]["token_ids"]
+
+
+def test_a_build_of_other_weights_is_refused_at_start(vllm_python, qwen, tmp_path):
+    """The plugin compares the checkpoint's vision weights with the build's sha256 before
+    serving: one error line, no server."""
+    ckpt, builds, _ = qwen
+    other = make_qwen_vlm(tmp_path / "other", seed=1)
+    env = {**os.environ, "EVOEXPORT_VLLM_PYTHON": vllm_python}
+    done = subprocess.run([*CLI, "serve", str(builds[0.5]), "--engine", "vllm", "--model", str(other), "--port",
+                           str(_free_port()), "--", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: vLLM exited"), done.stderr[-2000:]
+    assert "built from other vision weights" in done.stderr
+
+
+def test_serve_vllm_needs_its_checkpoint_and_passes_only_its_own_options(tiny_build):
+    done = subprocess.run([*CLI, "serve", str(tiny_build), "--engine", "vllm"], capture_output=True, text=True)
+    assert done.returncode == 2 and "needs --model CHECKPOINT_DIR" in done.stderr
+    done = subprocess.run([*CLI, "serve", str(tiny_build), "--engine", "triton", "--", "--max-model-len", "9"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "only --engine vllm passes options on" in done.stderr
