@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
+import os
 import statistics
 import time
 import urllib.request
@@ -37,6 +39,11 @@ from evoexport.measure.random_vlm import make_onevision_vlm, make_qwen_vlm
 from evoexport.measure.timing import cpu_info, stats, time_clients
 from evoexport.progress import Progress
 from evoexport.serve.vllm_server import serve_vllm
+
+# vLLM kills its engine when one step takes over 300 s; stock vLLM encodes all 8 images of the
+# concurrency round in one step, several minutes on 2 cores. The KV cache: 2 GB (memory is tight)
+os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 # name -> (maker, size, evoexport preset, image side in px, build options)
 MODELS = {"qwen2.5-vl-3b": (make_qwen_vlm, "3b", "qwen2.5-vl", 448, {"image_size": 448}),
@@ -61,14 +68,24 @@ def prepare(model: str, work: Path, keeps: list[float], say) -> tuple[Path, dict
     return ckpt, builds
 
 
-def photo_url(side: int) -> str:
-    """A real photo (scikit-image's astronaut), resized to side x side, as a PNG data URL."""
-    from PIL import Image
-    from skimage import data
-    image = Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+class Photos:
+    """A real photo (scikit-image's astronaut) resized to side x side, as PNG data URLs that
+    differ in one pixel from call to call: every request is a new image to vLLM, whose
+    prefix and multimodal caches would otherwise skip the encoder and most of the prefill."""
+
+    def __init__(self, side: int):
+        from PIL import Image
+        from skimage import data
+        self.pixels = np.asarray(Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.BICUBIC))
+        self.count = itertools.count()
+
+    def __call__(self) -> str:
+        from PIL import Image
+        n, pixels = next(self.count), self.pixels.copy()
+        pixels[0, 0] = (n % 256, n // 256 % 256, 7)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def chat(url: str, image: str, tokens: int) -> dict:
@@ -84,15 +101,17 @@ def chat(url: str, image: str, tokens: int) -> dict:
     return answer["usage"]
 
 
-def measure(url: str, image: str, args) -> dict:
+def measure(url: str, photos: Photos, args) -> dict:
     """One round on a running server: TTFT at concurrency 1, then concurrency 8."""
-    usage = chat(url, image, 1)                                     # warm-up (and the prompt's length)
+    usage = chat(url, photos(), 1)                                  # warm-up (and the prompt's length)
     ttft = []
     for _ in range(args.ttft_requests):
+        image = photos()
         t = time.perf_counter()
         chat(url, image, 1)
         ttft.append((time.perf_counter() - t) * 1e3)
-    loaded = time_clients(lambda: (lambda: chat(url, image, args.tokens), lambda: None), args.concurrency,
+    images = [photos() for _ in range(args.concurrency * args.per_client)]
+    loaded = time_clients(lambda: (lambda: chat(url, images.pop(), args.tokens), lambda: None), args.concurrency,
                           args.per_client)
     if loaded["errors"]:
         raise RuntimeError(f"{len(loaded['errors'])} requests failed: {loaded['errors'][0]}")
@@ -101,14 +120,14 @@ def measure(url: str, image: str, args) -> dict:
             "requests_per_s": len(loaded["latencies"]) / loaded["wall_s"]}
 
 
-def run_round(systems: dict, ckpt: Path, image: str, args, say) -> dict:
+def run_round(systems: dict, ckpt: Path, photos: Photos, args, say) -> dict:
     results = {}
     for name, build_dir in systems.items():
         say(f"{name}: starting vLLM")
         encoder = {"threads": args.encoder_threads} if build_dir else None
         with serve_vllm(build_dir, ckpt, port=args.port, vllm_args=tuple(args.vllm_args), say=say,
                         encoder=encoder) as (url, _):
-            results[name] = measure(url, image, args)
+            results[name] = measure(url, photos, args)
         say(f"{name}: TTFT median {statistics.median(results[name]['ttft_ms']):.0f} ms, "
             f"{results[name]['requests_per_s']:.3f} req/s at concurrency {args.concurrency}")
     return results
@@ -166,14 +185,14 @@ def main() -> None:
     args.vllm_args = [a for a in args.vllm_args if a != "--"]
     say = lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
     ckpt, builds = prepare(args.model, args.work, [1.0, 0.5], say)
-    image = photo_url(MODELS[args.model][3] * (2 if args.tiles > 1 else 1))
+    photos = Photos(MODELS[args.model][3] * (2 if args.tiles > 1 else 1))
     systems = {"stock": None, "keep1.0": builds[1.0], "keep0.5": builds[0.5]}
     tiles = 1 + args.tiles if MODELS[args.model][2] == "llava-onevision" else 1
     rounds = []
     for r in range(args.rounds):
         order = list(systems)[r % 3:] + list(systems)[:r % 3]
         say(f"round {r + 1}/{args.rounds}: {', '.join(order)}")
-        rounds.append(run_round({name: systems[name] for name in order}, ckpt, image, args, say))
+        rounds.append(run_round({name: systems[name] for name in order}, ckpt, photos, args, say))
         write(args, rounds, summary(rounds, builds, ckpt, tiles))      # after every round: a stopped run keeps its rounds
 
 

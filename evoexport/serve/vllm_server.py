@@ -51,6 +51,9 @@ def server_env() -> dict:
     cores): they overlap only while one request is encoded as another is decoded."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # vLLM kills its engine when one step takes over 300 s (its default); on a small CPU a
+    # batch of long multimodal prompts takes longer (measured: 8 Qwen2.5-VL-3B prompts, 2 cores)
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     return env
 
 

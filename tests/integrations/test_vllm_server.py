@@ -91,7 +91,7 @@ def test_server_answers_openai_requests_with_k_tokens_per_image(qwen_server, qwe
 
 
 def test_server_concurrent_requests_equal_single_ones(qwen_server, tmp_path):
-    url, proc, photo = qwen_server
+    url, _, _ = qwen_server
     photos = [photo(tmp_path / f"p{i}.png", 224, seed=i + 1) for i in range(4)]
     requests = [[_data_url(photos[i % 4])] + ([_data_url(photos[(i + 1) % 4])] if i % 2 else []) for i in range(32)]
     single = {json.dumps(r): _chat(url, r)[1]["choices"][0]["token_ids"] for r in requests[:8]}

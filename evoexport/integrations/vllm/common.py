@@ -1,15 +1,41 @@
 """What the plugin's model classes share: the build that a model's config names, loaded once
-per process (vLLM's frontend runs it in the multimodal processor; the engine loads it for
-its profiling run), and the start-up check that it was made from the checkpoint's own
-vision weights."""
+per process by the multimodal processor in vLLM's frontend, and the start-up check that it
+was made from the checkpoint's own vision weights.
+
+The engine process never loads the build: its model has no encoder, and the one image it
+processes, vLLM's memory-profiling dummy, is marked by `ProfilingImages` and answered with
+zeros of the build's shape (what the model sees of an image is K rows of features, whatever
+their values). That keeps a second copy of the encoder's weights out of the engine."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
 from ...errors import EvoExportError
 from . import BACKEND_KEY, BUILD_KEY, THREADS_KEY
+
+
+PROFILING = "evoexport_profiling"      # the mark on vLLM's dummy images (PIL's Image.info) ...
+# ... and its value: an object, never a string, so that no client's PNG text chunk can forge it
+_MARK = object()
+
+
+class ProfilingImages:
+    """Mixed into a vLLM dummy-inputs builder: its images carry the profiling mark."""
+
+    def _get_dummy_images(self, **kwargs):
+        images = [image.copy() for image in super()._get_dummy_images(**kwargs)]
+        for image in images:
+            image.info[PROFILING] = _MARK
+        return images
+
+
+def profiling(hf_data) -> bool:
+    """Whether the processor's images are vLLM's profiling dummies."""
+    images = hf_data.get("images") or []
+    return bool(images) and all(getattr(image, "info", {}).get(PROFILING) is _MARK for image in images)
 
 
 def build_path(hf_config) -> str:
@@ -20,14 +46,35 @@ def build_path(hf_config) -> str:
     return path
 
 
+# One run of the build at a time per process: a run uses every core it is given, and
+# concurrent runs would only contend and each grow their own activation memory.
+_ONE_RUN = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _runner(path: str, backend: str, threads: int):
     from ...runtime.runner import load
     options = {"threads": threads} if threads and backend in ("onnxruntime", "openvino") else {}
+    if backend == "onnxruntime":
+        # weights stay memory-mapped and no arena keeps activations: the frontend shares the
+        # machine's memory with vLLM's engine (measured: Qwen2.5-VL-3B's engine was killed
+        # for memory at concurrency 8 on 24 GB without it)
+        options["low_memory"] = True
     if backend == "torch":
         import torch
         options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return load(path, backend=backend, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _manifest(path: str):
+    from ...manifest import read_manifest
+    return read_manifest(path, verify=False, files=False)
+
+
+def manifest_for(hf_config):
+    """The manifest of the build the model's config names (the build itself not loaded)."""
+    return _manifest(build_path(hf_config))
 
 
 def runner_for(hf_config):
@@ -36,12 +83,17 @@ def runner_for(hf_config):
                    int(getattr(hf_config, THREADS_KEY, 0) or 0))
 
 
-def encode(hf_config, pixels) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, K, D] float32, kept indices [N, K]) of pixel values [N, 3, H, W]."""
+def encode(hf_config, pixels, dummy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, K, D] float32, kept indices [N, K]) of pixel values [N, 3, H, W]; for
+    vLLM's profiling dummies (`dummy`), zeros and the first K positions."""
     import torch
+    if dummy:
+        k, d = manifest_for(hf_config).features["shape"][1:]
+        return np.zeros((len(pixels), k, d), np.float32), np.tile(np.arange(k), (len(pixels), 1))
     runner = runner_for(hf_config)
     x = pixels.detach().float() if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
-    out = runner(x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy()))
+    with _ONE_RUN:
+        out = runner(x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy()))
     to_np = runner.backend.to_numpy
     return np.asarray(to_np(out.features), dtype=np.float32), np.asarray(to_np(out.indices), dtype=np.int64)
 
@@ -50,10 +102,26 @@ def check_weights(hf_config, checkpoint: str) -> None:
     """Refuse a build made from other vision weights than the checkpoint's: the sha256
     evoexport's tower gives the checkpoint's vision weights against the manifest's."""
     from ...models.loader import load_tower
-    manifest = runner_for(hf_config).manifest
+    manifest = manifest_for(hf_config)
     tower = load_tower(manifest.model, checkpoint, image_size=manifest.image_size,
                        pad_to_square=manifest.pad_to_square, quiet=True)
-    if tower.weights_info["weights_sha256"] != manifest.weights_sha256:
+    sha256 = tower.weights_info["weights_sha256"]
+    del tower
+    _give_back_memory()               # the tower was only hashed: its memory goes back before the LLM's KV cache
+    if sha256 != manifest.weights_sha256:
         raise EvoExportError(f"{build_path(hf_config)} was built from other vision weights than {checkpoint}'s "
                              "(sha256 differs); build it from this checkpoint: evoexport build --checkpoint "
                              f"{checkpoint}")
+
+
+def _give_back_memory() -> None:
+    """Free what was freed: glibc keeps freed blocks under 32 MB (most of a tower's weights) in
+    the process's heap, so the engine process would hold a vision tower's worth of memory it
+    does not use (measured: the OOM killer took vLLM's worker with Qwen2.5-VL-3B on 24 GB)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to trim
+        pass

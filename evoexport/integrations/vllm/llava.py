@@ -12,14 +12,14 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from .common import check_weights, encode, runner_for
+from .common import ProfilingImages, check_weights, encode, manifest_for, profiling
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
 
 class EvoExportLlavaProcessingInfo(LlavaProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        return runner_for(self.get_hf_config()).manifest.tokens_per_image
+        return manifest_for(self.get_hf_config()).tokens_per_image
 
 
 class EvoExportLlavaProcessor(LlavaMultiModalProcessor):
@@ -27,7 +27,7 @@ class EvoExportLlavaProcessor(LlavaMultiModalProcessor):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         pixels = processed_data.pop("pixel_values", None)
         if pixels is not None:
-            features, indices = encode(self.info.get_hf_config(), pixels)
+            features, indices = encode(self.info.get_hf_config(), pixels, dummy=profiling(mm_inputs))
             processed_data["evo_features"] = torch.from_numpy(features)
             processed_data["evo_indices"] = torch.from_numpy(indices)
         return processed_data
@@ -38,8 +38,12 @@ class EvoExportLlavaProcessor(LlavaMultiModalProcessor):
                     image_embeds=MultiModalFieldConfig.batched("image"))
 
 
+class EvoExportLlavaDummyInputs(ProfilingImages, LlavaDummyInputsBuilder):
+    pass
+
+
 @MULTIMODAL_REGISTRY.register_processor(EvoExportLlavaProcessor, info=EvoExportLlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
+                                        dummy_inputs=EvoExportLlavaDummyInputs)
 class EvoExportLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

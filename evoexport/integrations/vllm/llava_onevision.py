@@ -21,7 +21,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...errors import EvoExportError
 from ..hf_onevision import pack_pruned, packed_length, tiles_per_image
-from .common import check_weights, encode, runner_for
+from .common import ProfilingImages, check_weights, encode, manifest_for, profiling
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
@@ -31,7 +31,7 @@ def _aspect(config) -> str:
 
 
 def _keeps_all(config) -> bool:
-    manifest = runner_for(config).manifest
+    manifest = manifest_for(config)
     return manifest.tokens_per_image == manifest.num_patches
 
 
@@ -71,7 +71,7 @@ class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
             return processed_data
         config, sizes = self.info.get_hf_config(), processed_data["image_sizes"]
         tiles, counts = tiles_per_image(config, pixels, [tuple(s) for s in sizes.tolist()])
-        features, indices = encode(config, tiles)
+        features, indices = encode(config, tiles, dummy=profiling(mm_inputs))
         processed_data["evo_features"] = list(torch.from_numpy(features).split(counts))
         processed_data["evo_indices"] = list(torch.from_numpy(indices).split(counts))
         for kept, size in zip(processed_data["evo_indices"], sizes):
@@ -93,8 +93,12 @@ class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[token], replacement=replacement)]
 
 
+class EvoExportOnevisionDummyInputs(ProfilingImages, LlavaOnevisionDummyInputsBuilder):
+    pass
+
+
 @MULTIMODAL_REGISTRY.register_processor(EvoExportOnevisionProcessor, info=EvoExportOnevisionProcessingInfo,
-                                        dummy_inputs=LlavaOnevisionDummyInputsBuilder)
+                                        dummy_inputs=EvoExportOnevisionDummyInputs)
 class EvoExportLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -18,12 +18,11 @@ from vllm.multimodal.parse import ImageSize
 
 from ...errors import EvoExportError
 from ..hf_qwen2_5_vl import images_from_patches
-from .common import check_weights, encode, runner_for
+from .common import ProfilingImages, check_weights, encode, manifest_for, profiling
 from .positions import pruned_mrope_positions
 
 
-def _manifest(hf_config):
-    return runner_for(hf_config).manifest
+_manifest = manifest_for
 
 
 class EvoExportQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -67,7 +66,7 @@ class EvoExportQwenProcessor(Qwen2_5_VLMultiModalProcessor):
                              "checkpoint's preprocessor_config.json (min_pixels <= size^2 <= max_pixels)")
         images = images_from_patches(patches.float(), grid, vision.patch_size, vision.spatial_merge_size,
                                      vision.temporal_patch_size)
-        features, indices = encode(config, images)
+        features, indices = encode(config, images, dummy=profiling(mm_inputs))
         processed_data["evo_features"] = torch.from_numpy(features)
         processed_data["evo_indices"] = torch.from_numpy(indices)
         return processed_data
@@ -89,8 +88,12 @@ def _resized(image, size: int, Image):
     return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
 
 
+class EvoExportQwenDummyInputs(ProfilingImages, Qwen2_5_VLDummyInputsBuilder):
+    pass
+
+
 @MULTIMODAL_REGISTRY.register_processor(EvoExportQwenProcessor, info=EvoExportQwenProcessingInfo,
-                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+                                        dummy_inputs=EvoExportQwenDummyInputs)
 class EvoExportQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     # the processor hands the build normalized pixel values (vLLM would otherwise leave the
     # normalization to the model's own tower, on the device)
