@@ -1,4 +1,4 @@
-"""Commands that make things: build, engines, check."""
+"""Commands that make things: build, fuse, engines, check."""
 from __future__ import annotations
 
 import json
@@ -80,6 +80,28 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
                f"({m.kept_patches} of {m.num_patches} tokens), "
                f"ideal FLOP speedup {m.ideal_speedup:.2f}x, "
                f"{progress.elapsed:.1f} s, peak memory {peak_rss_gb():.2f} GB")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--out", type=click.Path(), required=True, help="the fused build's directory")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="check the fused build against PyTorch")
+def fuse(build_dir, out, validate):
+    """A build's whole chain (stages and selections) as one ONNX graph, written as a build of
+    its own: same input and outputs, one graph for engines that take one vision model
+    (OpenVINO GenAI, TensorRT-LLM's visual engine)."""
+    from ..export.fuse import fuse as fuse_build
+    from ..progress import Progress, mark_decided
+    from ..validate.report import validate as validate_build
+
+    progress = Progress()
+    path = fuse_build(build_dir, out, progress=progress, on_commit=mark_decided)
+    if validate:
+        report = validate_build(path)
+        click.echo(f"validation {'PASSED' if report['passed'] else 'FAILED'} (onnxruntime against PyTorch)")
+        if not report["passed"]:
+            sys.exit(1)
+    click.echo(f"fused {build_dir} into {path} (one graph), {progress.elapsed:.1f} s")
 
 
 @cli.command()
