@@ -1,4 +1,4 @@
-"""Commands that make things: build, fuse, engines, check."""
+"""Commands that make things: build, fuse, engines, check, genai."""
 from __future__ import annotations
 
 import json
@@ -142,3 +142,23 @@ def check(build_dir, target, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
     if not report["ok"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path())
+@click.option("--from", "export_dir", type=click.Path(), required=True,
+              help="the folder `optimum-cli export openvino --task image-text-to-text` wrote for the same checkpoint")
+@click.option("--out", type=click.Path(), required=True, help="the VLMPipeline folder to write")
+def genai(build_dir, export_dir, out):
+    """An OpenVINO GenAI VLMPipeline folder whose vision model is the build (LLaVA-1.5).
+
+    Copies the export with openvino_vision_embeddings_model replaced by the build's chain as
+    one OpenVINO graph; VLMPipeline then gives each image K tokens instead of N. Refused:
+    another model's export, other vision weights, other preprocessing, a half-written export."""
+    from ..integrations.genai import write_genai_folder
+    from ..progress import Progress, mark_decided
+
+    progress = Progress()
+    path = write_genai_folder(build_dir, export_dir, out, progress=progress, on_commit=mark_decided)
+    click.echo(f"wrote {path}: openvino_genai.VLMPipeline({str(path)!r}, \"CPU\") runs it, "
+               f"{progress.elapsed:.1f} s")

@@ -1,9 +1,10 @@
-"""What the vLLM tests share: vLLM's environment (made by the project's own set-up), the
-tiny checkpoints with their builds at keep 1.0 and 0.5, photos, and the driver that runs
-`vllm.LLM` in that environment."""
+"""What the engine tests share: vLLM's and OpenVINO GenAI's environments (made by the
+project's own set-up), the tiny checkpoints with their builds at keep 1.0 and 0.5, photos,
+and the drivers that run `vllm.LLM` and `openvino_genai.VLMPipeline` in those environments."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.helpers import ROOT
 from evoexport.measure.random_vlm import make_llava_vlm, make_onevision_vlm, make_qwen_vlm
 
 DRIVER = Path(__file__).with_name("vllm_driver.py")
+GENAI_DRIVER = Path(__file__).with_name("genai_driver.py")
 QUIET = Progress(enabled=False)
 
 
@@ -25,6 +27,31 @@ def vllm_python() -> str:
     done = subprocess.run([str(ROOT / "scripts" / "setup-env"), "--vllm"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return str(ROOT / ".venv-vllm" / "bin" / "python")
+
+
+@pytest.fixture(scope="session")
+def genai_python() -> str:
+    done = subprocess.run([str(ROOT / "scripts" / "setup-env"), "--genai"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return str(ROOT / ".venv-genai" / "bin" / "python")
+
+
+def optimum_export(genai_python: str, ckpt: Path, out: Path) -> Path:
+    """`optimum-cli export openvino --task image-text-to-text`, as a user runs it (offline)."""
+    cmd = [str(Path(genai_python).parent / "optimum-cli"), "export", "openvino", "--model", str(ckpt), "--task",
+           "image-text-to-text", "--weight-format", "fp32", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def genai_drive(python: str, tmp: Path, runs: list[dict], prompts: list[dict]) -> dict:
+    """genai_driver.py's results for these VLMPipeline folders (runs) and prompts."""
+    spec = tmp / "genai-spec.json"
+    spec.write_text(json.dumps({"runs": runs, "prompts": prompts}))
+    done = subprocess.run([python, str(GENAI_DRIVER), str(spec)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def photo(path: Path, height: int, width: int | None = None, seed: int = 0) -> Path:
