@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Time two or more builds of the same model on one backend, in one process: medians, p90
 and each build's ratio to the first. Blocks of iterations alternate between the builds so
-that drift (thermal, other load) hits them alike. Backs the opset-23 comparison of
-docs/performance.md (docs/measurements/opset23-vs-opset20-*.json).
+that drift (thermal, other load) hits them alike. Backs the opset-23 and the fused-vs-chain
+comparisons of docs/performance.md (docs/measurements/opset23-vs-opset20-*.json,
+fuse-vs-chain-*.json).
 
     .venv/bin/python experiments/compare_builds.py graphs/llava-keep0.5 graphs/llava-keep0.5-opset23 \
         --backend onnxruntime --batch 1 --rounds 5 --iters 4

@@ -18,7 +18,8 @@ after checking that the two belong together:
   build's recipe;
 - the export's vision weights are the build's: every weight tensor of the build's stage
   graphs is found among the export's vision constants (sha256 of its values at fp16
-  precision, as laid out or transposed, so an fp16 or fp32 side compares equal).
+  precision, as laid out or transposed, so an fp16 or fp32 side compares equal; weights an
+  int8 export compressed, dequantized, within 2 % relative error).
 The folder is written aside and swapped in whole (files.atomic_dir).
 """
 from __future__ import annotations
@@ -181,28 +182,107 @@ def check_shapes(manifest: Manifest, vision, export_dir: Path) -> None:
 
 
 def check_weights(build_dir: Path, manifest: Manifest, vision, export_dir: Path) -> None:
-    """Every weight of the build's stages among the export's vision constants (fingerprints)."""
-    import onnx
-    from onnx import numpy_helper
-    theirs = set()
-    for op in vision.get_ordered_ops():
-        if op.get_type_name() == "Constant" and op.get_output_element_type(0).is_real() \
-                and np.prod(op.get_output_shape(0)) >= MIN_WEIGHT_ELEMENTS:
-            theirs |= fingerprints(op.get_data())
+    """Every weight of the build's stages among the export's vision constants: by
+    fingerprint, or (weights an int8 export compressed) within the quantization's error."""
+    exact, lossy = _export_weights(vision)
     missing, total = [], 0
-    for entry in manifest.stages:
-        model = onnx.load(str(build_dir / entry["file"]), load_external_data=True)
-        for t in model.graph.initializer:
-            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-                a = numpy_helper.to_array(t)
-                if a.size >= MIN_WEIGHT_ELEMENTS:
-                    total += 1
-                    if not fingerprints(a) & theirs:
-                        missing.append(t.name)
+    for name, a in _build_weights(build_dir, manifest):
+        total += 1
+        if fingerprints(a) & exact:
+            continue
+        layouts = _layouts(a)
+        if not any(_close(layouts, b) for b in lossy.get(a.size, ())):
+            missing.append(name)
     if missing or not total:
         raise EvoExportError(f"{export_dir} does not hold the build's vision weights ({len(missing)} of {total} "
                              f"weight tensors differ, e.g. {missing[:2]}): export the checkpoint the build was "
                              f"made from ({manifest.checkpoint or manifest.weights})")
+
+
+def _build_weights(build_dir: Path, manifest: Manifest):
+    """(name, float32 array) of each floating-point weight of the build's stage graphs, but
+    those of one repeated value (a fresh LayerNorm's ones, a zero bias): they say nothing
+    about whose weights these are, and OpenVINO folds multiplications by one and additions
+    of zero away, so they are not in the export to be found."""
+    import onnx
+    from onnx import numpy_helper
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    for entry in manifest.stages:
+        model = onnx.load(str(build_dir / entry["file"]), load_external_data=True)
+        for t in model.graph.initializer:
+            if t.data_type in floats and np.prod(t.dims) >= MIN_WEIGHT_ELEMENTS:
+                a = numpy_helper.to_array(t).astype(np.float32)
+                if a.min() != a.max():
+                    yield t.name, a
+
+
+def _export_weights(vision) -> tuple[set, dict]:
+    """The export's vision weights: fingerprints of the floating-point ones, and the
+    compressed ones (int8 weight compression: integer constant, Convert, optional zero point
+    Subtract, scale Multiply) dequantized, by element count."""
+    exact, lossy = set(), {}
+    for op in vision.get_ordered_ops():
+        if op.get_type_name() != "Constant" or np.prod(op.get_output_shape(0)) < MIN_WEIGHT_ELEMENTS:
+            continue
+        if op.get_output_element_type(0).is_real():
+            exact |= fingerprints(_values(op))
+        else:
+            weight = _dequantized(op)
+            if weight is not None:
+                lossy.setdefault(weight.size, []).append(weight)
+    return exact, lossy
+
+
+def _dequantized(const):
+    """The float weight an integer constant stands for, following its decompression nodes."""
+    value, node = _values(const), const
+    for _ in range(5):
+        users = [t.get_node() for t in node.output(0).get_target_inputs()]
+        if len(users) != 1:
+            break
+        node = users[0]
+        kind = node.get_type_name()
+        other = [_constant(node.input_value(i)) for i in range(node.get_input_size())][1:]
+        if kind == "Subtract" and other[0] is not None:
+            value = value - other[0]
+        elif kind == "Multiply" and other[0] is not None:
+            value = value * other[0]
+        elif kind == "Reshape" and other[0] is not None:
+            value = value.reshape([int(d) for d in other[0]])
+        elif kind != "Convert":
+            break
+    return value if value.size == np.prod(const.get_output_shape(0)) else None
+
+
+def _constant(output):
+    """The value of a Constant, seen through Converts; None if it is not one."""
+    node = output.get_node()
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return _values(node) if node.get_type_name() == "Constant" else None
+
+
+def _values(const) -> np.ndarray:
+    """A Constant's values as float32. OpenVINO hands bf16 data out as float16 (same bits,
+    other meaning): those bits are widened as bf16."""
+    data = const.get_data()
+    if const.get_output_element_type(0).get_type_name() == "bf16":
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32)
+
+
+def _layouts(weight: np.ndarray) -> list[np.ndarray]:
+    """A weight flat, as laid out and (2-D and up) with its last two axes swapped."""
+    views = [weight] + ([np.swapaxes(weight, -1, -2)] if weight.ndim >= 2 else [])
+    return [np.ascontiguousarray(v).reshape(-1) for v in views]
+
+
+def _close(layouts: list[np.ndarray], theirs: np.ndarray, tolerance: float = 0.02) -> bool:
+    """Equal within int8 weight compression's error (relative L2) in one of the layouts (a
+    sample of 4096 values first: most candidates of the same size differ there already)."""
+    theirs = theirs.reshape(-1)
+    return any(all(np.linalg.norm(x - y) <= tolerance * (np.linalg.norm(x) or 1.0)
+                   for x, y in ((flat[:4096], theirs[:4096]), (flat, theirs))) for flat in layouts)
 
 
 def fingerprints(array) -> set[str]:

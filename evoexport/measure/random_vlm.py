@@ -5,7 +5,8 @@ folder as it loads a real checkpoint. No model hub is needed.
 
 Two sizes (`size`): "tiny" for tests (language models of head size 64: vLLM's CPU attention
 takes 32, 64, 80, ... only), and the full shapes of the published models the benchmark
-stands in for (Qwen2.5-VL-3B, LLaVA-OneVision-0.5B), made in bf16. A full-size model's
+stands in for (Qwen2.5-VL-3B, LLaVA-OneVision-0.5B, LLaVA-1.5's tower with TinyLlama-1.1B),
+made in bf16. A full-size model's
 speed is its shape's; its answers mean nothing."""
 from __future__ import annotations
 
@@ -77,27 +78,42 @@ def _classic_llava_names(file: Path) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def make_llava_vlm(path: Path, seed: int = 0) -> Path:
-    """LLaVA-1.5 in miniature: a 3-layer CLIP tower (32 px, 16 patches), the projector, a
-    2-layer Llama; tokenizer, CLIPImageProcessor and chat template beside it."""
+LLAVA_SIZES = {
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                             image_size=32, patch_size=8), text=TEXT),
+    # LLaVA-1.5's CLIP ViT-L/14-336 with TinyLlama-1.1B's shape as the language model
+    "tinyllama": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                  num_hidden_layers=24, image_size=336, patch_size=14),
+                      text=dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                                num_hidden_layers=22, vocab_size=32000, max_position_embeddings=2048)),
+}
+
+
+def make_llava_vlm(path: Path, seed: int = 0, size: str = "tiny") -> Path:
+    """LLaVA-1.5: "tiny", a 3-layer CLIP tower (32 px, 16 patches), the projector, a 2-layer
+    Llama; "tinyllama", the published CLIP ViT-L/14-336 and TinyLlama-1.1B's shape.
+    Tokenizer, CLIPImageProcessor and chat template beside it."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    shape = LLAVA_SIZES[size]
     tokenizer = make_tokenizer(["<s>", "</s>", "<unk>", "<pad>", "<image>"], bos_token="<s>", eos_token="</s>",
                                unk_token="<unk>", pad_token="<pad>")
-    torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                           num_hidden_layers=3, image_size=32, patch_size=8, hidden_act="quick_gelu"),
-        text_config=dict(model_type="llama", **TEXT, bos_token_id=tokenizer.bos_token_id,
+        vision_config=dict(model_type="clip_vision_model", **shape["vision"], hidden_act="quick_gelu"),
+        text_config=dict(model_type="llama", **shape["text"], bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    LlavaForConditionalGeneration(cfg).eval().save_pretrained(path, safe_serialization=True)
-    _classic_llava_names(path / "model.safetensors")
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+    with _made_in(size, seed):
+        LlavaForConditionalGeneration(cfg).eval().save_pretrained(path, safe_serialization=True)
+    for file in path.glob("model*.safetensors"):
+        _classic_llava_names(file)
+    pixels = shape["vision"]["image_size"]
+    images = CLIPImageProcessor(size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels},
                                 image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                   image_token="<image>", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1).save_pretrained(path)
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=shape["vision"]["patch_size"],
+                   vision_feature_select_strategy="default", image_token="<image>", chat_template=LLAVA_TEMPLATE,
+                   num_additional_image_tokens=1).save_pretrained(path)
     images.save_pretrained(path)       # preprocessor_config.json too, as older tools read it
     tokenizer.chat_template = LLAVA_TEMPLATE
     tokenizer.save_pretrained(path)
@@ -113,6 +129,12 @@ QWEN_SIZES = {
                          num_hidden_layers=36, vocab_size=151936, max_position_embeddings=32768),
                mrope=[16, 24, 24], pixels=448),
 }
+# Qwen2.5-VL-3B's vision tower with Qwen2-0.5B's language model: optimum-intel's export of
+# the whole 3B model needed more than this machine's 24 GB (killed at 23.7 GB resident)
+QWEN_SIZES["3b-vision"] = dict(vision=QWEN_SIZES["3b"]["vision"], mrope=[8, 12, 12], pixels=448,
+                               text=dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                         num_key_value_heads=2, num_hidden_layers=24, vocab_size=151936,
+                                         max_position_embeddings=32768))
 ONEVISION_SIZES = {
     "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                              image_size=56, patch_size=8), text=TEXT, pinpoints=ONEVISION_PINPOINTS),
@@ -148,7 +170,8 @@ def _save_processor_files(path: Path, tokenizer, template: str, processor: dict)
 
 def make_qwen_vlm(path: Path, seed: int = 0, size: str = "tiny") -> Path:
     """Qwen2.5-VL: "tiny", a 2-block vision tower (window attention, 2x2 merge) at 224 px (64
-    units) and a 2-layer Qwen2; "3b", Qwen2.5-VL-3B's shape at 448 px (256 units). Tokenizer,
+    units) and a 2-layer Qwen2; "3b", Qwen2.5-VL-3B's shape at 448 px (256 units); "3b-vision",
+    its vision tower with Qwen2-0.5B's language model. Tokenizer,
     Qwen2VLImageProcessor (min = max pixels: every image at that size) and chat template."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 

@@ -36,10 +36,10 @@ def genai_python() -> str:
     return str(ROOT / ".venv-genai" / "bin" / "python")
 
 
-def optimum_export(genai_python: str, ckpt: Path, out: Path) -> Path:
+def optimum_export(genai_python: str, ckpt: Path, out: Path, weights: str = "fp32") -> Path:
     """`optimum-cli export openvino --task image-text-to-text`, as a user runs it (offline)."""
     cmd = [str(Path(genai_python).parent / "optimum-cli"), "export", "openvino", "--model", str(ckpt), "--task",
-           "image-text-to-text", "--weight-format", "fp32", str(out)]
+           "image-text-to-text", "--weight-format", weights, str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return out

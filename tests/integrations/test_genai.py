@@ -137,3 +137,21 @@ def test_refusals_are_one_error_line_and_write_nothing(llava, genai_export, tmp_
     code, err, _ = cli("genai", other, "--from", export, "--out", folders["keep0.5"])   # a good folder stays
     assert_one_error_line(code, err, "vision weights")
     assert (folders["keep0.5"] / "openvino_vision_embeddings_model.bin").read_bytes() == before
+
+
+def test_an_int8_export_takes_the_build(genai_python, llava, tmp_path):
+    """optimum-intel's --weight-format int8 compresses the vision weights too: they are found
+    again dequantized (within the compression's error), and other weights are still refused."""
+    ckpt, builds, square = llava
+    int8 = tmp_path / "export-int8"
+    optimum_export(genai_python, ckpt, int8, weights="int8")
+    code, err, _ = cli("genai", builds[0.5], "--from", int8, "--out", tmp_path / "keep0.5-int8")
+    assert code == 0, err
+    other = build("llava", 0.5, checkpoint=str(make_llava_vlm(tmp_path / "other-ckpt", seed=1)), out=tmp_path / "other",
+                  validate=False, progress=QUIET).path
+    code, err, _ = cli("genai", other, "--from", int8, "--out", tmp_path / "refused")
+    assert_one_error_line(code, err, "does not hold the build's vision weights")
+    got = genai_drive(genai_python, tmp_path, [{"name": "int8", "folder": str(int8)},
+                                               {"name": "keep0.5", "folder": str(tmp_path / "keep0.5-int8")}],
+                      [{"prompt": PROMPT, "image": str(square)}])
+    assert got["keep0.5"][0]["input_tokens"] == got["int8"][0]["input_tokens"] - 8
