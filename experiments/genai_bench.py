@@ -47,7 +47,7 @@ def prepare(root: Path, int8: bool) -> dict:
     pairs = {}
     for weights in ["fp32"] + (["int8"] if int8 else []):
         export = root / f"export-{weights}"
-        if not (export / "openvino_language_model.xml").is_file():
+        if not _complete(export):
             say(f"optimum-cli export openvino --weight-format {weights}")
             subprocess.run([str(GENAI_PYTHON.parent / "optimum-cli"), "export", "openvino", "--model", str(ckpt),
                             "--task", "image-text-to-text", "--weight-format", weights, str(export)], check=True,
@@ -57,6 +57,20 @@ def prepare(root: Path, int8: bool) -> dict:
             write_genai_folder(pruned, export, folder, progress=say)
         pairs[weights] = (str(export), str(folder))
     return pairs
+
+
+def _complete(export: Path) -> bool:
+    """An export written whole (an interrupted or killed one is exported again)."""
+    import shutil
+
+    from evoexport.errors import EvoExportError
+    from evoexport.integrations.genai import check_export
+    try:
+        check_export(export)
+        return True
+    except EvoExportError:
+        shutil.rmtree(export, ignore_errors=True)
+        return False
 
 
 def _stats(values: list[float]) -> dict:

@@ -29,6 +29,20 @@ PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe 
 SIZE = 448
 
 
+def _complete(export: Path) -> bool:
+    """An export written whole (an interrupted or killed one is exported again)."""
+    import shutil
+
+    from evoexport.errors import EvoExportError
+    from evoexport.integrations.genai import check_export
+    try:
+        check_export(export)
+        return True
+    except EvoExportError:
+        shutil.rmtree(export, ignore_errors=True)
+        return False
+
+
 def _stats(values: list[float]) -> dict:
     import numpy as np
     return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "n": len(values)}
@@ -108,7 +122,7 @@ def main() -> None:
     photo.save(args.root / "photo.png")
     np.save(args.root / "photo.npy", np.asarray(photo))
     export = args.root / f"export-{args.weights}"
-    if not (export / "openvino_language_model.xml").is_file():
+    if not _complete(export):
         subprocess.run([str(ROOT / "scripts" / "setup-env"), "--genai"], check=True)
         subprocess.run([str(GENAI_PYTHON.parent / "optimum-cli"), "export", "openvino", "--model", str(args.checkpoint),
                         "--task", "image-text-to-text", "--weight-format", args.weights, str(export)], check=True,

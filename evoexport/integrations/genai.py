@@ -65,6 +65,7 @@ def write_genai_folder(build_dir, export_dir, out, progress=None, on_commit=None
     say = progress or (lambda line: None)
     build_dir, export_dir = Path(build_dir), Path(export_dir)
     manifest = read_manifest(build_dir)
+    _check_apart(Path(out), build_dir, export_dir)
     config, processor, processor_written = check_export(export_dir)
     check_family(manifest, config, export_dir)
     check_preprocessing(manifest, processor, export_dir)
@@ -90,6 +91,16 @@ def write_genai_folder(build_dir, export_dir, out, progress=None, on_commit=None
     return Path(out)
 
 
+def _check_apart(out: Path, *inputs: Path) -> None:
+    """The output may not be (or be inside) an input: the swap would replace what it reads."""
+    out = out.expanduser().resolve()
+    for given in inputs:
+        given = given.expanduser().resolve()
+        if out == given or given in out.parents:
+            raise EvoExportError(f"--out {out} is {'' if out == given else 'inside '}{given}, an input; "
+                                 "write the GenAI folder elsewhere")
+
+
 def check_export(export_dir: Path) -> tuple[dict, dict, bool]:
     """The export's config.json and image processor config, after checking that every model
     GenAI loads is there whole. The third value: whether preprocessor_config.json must be
@@ -104,7 +115,8 @@ def check_export(export_dir: Path) -> tuple[dict, dict, bool]:
     if (export_dir / PROCESSOR).is_file():
         return config, read_json(export_dir / PROCESSOR), False
     combined = export_dir / "processor_config.json"
-    processor = read_json(combined).get("image_processor") if combined.is_file() else None
+    processor = read_json(combined) if combined.is_file() else None
+    processor = processor.get("image_processor") if isinstance(processor, dict) else None
     if not isinstance(processor, dict):
         raise EvoExportError(f"{export_dir} has no {PROCESSOR} (nor an image_processor in processor_config.json); "
                              "export from a checkpoint folder that has its image processor")

@@ -30,7 +30,7 @@ def genai_export(genai_python, llava, tmp_path_factory):
     ckpt, builds, _ = llava
     root = tmp_path_factory.mktemp("genai")
     export = optimum_export(genai_python, ckpt, root / "export")
-    fp16 = build("llava", 0.5, checkpoint=str(ckpt), out=root / "keep0.5-fp16", precision="fp16", validate=False,
+    fp16 = build("llava", 0.5, checkpoint=str(ckpt), out=root / "build-keep0.5-fp16", precision="fp16", validate=False,
                  progress=QUIET).path
     # transformers 5 keeps the image processor in processor_config.json only; GenAI reads
     # preprocessor_config.json, which `genai` then writes
@@ -120,6 +120,8 @@ def test_refusals_are_one_error_line_and_write_nothing(llava, genai_export, tmp_
                          lambda d: _edit_json(d / "config.json", model_type="llava_onevision"))
     mean = _damaged(export, tmp_path, "mean", lambda d: _edit_json(d / "preprocessor_config.json",
                                                                    image_mean=[0.5, 0.5, 0.5]))
+    combined_list = _damaged(export, tmp_path, "combined-list", lambda d: (
+        (d / "preprocessor_config.json").unlink(), (d / "processor_config.json").write_text("[1, 2]")))
     cases = [(other, export, "does not hold the build's vision weights"),
              (padded, export, "pad_to_square"),
              (builds[0.5], cut_bin, "half-written export"),
@@ -128,11 +130,16 @@ def test_refusals_are_one_error_line_and_write_nothing(llava, genai_export, tmp_
              (builds[0.5], onevision, "no LLaVA-OneVision pipeline"),
              (builds[0.5], mean, "mean"),
              (builds[0.5], tmp_path / "nowhere", "is not a folder"),
+             (builds[0.5], combined_list, "no preprocessor_config.json"),
              (tmp_path / "no-build", export, "")]
     for build_dir, source, msg in cases:
         code, err, _ = cli("genai", build_dir, "--from", source, "--out", tmp_path / "out")
         assert_one_error_line(code, err, msg)
         assert not (tmp_path / "out").exists()
+    for out in (export, export / "inside", builds[0.5]):          # the output may not replace an input
+        code, err, _ = cli("genai", builds[0.5], "--from", export, "--out", out)
+        assert_one_error_line(code, err, "an input")
+    assert not (export / "evoexport-genai.json").exists() and not (export / "inside").exists()
     before = (folders["keep0.5"] / "openvino_vision_embeddings_model.bin").read_bytes()
     code, err, _ = cli("genai", other, "--from", export, "--out", folders["keep0.5"])   # a good folder stays
     assert_one_error_line(code, err, "vision weights")
