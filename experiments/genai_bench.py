@@ -46,12 +46,7 @@ def prepare(root: Path, int8: bool) -> dict:
     subprocess.run([str(ROOT / "scripts" / "setup-env"), "--genai"], check=True)
     pairs = {}
     for weights in ["fp32"] + (["int8"] if int8 else []):
-        export = root / f"export-{weights}"
-        if not _complete(export):
-            say(f"optimum-cli export openvino --weight-format {weights}")
-            subprocess.run([str(GENAI_PYTHON.parent / "optimum-cli"), "export", "openvino", "--model", str(ckpt),
-                            "--task", "image-text-to-text", "--weight-format", weights, str(export)], check=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        export = export_once(ckpt, root / f"export-{weights}", weights, say)
         folder = root / f"genai-{weights}-keep0.5"
         if not (folder / "evoexport-genai.json").is_file():
             write_genai_folder(pruned, export, folder, progress=say)
@@ -59,21 +54,26 @@ def prepare(root: Path, int8: bool) -> dict:
     return pairs
 
 
-def _complete(export: Path) -> bool:
-    """An export written whole (an interrupted or killed one is exported again)."""
+def export_once(ckpt: Path, export: Path, weights: str, say=print) -> Path:
+    """optimum-cli's export of `ckpt`, unless one was written whole (an interrupted or killed
+    one is exported again)."""
     import shutil
 
     from evoexport.errors import EvoExportError
     from evoexport.integrations.genai import check_export
     try:
         check_export(export)
-        return True
+        return export
     except EvoExportError:
         shutil.rmtree(export, ignore_errors=True)
-        return False
+    say(f"optimum-cli export openvino --weight-format {weights}")
+    subprocess.run([str(GENAI_PYTHON.parent / "optimum-cli"), "export", "openvino", "--model", str(ckpt), "--task",
+                    "image-text-to-text", "--weight-format", weights, str(export)], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return export
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
     import numpy as np
     return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "n": len(values)}
 
@@ -139,9 +139,9 @@ def _time(unpruned: str, pruned: str, rounds: int, new_tokens: int, photo: Path)
     core = ov.Core()
     return {"genai": og.__version__, "openvino": ov.__version__,
             "inference_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
-            "systems": {name: {"ttft_ms": _stats([s["ttft_ms"] for s in ss]),
-                               "embeddings_ms": _stats([s["embeddings_ms"] for s in ss if s["embeddings_ms"]]),
-                               "tokens_per_s": _stats([s["tokens_per_s"] for s in ss]),
+            "systems": {name: {"ttft_ms": stats([s["ttft_ms"] for s in ss]),
+                               "embeddings_ms": stats([s["embeddings_ms"] for s in ss if s["embeddings_ms"]]),
+                               "tokens_per_s": stats([s["tokens_per_s"] for s in ss]),
                                "input_tokens": ss[0]["input_tokens"], "samples": ss}
                         for name, ss in samples.items()}}
 

@@ -18,34 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GENAI_PYTHON = ROOT / ".venv-genai" / "bin" / "python"
+from genai_bench import GENAI_PYTHON, ROOT, export_once, stats   # this folder's sibling
+
 PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n" \
          "<|im_start|>assistant\n"
 SIZE = 448
-
-
-def _complete(export: Path) -> bool:
-    """An export written whole (an interrupted or killed one is exported again)."""
-    import shutil
-
-    from evoexport.errors import EvoExportError
-    from evoexport.integrations.genai import check_export
-    try:
-        check_export(export)
-        return True
-    except EvoExportError:
-        shutil.rmtree(export, ignore_errors=True)
-        return False
-
-
-def _stats(values: list[float]) -> dict:
-    import numpy as np
-    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "n": len(values)}
 
 
 def genai_side(export: str, photo: str, rounds: int) -> dict:
@@ -76,11 +56,11 @@ def genai_side(export: str, photo: str, rounds: int) -> dict:
     out = {"genai": og.__version__, "openvino": ov.__version__,
            "inference_precision": str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))}
     for name, ss in samples.items():
-        out[name] = {"ttft_ms": _stats([s["ttft_ms"] for s in ss]), "input_tokens": ss[0]["input_tokens"],
+        out[name] = {"ttft_ms": stats([s["ttft_ms"] for s in ss]), "input_tokens": ss[0]["input_tokens"],
                      "samples": ss}
         if ss[0]["embeddings_ms"] is not None:
-            out[name]["embeddings_ms"] = _stats([s["embeddings_ms"] for s in ss])
-            out[name]["prefill_ms"] = _stats([s["ttft_ms"] - s["embeddings_ms"] for s in ss])
+            out[name]["embeddings_ms"] = stats([s["embeddings_ms"] for s in ss])
+            out[name]["prefill_ms"] = stats([s["ttft_ms"] - s["embeddings_ms"] for s in ss])
     return out
 
 
@@ -121,12 +101,8 @@ def main() -> None:
     photo = Image.fromarray(data.astronaut()).resize((SIZE, SIZE), Image.BICUBIC)   # at the size: no resize later
     photo.save(args.root / "photo.png")
     np.save(args.root / "photo.npy", np.asarray(photo))
-    export = args.root / f"export-{args.weights}"
-    if not _complete(export):
-        subprocess.run([str(ROOT / "scripts" / "setup-env"), "--genai"], check=True)
-        subprocess.run([str(GENAI_PYTHON.parent / "optimum-cli"), "export", "openvino", "--model", str(args.checkpoint),
-                        "--task", "image-text-to-text", "--weight-format", args.weights, str(export)], check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run([str(ROOT / "scripts" / "setup-env"), "--genai"], check=True)
+    export = export_once(args.checkpoint, args.root / f"export-{args.weights}", args.weights)
     done = subprocess.run([str(GENAI_PYTHON), __file__, "--rounds", str(args.rounds), "--genai", str(export),
                            str(args.root / "photo.npy")], capture_output=True, text=True)
     if done.returncode:
