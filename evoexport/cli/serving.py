@@ -100,12 +100,9 @@ def serve(ctx, build_dir, engine, host, port, flavour, name, max_batch, instance
         click.echo(line, err=True)
     try:
         if engine == "vllm":
-            from ..serve.vllm_server import serve_vllm
-            with serve_vllm(build_dir, checkpoint, host=host, port=port, python=vllm_python, vllm_args=tuple(ctx.args),
-                            say=say) as (url, proc):
-                say(f"serving: POST {url}/v1/chat/completions (OpenAI API, images as image_url); Ctrl-C stops")
-                if proc.wait():
-                    raise EvoExportError(f"vLLM exited (rc {proc.returncode}); its log is named above")
+            from ..serve.vllm_server import run_vllm
+            run_vllm(build_dir, checkpoint, host=host, port=port, python=vllm_python, vllm_args=tuple(ctx.args),
+                     say=say)
         elif engine == "ray":
             from ..serve.ray_app import RayOptions
             options = RayOptions(backend=runtime, replicas=replicas, gpus=gpus, max_batch=max_batch)

@@ -22,6 +22,7 @@ from ..integrations.vllm import hf_overrides
 CHECKOUT = Path(__file__).resolve().parents[2]
 VENV = CHECKOUT / ".venv-vllm"
 STARTUP_TIMEOUT = 900      # seconds: a large checkpoint's load and vLLM's profiling run on 2 cores
+RESTARTS, RESTART_WINDOW = 3, 600.0   # vLLM restarted after it dies, at most 3 times in 10 minutes
 
 
 def vllm_python(python: str | None = None, say=lambda line: None) -> str:
@@ -82,6 +83,25 @@ def serve_vllm(build_dir, checkpoint, *, host: str = "127.0.0.1", port: int = 80
         log.close()
 
 
+def run_vllm(build_dir, checkpoint, *, say=lambda line: None, **options) -> None:
+    """Serve until interrupted, restarting vLLM when it dies: its API server exits when its
+    engine process does (killed for memory, or by its own step timeout), and nothing else
+    would bring it back. While it restarts nothing listens, so /health is not ready. A
+    start-up refusal (a build of other weights) is raised at once; more than RESTARTS
+    deaths within RESTART_WINDOW seconds are raised too."""
+    deaths: list[float] = []
+    while True:
+        with serve_vllm(build_dir, checkpoint, say=say, **options) as (url, proc):
+            say(f"serving: POST {url}/v1/chat/completions (OpenAI API, images as image_url); Ctrl-C stops")
+            code = proc.wait()
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
+        if len(deaths) > RESTARTS:
+            raise EvoExportError(f"vLLM exited (rc {code}) {len(deaths)} times within {RESTART_WINDOW:.0f} s; "
+                                 "not restarting it again (its logs are named above)")
+        say(f"[supervisor] vLLM exited (rc {code}); restarting it")
+
+
 def _wait_ready(proc, url: str, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,14 +125,15 @@ def _cause(log: Path) -> str:
 
 
 def _stop(proc) -> None:
-    if proc.poll() is not None:
-        return
+    """The whole process group, also when its leader has died already: vLLM's engine and
+    its workers must not outlive the server and hold its memory."""
     try:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=30)
     except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

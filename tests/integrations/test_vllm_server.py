@@ -163,3 +163,54 @@ def test_serve_vllm_needs_its_checkpoint_and_passes_only_its_own_options(tiny_bu
     done = subprocess.run([*CLI, "serve", str(tiny_build), "--engine", "triton", "--", "--max-model-len", "9"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "only --engine vllm passes options on" in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _api_server(cli_pid: int) -> int:
+    for pid in _children(cli_pid):
+        if b"vllm.entrypoints.openai.api_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError("no vLLM API server under the CLI")
+
+
+def _health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_a_dead_engine_is_restarted_and_the_server_answers_again(vllm_python, llava):
+    """vLLM's engine process killed (as the OOM killer did here once): its API server exits,
+    `serve` starts vLLM again, /health is not ready meanwhile, and the same request gets the
+    same answer afterwards."""
+    ckpt, builds, image = llava
+    with vllm_server(vllm_python, builds[0.5], ckpt) as (url, proc):
+        code, before = _chat(url, [_data_url(image)])
+        assert code == 200, before
+        first = _api_server(proc.pid)
+        for pid in _children(first):                   # the engine core (and its helpers)
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while _health(url) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _health(url)
+        deadline = time.monotonic() + 600
+        while not _health(url) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+        assert proc.poll() is None and _health(url)
+        assert _api_server(proc.pid) != first
+        code, after = _chat(url, [_data_url(image)])
+        assert code == 200 and after["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
