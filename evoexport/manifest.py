@@ -128,14 +128,34 @@ class Manifest:
         return self.data["stages"][-1]["outputs"][0]["shape"][1]
 
     @property
+    def temporal(self) -> dict | None:
+        """A temporal build's block (group, keep, schedule, window, reuse_similarity, graphs),
+        or None for an image build."""
+        return self.data.get("temporal")
+
+    def require_images(self, consumer: str, build_dir) -> "Manifest":
+        """Refuse a temporal build where `consumer` takes image builds only (yet)."""
+        if self.temporal:
+            raise EvoExportError(f"{consumer} does not take temporal builds yet ({build_dir} takes groups of "
+                                 f"{self.group} frames); use `evoexport run`, `validate` or `eval-video`, or build "
+                                 "without --temporal")
+        return self
+
+    @property
+    def group(self) -> int:
+        """Frames per batch item: G for a temporal build, 1 for an image build."""
+        return self.data["temporal"]["group"] if self.data.get("temporal") else 1
+
+    @property
     def graphs(self) -> list[dict]:
-        """Every graph in execution order: stage_0, select_0, stage_1, ..."""
+        """Every graph in execution order: stage_0, select_0, stage_1, ... (then a temporal
+        build's later-frame graphs and its assemble graph)."""
         out = []
         for stage in self.data["stages"]:
             out.append(stage)
             if stage.get("select"):
                 out.append(stage["select"])
-        return out
+        return out + list((self.data.get("temporal") or {}).get("graphs", []))
 
     def output(self, name: str) -> dict:
         """The chain output called `name` (names.indices(i), ...)."""

@@ -35,9 +35,49 @@ class Word(str, Enum):
 
 
 class GraphKind(Word):
-    """A graph of a chain: an encoder stage, or a selection between two stages."""
+    """A graph of a chain: an encoder stage, or a selection between two stages. A temporal
+    build (pipeline/temporal.py) adds the later frames' first selection, which also reads
+    their anchor frame's states, and the graph that assembles a group's tokens."""
     ENCODER = "encoder"
     SELECT = "select"
+    TEMPORAL = "temporal"
+    ASSEMBLE = "assemble"
+
+    @property
+    def decides(self) -> bool:
+        """Outputs decisions (merge, picks) that validation judges and can force."""
+        return self in (GraphKind.SELECT, GraphKind.TEMPORAL)
+
+
+# A temporal build (clips in groups of G frames; pipeline/temporal.py). Its input is
+# pixel_values [B, G, 3, H, W]; the first frame of a group (the anchor) runs the image chain
+# under the names above, except that its last stage outputs ANCHOR_FEATURES; the later frames
+# run their own chain under later(name), their batch axis B*(G-1). The assemble graph writes
+# FEATURES [B, T, D] (each frame's tokens in frame order), INDICES (each token's patch
+# position, -1 for CLS), FRAMES (each token's frame in the group) and OWNERS [B, G, N] (the
+# token that answers for each patch of each frame: a dense map, reuse from the anchor included).
+ANCHOR_FEATURES = "anchor_features"
+FRAMES = "frames"
+OWNERS = "owners"
+MATCH = "later_match"              # [B*(G-1), N] the anchor patch each later patch is most like
+MATCH_SIMILARITY = "later_match_similarity"   # [B*(G-1), N] its cosine similarity
+ASSEMBLE = "assemble"
+
+
+def later(name: str) -> str:
+    """A later-frame tensor or graph of a temporal build."""
+    return f"later_{name}"
+
+
+def is_later(name: str) -> bool:
+    """A later-frame tensor or graph (batch B*(G-1))."""
+    return name.startswith(later(""))
+
+
+def is_decision(name: str) -> bool:
+    """merge_i, picks_i (either chain's) or the later frames' anchor match: what an
+    executor decides and validation forces."""
+    return name.removeprefix("later_").startswith(("merge_", "picks_")) or name == MATCH
 
 
 def stage(i: int) -> str:

@@ -51,14 +51,23 @@ from .group import cli
 @click.option("--pad-to-square/--no-pad-to-square", default=None,
               help="pad images to a square with the mean colour before resizing (LLaVA-1.5's original "
                    "`image_aspect_ratio: pad`)  [default: as the model's image processor does]")
+@click.option("--temporal", default=None, metavar="G:KEEP",
+              help="video: frames in groups of G, the first (anchor) pruned to --keep, the later G-1 to KEEP against "
+                   "it; the build's input is [B, G, 3, H, W] (docs/evoprune.md, \"Video\")")
+@click.option("--temporal-window", type=int, default=None,
+              help="rows and columns around a patch searched for its anchor match  [default: 1]")
+@click.option("--temporal-reuse", type=float, default=None,
+              help="a later patch at least this like its anchor match (cosine) reuses the anchor's token; "
+                   "above 1: never  [default: 0.9]")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
-          pad_to_square, round_budgets, quiet):
+          pad_to_square, round_budgets, temporal, temporal_window, temporal_reuse, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from ..export.build import BuildOptions, run
     from ..progress import Progress, mark_decided, peak_rss_gb
     from ..prune.selection import PruneParams
+    from ..prune.temporal import TemporalParams
 
     from ..models import default_params
     if spatial_weight is None:
@@ -66,18 +75,24 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     params = PruneParams(importance_ratio=importance_ratio, redundancy_weight=redundancy_weight,
                          diversity_rounds=diversity_rounds, spatial_weight=spatial_weight, merge=merge,
                          proportional_attention=proportional_attention)
+    if temporal is None and (temporal_window is not None or temporal_reuse is not None):
+        raise click.UsageError("--temporal-window and --temporal-reuse apply to --temporal builds")
+    if temporal is not None:
+        temporal = TemporalParams.parse(temporal, window=temporal_window, reuse_similarity=temporal_reuse)
     progress = Progress(enabled=not quiet)
     # once the new build is in place the command has succeeded: a Ctrl-C after that is ignored
     options = BuildOptions(model=model, keep=keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                            out=out, validate=validate, precision=precision, calib=calib, target=target,
                            opset=int(opset), image_size=image_size, pad_to_square=pad_to_square,
-                           round_budgets=int(round_budgets) if round_budgets else None)
+                           round_budgets=int(round_budgets) if round_budgets else None, temporal=temporal)
     result = run(options, progress, on_commit=mark_decided)
     m = result.manifest
     if m.weights == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)
-    click.echo(f"built {result.path}: {len(m.stages)} stages, keep {m.keep} "
-               f"({m.kept_patches} of {m.num_patches} tokens), "
+    later = (f", later frames of {m.group} keep {m.temporal['keep']} ({m.temporal['schedule'][-1]['tokens']} tokens)"
+             if m.temporal else "")
+    click.echo(f"built {result.path}: {len(m.graphs)} graphs, keep {m.keep} "
+               f"({m.kept_patches} of {m.num_patches} tokens){later}, "
                f"ideal FLOP speedup {m.ideal_speedup:.2f}x, "
                f"{progress.elapsed:.1f} s, peak memory {peak_rss_gb():.2f} GB")
 

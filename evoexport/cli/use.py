@@ -48,14 +48,21 @@ def run(build_dir, input_path, output, backend, frames, batch):
     if video and frames is None:
         raise EvoExportError(f"{input_path} is a video: say how many frames to sample with --frames N")
     runner = load(build_dir, backend=backend)
-    progress = Progress()
+    progress, group = Progress(), runner.manifest.group
+    if group > 1 and not (video or Path(input_path).suffix.lower() == ".npy"):
+        raise EvoExportError(f"{build_dir} is a temporal build (groups of {group} frames): give a video with "
+                             f"--frames (a multiple of {group}) or a .npy [B, {group}, 3, H, W]")
+    if video and frames % group:
+        raise EvoExportError(f"--frames {frames}: {build_dir} takes frames in groups of {group}; "
+                             f"give a multiple of {group}")
     if video:   # decoded, run and written a batch at a time: memory does not grow with --frames
         m = runner.manifest
         progress(f"counting the frames of {input_path}")
         numbers = sample(input_path, frames)
         progress(f"sampling {len(numbers)} frames: {_short_list(numbers.tolist())}")
-        total, extra = len(numbers), {"frame_numbers": numbers}
-        chunks = iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch)
+        total, extra = len(numbers) // group, {"frame_numbers": numbers.reshape(-1, group) if group > 1 else numbers}
+        chunks = (p.reshape(-1, group, *p.shape[1:]) if group > 1 else p
+                  for p in iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch * group))
     else:
         pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
         total, extra = len(pixels), None

@@ -18,11 +18,14 @@ from ..inputs.images import describe_recipe
 from ..manifest import MANIFEST, PRECISIONS, SCHEMA_VERSION, TORCH_DTYPES, Manifest, Precision
 from ..models import default_params, get_preset, load_tower
 from ..models.loader import spec_for
+from .. import names
 from ..files import atomic_dir
+from ..names import GraphKind
 from ..progress import Progress, check_interrupted
 from ..prune.cost import tower_flops
 from ..prune.selection import PruneParams
 from ..prune.schedule import PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule
+from ..prune.temporal import TemporalParams, later_schedule, temporal_flops
 
 DEFAULT_ROOT = Path("graphs")
 
@@ -37,8 +40,30 @@ class BuildResult:
 
 
 
-def default_out(model: str, keep: float, precision: str = "fp32") -> Path:
-    return DEFAULT_ROOT / (f"{model}-keep{keep:g}" + ("" if precision == "fp32" else f"-{precision}"))
+def default_out(model: str, keep: float, precision: str = "fp32", temporal=None) -> Path:
+    video = f"-temporal{temporal.group}x{temporal.keep:g}" if temporal is not None else ""
+    return DEFAULT_ROOT / (f"{model}-keep{keep:g}{video}" + ("" if precision == "fp32" else f"-{precision}"))
+
+
+def make_pipeline(tower, points: list[PrunePoint], params: PruneParams, temporal=None, square_mask: bool = False):
+    """The chain a build exports: an image chain, or a temporal one (clips in groups)."""
+    from ..pipeline.stages import Pipeline
+    if temporal is None:
+        return Pipeline(tower, points, params, square_mask=square_mask)
+    from ..pipeline.temporal import TemporalPipeline
+    if not params.merge:
+        raise OptionError("temporal", "needs merging (each patch's answer follows the merges); drop --no-merge")
+    return TemporalPipeline(tower, points, params, temporal, square_mask=square_mask)
+
+
+def chain_flops(tower, pipeline) -> tuple[int, int]:
+    """(unpruned, pruned) FLOPs per image, or per frame of a temporal build."""
+    full, pruned = tower_flops(tower, []), tower_flops(tower, pipeline.points, pipeline.params)
+    temporal = getattr(pipeline, "temporal", None)
+    if temporal is not None:
+        later = tower_flops(tower, pipeline.later_points, pipeline.params)
+        pruned = temporal_flops(tower, pruned, later, temporal.group)
+    return full, pruned
 
 
 def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None,
@@ -87,6 +112,8 @@ class BuildOptions:
     # `image_aspect_ratio: pad`); None: as the model's processor does
     pad_to_square: bool | None = None
     round_budgets: int | None = None    # sequence lengths a multiple of it (8..64: GPU tiles)
+    # clips: "G:KEEP" or TemporalParams, frames in groups of G pruned against the first (prune/temporal.py)
+    temporal: object = None
 
     def check(self) -> None:
         """Everything that needs no weights, before the (slow) weights are touched."""
@@ -101,6 +128,10 @@ class BuildOptions:
             raise OptionError("round_budgets", f"must be 8, 16, 32 or 64, got {self.round_budgets}")
         if self.target not in (None, "tensorrt"):
             raise OptionError("target", f"must be tensorrt or None, got {self.target!r}")
+        if self.temporal is not None and self.precision == "int8":
+            raise OptionError("temporal", "int8 temporal builds are not supported yet; build fp32, fp16 or bf16")
+        if self.temporal is not None and self.round_budgets is not None:
+            raise OptionError("temporal", "cannot be combined with --round-budgets yet")
         if self.precision == "int8" and self.calib is not None and not hasattr(self.calib, "shape"):
             from .quantize import calibration_files
             calibration_files(Path(self.calib).expanduser())
@@ -113,6 +144,7 @@ class _Plan:
     keep: float
     points: list
     target: Path
+    temporal: object = None  # TemporalParams, or None for an image build
 
 
 def build(model: str = "llava", keep: float | None = None, *, progress: Progress | None = None,
@@ -127,14 +159,20 @@ def run(options: BuildOptions, progress: Progress | None = None, on_commit=None)
     """The build's steps: check the options, plan the schedule, then in a temporary directory
     that replaces the target only when complete: load, export, quantize, write the manifest,
     check the target runtime, validate."""
+    from .onnx import nest_selects
     progress = progress or Progress()
     options.check()
     plan = _plan(options)
     with atomic_dir(plan.target, on_commit) as tmp:
         tower, pipeline = _load(options, plan, progress)
-        stages = _export(options, tower, pipeline, tmp, progress)
+        entries = _export(options, tower, pipeline, tmp, progress)
+        # the image chain's graphs (a temporal build's anchor chain) nest as `stages`
+        anchor = getattr(pipeline, "anchor_graph_count", len(entries))
+        stages = nest_selects(entries[:anchor])
         calibration = _quantize(options, plan, pipeline, stages, tmp, progress)
         manifest = _manifest(options, plan, tower, pipeline, stages, calibration)
+        if plan.temporal is not None:
+            _add_temporal(manifest, plan.temporal, pipeline, entries[anchor:])
         manifest.write(tmp)
         if options.target == "tensorrt":
             _check_tensorrt(tmp, plan.target, progress)
@@ -148,15 +186,19 @@ def _plan(options: BuildOptions) -> _Plan:
     spec = spec_for(options.model, options.checkpoint, options.image_size, options.pad_to_square)
     grid = spec.token_grid
     keep, points = plan_schedule(spec.depth, grid * grid, options.keep, options.schedule, spec.prune_layers)
-    target = Path(options.out) if options.out else default_out(options.model, keep, options.precision)
+    temporal = options.temporal
+    if temporal is not None and not isinstance(temporal, TemporalParams):
+        temporal = TemporalParams.parse(temporal)
+    if temporal is not None:
+        later_schedule(points, grid * grid, temporal.keep)    # refuses an unpruned anchor before any weight
+    target = Path(options.out) if options.out else default_out(options.model, keep, options.precision, temporal)
     if target.exists() and not (target / MANIFEST).is_file():
         raise OptionError("out", f"{target} exists and is not an evoexport build; refusing to replace it")
-    return _Plan(spec, keep, points, target)
+    return _Plan(spec, keep, points, target, temporal)
 
 
 def _load(options: BuildOptions, plan: _Plan, progress: Progress):
     """The tower with its weights, and the pruned pipeline over it (budgets rounded if asked)."""
-    from ..pipeline.stages import Pipeline
     o = options
     progress(f"loading {o.model} ({'checkpoint ' + str(o.checkpoint) if o.checkpoint else 'random weights, seed %d' % o.seed})")
     tower = load_tower(o.model, o.checkpoint, seed=o.seed, image_size=o.image_size, pad_to_square=o.pad_to_square)
@@ -166,23 +208,26 @@ def _load(options: BuildOptions, plan: _Plan, progress: Progress):
                               tower.num_patches)
     progress(describe_recipe(plan.spec.preprocess))
     params = o.params or default_params(o.model)
-    pipeline = Pipeline(tower, plan.points, params, square_mask=o.opset >= 23)   # Attention's mask spells out its query axis
-    full, pruned = tower_flops(tower, []), tower_flops(tower, plan.points, params)
-    progress(f"schedule {format_schedule(plan.points)} (after_layer:tokens of {tower.num_patches}); "
+    # Attention's mask spells out its query axis at opset 23
+    pipeline = make_pipeline(tower, plan.points, params, plan.temporal, square_mask=o.opset >= 23)
+    full, pruned = chain_flops(tower, pipeline)
+    later = (f"; later frames of {plan.temporal.group} {format_schedule(pipeline.later_points)}"
+             if plan.temporal else "")
+    progress(f"schedule {format_schedule(plan.points)} (after_layer:tokens of {tower.num_patches}){later}; "
              f"ideal FLOP speedup {full / pruned:.2f}x")
     return tower, pipeline
 
 
 def _export(options: BuildOptions, tower, pipeline, tmp: Path, progress: Progress) -> list[dict]:
     """One ONNX per graph; fp16/bf16 stages carry weights and math in that dtype, selections stay fp32."""
-    from ..pipeline.stages import Pipeline
-    from .onnx import export_pipeline
+    from .onnx import export_graphs
     stage_source = None
     if Precision(options.precision).is_half:
         import torch
         half = tower.reduced_precision_copy(getattr(torch, TORCH_DTYPES[options.precision]))
-        stage_source = Pipeline(half, pipeline.points, pipeline.params, square_mask=pipeline.square_mask)
-    return export_pipeline(pipeline, tmp, progress, stage_source=stage_source, opset=options.opset)
+        stage_source = make_pipeline(half, pipeline.points, pipeline.params, getattr(pipeline, "temporal", None),
+                                     square_mask=pipeline.square_mask)
+    return export_graphs(pipeline, tmp, progress, stage_source=stage_source, opset=options.opset)
 
 
 def _quantize(options: BuildOptions, plan: _Plan, pipeline, stages: list[dict], tmp: Path,
@@ -229,6 +274,19 @@ def _manifest(options: BuildOptions, plan: _Plan, tower, pipeline, stages: list[
         "flops": {"unpruned": flops_full, "pruned": flops_pruned, "ideal_speedup": flops_full / flops_pruned},
         "versions": versions(),
     })
+
+
+def _add_temporal(manifest: Manifest, temporal, pipeline, graphs: list[dict]) -> None:
+    """A temporal build's block, its outputs (the assemble graph's, then every point's
+    decisions) and its FLOPs per frame."""
+    data = manifest.data
+    data["temporal"] = {**temporal.to_dict(),
+                        "schedule": [{"after_layer": p.after_layer, "tokens": p.tokens} for p in pipeline.later_points],
+                        "graphs": graphs}
+    decisions = [o for g in manifest.graphs if GraphKind(g["kind"]).decides for o in g["outputs"][2:5]]
+    data["outputs"] = graphs[-1]["outputs"] + decisions + [o for o in graphs[0]["outputs"] if o["name"] == names.MATCH]
+    full, pruned = chain_flops(pipeline.tower, pipeline)
+    data["flops"] = {"unpruned": full, "pruned": pruned, "ideal_speedup": full / pruned, "per": "frame"}
 
 
 def _check_tensorrt(tmp: Path, target: Path, progress: Progress) -> None:

@@ -27,7 +27,12 @@ def export_graph(graph: GraphSpec, example: dict[str, torch.Tensor], out_dir: Pa
     path = out_dir / f"{graph.name}.onnx"
     args = tuple(example[n] for n in graph.inputs)
     batch = torch.export.Dim(BATCH_DIM, min=1, max=MAX_BATCH)
-    dynamic = tuple({0: batch} for _ in args)
+    # a temporal build's graphs that read both anchors [B] and later frames [B*(G-1)] say
+    # which input has which batch (batch_scales: 1 or G-1 per input)
+    scales = getattr(graph.module, "batch_scales", None) or [1] * len(args)
+    dynamic = tuple({0: batch if s == 1 else s * batch} for s in scales)
+    if getattr(graph.module, "varargs", False):   # forward(*inputs): torch.export binds them as one tuple
+        dynamic = (dynamic,)
     # the exporter logs a warning per missing torchvision op on every call; none is used here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -73,25 +78,42 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> dict:
     return {"name": value.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
 
 
-def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_source: Pipeline | None = None,
-                    opset: int = OPSET) -> list[dict]:
-    """Export every graph; returns the manifest's `stages` list (selects nested in their stage).
+def export_graphs(pipeline, out_dir: Path, progress=None, stage_source=None, opset: int = OPSET) -> list[dict]:
+    """Export every graph of a Pipeline (or TemporalPipeline); returns their manifest entries in order.
 
     `stage_source`: the same schedule on a reduced-precision copy of the tower (fp16/bf16
     builds); its encoder stages are exported instead, the selections always from `pipeline`."""
     example = pipeline.example_inputs(batch=2)
-    stages: list[dict] = []
+    entries: list[dict] = []
     for i, graph in enumerate(pipeline.graphs):
         if stage_source is not None and graph.kind == GraphKind.ENCODER:
             graph = replace(graph, module=stage_source.graphs[i].module)
         if progress:
-            what = (f"layers {graph.layers[0]}-{graph.layers[1] - 1}, {graph.tokens_in} tokens"
-                    if graph.kind == GraphKind.ENCODER else f"keep {graph.tokens_out} of {graph.tokens_in} tokens")
-            progress(f"exporting {graph.name} ({what}) [{i + 1}/{len(pipeline.graphs)}]")
-        entry = export_graph(graph, example, out_dir, opset)
-        if graph.kind == GraphKind.ENCODER:
-            entry["select"] = None
-            stages.append(entry)
+            progress(f"exporting {graph.name} ({_what(graph)}) [{i + 1}/{len(pipeline.graphs)}]")
+        entries.append(export_graph(graph, example, out_dir, opset))
+    return entries
+
+
+def _what(graph: GraphSpec) -> str:
+    if graph.kind == GraphKind.ENCODER:
+        return f"layers {graph.layers[0]}-{graph.layers[1] - 1}, {graph.tokens_in} tokens"
+    if graph.kind == GraphKind.ASSEMBLE:
+        return f"{graph.tokens_out} tokens per group"
+    return f"keep {graph.tokens_out} of {graph.tokens_in} tokens"
+
+
+def nest_selects(entries: list[dict]) -> list[dict]:
+    """The manifest's `stages`: each encoder stage with the selection after it nested (or None)."""
+    stages: list[dict] = []
+    for entry in entries:
+        if entry["kind"] == GraphKind.ENCODER:
+            stages.append({**entry, "select": None})
         else:
             stages[-1]["select"] = entry
     return stages
+
+
+def export_pipeline(pipeline: Pipeline, out_dir: Path, progress=None, stage_source: Pipeline | None = None,
+                    opset: int = OPSET) -> list[dict]:
+    """Export an image chain; returns the manifest's `stages` list (selects nested in their stage)."""
+    return nest_selects(export_graphs(pipeline, out_dir, progress, stage_source, opset))

@@ -118,10 +118,16 @@ def iter_frames(path: str | Path, numbers: np.ndarray):
 
     path = Path(path)
     want = iter(numbers.tolist())
-    nxt = next(want, None)
+    nxt, size = next(want, None), None
     for number, frame in enumerate(_decode(path)):
         if nxt is None:
             break
+        # one size for the whole clip: a stream that changes resolution mid-way (spliced
+        # clips) would be resized frame by frame into tokens that no longer line up
+        size = size or (frame.width, frame.height)
+        if (frame.width, frame.height) != size:
+            raise EvoExportError(f"input {path}: frame {number} is {frame.width}x{frame.height}, the frames before "
+                                 f"it {size[0]}x{size[1]}; a clip must keep one frame size (cut it where it changes)")
         if number == nxt:
             yield upright_frame(frame.to_image(), frame.rotation, f"input {path}")
             nxt = next(want, None)

@@ -65,7 +65,7 @@ def run_cuda_bench(build_dir: str | Path, options: BenchOptions = CUDA_BENCH, pr
     chains rebuilt from the manifest, weights checked against its sha256), plus ONNX
     Runtime's CUDA provider on the build's graphs where it is installed."""
     from ..runtime.backends.torch import resolve_device
-    from ..pipeline.stages import pipeline_from_manifest
+    from ..pipeline.temporal import pipeline_from_manifest
 
     options = replace(options, **fields)
     options.check()

@@ -79,7 +79,8 @@ def ttft_full_depth(manifest, llm_name: str, device: str = "cuda", batches=(1, 8
     measured at each batch, the encoders being the build's torch chain and the same tower
     with no prune point (replayed as CUDA graphs on a GPU)."""
     from ..inputs.images import sample_batch
-    from ..pipeline.stages import Pipeline, pipeline_from_manifest
+    from ..pipeline.stages import Pipeline
+    from ..pipeline.temporal import pipeline_from_manifest
     from ..runtime.backends.torch import TorchChain
 
     device = torch.device(device)

@@ -192,15 +192,7 @@ class Pipeline:
         chain's compiled selections).
         `forced` maps tensor names `picks_i` and `merge_i` to another executor's decisions:
         every selection then applies those instead of deciding (validation)."""
-        def run_graph(g, args):
-            if forced is not None and g.kind == GraphKind.SELECT:
-                merge_name, picks_name = g.outputs[3:5]
-                return g.module.forced(*args, merge=forced[merge_name], picks=forced[picks_name])
-            outs = (modules or {}).get(g.name, g.module)(*args)
-            if rescore is not None and g.kind == GraphKind.ENCODER and len(g.outputs) == 2:
-                outs = (outs[0], rescore(outs[1]))
-            return outs
-        return run_chain(self.graphs, {names.PIXELS: pixel_values}, run_graph)
+        return run_graphs(self.graphs, pixel_values, rescore, forced, modules)
 
     def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
         """A consistent set of every graph input, for tracing."""
@@ -209,10 +201,16 @@ class Pipeline:
         return self.run(x.to(next(t.parameters()).device))
 
 
-def pipeline_from_manifest(manifest: dict, tower: BaseTower | None = None) -> Pipeline:
-    """A build's pipeline rebuilt in PyTorch: its tower (weights checked against the
-    manifest), prune points and parameters; `tower` reuses one already loaded."""
-    from ..models.loader import tower_from_manifest
-
-    points = [PrunePoint(p["after_layer"], p["tokens"]) for p in manifest.schedule]
-    return Pipeline(tower or tower_from_manifest(manifest), points, PruneParams.from_manifest(manifest.prune_params))
+def run_graphs(graphs: list[GraphSpec], pixel_values: torch.Tensor, rescore=None, forced: dict | None = None,
+               modules: dict | None = None) -> dict[str, torch.Tensor]:
+    """Pipeline.run's loop, for any list of GraphSpecs (an image chain, a temporal one)."""
+    def run_graph(g, args):
+        if forced is not None and g.kind.decides:
+            # a deciding graph's outputs: hidden, sizes, indices, merge, picks[, anchor match]
+            decided = dict(zip(("merge", "picks", "match"), (forced[n] for n in g.outputs[3:6])))
+            return g.module.forced(*args, **decided)
+        outs = (modules or {}).get(g.name, g.module)(*args)
+        if rescore is not None and g.kind == GraphKind.ENCODER:
+            outs = tuple(rescore(o) if n.endswith("_importance") else o for n, o in zip(g.outputs, outs))
+        return outs
+    return run_chain(graphs, {names.PIXELS: pixel_values}, run_graph)

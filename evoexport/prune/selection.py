@@ -377,6 +377,10 @@ class SelectGraph(nn.Module):
     def forward(self, hidden, importance, sizes=None, positions=None):
         return tuple(select(hidden, importance, self.rule, sizes=sizes, positions=positions))
 
+    def decision_inputs(self, hidden, importance, sizes=None, positions=None):
+        """What the selection decides on: (hidden, importance, positions) (validation)."""
+        return hidden, importance, positions
+
     def forced(self, hidden, importance, sizes=None, positions=None, *, picks, merge):
         """The same outputs, computed under given decisions (never exported)."""
         return tuple(select(hidden, importance, self.rule, sizes=sizes, positions=positions, forced=(picks, merge)))

