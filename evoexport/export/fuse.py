@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import EvoExportError
 from ..files import atomic_dir, write_json
 from ..manifest import read_manifest, sha256_file
+from .. import names
 from ..names import GraphKind
 
 FUSED = "fused"                       # the one graph's name (fused.onnx, fused.onnx.data)
@@ -57,6 +58,8 @@ def merged_model(build_dir: Path, manifest):
     for entry in manifest.graphs:
         model = onnx.load(str(build_dir / entry["file"]), load_external_data=True)
         graph = _prefixed(model.graph, f"{entry['name']}/", wires)
+        if names.is_later(entry["name"]):   # batch B*(G-1), not the input's B: its own symbol
+            _rename_batch(graph, f"{entry['name']}_batch")
         nodes += graph.node
         initializers += graph.initializer
         values += graph.value_info
@@ -65,10 +68,50 @@ def merged_model(build_dir: Path, manifest):
         ir_version = model.ir_version
     first = onnx.load(str(build_dir / manifest.graphs[0]["file"]), load_external_data=False)
     outputs = [_value_info(build_dir, manifest, t["name"]) for t in manifest.outputs]
+    for value, producer in zip(outputs, [_producer(manifest, t["name"]) for t in manifest.outputs]):
+        if names.is_later(producer):
+            _rename_batch_of(value, f"{producer}_batch")
+    nodes, initializers = _shared_weights(nodes, initializers)
     graph = onnx.helper.make_graph(nodes, FUSED, [first.graph.input[0]], outputs, initializers, value_info=values)
     opset_imports = [onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items()]
     return onnx.helper.make_model(graph, opset_imports=opset_imports, ir_version=ir_version,
                                   producer_name="evoexport fuse")
+
+
+def _rename_batch(graph, symbol: str) -> None:
+    """Every value's batch axis in `graph` under its own symbol (ORT plans memory by symbol)."""
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        _rename_batch_of(value, symbol)
+
+
+def _rename_batch_of(value, symbol: str) -> None:
+    dims = value.type.tensor_type.shape.dim
+    if dims and dims[0].dim_param:
+        dims[0].dim_param = symbol
+
+
+def _producer(manifest, tensor: str) -> str:
+    return next(g["name"] for g in manifest.graphs if any(t["name"] == tensor for t in g["outputs"]))
+
+
+def _shared_weights(nodes: list, initializers: list) -> tuple[list, list]:
+    """One copy of each weight that several graphs hold (a temporal build's anchor and
+    later-frame stages run the same layers): later copies renamed to the first."""
+    import hashlib
+
+    from onnx import numpy_helper
+    first, alias, kept = {}, {}, []
+    for t in initializers:
+        key = (t.data_type, tuple(t.dims), hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest())
+        if key in first:
+            alias[t.name] = first[key]
+        else:
+            first[key] = t.name
+            kept.append(t)
+    if alias:
+        for node in nodes:   # weights are read by top-level nodes (the exporter inlines them)
+            node.input[:] = [alias.get(n, n) for n in node.input]
+    return nodes, kept
 
 
 def _prefixed(graph, prefix: str, keep: set[str]):
@@ -131,4 +174,7 @@ def fused_manifest(manifest, out_dir: Path, external: bool) -> dict:
     for key in ("proportional_attention",):
         if key in first:
             entry[key] = first[key]
-    return {**manifest.data, "stages": [entry]}
+    fused = {**manifest.data, "stages": [entry]}
+    if manifest.temporal:   # the group and budgets stay; every graph is inside the one
+        fused["temporal"] = {**manifest.temporal, "graphs": []}
+    return fused

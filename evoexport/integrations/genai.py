@@ -64,7 +64,7 @@ def write_genai_folder(build_dir, export_dir, out, progress=None, on_commit=None
     model, swapped in whole; `on_commit` runs the moment it is in place. Returns `out`."""
     say = progress or (lambda line: None)
     build_dir, export_dir = Path(build_dir), Path(export_dir)
-    manifest = read_manifest(build_dir)
+    manifest = read_manifest(build_dir).require_images("evoexport genai", build_dir)
     _check_apart(Path(out), build_dir, export_dir)
     config, processor, processor_written = check_export(export_dir)
     check_family(manifest, config, export_dir)

@@ -53,7 +53,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         raise EvoExportError(f"attach() does not support {type(model).__name__} yet: its anyres packing of "
                              "pruned tiles is not written; see docs/llm.md (tiles)")
     runner = load(build_dir, **load_options)
-    manifest = runner.manifest
+    manifest = runner.manifest.require_images("attach()", build_dir)
     if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
         raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
                              "(sha256 differs); build it from this model's checkpoint")

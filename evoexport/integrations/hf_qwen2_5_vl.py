@@ -70,7 +70,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     if getattr(inner.config, "model_type", None) != "qwen2_5_vl" or not hasattr(inner, "visual"):
         raise EvoExportError(f"attach() for Qwen2.5-VL takes Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}")
     runner = load(build_dir, **load_options)
-    manifest = runner.manifest
+    manifest = runner.manifest.require_images("attach()", build_dir)
     if manifest.family != "qwen2.5-vl":
         raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a qwen2.5-vl build")
     if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:

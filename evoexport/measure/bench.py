@@ -45,7 +45,7 @@ def run_bench(build_dir: str | Path, options: BenchOptions = CPU_BENCH, progress
     backends = tuple(dict.fromkeys(o.backends))
     progress = progress or Progress()
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
+    manifest = read_manifest(build_dir).require_images("evoexport bench", build_dir)
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     systems = {f"pruned ({b})": Runner(build_dir, backend=b) for b in backends}

@@ -184,7 +184,7 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
     options = replace(options or RepositoryOptions(), **fields)
     options.check()
     build_dir, out = Path(build_dir), Path(out)
-    manifest = read_manifest(build_dir)
+    manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir)
     kind = options.kind or ("KIND_GPU" if options.flavour == "tensorrt" else "KIND_CPU")
     batching = tc.Batching(0, options.instances, kind, options.queue_delay_us)
     writer = FLAVOUR_WRITERS[options.flavour](build_dir, manifest, options, batching)

@@ -38,7 +38,8 @@ def serve_triton(build_dir, options: RepositoryOptions, *, host: str = "127.0.0.
     from .repository import describe, write_repository
     from .triton import TritonServer, find_tritonserver
 
-    read_manifest(build_dir)      # a bad build is one error line, before any server starts
+    # a bad build is one error line, before any server starts
+    read_manifest(build_dir).require_images("evoexport serve", build_dir)
     scratch = Path(tempfile.mkdtemp(prefix="evoexport-serve-"))
     server = None
     try:

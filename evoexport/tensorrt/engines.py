@@ -128,7 +128,7 @@ def batch_profile(manifest: dict, min_batch=None, opt_batch=None, max_batch=None
 def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch: int | None = None,
                   max_batch: int | None = None, timing_cache: str | Path | None = None, progress=None) -> dict:
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
+    manifest = read_manifest(build_dir).require_images("evoexport engines", build_dir)
     prof = batch_profile(manifest, min_batch, opt_batch, max_batch)
     trt = _require_tensorrt()
     # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are

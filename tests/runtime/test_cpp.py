@@ -56,7 +56,15 @@ def run_cpp(binary: Path, build: Path, x: np.ndarray, tmp: Path, name: str = "ou
     return done, out
 
 
-@pytest.mark.parametrize("which", ["tiny_build", "keep1_build", "fp16_build"])
+@pytest.fixture(scope="session")
+def temporal_cpp_build(tmp_path_factory) -> Path:
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    return build("llava-tiny", 0.5, temporal="3:0.25", out=tmp_path_factory.mktemp("builds") / "tiny-temporal",
+                 validate=False, progress=Progress(enabled=False)).path
+
+
+@pytest.mark.parametrize("which", ["tiny_build", "keep1_build", "fp16_build", "temporal_cpp_build"])
 def test_cpp_equals_python_openvino(which, cpp_runtime, tmp_path, request):
     build = request.getfixturevalue(which)
     x = pixels(build, batch=3)
@@ -69,6 +77,8 @@ def test_cpp_equals_python_openvino(which, cpp_runtime, tmp_path, request):
     manifest = runner.manifest.data
     want = {"features": ref.features, "indices": ref.indices}
     want.update({k: env[k] for k in (o["name"] for o in manifest["outputs"]) if k != "features"})
+    if manifest.get("temporal"):   # every output of its assemble graph and both chains' decisions
+        assert {"frames", "owners", "later_merge_1", "later_match"} <= set(got)
     assert sorted(got) == sorted(want)
     np.testing.assert_array_equal(got["features"], want["features"])   # bit for bit, as the docs say
     for name in want:
@@ -79,6 +89,9 @@ def test_cpp_equals_python_openvino(which, cpp_runtime, tmp_path, request):
     n = manifest["tower"]["num_patches"]
     if points == 0:   # nothing pruned: every patch, raster order
         assert np.array_equal(got["indices"], np.broadcast_to(np.arange(n), (3, n)))
+    elif manifest.get("temporal"):   # every token of a group: the anchor's, then each later frame's
+        later = manifest["temporal"]["schedule"][-1]["tokens"]
+        assert got["indices"].shape == (3, manifest["schedule"][-1]["tokens"] + 2 * later)
     else:
         assert got["indices"].shape == (3, manifest["schedule"][-1]["tokens"])
 

@@ -173,7 +173,7 @@ int run(const Options& o) {
     std::map<std::string, ov::InferRequest> requests;
     for (const Graph& g : m.graphs) {
         ov::AnyMap config{ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
-        if (g.kind == "select") config.emplace(ov::hint::inference_precision(ov::element::f32));
+        if (g.kind != "encoder") config.emplace(ov::hint::inference_precision(ov::element::f32));
         if (o.threads > 0) config.emplace(ov::inference_num_threads(o.threads));
         ov::CompiledModel compiled;
         try {
@@ -210,7 +210,7 @@ int run(const Options& o) {
     for (const TensorSpec& spec : m.outputs) {
         if (!env.count(spec.name)) throw Error("the manifest lists output " + spec.name + ", which no graph produced");
         outputs.emplace_back(spec.name, to_array(env.at(spec.name)));
-        if (spec.name == "features") outputs.emplace_back("indices", final_indices(m, env, batch));
+        if (spec.name == "features" && !m.temporal) outputs.emplace_back("indices", final_indices(m, env, batch));
     }
     write_npz(o.output, outputs);
     std::cerr << "evoexport-run: " << m.model << " (" << m.precision << "), " << m.graphs.size() << " graphs on "

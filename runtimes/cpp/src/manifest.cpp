@@ -95,6 +95,11 @@ Manifest read_manifest(const fs::path& build_dir) {
             if (stage.contains("select") && !stage["select"].is_null())
                 m.graphs.push_back(graph_entry(build_dir, stage["select"]));
         }
+        // a temporal build: the later frames' graphs and the assemble graph, after the anchors'
+        if (j.contains("temporal") && !j["temporal"].is_null()) {
+            m.temporal = true;
+            for (const auto& g : j["temporal"].at("graphs")) m.graphs.push_back(graph_entry(build_dir, g));
+        }
         if (m.inputs.size() != 1) throw Error(path.string() + ": expected one input, found " + std::to_string(m.inputs.size()));
         return m;
     } catch (const json::exception& e) {

@@ -39,6 +39,7 @@ struct Manifest {
     std::vector<TensorSpec> outputs;   // features, then indices_i, merge_i, picks_i per prune point
     std::vector<Graph> graphs;         // execution order
     size_t prune_points = 0;
+    bool temporal = false;             // a temporal build: its assemble graph outputs the indices
 };
 
 // Reads BUILD_DIR/manifest.json and refuses (throws Error) an unknown schema version, a graph
