@@ -58,7 +58,7 @@ from .group import cli
               help="rows and columns around a patch searched for its anchor match  [default: 1]")
 @click.option("--temporal-reuse", type=float, default=None,
               help="a later patch at least this like its anchor match (cosine) reuses the anchor's token; "
-                   "above 1: never  [default: 0.9]")
+                   "above 1: never  [default: 0.99]")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,

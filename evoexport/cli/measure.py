@@ -108,3 +108,47 @@ def eval_cmd(model, checkpoint, keeps, seeds, json_path):
     click.echo(format_eval(result))
     if json_path:
         write_json(json_path, result)
+
+
+@cli.command("eval-video")
+@click.option("--model", default="dinov2", show_default=True, help="model preset whose features keep CLS first")
+@click.option("--checkpoint", type=click.Path(), default=None, help="local Hugging Face checkpoint (real weights)")
+@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(),
+              help="a video clip (repeatable); windows of every clip are pooled in `all_clips`")
+@click.option("--frames", type=int, default=32, show_default=True,
+              help="frames sampled evenly from each clip (a multiple of the group)")
+@click.option("--keep", type=float, default=0.5, show_default=True, help="the anchors' keep (and per_frame_keep's)")
+@click.option("--temporal", default="8:0.1", show_default=True, metavar="G:KEEP",
+              help="frames per group and the later frames' keep, as `build --temporal`")
+@click.option("--temporal-window", type=int, default=None, help="as `build --temporal-window`  [default: 1]")
+@click.option("--temporal-reuse", type=float, default=None, help="as `build --temporal-reuse`  [default: 0.99]")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the results as JSON")
+def eval_video(model, checkpoint, inputs, frames, keep, temporal, temporal_window, temporal_reuse, json_path):
+    """Temporal pruning against per-frame EvoPrune, frame subsampling, EVS-style static-patch
+    dropping and random tokens at equal encoder FLOPs per clip, on real video: dense and CLS
+    error against the unpruned tower on every frame, 95% bootstrap intervals over windows."""
+    from pathlib import Path
+
+    from ..inputs.video import is_video
+    from ..measure.eval_video import VideoEvalOptions, evaluate_video, format_video_eval
+    from ..models import load_tower
+    from ..progress import Progress
+    from ..prune.schedule import budget_for
+    from ..prune.temporal import TemporalParams
+
+    for path in inputs:
+        if not is_video(path) or not Path(path).is_file():
+            raise EvoExportError(f"--input {path} is not a video file")
+    budget_for(10**6, keep)
+    if frames < 1:
+        raise EvoExportError(f"--frames must be >= 1, got {frames}")
+    options = VideoEvalOptions(frames=frames, keep=keep, temporal=TemporalParams.parse(
+        temporal, window=temporal_window, reuse_similarity=temporal_reuse))
+    if json_path:
+        check_output_path(json_path, "--json")
+    tower = load_tower(model, checkpoint)
+    result = evaluate_video(tower, [Path(p) for p in inputs], options, progress=Progress())
+    result["weights"] = tower.weights_info
+    click.echo(format_video_eval(result))
+    if json_path:
+        write_json(json_path, result)

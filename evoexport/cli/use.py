@@ -149,6 +149,9 @@ def show(build_dir, inputs, output, backend, frames):
                              "use `evoexport run` for the numbers of more")
     runner = load(build_dir, backend=backend)
     m = runner.manifest
+    if m.group > 1 and (not videos or frames % m.group):
+        raise EvoExportError(f"{build_dir} is a temporal build: give one video --input and --frames, "
+                             f"a multiple of its group of {m.group}")
     numbers = None
     if videos:
         Progress()(f"decoding {videos[0]}")

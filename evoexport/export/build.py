@@ -25,7 +25,7 @@ from ..progress import Progress, check_interrupted
 from ..prune.cost import tower_flops
 from ..prune.selection import PruneParams
 from ..prune.schedule import PrunePoint, budget_for, default_schedule, format_schedule, parse_schedule
-from ..prune.temporal import TemporalParams, later_schedule, temporal_flops
+from ..prune.temporal import TemporalParams, later_schedule
 
 DEFAULT_ROOT = Path("graphs")
 
@@ -55,15 +55,6 @@ def make_pipeline(tower, points: list[PrunePoint], params: PruneParams, temporal
         raise OptionError("temporal", "needs merging (each patch's answer follows the merges); drop --no-merge")
     return TemporalPipeline(tower, points, params, temporal, square_mask=square_mask)
 
-
-def chain_flops(tower, pipeline) -> tuple[int, int]:
-    """(unpruned, pruned) FLOPs per image, or per frame of a temporal build."""
-    full, pruned = tower_flops(tower, []), tower_flops(tower, pipeline.points, pipeline.params)
-    temporal = getattr(pipeline, "temporal", None)
-    if temporal is not None:
-        later = tower_flops(tower, pipeline.later_points, pipeline.params)
-        pruned = temporal_flops(tower, pruned, later, temporal.group)
-    return full, pruned
 
 
 def plan_schedule(depth: int, num_patches: int, keep: float | None, schedule: str | None,
@@ -210,6 +201,7 @@ def _load(options: BuildOptions, plan: _Plan, progress: Progress):
     params = o.params or default_params(o.model)
     # Attention's mask spells out its query axis at opset 23
     pipeline = make_pipeline(tower, plan.points, params, plan.temporal, square_mask=o.opset >= 23)
+    from ..pipeline.temporal import chain_flops
     full, pruned = chain_flops(tower, pipeline)
     later = (f"; later frames of {plan.temporal.group} {format_schedule(pipeline.later_points)}"
              if plan.temporal else "")
@@ -285,6 +277,7 @@ def _add_temporal(manifest: Manifest, temporal, pipeline, graphs: list[dict]) ->
                         "graphs": graphs}
     decisions = [o for g in manifest.graphs if GraphKind(g["kind"]).decides for o in g["outputs"][2:5]]
     data["outputs"] = graphs[-1]["outputs"] + decisions + [o for o in graphs[0]["outputs"] if o["name"] == names.MATCH]
+    from ..pipeline.temporal import chain_flops
     full, pruned = chain_flops(pipeline.tower, pipeline)
     data["flops"] = {"unpruned": full, "pruned": pruned, "ideal_speedup": full / pruned, "per": "frame"}
 

@@ -26,7 +26,8 @@ from ..models.base import BaseTower
 from ..names import GraphKind
 from ..prune.schedule import PrunePoint
 from ..prune.selection import PruneParams
-from ..prune.temporal import TemporalParams, TemporalSelectGraph, later_schedule
+from ..prune.cost import tower_flops
+from ..prune.temporal import TemporalParams, TemporalSelectGraph, later_schedule, temporal_flops
 from .stages import GraphSpec, Pipeline, run_graphs
 
 
@@ -181,3 +182,13 @@ def pipeline_from_manifest(manifest, tower: BaseTower | None = None) -> Pipeline
         return TemporalPipeline(tower, points, params, TemporalParams(t["group"], t["keep"], t["window"],
                                                                      t["reuse_similarity"]))
     return Pipeline(tower, points, params)
+
+
+def chain_flops(tower, pipeline) -> tuple[int, int]:
+    """(unpruned, pruned) FLOPs per image, or per frame of a temporal build."""
+    full, pruned = tower_flops(tower, []), tower_flops(tower, pipeline.points, pipeline.params)
+    temporal = getattr(pipeline, "temporal", None)
+    if temporal is not None:
+        later = tower_flops(tower, pipeline.later_points, pipeline.params)
+        pruned = temporal_flops(tower, pruned, later, temporal.group)
+    return full, pruned

@@ -36,7 +36,10 @@ class TemporalParams:
     group: int                      # G: frames per group, the first the anchor
     keep: float                     # the later frames' final fraction of patch tokens
     window: int = 1                 # anchor patches searched: +-window rows and columns
-    reuse_similarity: float = 0.9   # later patches at least this like their anchor match reuse its token (> 1: never)
+    # later patches at least this like their anchor match reuse its token (> 1: never);
+    # 0.99 on the choosing clips (experiments/tune_temporal.py): lower thresholds reuse
+    # patches whose deep features did change
+    reuse_similarity: float = 0.99
 
     def __post_init__(self):
         if isinstance(self.group, bool) or not isinstance(self.group, int) or not 2 <= self.group <= 64:

@@ -56,8 +56,6 @@ def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list
                label: str | None = None) -> list[Image.Image]:
     """One image's panels: photo, (importance, kept) per point, merge groups."""
     photo = _display(pixels, pre)
-    size = photo.shape[0]
-    cell = size / grid
     panels = [Image.fromarray(photo)]
     if label:
         draw = ImageDraw.Draw(panels[0])
@@ -69,23 +67,53 @@ def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list
         if importances is not None:
             panels.append(_heat_panel(photo, grid, entering, importances[i]))
             entering = kept
-        mask = np.full(grid * grid, DIM)
-        mask[kept] = 1.0
-        scale = np.kron(mask.reshape(grid, grid), np.ones((int(np.ceil(cell)),) * 2))[:size, :size]
-        panel = Image.fromarray((photo * scale[..., None]).astype(np.uint8))
-        draw = ImageDraw.Draw(panel)
-        for p in kept:
-            r, c = divmod(int(p), grid)
-            draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=(255, 210, 0))
-        panels.append(panel)
+        panels.append(_kept_panel(photo, grid, kept))
     if merges:
-        owner = final_owner(merges)
-        hues = (np.arange(owner.max() + 1) * 0.61803) % 1.0     # golden-ratio hues: neighbours differ
-        colours = np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255
-        tint = np.where(owner[:, None] >= 0, colours[np.maximum(owner, 0)], 0).reshape(grid, grid, 3)
-        tint = np.kron(tint, np.ones((int(np.ceil(cell)), int(np.ceil(cell)), 1)))[:size, :size]
-        panels.append(Image.fromarray((0.45 * photo + 0.55 * tint).astype(np.uint8)))
+        panels.append(_owner_panel(photo, grid, final_owner(merges)))
     return panels
+
+
+def _owner_panel(photo: np.ndarray, grid: int, owner: np.ndarray) -> Image.Image:
+    """Every patch tinted by the token that answers for it (black: none)."""
+    size, cell = photo.shape[0], int(np.ceil(photo.shape[0] / grid))
+    hues = (np.arange(max(int(owner.max()), 0) + 1) * 0.61803) % 1.0     # golden-ratio hues: neighbours differ
+    colours = np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255
+    tint = np.where(owner[:, None] >= 0, colours[np.maximum(owner, 0)], 0).reshape(grid, grid, 3)
+    tint = np.kron(tint, np.ones((cell, cell, 1)))[:size, :size]
+    return Image.fromarray((0.45 * photo + 0.55 * tint).astype(np.uint8))
+
+
+def _kept_panel(photo: np.ndarray, grid: int, kept: np.ndarray) -> Image.Image:
+    size, cell = photo.shape[0], photo.shape[0] / grid
+    mask = np.full(grid * grid, DIM)
+    mask[kept] = 1.0
+    scale = np.kron(mask.reshape(grid, grid), np.ones((int(np.ceil(cell)),) * 2))[:size, :size]
+    panel = Image.fromarray((photo * scale[..., None]).astype(np.uint8))
+    draw = ImageDraw.Draw(panel)
+    for p in kept:
+        r, c = divmod(int(p), grid)
+        draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=(255, 210, 0))
+    return panel
+
+
+def temporal_columns(runner, groups: np.ndarray, frame_numbers: np.ndarray) -> list[list[Image.Image]]:
+    """A temporal build on groups [B, G, 3, H, W]: per frame, the frame, the patches it kept,
+    and every patch tinted by the group's token that answers for it (a patch of a later frame
+    tinted as in the anchor was answered by the anchor's token)."""
+    out = runner.arrays(groups)
+    m = runner.manifest
+    grid, columns = m.tower["grid"], []
+    for b in range(groups.shape[0]):
+        for f in range(groups.shape[1]):
+            photo = _display(groups[b, f], m.preprocess)
+            kept = out[names.INDICES][b][(out[names.FRAMES][b] == f) & (out[names.INDICES][b] >= 0)]
+            label = f"frame {int(frame_numbers.reshape(-1)[b * groups.shape[1] + f])}" + (" (anchor)" if f == 0 else "")
+            first = Image.fromarray(photo)
+            draw = ImageDraw.Draw(first)
+            draw.rectangle(draw.textbbox((4, 2), label), fill=(0, 0, 0))
+            draw.text((4, 2), label, fill=(255, 255, 255))
+            columns.append([first, _kept_panel(photo, grid, kept), _owner_panel(photo, grid, out[names.OWNERS][b, f])])
+    return columns
 
 
 def render(*args, **kwargs) -> Image.Image:
@@ -130,9 +158,15 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
     """Run a loaded build on pixels [B,3,H,W] and write the picture: one row of panels per
     image or, for a video's frames (`frame_numbers` given), a strip of frames: one column
     per frame, labelled with its number, one row per kind of panel."""
+    m = runner.manifest
+    if m.temporal:   # frames in groups: frame, kept, answered-by, one column per frame
+        columns = temporal_columns(runner, pixels.reshape(-1, m.group, *pixels.shape[1:]), frame_numbers)
+        sheet = _sheet([list(kind) for kind in zip(*columns)], row_labels=["frames", "kept", "answered by"])
+        with atomic_path(out) as tmp:
+            sheet.save(tmp, format="PNG")
+        return {"images": len(columns), "points": m.prune_points, "panels": 3, "size": sheet.size, "header": 0}
     env = runner.run_all(pixels)
     to_np = runner.backend.to_numpy
-    m = runner.manifest
     grid, pre, points = m.tower["grid"], m.preprocess, range(m.prune_points)
     indices = [to_np(env[names.indices(i)]) for i in points]
     merges = [to_np(env[names.merge(i)]) for i in points]

@@ -78,6 +78,21 @@ def test_temporal_runs_a_clip_in_groups(temporal_build, tmp_path):
         assert z[names.OWNERS].shape == (2, GROUP, temporal_build.manifest.num_patches)
 
 
+def test_show_draws_each_frames_kept_patches_and_who_answers_for_each(temporal_build, tmp_path):
+    from PIL import Image
+
+    from evoexport.inputs.video import sample_clip
+
+    out = tmp_path / "show.png"
+    code, err, stdout = cli("show", temporal_build.path, "--input", sample_clip("carphone_pristine"), "--frames", 8,
+                            "--output", out)
+    assert code == 0, err
+    assert "8 frame(s) x 3 panels" in stdout
+    width, height = Image.open(out).size
+    size = temporal_build.manifest.image_size
+    assert width > 8 * size and 3 * size < height < 4 * size
+
+
 def spliced_clip(path):
     """An MPEG-TS clip whose frame size changes mid-way (two streams spliced byte by byte)."""
     import av
@@ -108,6 +123,7 @@ def test_bad_clips_and_options_get_one_error_line(temporal_build, tmp_path):
         (("run", build_dir, "--input", bikes, "--frames", 6, "--output", out), "multiple of 4"),
         (("run", build_dir, "--input", spliced_clip(tmp_path / "spliced.ts"), "--frames", 8, "--output", out),
          "one frame size"),
+        (("show", build_dir, "--input", bikes, "--frames", 6, "--output", tmp_path / "s.png"), "multiple of its group"),
         (("build", "--model", "llava-tiny", "--temporal", "1:0.25", "--out", tmp_path / "b"), "group"),
         (("build", "--model", "llava-tiny", "--temporal", "four", "--out", tmp_path / "b"), "G:KEEP"),
         (("build", "--model", "llava-tiny", "--temporal", "4:1.5", "--out", tmp_path / "b"), "keep"),
