@@ -53,14 +53,21 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         raise EvoExportError(f"attach() does not support {type(model).__name__} yet: its anyres packing of "
                              "pruned tiles is not written; see docs/llm.md (tiles)")
     runner = load(build_dir, **load_options)
-    manifest = runner.manifest.require_images("attach()", build_dir)
+    manifest = runner.manifest
+    if not onevision:   # LLaVA-OneVision takes temporal builds for its videos
+        manifest.require_images("attach() for LLaVA-1.5", build_dir)
     if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
         raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
                              "(sha256 differs); build it from this model's checkpoint")
     model.evoexport_runner = runner
     if onevision:   # tiles, unpadding and newlines: transformers' packing over the kept tokens
         from .hf_onevision import attach_onevision
-        attach_onevision(model, inner, runner)
+        from .hf_onevision_video import attach_onevision_video
+        if manifest.temporal:
+            inner.get_image_features = _temporal_refuses_images(build_dir, manifest)
+        else:
+            attach_onevision(model, inner, runner)
+        attach_onevision_video(model, inner, runner)     # videos: dense maps, transformers' pooling
         model.evoexport_image_tokens = None      # depends on each image's size and tiling
         return model
     embed = model.get_input_embeddings().weight
@@ -71,6 +78,13 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     inner.get_image_features = get_image_features
     model.evoexport_image_tokens = manifest.tokens_per_image
     return model
+
+
+def _temporal_refuses_images(build_dir, manifest):
+    def get_image_features(*args, **kwargs):
+        raise EvoExportError(f"{build_dir} is a temporal build (groups of {manifest.group} frames): it takes videos; "
+                             "attach an image build for images")
+    return get_image_features
 
 
 def _image_token_counts(inputs: dict, model, tokens: int | None):
