@@ -108,7 +108,9 @@ class Manifest:
     stages = property(lambda self: self.data["stages"])
     inputs = property(lambda self: self.data["inputs"])
     outputs = property(lambda self: self.data["outputs"])
-    pixels = property(lambda self: self.data["inputs"][0])       # [B, 3, H, W] float32
+    pixels = property(lambda self: self.data["inputs"][0])       # [B, 3 * frames_per_input, H, W] float32
+    # 2 for a Qwen2.5-VL video build (two frames stacked on the channel axis), else 1
+    frames_per_input = property(lambda self: self.data["tower"].get("frames", 1))
     features = property(lambda self: self.data["outputs"][0])    # [B, K, D]
     batch_profile = property(lambda self: self.data.get("batch_profile", {}))
     max_batch = property(lambda self: self.data.get("batch_profile", {}).get("max", 32))
@@ -139,6 +141,10 @@ class Manifest:
             raise EvoExportError(f"{consumer} does not take temporal builds yet ({build_dir} takes groups of "
                                  f"{self.group} frames); use `evoexport run`, `validate` or `eval-video`, or build "
                                  "without --temporal")
+        if self.frames_per_input > 1:
+            raise EvoExportError(f"{consumer} does not take video builds yet ({build_dir} takes pairs of frames, "
+                                 f"[B, {3 * self.frames_per_input}, H, W]); use `evoexport run`, `validate` or "
+                                 "attach(), or build without --video")
         return self
 
     @property

@@ -59,10 +59,13 @@ from .group import cli
 @click.option("--temporal-reuse", type=float, default=None,
               help="a later patch at least this like its anchor match (cosine) reuses the anchor's token; "
                    "above 1: never  [default: 0.99]")
+@click.option("--video", is_flag=True,
+              help="qwen2.5-vl: take its temporal patches of two frames, [B, 6, S, S] (frame t's RGB, then frame "
+                   "t+1's), for video through attach(); stills go in as a frame twice")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
-          pad_to_square, round_budgets, temporal, temporal_window, temporal_reuse, quiet):
+          pad_to_square, round_budgets, temporal, temporal_window, temporal_reuse, video, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from ..export.build import BuildOptions, run
     from ..progress import Progress, mark_decided, peak_rss_gb
@@ -84,7 +87,8 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     options = BuildOptions(model=model, keep=keep, schedule=schedule, params=params, checkpoint=checkpoint, seed=seed,
                            out=out, validate=validate, precision=precision, calib=calib, target=target,
                            opset=int(opset), image_size=image_size, pad_to_square=pad_to_square,
-                           round_budgets=int(round_budgets) if round_budgets else None, temporal=temporal)
+                           round_budgets=int(round_budgets) if round_budgets else None, temporal=temporal,
+                           video=video)
     result = run(options, progress, on_commit=mark_decided)
     m = result.manifest
     if m.weights == "random":

@@ -18,7 +18,7 @@ from .group import cli
 @click.argument("build_dir", type=click.Path())
 @click.option("--input", "input_path", required=True, type=click.Path(),
               help="an image file, a video file (.mp4, .mkv, .webm, ...; needs --frames), "
-                   "or a .npy of normalized pixel values float32 [B,3,H,W]")
+                   "or a .npy of normalized pixel values float32 [B,3,H,W] (a video build: [B,6,H,W])")
 @click.option("--output", required=True, type=click.Path(), help="output .npz")
 @click.option("--backend", default="onnxruntime", show_default=True,
               type=click.Choice(BACKENDS))
@@ -35,7 +35,7 @@ def run(build_dir, input_path, output, backend, frames, batch):
 
     from ..files import NpzRows
     from ..inputs.images import read_pixels
-    from ..inputs.video import is_video, iter_video_pixels, sample
+    from ..inputs.video import is_video, sample
     from ..progress import Progress
     from ..runtime.runner import load
 
@@ -60,9 +60,7 @@ def run(build_dir, input_path, output, backend, frames, batch):
         progress(f"counting the frames of {input_path}")
         numbers = sample(input_path, frames)
         progress(f"sampling {len(numbers)} frames: {_short_list(numbers.tolist())}")
-        total, extra = len(numbers) // group, {"frame_numbers": numbers.reshape(-1, group) if group > 1 else numbers}
-        chunks = (p.reshape(-1, group, *p.shape[1:]) if group > 1 else p
-                  for p in iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch * group))
+        total, extra, chunks = _video_chunks(input_path, numbers, m, batch)
     else:
         pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
         total, extra = len(pixels), None
@@ -75,6 +73,25 @@ def run(build_dir, input_path, output, backend, frames, batch):
         shapes = out.shapes
         out.commit(extra)
     click.echo(f"wrote {output}: features {shapes['features']}, indices {shapes['indices']}")
+
+
+def _video_chunks(input_path, numbers, m, batch: int):
+    """(inputs, frame_numbers, pixel chunks) of a video's sampled frames: one frame per
+    input, a temporal build's groups [B, G, 3, H, W], or a video build's frames stacked in
+    pairs [B, 6, H, W] (an odd count repeats the last frame, as Qwen's video processor does)."""
+    import numpy as np
+
+    from ..inputs.video import iter_video_pixels, stack_frames
+
+    group, k = m.group, m.frames_per_input
+    pixels = iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch * group * k)
+    if group > 1:
+        return len(numbers) // group, {"frame_numbers": numbers.reshape(-1, group)}, (
+            p.reshape(-1, group, *p.shape[1:]) for p in pixels)
+    # a pair's padding frame is decoded once: stack_frames repeats it in the last chunk
+    padded = np.concatenate([numbers, np.repeat(numbers[-1:], -len(numbers) % k)])
+    return len(padded) // k, {"frame_numbers": padded.reshape(-1, k) if k > 1 else numbers}, (
+        stack_frames(p, k) for p in pixels)
 
 
 def _short_list(values: list) -> str:
@@ -149,6 +166,9 @@ def show(build_dir, inputs, output, backend, frames):
                              "use `evoexport run` for the numbers of more")
     runner = load(build_dir, backend=backend)
     m = runner.manifest
+    if m.frames_per_input > 1:
+        raise EvoExportError(f"show does not draw video builds yet ({build_dir} takes pairs of frames); draw an "
+                             "image build of the same model, or use `evoexport run`")
     if m.group > 1 and (not videos or frames % m.group):
         raise EvoExportError(f"{build_dir} is a temporal build: give one video --input and --frames, "
                              f"a multiple of its group of {m.group}")

@@ -40,9 +40,9 @@ class BuildResult:
 
 
 
-def default_out(model: str, keep: float, precision: str = "fp32", temporal=None) -> Path:
-    video = f"-temporal{temporal.group}x{temporal.keep:g}" if temporal is not None else ""
-    return DEFAULT_ROOT / (f"{model}-keep{keep:g}{video}" + ("" if precision == "fp32" else f"-{precision}"))
+def default_out(model: str, keep: float, precision: str = "fp32", temporal=None, video: bool = False) -> Path:
+    clips = f"-temporal{temporal.group}x{temporal.keep:g}" if temporal is not None else ("-video" if video else "")
+    return DEFAULT_ROOT / (f"{model}-keep{keep:g}{clips}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
 def make_pipeline(tower, points: list[PrunePoint], params: PruneParams, temporal=None, square_mask: bool = False):
@@ -105,6 +105,8 @@ class BuildOptions:
     round_budgets: int | None = None    # sequence lengths a multiple of it (8..64: GPU tiles)
     # clips: "G:KEEP" or TemporalParams, frames in groups of G pruned against the first (prune/temporal.py)
     temporal: object = None
+    # Qwen2.5-VL video: the input is its temporal patch of 2 frames, [B, 6, S, S]
+    video: bool = False
 
     def check(self) -> None:
         """Everything that needs no weights, before the (slow) weights are touched."""
@@ -121,6 +123,8 @@ class BuildOptions:
             raise OptionError("target", f"must be tensorrt or None, got {self.target!r}")
         if self.temporal is not None and self.precision == "int8":
             raise OptionError("temporal", "int8 temporal builds are not supported yet; build fp32, fp16 or bf16")
+        if self.video and (self.temporal is not None or self.precision == "int8"):
+            raise OptionError("video", "cannot be combined with --temporal or int8 yet")
         if self.temporal is not None and self.round_budgets is not None:
             raise OptionError("temporal", "cannot be combined with --round-budgets yet")
         if self.precision == "int8" and self.calib is not None and not hasattr(self.calib, "shape"):
@@ -174,7 +178,7 @@ def run(options: BuildOptions, progress: Progress | None = None, on_commit=None)
 
 
 def _plan(options: BuildOptions) -> _Plan:
-    spec = spec_for(options.model, options.checkpoint, options.image_size, options.pad_to_square)
+    spec = spec_for(options.model, options.checkpoint, options.image_size, options.pad_to_square, options.video)
     grid = spec.token_grid
     keep, points = plan_schedule(spec.depth, grid * grid, options.keep, options.schedule, spec.prune_layers)
     temporal = options.temporal
@@ -182,7 +186,8 @@ def _plan(options: BuildOptions) -> _Plan:
         temporal = TemporalParams.parse(temporal)
     if temporal is not None:
         later_schedule(points, grid * grid, temporal.keep)    # refuses an unpruned anchor before any weight
-    target = Path(options.out) if options.out else default_out(options.model, keep, options.precision, temporal)
+    target = Path(options.out) if options.out else default_out(options.model, keep, options.precision, temporal,
+                                                               options.video)
     if target.exists() and not (target / MANIFEST).is_file():
         raise OptionError("out", f"{target} exists and is not an evoexport build; refusing to replace it")
     return _Plan(spec, keep, points, target, temporal)
@@ -192,7 +197,8 @@ def _load(options: BuildOptions, plan: _Plan, progress: Progress):
     """The tower with its weights, and the pruned pipeline over it (budgets rounded if asked)."""
     o = options
     progress(f"loading {o.model} ({'checkpoint ' + str(o.checkpoint) if o.checkpoint else 'random weights, seed %d' % o.seed})")
-    tower = load_tower(o.model, o.checkpoint, seed=o.seed, image_size=o.image_size, pad_to_square=o.pad_to_square)
+    tower = load_tower(o.model, o.checkpoint, seed=o.seed, image_size=o.image_size, pad_to_square=o.pad_to_square,
+                       video=o.video)
     if o.round_budgets and plan.points:
         from ..prune.schedule import round_budgets as rounded
         plan.points = rounded(plan.points, o.round_budgets, tower.patches_per_token, int(tower.has_cls),
@@ -252,7 +258,8 @@ def _manifest(options: BuildOptions, plan: _Plan, tower, pipeline, stages: list[
         "tower": {"vision": spec.vision, "projector": spec.projector, "feature_layer": spec.feature_layer,
                   "select_strategy": spec.select_strategy, "depth": tower.depth, "image_size": tower.image_size,
                   "grid": tower.grid, "num_patches": tower.num_patches, "has_cls": tower.has_cls,
-                  "unit": spec.unit, "hidden_size": tower.hidden_size, "out_features": tower.out_features},
+                  "unit": spec.unit, "hidden_size": tower.hidden_size, "out_features": tower.out_features,
+                  **({"frames": spec.frames} if spec.frames > 1 else {})},
         "preprocess": spec.preprocess,
         "inputs": [stages[0]["inputs"][0]],
         "precision": options.precision,
@@ -313,5 +320,5 @@ def build_variant(manifest: Manifest, out: Path, *, unpruned: bool = False, prec
                  seed=manifest.weights_seed, out=out, validate=False,
                  precision=precision or ("fp32" if unpruned else manifest.precision),
                  image_size=manifest.image_size, progress=Progress(enabled=False),
-                 pad_to_square=manifest.pad_to_square)
+                 pad_to_square=manifest.pad_to_square, video=manifest.frames_per_input > 1)
 

@@ -251,8 +251,8 @@ def sample_batch(size: int, pre: dict, names=SAMPLE_PHOTOS) -> np.ndarray:
 
 
 def read_pixels(path: Path, manifest: dict) -> np.ndarray:
-    """An input file as float32 pixel values [B,3,H,W]: a .npy as it is (never unpickled), an
-    image file preprocessed as the build's manifest says."""
+    """An input file as float32 pixel values [B,3,H,W] ([B,6,H,W] for a video build): a .npy as
+    it is (never unpickled), an image file preprocessed as the build's manifest says."""
     if path.is_dir():
         raise EvoExportError(f"input {path} is a directory, not a file")
     if path.suffix == ".npy":
@@ -268,4 +268,7 @@ def read_pixels(path: Path, manifest: dict) -> np.ndarray:
         except OSError as e:
             raise EvoExportError(f"input {path} is not a readable .npy file ({e})") from None
     image = load_image(path)
-    return preprocess(image, manifest.image_size, manifest.preprocess)[None]
+    x = preprocess(image, manifest.image_size, manifest.preprocess)[None]
+    # a video build (frames on the channel axis) takes a still as that frame repeated,
+    # which is what Qwen's image processor makes of a still
+    return np.tile(x, (1, manifest.frames_per_input, 1, 1))

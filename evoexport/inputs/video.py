@@ -155,3 +155,16 @@ def video_pixels(path: str | Path, count: int, size: int, pre: dict) -> tuple[np
     """float32 [count, 3, size, size] pixel values of the sampled frames, and their frame numbers."""
     numbers = sample(path, count)
     return next(iter_video_pixels(path, numbers, size, pre, batch=count)), numbers
+
+
+def stack_frames(frames: np.ndarray, per_input: int) -> np.ndarray:
+    """Frames [F, 3, H, W] as a video build's inputs [ceil(F/k), 3k, H, W]: k consecutive
+    frames stacked on the channel axis (Qwen2.5-VL's temporal patch, k = 2); a clip whose
+    count is not a multiple of k repeats its last frame, as Qwen2VLVideoProcessor pads it."""
+    if per_input == 1:
+        return frames
+    pad = -len(frames) % per_input
+    if pad:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    f, c, h, w = frames.shape
+    return np.ascontiguousarray(frames.reshape(f // per_input, per_input * c, h, w))

@@ -33,6 +33,9 @@ class TowerSpec:
     # the layers the default schedule prunes after, where the family has a reason to choose
     # them (Qwen2.5-VL: its full-attention blocks); None: DEFAULT_PRUNE_DEPTHS
     prune_layers: tuple | None = None
+    # frames per input, stacked on the channel axis: 1 for images; Qwen2.5-VL video builds
+    # take its temporal patches of 2 frames ([B, 6, S, S], frame t's RGB then frame t+1's)
+    frames: int = 1
 
     @property
     def token_grid(self) -> int:
@@ -90,6 +93,10 @@ class BaseTower(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.layers)
+
+    @property
+    def input_channels(self) -> int:
+        return 3 * self.spec.frames
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -15,7 +15,7 @@ from .registry import family_api, get_preset
 
 
 def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int | None = None,
-             pad_to_square: bool | None = None) -> TowerSpec:
+             pad_to_square: bool | None = None, video: bool = False) -> TowerSpec:
     """The tower's spec, checked before any weight is touched. `image_size` (families whose
     tower is resizable): the input size, a multiple of the patch size. The preprocessing
     recipe is fitted to the input size (scaled where the processor's crop is another size);
@@ -41,16 +41,22 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
     where = f"{ckpt}/config.json" if ckpt else f"preset {model}"
     check_spec(spec, where + (f" at {image_size} px" if image_size is not None else ""))
     size = spec.input_size or spec.vision["image_size"]
-    return replace(spec, preprocess=fit_recipe(spec.preprocess, size, pad_to_square))
+    frames = 1
+    if video:   # a tower whose patch convolution spans frames takes them as one input
+        frames = spec.vision.get("temporal_patch_size", 1)
+        if frames < 2:
+            raise OptionError("video", f"{model} encodes one frame at a time: its video frames are images, so "
+                                       "build it without --video (video builds are for qwen2.5-vl)")
+    return replace(spec, preprocess=fit_recipe(spec.preprocess, size, pad_to_square), frames=frames)
 
 
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
                expect_sha256: str | None = None, quiet: bool = False, image_size: int | None = None,
-               pad_to_square: bool | None = None) -> BaseTower:
+               pad_to_square: bool | None = None, video: bool = False) -> BaseTower:
     """Build the tower of preset `model`, with weights from `checkpoint` or seeded random ones."""
     family = family_api(get_preset(model))
     if checkpoint is None:
-        spec = spec_for(model, None, image_size, pad_to_square)
+        spec = spec_for(model, None, image_size, pad_to_square, video)
         torch.manual_seed(seed)
         tower = family.tower(spec)
         tower.weights_info = {"weights": "random", "weights_seed": seed, "checkpoint": None}
@@ -59,7 +65,7 @@ def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,
                   "Shapes and speed are real; the features mean nothing.", file=sys.stderr)
     else:
         ckpt = Path(checkpoint).expanduser().resolve()
-        spec = spec_for(model, ckpt, image_size, pad_to_square)
+        spec = spec_for(model, ckpt, image_size, pad_to_square, video)
         tower = family.tower(spec)
         family.load_weights(tower, ckpt)
         tower.weights_info = {"weights": "checkpoint", "weights_seed": None, "checkpoint": str(ckpt)}
@@ -74,7 +80,8 @@ def tower_from_manifest(manifest: Manifest) -> BaseTower:
     """A build's tower in PyTorch: its model, weights (checked against the manifest's sha256)
     and input size."""
     return load_tower(manifest.model, manifest.checkpoint, seed=manifest.weights_seed, image_size=manifest.image_size,
-                      expect_sha256=manifest.weights_sha256, quiet=True, pad_to_square=manifest.pad_to_square)
+                      expect_sha256=manifest.weights_sha256, quiet=True, pad_to_square=manifest.pad_to_square,
+                      video=manifest.frames_per_input > 1)
 
 
 def untrained_tower(manifest: Manifest) -> BaseTower:
@@ -84,5 +91,5 @@ def untrained_tower(manifest: Manifest) -> BaseTower:
     t = manifest.tower
     spec = TowerSpec(vision=t["vision"], projector=t["projector"], feature_layer=t["feature_layer"],
                      select_strategy=t["select_strategy"], preprocess=manifest.preprocess,
-                     input_size=t["image_size"], unit=t.get("unit", 1))
+                     input_size=t["image_size"], unit=t.get("unit", 1), frames=manifest.frames_per_input)
     return family_api(get_preset(manifest.model)).tower(spec)

@@ -174,10 +174,14 @@ class QwenVisionTower(BaseTower):
         return x.reshape(b, t, d)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] -> patch embeddings [B, 4U, D] in raster unit order."""
+        """Pixels [B, 3, S, S] (a video build: [B, 6, S, S], a temporal patch's two frames)
+        -> patch embeddings [B, 4U, D] in raster unit order."""
         dtype = self.compute_dtype
         conv = self.visual.patch_embed.proj
-        weight = conv.weight.float().sum(dim=2)          # the 3-D kernel's time slices: one still frame twice
+        w = conv.weight.float()                          # [D, 3, T, p, p]: the 3-D kernel's time slices
+        # a still image is its own second frame, so its slices add up; a video build's
+        # frames meet their own slices (channels frame by frame, as the input stacks them)
+        weight = w.sum(dim=2) if self.spec.frames == 1 else w.permute(0, 2, 1, 3, 4).flatten(1, 2)
         x = nn.functional.conv2d(pixel_values.float(), weight, stride=conv.stride[1:])   # [B, D, 2g, 2g]
         b, d, g = x.shape[0], x.shape[1], self.grid
         x = x.reshape(b, d, g, 2, g, 2).permute(0, 2, 4, 3, 5, 1)            # [B, g, g, 2, 2, D]
@@ -266,7 +270,7 @@ class QwenVisionTower(BaseTower):
 
     def hf_forward(self, device="cpu", dtype=None):
         """transformers' own encoder with this tower's weights on the processor's flattened
-        patches: fn(pixel_values [B, 3, S, S]) -> merged features [B, U, out]."""
+        patches: fn(pixel_values [B, 3 or 6, S, S]) -> merged features [B, U, out]."""
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         model = Qwen2_5_VisionTransformerPretrainedModel(self.config).eval()
@@ -284,11 +288,18 @@ class QwenVisionTower(BaseTower):
 
 def flatten_patches(pixel_values: torch.Tensor, patch: int, merge: int, temporal: int):
     """Images [B, 3, H, W] as Qwen2VLImageProcessor lays them out for the encoder: each still
-    image repeated `temporal` times, patches of a merge unit contiguous. Returns
+    image repeated `temporal` times, patches of a merge unit contiguous. Temporal patches
+    [B, 3 * temporal, H, W] (a video build's input: frames stacked on the channel axis) as
+    Qwen2VLVideoProcessor lays them out, each one a video of one temporal patch (the encoder
+    attends within a temporal patch, so a clip's patches may go one by one). Returns
     (patches [B * h * w, 3 * temporal * patch * patch], grid_thw [B, 3])."""
     b, c, hh, ww = pixel_values.shape
     gh, gw = hh // patch, ww // patch
-    x = pixel_values.unsqueeze(1).expand(b, temporal, c, hh, ww)
+    if c == 3 * temporal:
+        c = 3
+        x = pixel_values.reshape(b, temporal, c, hh, ww)
+    else:
+        x = pixel_values.unsqueeze(1).expand(b, temporal, c, hh, ww)
     x = x.reshape(b, 1, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
     patches = x.reshape(b * gh * gw, c * temporal * patch * patch)

