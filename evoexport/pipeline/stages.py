@@ -181,6 +181,10 @@ class Pipeline:
                                          None, tokens, budget, {"after_layer": points[i].after_layer}))
             first, tokens, prev_hidden, prev_sizes = last, budget, names.pruned_hidden(i), names.sizes(i)
 
+    def with_tower(self, tower: BaseTower, keep_dtype: bool) -> "Pipeline":
+        """The same chain on another copy of the tower (a reduced-precision twin)."""
+        return Pipeline(tower, self.points, self.params, self.square_mask, keep_dtype)
+
     @torch.inference_mode()
     def run(self, pixel_values: torch.Tensor, rescore=None, forced: dict | None = None,
             modules: dict | None = None) -> dict[str, torch.Tensor]:

@@ -152,6 +152,10 @@ class TemporalPipeline:
         return GraphSpec(names.ASSEMBLE, GraphKind.ASSEMBLE, module, inputs,
                          [names.FEATURES, names.INDICES, names.FRAMES, names.OWNERS], None, tokens, tokens)
 
+    def with_tower(self, tower: BaseTower, keep_dtype: bool) -> "TemporalPipeline":
+        """The same temporal chain on another copy of the tower (a reduced-precision twin)."""
+        return TemporalPipeline(tower, self.points, self.params, self.temporal, self.square_mask, keep_dtype)
+
     @property
     def anchor_graph_count(self) -> int:
         """The graphs of the anchors' image chain (the manifest's `stages`); the rest are temporal."""

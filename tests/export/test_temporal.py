@@ -50,6 +50,19 @@ def test_a_temporal_build_validates_and_says_where_each_token_is_from(temporal_b
     assert owners.shape == (2, GROUP, m.num_patches) and owners.max() < out[names.FEATURES].shape[1]
 
 
+def test_the_torch_backend_in_bf16_runs_a_temporal_build_as_temporal(temporal_build):
+    """A reduced-precision torch chain (bf16 on a CPU, the GPU default) is rebuilt on a twin of
+    the tower: it must stay the temporal chain, with the same output layout as fp32's."""
+    m = temporal_build.manifest
+    x = np.random.default_rng(2).random((1, GROUP, 3, m.image_size, m.image_size), dtype=np.float32)
+    with load(temporal_build.path, backend="torch") as fp32, load(temporal_build.path, backend="torch",
+                                                                   precision="bf16") as bf16:
+        want, got = fp32.arrays(x), bf16.arrays(x)
+    assert got[names.FEATURES].shape == want[names.FEATURES].shape
+    np.testing.assert_array_equal(got[names.FRAMES], want[names.FRAMES])
+    assert got[names.OWNERS].shape == (1, GROUP, m.num_patches)
+
+
 def test_identical_frames_are_answered_by_the_anchor(temporal_build):
     """A group of G copies of one frame: every later patch matches its own anchor patch
     exactly, so every later frame's kept tokens are the anchor's tokens for those patches and

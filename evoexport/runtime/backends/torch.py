@@ -54,8 +54,6 @@ class TorchChain:
     def __init__(self, pipeline, device="cpu", precision: str = "fp32", options: ChainOptions | None = None, **fields):
         import torch
 
-        from ...pipeline.stages import Pipeline
-
         o = replace(options or ChainOptions(), **fields)
         cuda_graphs, compile_selections, keep_dtype = o.cuda_graphs, o.compile_selections, o.keep_dtype
 
@@ -71,9 +69,9 @@ class TorchChain:
             # the reduced-precision tower a fp16/bf16 build exports: the patch conv stays
             # fp32, importance and the selections too
             twin = pipeline.tower.reduced_precision_copy(dtype, fp32_norms=not on_gpu if o.fp32_norms is None else o.fp32_norms)
-            pipeline = Pipeline(twin, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
+            pipeline = pipeline.with_tower(twin, keep_dtype)   # a temporal chain stays temporal
         elif keep_dtype != pipeline.keep_dtype and dtype != torch.float32:   # fp32 stages: nothing to keep
-            pipeline = Pipeline(pipeline.tower, pipeline.points, pipeline.params, keep_dtype=keep_dtype)
+            pipeline = pipeline.with_tower(pipeline.tower, keep_dtype)
         self.sdpa = sdpa_backends(o.sdpa)
         cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
         compile_selections = on_gpu if compile_selections is None else compile_selections
