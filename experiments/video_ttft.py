@@ -8,7 +8,8 @@ docs/performance.md and docs/llm.md (docs/measurements/video-ttft-onevision-0.5b
         --json docs/measurements/video-ttft-onevision-0.5b-CPU.json
 
 Systems, each one greedy generate() of one token on the same prompt and clip:
-  transformers  the model as loaded: its own torch tower on every frame (fp32)
+  transformers  the model as loaded, in its checkpoint's dtype (bf16, as OneVision ships and
+                as transformers loads it by default): its own torch tower on every frame
   unpruned      attach() of a keep-1.0 build on --backend (the same tokens as transformers)
   per_frame     attach() of a keep --keep build: every frame pruned alone
   temporal      attach() of a keep --keep build with --temporal
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--temporal", default="8:0.1")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--precision", default=None, help="the torch backend's compute precision (bf16 to match "
+                                                      "transformers' bf16 model)  [default: fp32]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", default=None)
@@ -79,6 +82,8 @@ def main() -> None:
     # one model; each system swaps in its own video path (attach replaces get_video_features)
     video_features = {"transformers": inner.get_video_features}
     options = {"low_memory": True} if args.backend == "onnxruntime" else {}
+    if args.precision:
+        options["precision"] = args.precision
     for name, path in paths.items():
         attach(model, path, backend=args.backend, **options)
         video_features[name] = inner.get_video_features
@@ -99,7 +104,8 @@ def main() -> None:
               f"speedup {row['speedup']:.2f}x", flush=True)
     result = {"model": "llava-onevision-0.5b shape, random weights", "keep": args.keep, "temporal": args.temporal,
               "frames": args.frames, "video_tokens": int(inputs["input_ids"].eq(model.config.video_token_id).sum()),
-              "backend": args.backend, "cpu": cpu_info()["cpu"], "threads": torch.get_num_threads(), "rows": rows}
+              "backend": args.backend, "backend_options": options, "model_dtype": str(model.dtype).removeprefix("torch."),
+              "machine": cpu_info(), "threads": torch.get_num_threads(), "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -38,6 +38,7 @@ from ..prune.schedule import default_schedule
 from ..prune.selection import PruneParams
 from ..prune.temporal import TemporalParams
 from .eval import dense_features
+from .timing import cpu_info
 
 METHODS = ("unpruned", "temporal", "per_frame", "per_frame_keep", "frame_subsample", "static_patch", "random")
 
@@ -187,8 +188,9 @@ def evaluate_video(tower, clips: list[Path], options: VideoEvalOptions = VideoEv
             windows[m]["dense"].append(dense.reshape(-1, o.temporal.group).mean(1))
             windows[m]["cls"].append(cls.reshape(-1, o.temporal.group).mean(1))
     merged = {m: (np.concatenate(v["dense"]), np.concatenate(v["cls"])) for m, v in windows.items()}
+    # the CPU too: its kernels change the rounding, so a rerun elsewhere can differ a little
     return {"options": {**asdict(o), "temporal": o.temporal.to_dict()}, "settings": _public(settings),
-            "clips": per_clip, "all_clips": _windowed(merged, settings, o)}
+            "clips": per_clip, "all_clips": _windowed(merged, settings, o), "machine": cpu_info()}
 
 
 def _public(settings: dict) -> dict:

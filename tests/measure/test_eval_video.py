@@ -42,6 +42,7 @@ def test_errors_are_means_with_intervals_and_the_reference_has_none(result):
         else:
             assert r["dense_error"]["mean"] > 1e-4, name
     assert "carphone_pristine.mp4" in result["clips"]
+    assert result["machine"]["cpu"] and isinstance(result["machine"]["isa"], list)   # which kernels rounded
 
 
 def test_bad_input_is_one_error_line(dinov2_ckpt, tmp_path):
