@@ -20,6 +20,7 @@ import torch
 
 from .. import names
 from ..errors import EvoExportError
+from ..runtime.runner import final_owners
 
 
 def dense_frames(runner, frames: torch.Tensor) -> np.ndarray:
@@ -35,13 +36,12 @@ def dense_frames(runner, frames: torch.Tensor) -> np.ndarray:
         dense = np.take_along_axis(out[names.FEATURES], owner[..., None], axis=1)
         return dense.reshape(x.shape[0], m.num_patches, -1)
     out = runner.arrays(x)
-    owner = np.broadcast_to(np.arange(m.num_patches), (x.shape[0], m.num_patches))
-    for i in range(m.prune_points):
-        merge = out[names.merge(i)]
-        if (merge < 0).any():
-            raise EvoExportError("a video frame's dense map follows the merges; this build drops tokens without "
-                                 "merging (--no-merge): build it with merging")
-        owner = np.take_along_axis(merge, owner, axis=1)
+    if not m.prune_points:     # keep 1.0: every patch answers for itself
+        return out[names.FEATURES]
+    owner = final_owners([out[names.merge(i)] for i in range(m.prune_points)])
+    if (owner < 0).any():
+        raise EvoExportError("a video frame's dense map follows the merges; this build drops tokens without "
+                             "merging (--no-merge): build it with merging")
     return np.take_along_axis(out[names.FEATURES], owner[..., None], axis=1)
 
 

@@ -35,6 +35,16 @@ class Output(NamedTuple):
     picks_per_point: list        # [B, N_i] step that kept each entering token (-1: dropped)
 
 
+def final_owners(merges: list) -> np.ndarray:
+    """[B, N]: the final kept slot of every original patch, following each point's merge map
+    [B, N_i] (`merge_per_point`, `merge_i`) in order; -1 where a token was dropped unmerged."""
+    b, n = np.shape(merges[0])
+    owner = np.broadcast_to(np.arange(n), (b, n))
+    for merge in merges:
+        owner = np.where(owner >= 0, np.take_along_axis(np.asarray(merge), np.maximum(owner, 0), axis=1), -1)
+    return owner
+
+
 class Runner:
     """A loaded build: call it with pixel values."""
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from ..files import atomic_path
 from .. import names
+from ..runtime.runner import final_owners
 
 DIM = 0.25   # brightness left to a dropped patch
 
@@ -24,14 +25,6 @@ def _display(pixels: np.ndarray, pre: dict) -> np.ndarray:
     """Normalized pixels [3,H,W] back to uint8 RGB [H,W,3]."""
     rgb = pixels.transpose(1, 2, 0) * np.asarray(pre["std"]) + np.asarray(pre["mean"])
     return np.clip(rgb / float(pre.get("rescale", 1 / 255)), 0, 255).astype(np.uint8)
-
-
-def final_owner(merges: list[np.ndarray]) -> np.ndarray:
-    """[N] final kept slot of every original patch (-1: dropped without a merge)."""
-    owner = np.arange(merges[0].shape[0]) if merges else np.zeros(0, int)
-    for merge in merges:
-        owner = np.where(owner >= 0, merge[np.maximum(owner, 0)], -1)
-    return owner
 
 
 def heat(values: np.ndarray) -> np.ndarray:
@@ -69,7 +62,7 @@ def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list
             entering = kept
         panels.append(_kept_panel(photo, grid, kept))
     if merges:
-        panels.append(_owner_panel(photo, grid, final_owner(merges)))
+        panels.append(_owner_panel(photo, grid, final_owners([m[None] for m in merges])[0]))
     return panels
 
 

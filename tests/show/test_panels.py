@@ -8,7 +8,8 @@ import evoexport
 from evoexport.cli import main
 from evoexport.inputs.images import sample_batch
 from evoexport.manifest import read_manifest
-from evoexport.show.panels import HEADER, DIM, final_owner
+from evoexport.runtime.runner import final_owners
+from evoexport.show.panels import HEADER, DIM
 
 
 def test_show_dims_exactly_the_dropped_patches_and_colours_merge_groups(tiny_build, tmp_path, capsys):
@@ -38,7 +39,7 @@ def test_show_dims_exactly_the_dropped_patches_and_colours_merge_groups(tiny_bui
         want = photo[inner] if p in kept else photo[inner] * DIM
         assert np.abs(panel[inner] - want).max() <= 1.0, p
     # the merge panel: patches with the same final owner share one colour
-    owner = final_owner([mg[0] for mg in result.merge_per_point])
+    owner = final_owners([mg[:1] for mg in result.merge_per_point])[0]
     merged = sheet[:size, 5 * (size + 8):]
     tint = (merged - 0.45 * photo) / 0.55
     means = {}
