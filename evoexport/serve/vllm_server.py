@@ -23,6 +23,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 VENV = CHECKOUT / ".venv-vllm"
 STARTUP_TIMEOUT = 900      # seconds: a large checkpoint's load and vLLM's profiling run on 2 cores
 RESTARTS, RESTART_WINDOW = 3, 600.0   # vLLM restarted after it dies, at most 3 times in 10 minutes
+RESTART_PAUSE = 5.0                   # seconds, times the recent deaths: the dead engine's memory is freed
 
 
 def vllm_python(python: str | None = None, say=lambda line: None) -> str:
@@ -86,20 +87,28 @@ def serve_vllm(build_dir, checkpoint, *, host: str = "127.0.0.1", port: int = 80
 def run_vllm(build_dir, checkpoint, *, say=lambda line: None, **options) -> None:
     """Serve until interrupted, restarting vLLM when it dies: its API server exits when its
     engine process does (killed for memory, or by its own step timeout), and nothing else
-    would bring it back. While it restarts nothing listens, so /health is not ready. A
-    start-up refusal (a build of other weights) is raised at once; more than RESTARTS
-    deaths within RESTART_WINDOW seconds are raised too."""
+    would bring it back. While it restarts nothing listens, so /health is not ready. The
+    first start-up's refusal (a build of other weights) is raised at once; a restart that
+    fails to come up (the dead engine's memory not yet free, a busy machine) counts as one
+    more death and is tried again after a pause. More than RESTARTS deaths within
+    RESTART_WINDOW seconds are raised."""
     deaths: list[float] = []
     while True:
-        with serve_vllm(build_dir, checkpoint, say=say, **options) as (url, proc):
-            say(f"serving: POST {url}/v1/chat/completions (OpenAI API, images as image_url); Ctrl-C stops")
-            code = proc.wait()
+        try:
+            with serve_vllm(build_dir, checkpoint, say=say, **options) as (url, proc):
+                say(f"serving: POST {url}/v1/chat/completions (OpenAI API, images as image_url); Ctrl-C stops")
+                why = f"vLLM exited (rc {proc.wait()})"
+        except EvoExportError as e:
+            if not deaths:
+                raise
+            why = str(e)
         now = time.monotonic()
         deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
         if len(deaths) > RESTARTS:
-            raise EvoExportError(f"vLLM exited (rc {code}) {len(deaths)} times within {RESTART_WINDOW:.0f} s; "
+            raise EvoExportError(f"{why}; {len(deaths)} deaths within {RESTART_WINDOW:.0f} s, "
                                  "not restarting it again (its logs are named above)")
-        say(f"[supervisor] vLLM exited (rc {code}); restarting it")
+        say(f"[supervisor] {why}; restarting it in {RESTART_PAUSE * len(deaths):.0f} s")
+        time.sleep(RESTART_PAUSE * len(deaths))
 
 
 def _wait_ready(proc, url: str, log: Path, timeout: float) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,28 +49,42 @@ def _chat(url: str, images: list[str], text: str = "what is in the image?") -> t
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _wait_said(proc, prefix: str, count: int, timeout: float) -> bool:
+    """Whether `serve` said a line starting with `prefix` `count` times before it exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(line.startswith(prefix) for line in proc.said) >= count:
+            return True
+        time.sleep(1)
+    return False
+
+
+def _collect(proc) -> None:
+    for line in proc.stderr:
+        proc.said.append(line)
+
+
 @contextmanager
 def vllm_server(python: str, build_dir: Path, ckpt: Path):
-    """`evoexport serve BUILD --engine vllm` as a user starts it, up until the block ends."""
+    """`evoexport serve BUILD --engine vllm` as a user starts it, up until the block ends. Up
+    means `serve` said "serving:", not merely that /health answered: the supervisor may not
+    have seen that answer yet. What it says collects in proc.said."""
     port = _free_port()
-    env = {**os.environ, "EVOEXPORT_VLLM_PYTHON": python}
+    # 1 GiB of KV cache is plenty at --max-model-len 512 and leaves the other tests' memory alone
+    env = {**os.environ, "EVOEXPORT_VLLM_PYTHON": python, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen([*CLI, "serve", str(build_dir), "--engine", "vllm", "--model", str(ckpt), "--port",
                              str(port), "--", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                              "--served-model-name", "m", "--limit-mm-per-prompt", '{"image": 2}'],
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
-                break
-        except OSError:
-            time.sleep(2)
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.said = []
+    threading.Thread(target=_collect, args=(proc,), daemon=True).start()
+    ready = _wait_said(proc, "serving:", 1, 600)
+    assert ready, "".join(proc.said)[-3000:]
     try:
-        yield url, proc
+        yield f"http://127.0.0.1:{port}", proc
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
 
 
@@ -207,10 +222,7 @@ def test_a_dead_engine_is_restarted_and_the_server_answers_again(vllm_python, ll
         while _health(url) and time.monotonic() < deadline:
             time.sleep(1)
         assert not _health(url)
-        deadline = time.monotonic() + 600
-        while not _health(url) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(2)
-        assert proc.poll() is None and _health(url)
+        assert _wait_said(proc, "serving:", 2, 600) and _health(url), "".join(proc.said)[-3000:]
         assert _api_server(proc.pid) != first
         code, after = _chat(url, [_data_url(image)])
         assert code == 200 and after["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
