@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import EvoExportError
 from .files import read_json, write_json
+from . import names
 from .names import Word
 
 class Precision(Word):
@@ -114,6 +115,11 @@ class Manifest:
     features = property(lambda self: self.data["outputs"][0])    # [B, K, D]
     batch_profile = property(lambda self: self.data.get("batch_profile", {}))
     max_batch = property(lambda self: self.data.get("batch_profile", {}).get("max", 32))
+
+    @property
+    def deepstack(self) -> list[str]:
+        """The chain's DeepStack taps (Qwen3-VL), in order: each [B, K, D] like the features."""
+        return [o["name"] for o in self.data["outputs"] if names.is_deepstack(o["name"])]
 
     @property
     def prune_points(self) -> int:

@@ -121,6 +121,26 @@ def decision(kind: str, i: int) -> str:
     return f"{kind}_{i}"
 
 
+# A family with DeepStack taps (Qwen3-VL): tap j, the hidden states after one encoder block
+# through its own merger, leaves the stage that computes it as deepstack{j}_{graph} and every
+# later selection carries it (the same gathers and merges as the tokens), also as
+# deepstack{j}_{graph}; the last graph to touch it outputs DEEPSTACK(j) [B, K, D_out], aligned
+# with FEATURES token for token.
+def deepstack(j: int, graph: str | None = None) -> str:
+    """DeepStack tap j: its final tensor, or as graph `graph` hands it on."""
+    return f"deepstack_{j}" if graph is None else f"deepstack{j}_{graph}"
+
+
+def is_deepstack(name: str) -> bool:
+    """A final DeepStack tap (what a chain reports)."""
+    return name.startswith("deepstack_")
+
+
+def is_tap(name: str) -> bool:
+    """A DeepStack tap, final or on its way: what a selection only carries."""
+    return name.startswith("deepstack")
+
+
 def select_outputs(i: int) -> list[str]:
     """A selection graph's outputs, in order."""
     return [pruned_hidden(i), sizes(i), indices(i), merge(i), picks(i)]

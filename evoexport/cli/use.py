@@ -116,7 +116,7 @@ def validate(build_dir, backend, threads, optimization, inference_precision, dev
     Decisions are compared as decisions: a kept set or merge map that differs from
     PyTorch's passes only where PyTorch's own scores call it a near-tie; outputs are then
     compared tightly under the backend's decisions (docs/validation.md)."""
-    from ..validate.report import format_report
+    from ..validate.text import format_report
     from ..validate.report import validate as run_validation
 
     from ..runtime.backends import cli_options

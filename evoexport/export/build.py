@@ -267,8 +267,11 @@ def _manifest(options: BuildOptions, plan: _Plan, tower, pipeline, stages: list[
         # batch range engines are built for (TensorRT optimization profile); every graph
         # takes any batch, the only dynamic axis
         "batch_profile": {"min": 1, "opt": 1, "max": 32},
-        # features, then per prune point the decisions: indices_i, merge_i, picks_i
-        "outputs": [stages[-1]["outputs"][0]] + [o for s in stages if s["select"] for o in s["select"]["outputs"][2:]],
+        # features, then per prune point the decisions: indices_i, merge_i, picks_i, then
+        # any DeepStack taps (Qwen3-VL), each aligned with the features
+        "outputs": [stages[-1]["outputs"][0]] + [o for s in stages if s["select"] for o in s["select"]["outputs"][2:5]]
+                   + [o for s in stages for g in (s, s["select"] or {}) for o in g.get("outputs", [])
+                      if names.is_deepstack(o["name"])],
         "stages": stages,
         "flops": {"unpruned": flops_full, "pruned": flops_pruned, "ideal_speedup": flops_full / flops_pruned},
         "versions": versions(),
@@ -299,7 +302,7 @@ def _check_tensorrt(tmp: Path, target: Path, progress: Progress) -> None:
 
 
 def _validate(options: BuildOptions, tmp: Path, target: Path, pipeline, progress: Progress) -> dict:
-    from ..validate.report import print_report
+    from ..validate.text import print_report
     from ..validate.report import validate as run_validation
     progress("validating against PyTorch on sample photos")
     # ONNX Runtime's CPU provider has no bf16 kernels: such builds are checked on OpenVINO

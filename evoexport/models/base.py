@@ -112,6 +112,13 @@ class BaseTower(nn.Module):
     patches_per_token = 1     # sequence positions per prunable token (Qwen2.5-VL: 4)
     mlp_matrices = 2          # fc1, fc2; a gated MLP has 3 (cost model)
 
+    # DeepStack (Qwen3-VL): blocks whose output also leaves the encoder through its own merger
+    taps: tuple = ()
+
+    def tap_features(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Tap j from the hidden states [B, T, D] after its block: [B, N, D_out]."""
+        raise NotImplementedError
+
     def attention_keys(self, layer: int, positions: int, pruned: bool) -> int:
         """Keys each query meets in `layer` (cost model): all positions, unless windowed."""
         return positions

@@ -114,25 +114,39 @@ class QwenVisionTower(BaseTower):
 
     def __init__(self, spec: TowerSpec):
         super().__init__()
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
+        config_class, model_class = self.transformers_classes()
         self.spec = spec
-        cfg = Qwen2_5_VLVisionConfig.from_dict(spec.vision)
+        cfg = config_class.from_dict(spec.vision)
         cfg._attn_implementation = "sdpa"
         self.config = cfg
-        self.visual = Qwen2_5_VisionTransformerPretrainedModel(cfg).eval()
+        self.visual = model_class(cfg).eval()
         merge = cfg.spatial_merge_size
         self._set_sizes(hidden=cfg.hidden_size, heads=cfg.num_heads, mlp=cfg.intermediate_size,
                         image_size=spec.input_size, patch=cfg.patch_size * merge,
                         out_features=cfg.out_hidden_size, drop_cls=False)
         self.has_cls = False
         self.projector = self.visual.merger
-        self.full_blocks = frozenset(cfg.fullatt_block_indexes)
-        self.window = cfg.window_size // (cfg.patch_size * merge)          # units per window side
+        self.full_blocks = frozenset(self.global_blocks())
+        self.window = self.window_units()                                  # units per window side
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.probes = nn.ModuleList(_Probe() for _ in range(cfg.depth))
         self._tables()
+
+    # -- what a later Qwen family overrides (models/qwen3_vl.py) --
+    @staticmethod
+    def transformers_classes() -> tuple[type, type]:
+        """transformers' vision config and encoder classes of the family."""
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+        return Qwen2_5_VLVisionConfig, Qwen2_5_VisionTransformerPretrainedModel
+
+    def global_blocks(self) -> list[int]:
+        """Blocks that attend over the whole image (the others within windows)."""
+        return self.config.fullatt_block_indexes
+
+    def window_units(self) -> int:
+        cfg = self.config
+        return cfg.window_size // (cfg.patch_size * cfg.spatial_merge_size)
 
     @torch.no_grad()
     def _tables(self) -> None:
@@ -182,7 +196,8 @@ class QwenVisionTower(BaseTower):
         # a still image is its own second frame, so its slices add up; a video build's
         # frames meet their own slices (channels frame by frame, as the input stacks them)
         weight = w.sum(dim=2) if self.spec.frames == 1 else w.permute(0, 2, 1, 3, 4).flatten(1, 2)
-        x = nn.functional.conv2d(pixel_values.float(), weight, stride=conv.stride[1:])   # [B, D, 2g, 2g]
+        bias = conv.bias.float() if conv.bias is not None else None
+        x = nn.functional.conv2d(pixel_values.float(), weight, bias, stride=conv.stride[1:])   # [B, D, 2g, 2g]
         b, d, g = x.shape[0], x.shape[1], self.grid
         x = x.reshape(b, d, g, 2, g, 2).permute(0, 2, 4, 3, 5, 1)            # [B, g, g, 2, 2, D]
         return x.reshape(b, 4 * g * g, d).to(dtype)
@@ -255,9 +270,8 @@ class QwenVisionTower(BaseTower):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, 4K, D] -> merged features [B, K, out] (the patch merger)."""
-        merger = self.visual.merger
         b, t, d = hidden.shape
-        return merger.mlp(merger.ln_q(hidden).reshape(b, t // 4, 4 * d))
+        return self.visual.merger(hidden.reshape(b * t, d)).reshape(b, t // 4, -1)
 
     def attention_keys(self, layer: int, positions: int, pruned: bool) -> int:
         if layer in self.full_blocks or pruned:     # pruned window layers: a masked dense attention
@@ -271,9 +285,14 @@ class QwenVisionTower(BaseTower):
     def hf_forward(self, device="cpu", dtype=None):
         """transformers' own encoder with this tower's weights on the processor's flattened
         patches: fn(pixel_values [B, 3 or 6, S, S]) -> merged features [B, U, out]."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+        run = self.hf_outputs(device, dtype)
+        return lambda pixel_values: run(pixel_values).pooler_output.reshape(pixel_values.shape[0], -1,
+                                                                            self.out_features)
 
-        model = Qwen2_5_VisionTransformerPretrainedModel(self.config).eval()
+    def hf_outputs(self, device="cpu", dtype=None):
+        """fn(pixel_values) -> transformers' encoder output (its DeepStack features too, where
+        the family has them; rows of all the batch's images one after another)."""
+        model = self.transformers_classes()[1](self.config).eval()
         model.load_state_dict(self.visual.state_dict())
         model.to(device=device, dtype=dtype)
         cfg = self.config
@@ -281,8 +300,7 @@ class QwenVisionTower(BaseTower):
         def run(pixel_values):
             patches, grid = flatten_patches(pixel_values, cfg.patch_size, cfg.spatial_merge_size,
                                             cfg.temporal_patch_size)
-            out = model(patches.to(next(model.parameters()).dtype), grid_thw=grid.to(pixel_values.device)).pooler_output
-            return out.reshape(pixel_values.shape[0], -1, out.shape[-1])
+            return model(patches.to(next(model.parameters()).dtype), grid_thw=grid.to(pixel_values.device))
         return run
 
 

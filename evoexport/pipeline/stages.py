@@ -29,6 +29,7 @@ from .. import names
 from ..models.base import BaseTower
 from ..names import GraphKind
 from .chain import run_chain
+from ..prune.carry import CarrySelect
 from ..prune.selection import PruneParams, SelectGraph
 from ..prune.schedule import PrunePoint, check_schedule
 
@@ -135,14 +136,31 @@ class EncoderStage(nn.Module):
         hidden = self.tower.embed(x) if self.embed else self.tower.from_tokens(x.to(dtype))
         # proportional attention: a token standing for s patches gets log(s) on its logits
         key_bias = self.tower.key_bias(torch.log(sizes)) if sizes is not None else None
-        hidden = self.tower.run_layers(hidden, self.first, self.last, key_bias, positions, self.probe, self.square_mask)
+        hidden, taps = self._layers(hidden, key_bias, positions)
         if self.project:
-            return (self.tower.project(hidden).float(),)
+            return (self.tower.project(hidden).float(), *taps)
         tokens = self.tower.to_tokens(hidden)
         tokens = tokens if self.keep_dtype else tokens.float()
         if self.probe:
-            return tokens, self._importance(key_bias)
-        return (tokens,)
+            return (tokens, self._importance(key_bias), *taps)
+        return (tokens, *taps)
+
+    def taps(self) -> list[int]:
+        """The DeepStack taps (their numbers j) this stage's layers take."""
+        return [j for j, block in enumerate(self.tower.taps) if self.first <= block < self.last]
+
+    def _layers(self, hidden, key_bias, positions):
+        """The stage's layers, cut after each tap's block to take the tap ([B, T/4, D_out] fp32)."""
+        taps, start = [], self.first
+        for j in self.taps():
+            end = self.tower.taps[j] + 1
+            hidden = self.tower.run_layers(hidden, start, end, key_bias, positions, self.probe and end == self.last,
+                                           self.square_mask)
+            taps.append(self.tower.tap_features(j, hidden).float())
+            start = end
+        if start < self.last:
+            hidden = self.tower.run_layers(hidden, start, self.last, key_bias, positions, self.probe, self.square_mask)
+        return hidden, taps
 
 
 class Pipeline:
@@ -156,6 +174,7 @@ class Pipeline:
         self.graphs: list[GraphSpec] = []
         cuts = [p.after_layer + 1 for p in points] + [tower.depth]
         first, tokens, prev_hidden, prev_sizes = 0, tower.num_patches, names.PIXELS, None
+        taps: dict[int, str] = {}   # DeepStack tap j -> the name it travels under now
         for i, last in enumerate(cuts):
             final = i == len(points)
             proportional = params.merge and params.proportional_attention and prev_sizes is not None
@@ -166,6 +185,8 @@ class Pipeline:
             stage = EncoderStage(tower, range(first, last), role, square_mask=square_mask, keep_dtype=keep_dtype)
             inputs = [prev_hidden] + ([prev_sizes] if proportional else []) + ([names.indices(i - 1)] if positional else [])
             outputs = [names.FEATURES] if final else [names.stage_hidden(i), names.stage_importance(i)]
+            taps.update({j: names.deepstack(j, names.stage(i)) for j in stage.taps()})
+            outputs += [taps[j] for j in stage.taps()]
             tokens_out = tokens if final else points[i].tokens
             self.graphs.append(GraphSpec(names.stage(i), GraphKind.ENCODER, stage, inputs, outputs, (first, last),
                                          tokens, tokens_out, {"proportional_attention": proportional}))
@@ -175,11 +196,22 @@ class Pipeline:
             sel_inputs = [names.stage_hidden(i), names.stage_importance(i)]
             if i > 0:
                 sel_inputs += [names.sizes(i - 1), names.indices(i - 1)]
-            self.graphs.append(GraphSpec(names.select(i), GraphKind.SELECT,
-                                         SelectGraph(budget, params, tower.has_cls, tower.grid),
-                                         sel_inputs, names.select_outputs(i),
+            select = SelectGraph(budget, params, tower.has_cls, tower.grid)
+            carried = list(taps.values())
+            if carried:   # the taps so far leave with the kept tokens
+                select = CarrySelect(select, len(sel_inputs))
+                taps = {j: names.deepstack(j, names.select(i)) for j in taps}
+            self.graphs.append(GraphSpec(names.select(i), GraphKind.SELECT, select, sel_inputs + carried,
+                                         names.select_outputs(i) + list(taps.values()),
                                          None, tokens, budget, {"after_layer": points[i].after_layer}))
             first, tokens, prev_hidden, prev_sizes = last, budget, names.pruned_hidden(i), names.sizes(i)
+        self._name_final_taps(taps)
+
+    def _name_final_taps(self, taps: dict) -> None:
+        """Each tap's last graph outputs it under its final name (names.deepstack(j))."""
+        final = {name: names.deepstack(j) for j, name in taps.items()}
+        for g in self.graphs:
+            g.outputs = [final.get(n, n) for n in g.outputs]
 
     def with_tower(self, tower: BaseTower, keep_dtype: bool) -> "Pipeline":
         """The same chain on another copy of the tower (a reduced-precision twin)."""
@@ -210,8 +242,9 @@ def run_graphs(graphs: list[GraphSpec], pixel_values: torch.Tensor, rescore=None
     """Pipeline.run's loop, for any list of GraphSpecs (an image chain, a temporal one)."""
     def run_graph(g, args):
         if forced is not None and g.kind.decides:
-            # a deciding graph's outputs: hidden, sizes, indices, merge, picks[, anchor match]
-            decided = dict(zip(("merge", "picks", "match"), (forced[n] for n in g.outputs[3:6])))
+            # a deciding graph's outputs: hidden, sizes, indices, merge, picks[, anchor match][, taps]
+            decided = {key: forced[n] for key, n in zip(("merge", "picks", "match"), g.outputs[3:6])
+                       if names.is_decision(n)}
             return g.module.forced(*args, **decided)
         outs = (modules or {}).get(g.name, g.module)(*args)
         if rescore is not None and g.kind == GraphKind.ENCODER:

@@ -25,17 +25,23 @@ def select_flops(n: int, hidden: int, budget: int, merge: bool) -> int:
 
 
 def tower_flops(tower, points: list[PrunePoint], params: PruneParams | None = None) -> int:
-    """FLOPs of one image through the (pruned) tower: embedding, layers, selections, projector."""
+    """FLOPs of one image through the (pruned) tower: embedding, layers, selections, projector
+    (and DeepStack taps' mergers)."""
     d, m, n, c = tower.hidden_size, tower.mlp_size, tower.num_patches, int(tower.has_cls)
     per_token = tower.patches_per_token   # sequence positions per prunable token
     patch_dim = 3 * (tower.image_size // tower.grid) ** 2
     flops = 2 * n * patch_dim * d
-    tokens, cuts = n, {p.after_layer: p.tokens for p in points}
+    tokens, cuts, taps = n, {p.after_layer: p.tokens for p in points}, 0
     for layer in range(tower.depth):
         positions = tokens * per_token + c
         keys = tower.attention_keys(layer, positions, pruned=tokens < n)
         flops += layer_flops(positions, d, m, keys, tower.mlp_matrices)
+        taps += layer in tower.taps
+        flops += tower.projector_flops(tokens) if layer in tower.taps else 0   # a DeepStack tap's merger
         if layer in cuts:
-            flops += select_flops(tokens, d * per_token, cuts[layer], params.merge if params else True)
+            merge = params.merge if params else True
+            flops += select_flops(tokens, d * per_token, cuts[layer], merge)
+            if merge:   # the taps so far carried: their dropped rows merged into kept ones
+                flops += taps * 2 * cuts[layer] * (tokens - cuts[layer]) * tower.out_features
             tokens = cuts[layer]
     return flops + tower.projector_flops(tokens)

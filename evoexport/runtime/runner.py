@@ -33,6 +33,7 @@ class Output(NamedTuple):
     indices_per_point: list      # [B, K_i] after each prune point
     merge_per_point: list        # [B, N_i] kept slot each entering token went to (-1: dropped, no merge)
     picks_per_point: list        # [B, N_i] step that kept each entering token (-1: dropped)
+    deepstack: list = []         # [B, K, D_out] each DeepStack tap (Qwen3-VL), aligned with features
 
 
 def final_owners(merges: list) -> np.ndarray:
@@ -58,7 +59,7 @@ class Runner:
         self.input_name, self.input_shape = spec["name"], spec["shape"]
         # what a call reports: the features and every point's decisions (a temporal build:
         # also each token's position and frame, the dense owner map and the later frames' decisions)
-        self.output_names = names.reported(self.manifest.prune_points)
+        self.output_names = names.reported(self.manifest.prune_points) + self.manifest.deepstack
         temporal = self.manifest.temporal
         if temporal:
             self.output_names += [names.INDICES, names.FRAMES, names.OWNERS, names.MATCH] + [
@@ -110,7 +111,8 @@ class Runner:
         else:  # nothing pruned: every patch is kept, in raster order
             n = self.manifest.num_patches
             final = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n)).copy()
-        return Output(env[names.FEATURES], final, *(per_point[kind] for kind in names.DECISIONS))
+        return Output(env[names.FEATURES], final, *(per_point[kind] for kind in names.DECISIONS),
+                      [env[n] for n in self.manifest.deepstack])
 
 
     def close(self) -> None:
@@ -132,6 +134,7 @@ class Runner:
         for kind in names.DECISIONS:
             for i, value in enumerate(getattr(out, f"{kind}_per_point")):
                 arrays[names.decision(kind, i)] = to_np(value)
+        arrays.update({n: to_np(v) for n, v in zip(self.manifest.deepstack, out.deepstack)})
         if self.manifest.temporal:   # which frame each token is from, and who answers for each patch
             arrays.update({n: to_np(env[n]) for n in (names.FRAMES, names.OWNERS)})
         return {k: np.asarray(v) for k, v in arrays.items()}

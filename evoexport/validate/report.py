@@ -22,7 +22,6 @@ free-running outputs alone would fail correct builds and could not tell why.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +109,12 @@ def _check_match(sel, args: list, match, tol: dict) -> dict:
 
 def _tied(spec, feeds: dict) -> dict:
     """A selection's inputs with every odd token made a copy of its even neighbour."""
-    names = spec.inputs
-    # select_i>0 takes sizes_{i-1}, indices_{i-1}; the temporal selection the anchors' states
-    sizes = feeds[names[2]] if len(names) > 2 and spec.kind == GraphKind.SELECT else None
-    hidden, importance, sizes = make_ties(feeds[names[0]], feeds[names[1]], sizes, spec.module.has_cls)
-    return {**feeds, names[0]: hidden, names[1]: importance, **({names[2]: sizes} if sizes is not None else {})}
+    inputs = spec.inputs
+    # select_i>0 takes sizes_{i-1}, indices_{i-1} (then any carried taps); the temporal selection the anchors' states
+    sized = len(inputs) > 2 and spec.kind == GraphKind.SELECT and not names.is_tap(inputs[2])
+    hidden, importance, sizes = make_ties(feeds[inputs[0]], feeds[inputs[1]], feeds[inputs[2]] if sized else None,
+                                          spec.module.has_cls)
+    return {**feeds, inputs[0]: hidden, inputs[1]: importance, **({inputs[2]: sizes} if sized else {})}
 
 
 def _owner_positions(env: dict, spec) -> np.ndarray:
@@ -130,6 +130,7 @@ def _versus_free_running(env: dict, free: dict, spec) -> dict:
     kept_differ = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(got, ref)))
     # merge owners are comparable only where the same tokens entered the point
     entered = spec.inputs[3] if spec.kind == GraphKind.SELECT and len(spec.inputs) > 3 else None
+    entered = None if entered is None or names.is_tap(entered) else entered
     rows = [r for r in range(got.shape[0]) if entered is None or np.array_equal(env[entered][r], free[entered][r])]
     owners, ref_owners = _owner_positions(env, spec), _owner_positions(free, spec)
     merge_differ = int(sum((owners[r] != ref_owners[r]).sum() for r in rows))
@@ -149,6 +150,8 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
     else:
         ref = pipeline.run(torch.from_numpy(x), forced=forced)
     features = compare("features", env["features"], ref["features"].numpy(), tol, "e2e")
+    # DeepStack taps (Qwen3-VL): each aligned with the features, judged the same way
+    taps = [compare(n, env[n], ref[n].numpy(), tol, "e2e") for n in env if names.is_deepstack(n)]
     points = []
     for i, spec in enumerate(g for g in pipeline.graphs if g.kind.decides):
         hidden, importance, positions = spec.module.decision_inputs(*(ref[n] for n in spec.inputs))
@@ -157,9 +160,9 @@ def _check_chain(runner: Runner, pipeline, x: np.ndarray, tol: dict, free: dict)
                                     positions=positions)
         points.append({"point": i, "graph": spec.name, "decisions": decisions,
                        "free_running": _versus_free_running(env, free, spec), "ok": decisions["ok"]})
-    return {"features": features, "points": points,
+    return {"features": features, "points": points, **({"deepstack": taps} if taps else {}),
             "features_cosine_to_free_running": _cosine(env["features"], free["features"]),
-            "ok": features["ok"] and all(p["ok"] for p in points), "env": env}
+            "ok": features["ok"] and all(p["ok"] for p in points + taps), "env": env}
 
 
 class _Recorded:
@@ -308,92 +311,3 @@ def summarize(report: dict) -> dict:
     summary = totals(real)
     summary["exact_ties"] = totals(of(g for g in report["graphs"] if g["inputs"] == "exact ties"))
     return summary
-
-
-def _fmt(r: dict) -> str:
-    if "error" in r:
-        return r["error"]
-    if "decisions" in r:
-        return _fmt_decisions(r["decisions"])
-    if "equal" in r:
-        return "identical" if r["equal"] else "DIFFERENT"
-    parts = [f"max|err| {r['max_abs']:.2e}"] if "max_abs" in r else []
-    parts.append(f"rel {r['rel_err']:.2e}")
-    if "cosine" in r:
-        parts.append(f"cos {r['cosine']:.6f}")
-    return "  ".join(parts)
-
-
-def _fmt_decisions(d: dict) -> str:
-    if d["invalid"]:
-        return "INVALID: " + d["invalid"]
-    text = f"{d['decisions']} decisions, {d['flips']} flipped"
-    if d["flips"]:
-        text += f" (worst margin {d['worst_margin']:.1e}{' <= ' if d['ok'] else ' > '}{d['tolerance']:.0e})"
-    return text + f", {d['close_calls']} close"
-
-
-def format_report(report: dict) -> str:
-    ok = lambda flag: "yes" if flag else "NO"  # noqa: E731
-    lines = [f"validation: {report['backend']} vs {report['reference']} on {report['batch']} photos "
-             f"({', '.join(report['images'])}); weights: {report['weights']}; precision: {report['precision']}",
-             f"  {'graph':<9} {'inputs':<11} {'tensor':<22} {'result':<58} ok"]
-    for g in report["graphs"]:
-        for r in g["outputs"]:
-            lines.append(f"  {g['graph']:<9} {g['inputs']:<11} {r['tensor']:<22} {_fmt(r):<58} {ok(r['ok'])}")
-    for label, chain in (("chain", report["end_to_end"]), ("batch 1", report["batch_consistency"]["single"])):
-        f = chain["features"]
-        lines.append(f"  {label:<9} {'pixels':<11} {'features vs forced':<22} {_fmt(f):<58} {ok(f['ok'])}")
-        for p in chain["points"]:
-            lines.append(f"  {label:<9} {'pixels':<11} {'decisions @ point ' + str(p['point']):<22} "
-                         f"{_fmt_decisions(p['decisions']):<58} {ok(p['ok'])}")
-    b = report["batch_consistency"]
-    text = f"rel {b['rel_err']:.2e} (same decisions)" if b["same_decisions"] else "decisions differ: checked as a run"
-    lines.append(f"  {'batch 1':<9} {'pixels':<11} {'vs its batch row':<22} {text:<58} {ok(b['ok'])}")
-    lines += ["", *describe(report), "",
-              "validation PASSED" if report["passed"] else "validation FAILED (see the rows marked NO above)"]
-    return "\n".join(lines)
-
-
-def describe(report: dict) -> list[str]:
-    """The report in words."""
-    s, tol = report["summary"], report["tolerances"]
-    n_graphs = len({g["graph"] for g in report["graphs"]})
-    n_select = len({g["graph"] for g in report["graphs"] if g["inputs"] == "exact ties"})
-    chain = report["end_to_end"]
-    free = [p["free_running"] for p in chain["points"]]
-    t = s["exact_ties"]
-    words = [
-        f"Compared: each of the {n_graphs} graphs on the reference's own inputs; the {n_select} selection graphs "
-        "again on exact ties (duplicated tokens); the chain from the pixels against the reference re-run with the "
-        "chain's decisions forced; the first photo alone against its batch row.",
-        f"Decisions: {s['decisions']} checked, {_flips_in_words(s, tol)}; {s['close_calls']} were close calls "
-        f"(the reference's own margin within the tolerance, {tol['decision_margin']:.0e}).",
-        f"Exact ties: {t['decisions']} decisions on duplicated tokens, {_flips_in_words(t, tol)}.",
-    ]
-    sel = report.get("selection_tolerances")
-    if sel and sel != tol:
-        words.append(f"Selection graphs compute in fp32 in every build: on identical inputs they were held to fp32's "
-                     f"tolerances (decision margin {sel['decision_margin']:.0e}); the {report['precision']} rows apply "
-                     "to the stages and the chain.")
-    if free:
-        words.append(
-            "Versus the free-running reference (information): "
-            + ", ".join(f"point {p['point']}: {f['kept_differ']} of {f['kept_total']} kept positions and "
-                        f"{f['merge_differ']} merge owners differ" for p, f in zip(chain["points"], free))
-            + f"; feature cosine {chain['features_cosine_to_free_running']:.6f}.")
-    return words
-
-
-def _flips_in_words(s: dict, tol: dict) -> str:
-    if s["not_near_ties"]:
-        return (f"{s['flips']} differed from the reference's and {s['not_near_ties']} check(s) found decisions that "
-                f"were NOT near-ties (worst margin {s['worst_margin']:.1e} > {tol['decision_margin']:.0e})")
-    if not s["flips"]:
-        return "none differed from the reference's"
-    return (f"{s['flips']} differed from the reference's, all near-ties (worst margin {s['worst_margin']:.1e} "
-            f"<= {tol['decision_margin']:.0e})")
-
-
-def print_report(report: dict, file=sys.stdout) -> None:
-    print(format_report(report), file=file)
