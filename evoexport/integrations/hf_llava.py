@@ -35,7 +35,8 @@ def _vision_sha256(model, manifest: Manifest) -> str:
 def attach(model, build_dir, verify_weights: bool = True, **load_options):
     """Make `model` (LlavaForConditionalGeneration, or LlavaOnevisionForConditionalGeneration
     for images: pruned tiles packed as in integrations/hf_onevision.py, or
-    Qwen2_5_VLForConditionalGeneration: integrations/hf_qwen2_5_vl.py) take its image
+    Qwen2_5_VLForConditionalGeneration: integrations/hf_qwen2_5_vl.py, Qwen3VLForConditionalGeneration:
+    integrations/hf_qwen3_vl.py) take its image
     features from a build."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -45,6 +46,9 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     if getattr(inner.config, "model_type", None) == "qwen2_5_vl":   # one attach() for every family
         from .hf_qwen2_5_vl import attach as attach_qwen
         return attach_qwen(model, build_dir, verify_weights, **load_options)
+    if getattr(inner.config, "model_type", None) == "qwen3_vl":
+        from .hf_qwen3_vl import attach as attach_qwen3
+        return attach_qwen3(model, build_dir, verify_weights, **load_options)
     if not hasattr(inner, "get_image_features") or not hasattr(inner, "multi_modal_projector"):
         raise EvoExportError(f"attach() takes a transformers LLaVA model, got {type(model).__name__}")
     onevision = getattr(inner.config, "model_type", None) == "llava_onevision"
@@ -110,7 +114,7 @@ def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     """Processor output with each image's run of placeholder tokens cut to what the build
     gives it: K for LLaVA, the packed length for LLaVA-OneVision (left-padded again for
     batches; attention masks follow). Qwen2.5-VL: its own (mm_token_type_ids follow too)."""
-    if getattr(model.config, "model_type", None) == "qwen2_5_vl":
+    if getattr(model.config, "model_type", None) in ("qwen2_5_vl", "qwen3_vl"):
         from .hf_qwen2_5_vl import shrink_image_tokens as shrink_qwen
         return shrink_qwen(inputs, model, tokens)
     image_id = model.config.image_token_id

@@ -98,9 +98,13 @@ class _Encoder:
         v = self.vcfg
         x = images_from_patches(pixel_values.float(), grid_thw, v.patch_size, v.spatial_merge_size,
                                 v.temporal_patch_size, self.frames)     # a still: the processor's frame twice
-        out = features_from_build(self.runner, x, self.embed)
+        out = self.run(x)
         self.last[kind] = (pixel_values, out)
         return out
+
+    def run(self, x):
+        """(features, kept indices) of images x (a family with more outputs adds them after)."""
+        return features_from_build(self.runner, x, self.embed)
 
     def kept(self, kind: str, pixel_values, grid_thw):
         """The kept indices of the prompt's images or videos (empty when it has none)."""

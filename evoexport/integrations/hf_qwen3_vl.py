@@ -1,0 +1,79 @@
+"""Feed a build's pruned image features and DeepStack taps to a transformers Qwen3-VL model.
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(CKPT)
+    evoexport.integrations.hf_llava.attach(model, "graphs/qwen3-vl-keep0.5")   # or this module's attach
+    image = image.resize((S, S), Image.BICUBIC)       # the build's size
+    inputs = shrink_image_tokens(processor(images=image, text=prompt, return_tensors="pt"), model)
+    out = model.generate(**inputs, max_new_tokens=64)
+
+As for Qwen2.5-VL (hf_qwen2_5_vl.py, whose encoder wrapper, mRoPE rule and token shrinking
+this module uses): `get_image_features` runs the build and returns each image's K features,
+and now also its K rows of every DeepStack tap, which transformers adds to the language
+model's hidden states at the image's K placeholder positions after its first decoder layers;
+`get_rope_index` gives the K tokens the kept units' (s, s + row, s + col) and text resumes
+where the unpruned prompt does. Videos are refused (no Qwen3-VL video builds yet).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import EvoExportError
+from .hf_qwen2_5_vl import _Encoder, _inner, _vision_sha256, pruned_rope_index
+
+
+class _DeepStackEncoder(_Encoder):
+    def run(self, x):
+        out = self.runner(x if self.runner.backend.name == "torch" else x.cpu().numpy())
+        as_tensor = lambda v: torch.as_tensor(self.runner.backend.to_numpy(v))  # noqa: E731
+        like = self.embed
+        features = as_tensor(out.features).to(like.device, like.dtype)
+        taps = [as_tensor(t).to(like.device, like.dtype) for t in out.deepstack]
+        return features, as_tensor(out.indices).to(like.device), taps
+
+
+def attach(model, build_dir, verify_weights: bool = True, **load_options):
+    """Make `model` (Qwen3VLForConditionalGeneration) take its image features, DeepStack taps
+    and mRoPE positions from a build of the qwen3-vl family."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    from ..runtime.runner import load
+
+    inner = _inner(model)
+    if getattr(inner.config, "model_type", None) != "qwen3_vl" or not hasattr(inner, "visual"):
+        raise EvoExportError(f"attach() for Qwen3-VL takes Qwen3VLForConditionalGeneration, got {type(model).__name__}")
+    runner = load(build_dir, **load_options)
+    manifest = runner.manifest
+    if manifest.family != "qwen3-vl":
+        raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a qwen3-vl build")
+    if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
+        raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
+                             "(sha256 differs); build it from this model's checkpoint")
+    vcfg = inner.config.vision_config
+    if len(manifest.deepstack) != len(vcfg.deepstack_visual_indexes):
+        raise EvoExportError(f"{build_dir} has {len(manifest.deepstack)} DeepStack taps; this model takes "
+                             f"{len(vcfg.deepstack_visual_indexes)}")
+    encode = _DeepStackEncoder(runner, vcfg, model.get_input_embeddings().weight)
+
+    def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
+        features, _, taps = encode(pixel_values, image_grid_thw, "image")
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=tuple(features),
+                                                     deepstack_features=[tuple(t) for t in taps])
+
+    def get_video_features(*args, **kwargs):
+        raise EvoExportError("attach(): Qwen3-VL videos are not supported by evoexport builds yet; "
+                             "send the frames as images")
+
+    def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, **kwargs):
+        if video_grid_thw is not None:
+            get_video_features()
+        kept = encode.kept("image", kwargs.get("pixel_values"), image_grid_thw)
+        return pruned_rope_index(input_ids, mm_token_type_ids, kept, encode.grid,
+                                 encode.grid * vcfg.spatial_merge_size, vcfg.spatial_merge_size, attention_mask)
+
+    inner.get_image_features = get_image_features
+    inner.get_video_features = get_video_features
+    inner.get_rope_index = get_rope_index
+    model.evoexport_runner = runner
+    model.evoexport_image_tokens = manifest.tokens_per_image
+    return model
