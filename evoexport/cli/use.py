@@ -72,7 +72,9 @@ def run(build_dir, input_path, output, backend, frames, batch):
             out.append(runner.arrays(np.ascontiguousarray(pixels)))
         shapes = out.shapes
         out.commit(extra)
-    click.echo(f"wrote {output}: features {shapes['features']}, indices {shapes['indices']}")
+    taps = runner.manifest.deepstack
+    click.echo(f"wrote {output}: features {shapes['features']}, indices {shapes['indices']}"
+               + (f", DeepStack taps {', '.join(taps)} {shapes[taps[0]]}" if taps else ""))
 
 
 def _video_chunks(input_path, numbers, m, batch: int):

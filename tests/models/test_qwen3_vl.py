@@ -256,3 +256,54 @@ def test_attach_refuses_a_build_of_another_family_and_videos(ckpt, full_build, t
     model = attach(_model(ckpt), full_build.path)
     with pytest.raises(EvoExportError, match="videos are not supported"):
         model.model.get_video_features(torch.zeros(1), torch.tensor([[2, 16, 16]]))
+
+
+def test_cpp_runtime_writes_every_tap_bit_for_bit(half_build, tmp_path):
+    """The manifest alone drives the C++ runtime through the carried taps: every output,
+    the three taps included, equals the Python openvino backend's exactly."""
+    import subprocess
+    from tests.helpers import ROOT as root
+    done = subprocess.run([str(root / "scripts" / "build-cpp-runtime")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run([done.stdout.strip().splitlines()[-1], str(half_build.path), "--input", str(tmp_path / "x.npy"),
+                          "--output", str(tmp_path / "o.npz")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = np.load(tmp_path / "o.npz")
+    ref = evoexport.load(half_build.path, backend="openvino").arrays(x)
+    assert {f"deepstack_{j}" for j in range(TAPS)} <= set(ours) and set(ours) == set(ref)
+    for name in ref:
+        np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+
+
+def test_int8_build_validates_its_taps(ckpt, tmp_path):
+    """int8 (calibrated on photos): validation judges each tap like the features."""
+    result = build("qwen3-vl-tiny", 0.5, checkpoint=str(ckpt), precision="int8", out=tmp_path / "int8",
+                   progress=Progress(enabled=False))
+    assert result.report["passed"]
+    taps = result.report["end_to_end"]["deepstack"]
+    assert [t["tensor"] for t in taps] == [f"deepstack_{j}" for j in range(TAPS)] and all(t["ok"] for t in taps)
+
+
+def test_triton_serves_the_taps_as_the_library_gives_them(half_build, tmp_path):
+    """A real Triton server (the pytriton wheel's, Python backend) on the build's repository:
+    each DeepStack tap is an output of the ensemble, equal to the library's."""
+    http = pytest.importorskip("tritonclient.http")
+    from evoexport.serve.repository import write_repository
+    from evoexport.serve.triton import TritonServer
+
+    repo = write_repository(half_build.path, tmp_path / "repo", flavour="python", max_batch=2)
+    x = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    ref = evoexport.load(half_build.path).arrays(x)
+    server = TritonServer(repo.path, startup_timeout=120, exit_timeout=5).start()
+    try:
+        client = http.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120)
+        inp = http.InferInput("pixel_values", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        result = client.infer("evoexport", [inp])
+        for j in range(TAPS):
+            np.testing.assert_allclose(result.as_numpy(f"deepstack_{j}"), ref[f"deepstack_{j}"], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(result.as_numpy("indices"), ref["indices"])
+    finally:
+        server.stop()
