@@ -197,6 +197,38 @@ def make_qwen_vlm(path: Path, seed: int = 0, size: str = "tiny") -> Path:
     return path
 
 
+def make_qwen3_vlm(path: Path, seed: int = 0) -> Path:
+    """Qwen3-VL, tiny: a 3-block vision tower (patch 16, 2x2 merge, DeepStack taps after 0
+    and 1, a 4x4 position table interpolated) at 256 px (64 units) and a 2-layer Qwen3 with
+    interleaved mRoPE. Tokenizer, Qwen2VLImageProcessor (min = max pixels) and chat template."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = make_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 1]),
+        text_config=dict(**{**TEXT, "max_position_embeddings": 2048}, head_dim=64, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [16, 8, 8], "mrope_interleaved": True},
+            bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    with _made_in("tiny", seed):
+        model = Qwen3VLForConditionalGeneration(cfg).eval()
+        with torch.no_grad():   # the DeepStack mergers and position table away from their init
+            for name, p in model.named_parameters():
+                if "visual" in name:
+                    p.normal_(0, 0.1 if p.dim() > 1 else 0.3)
+        model.save_pretrained(path, safe_serialization=True)
+    Qwen2VLImageProcessor(min_pixels=256 ** 2, max_pixels=256 ** 2, patch_size=16, merge_size=2, temporal_patch_size=2,
+                          image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    _save_processor_files(path, tokenizer, QWEN_TEMPLATE, {"processor_class": "Qwen3VLProcessor"})
+    return path
+
+
 def make_onevision_vlm(path: Path, seed: int = 0, size: str = "tiny") -> Path:
     """LLaVA-OneVision: "tiny", a 4-layer SigLIP tower (56-px tiles, 7x7 patches, no CLS) with
     anyres tiling (ONEVISION_PINPOINTS) and a 2-layer Qwen2; "0.5b", LLaVA-OneVision-0.5B's

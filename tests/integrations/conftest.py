@@ -15,7 +15,7 @@ from PIL import Image
 from evoexport.export.build import build
 from evoexport.progress import Progress
 from tests.helpers import ROOT
-from evoexport.measure.random_vlm import make_llava_vlm, make_onevision_vlm, make_qwen_vlm
+from evoexport.measure.random_vlm import make_llava_vlm, make_onevision_vlm, make_qwen3_vlm, make_qwen_vlm
 
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 GENAI_DRIVER = Path(__file__).with_name("genai_driver.py")
@@ -86,6 +86,13 @@ def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-qwen")
     ckpt = make_qwen_vlm(root / "qwen-vlm")
     return ckpt, _builds(ckpt, "qwen2.5-vl", root, image_size=224), photo(root / "photo.png", 224)
+
+
+@pytest.fixture(scope="session")
+def qwen3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-qwen3")
+    ckpt = make_qwen3_vlm(root / "qwen3-vlm")
+    return ckpt, _builds(ckpt, "qwen3-vl", root, image_size=256), photo(root / "photo.png", 256)
 
 
 @pytest.fixture(scope="session")

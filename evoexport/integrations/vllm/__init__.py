@@ -15,7 +15,7 @@ Two ways, for two kinds of deployment:
   `image_embeds_part(features)` makes the OpenAI request part, `image_embeds_input(features)`
   the `multi_modal_data` of `LLM.generate`. The server needs `--enable-mm-embeds`.
 
-Nothing here imports vLLM: the model classes (`llava.py`, `llava_onevision.py`, `qwen2_5_vl.py`) are imported by
+Nothing here imports vLLM: the model classes (`llava.py`, `llava_onevision.py`, `qwen2_5_vl.py`, `qwen3_vl.py`) are imported by
 vLLM, in its own environment (docs/llm.md).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": ("llava", "EvoExportLlavaForConditionalGeneration"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "EvoExportLlavaOnevisionForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "EvoExportQwen2_5_VLForConditionalGeneration"),
+    "Qwen3VLForConditionalGeneration": ("qwen3_vl", "EvoExportQwen3VLForConditionalGeneration"),
 }
 
 

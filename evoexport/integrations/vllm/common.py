@@ -85,17 +85,22 @@ def runner_for(hf_config):
 
 def encode(hf_config, pixels, dummy: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, K, D] float32, kept indices [N, K]) of pixel values [N, 3, H, W]; for
-    vLLM's profiling dummies (`dummy`), zeros and the first K positions."""
+    vLLM's profiling dummies (`dummy`), zeros and the first K positions. A build with
+    DeepStack taps (Qwen3-VL) gives [N, K, D * (1 + taps)]: the features, then each tap,
+    on the hidden axis, which is how vLLM's Qwen3-VL takes its encoder's output."""
     import torch
+    manifest = manifest_for(hf_config)
     if dummy:
-        k, d = manifest_for(hf_config).features["shape"][1:]
-        return np.zeros((len(pixels), k, d), np.float32), np.tile(np.arange(k), (len(pixels), 1))
+        k, d = manifest.features["shape"][1:]
+        return (np.zeros((len(pixels), k, d * (1 + len(manifest.deepstack))), np.float32),
+                np.tile(np.arange(k), (len(pixels), 1)))
     runner = runner_for(hf_config)
     x = pixels.detach().float() if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
     with _ONE_RUN:
         out = runner(x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy()))
     to_np = runner.backend.to_numpy
-    return np.asarray(to_np(out.features), dtype=np.float32), np.asarray(to_np(out.indices), dtype=np.int64)
+    features = np.concatenate([to_np(f) for f in (out.features, *out.deepstack)], axis=-1)
+    return np.asarray(features, dtype=np.float32), np.asarray(to_np(out.indices), dtype=np.int64)
 
 
 def check_weights(hf_config, checkpoint: str) -> None:

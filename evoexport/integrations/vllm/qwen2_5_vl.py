@@ -25,7 +25,10 @@ from .positions import pruned_mrope_positions
 _manifest = manifest_for
 
 
-class EvoExportQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
+class BuildInfo:
+    """What vLLM's Qwen processing info says of images: the build's count and size (a mixin
+    over Qwen2.5-VL's and Qwen3-VL's classes)."""
+
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
 
@@ -37,7 +40,14 @@ class EvoExportQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
         return ImageSize(width=size, height=size)
 
 
-class EvoExportQwenProcessor(Qwen2_5_VLMultiModalProcessor):
+class EvoExportQwenProcessingInfo(BuildInfo, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class BuildProcessor:
+    """vLLM's Qwen processor with the build as the encoder: images resized to the build's
+    size, its features and kept units in the processor's output (a mixin)."""
+
     def _get_hf_mm_inputs(self, mm_items, hf_kwargs):
         """Every image resized to the build's input size first (as `attach` asks of its
         callers), so the processor's grid is the build's."""
@@ -82,6 +92,10 @@ class EvoExportQwenProcessor(Qwen2_5_VLMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[image_token], replacement=lambda item_idx: [image_token] * k)]
 
 
+class EvoExportQwenProcessor(BuildProcessor, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
 def _resized(image, size: int, Image):
     if getattr(image, "size", None) == (size, size):
         return image
@@ -92,12 +106,13 @@ class EvoExportQwenDummyInputs(ProfilingImages, Qwen2_5_VLDummyInputsBuilder):
     pass
 
 
-@MULTIMODAL_REGISTRY.register_processor(EvoExportQwenProcessor, info=EvoExportQwenProcessingInfo,
-                                        dummy_inputs=EvoExportQwenDummyInputs)
-class EvoExportQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class BuildAsEncoder:
+    """vLLM's Qwen model with the build as its vision encoder (a mixin): features from the
+    processor, kept units at their mRoPE positions, no vision tower loaded."""
     # the processor hands the build normalized pixel values (vLLM would otherwise leave the
     # normalization to the model's own tower, on the device)
     supports_mm_device_do_normalize = False
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         check_weights(self.config, vllm_config.model_config.model)
@@ -127,3 +142,9 @@ class EvoExportQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights((n, w) for n, w in weights if "visual." not in n)
+
+
+@MULTIMODAL_REGISTRY.register_processor(EvoExportQwenProcessor, info=EvoExportQwenProcessingInfo,
+                                        dummy_inputs=EvoExportQwenDummyInputs)
+class EvoExportQwen2_5_VLForConditionalGeneration(BuildAsEncoder, Qwen2_5_VLForConditionalGeneration):
+    pass
