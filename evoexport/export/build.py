@@ -53,6 +53,9 @@ def make_pipeline(tower, points: list[PrunePoint], params: PruneParams, temporal
     from ..pipeline.temporal import TemporalPipeline
     if not params.merge:
         raise OptionError("temporal", "needs merging (each patch's answer follows the merges); drop --no-merge")
+    if tower.taps:
+        raise OptionError("temporal", "is not supported with DeepStack taps (qwen3-vl) yet: they are not carried "
+                                      "through a temporal chain; build without --temporal")
     return TemporalPipeline(tower, points, params, temporal, square_mask=square_mask)
 
 

@@ -74,6 +74,9 @@ class Qwen3VisionTower(QwenVisionTower):
     """Qwen2.5-VL's tower with global blocks, an absolute position constant and DeepStack taps."""
 
     def __init__(self, spec: TowerSpec):
+        if spec.frames > 1:
+            raise OptionError("video", "qwen3-vl video builds are not supported yet (video builds are for "
+                                       "qwen2.5-vl); send a clip's frames as images")
         super().__init__(spec)
         self.taps = tuple(self.config.deepstack_visual_indexes)
         self.fold_positions()

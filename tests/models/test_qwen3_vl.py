@@ -307,3 +307,15 @@ def test_triton_serves_the_taps_as_the_library_gives_them(half_build, tmp_path):
         np.testing.assert_array_equal(result.as_numpy("indices"), ref["indices"])
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temporal", "4:0.25"], "not supported with DeepStack taps"),
+    (["--video"], "qwen3-vl video builds are not supported yet"),
+    (["--image-size", "100"], "multiple of 32"),
+])
+def test_what_qwen3_builds_do_not_take_gets_one_error_line(flags, message, tmp_path):
+    from tests.helpers import assert_one_error_line, cli
+    code, err, _ = cli("build", "--model", "qwen3-vl-tiny", "--keep", "0.5", *flags, "--out", tmp_path / "b")
+    assert_one_error_line(code, err, message)
+    assert not (tmp_path / "b").exists()
