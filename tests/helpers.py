@@ -72,3 +72,19 @@ def hostile_importance(imp, pattern: str, g):
     elif pattern == "equal":
         imp[:] = 0.05
     return imp
+
+
+def split_vision_and_language(path: Path) -> Path:
+    """A checkpoint saved by transformers re-sharded so its vision tensors and its language
+    model's sit in files of their own (loaders must never open the language model's)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    parts = {"vision.safetensors": {k: v for k, v in tensors.items() if "visual" in k},
+             "language.safetensors": {k: v for k, v in tensors.items() if "visual" not in k}}
+    for name, part in parts.items():
+        save_file({k: v.contiguous() for k, v in part.items()}, path / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, part in parts.items() for k in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path

@@ -122,20 +122,8 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     build, video) features and their mRoPE positions from a build of the qwen2.5-vl family."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from ..runtime.runner import load
-
     inner = _inner(model)
-    if getattr(inner.config, "model_type", None) != "qwen2_5_vl" or not hasattr(inner, "visual"):
-        raise EvoExportError(f"attach() for Qwen2.5-VL takes Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}")
-    runner = load(build_dir, **load_options)
-    manifest = runner.manifest
-    if manifest.temporal:
-        manifest.require_images("attach() for Qwen2.5-VL", build_dir)
-    if manifest.family != "qwen2.5-vl":
-        raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a qwen2.5-vl build")
-    if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
-        raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
-                             "(sha256 differs); build it from this model's checkpoint")
+    runner = open_build(model, build_dir, "qwen2_5_vl", "qwen2.5-vl", verify_weights, load_options)
     vcfg = inner.config.vision_config
     encode = _Encoder(runner, vcfg, model.get_input_embeddings().weight)
 
@@ -157,12 +145,40 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
                                  encode.grid * vcfg.spatial_merge_size, vcfg.spatial_merge_size, attention_mask,
                                  videos=videos)
 
+    return install(model, runner, get_image_features, get_video_features, get_rope_index)
+
+
+def install(model, runner, get_image_features, get_video_features, get_rope_index):
+    """`model` with these in place of its own, and the build recorded on it (shrink_image_tokens
+    reads its K)."""
+    inner = _inner(model)
     inner.get_image_features = get_image_features
     inner.get_video_features = get_video_features
     inner.get_rope_index = get_rope_index
     model.evoexport_runner = runner
-    model.evoexport_image_tokens = manifest.tokens_per_image
+    model.evoexport_image_tokens = runner.manifest.tokens_per_image
     return model
+
+
+def open_build(model, build_dir, model_type: str, family: str, verify_weights: bool, load_options: dict):
+    """The build's runner, once `model` is a transformers Qwen model of `model_type` and the
+    build an image or video build of `family` made from the model's own vision weights."""
+    from ..runtime.runner import load
+
+    inner = _inner(model)
+    if getattr(inner.config, "model_type", None) != model_type or not hasattr(inner, "visual"):
+        raise EvoExportError(f"attach() for {family} takes its ForConditionalGeneration model, got "
+                             f"{type(model).__name__}")
+    runner = load(build_dir, **load_options)
+    manifest = runner.manifest
+    if manifest.temporal:
+        manifest.require_images(f"attach() for {family}", build_dir)
+    if manifest.family != family:
+        raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a {family} build")
+    if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
+        raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
+                             "(sha256 differs); build it from this model's checkpoint")
+    return runner
 
 
 def _video_times(kept, video_grid_thw, second_per_grid_ts, tokens_per_second):

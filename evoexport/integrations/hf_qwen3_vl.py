@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import EvoExportError
-from .hf_qwen2_5_vl import _Encoder, _inner, _vision_sha256, pruned_rope_index
+from .hf_qwen2_5_vl import _Encoder, _inner, install, open_build, pruned_rope_index
 
 
 class _DeepStackEncoder(_Encoder):
@@ -36,18 +36,9 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     and mRoPE positions from a build of the qwen3-vl family."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-    from ..runtime.runner import load
-
     inner = _inner(model)
-    if getattr(inner.config, "model_type", None) != "qwen3_vl" or not hasattr(inner, "visual"):
-        raise EvoExportError(f"attach() for Qwen3-VL takes Qwen3VLForConditionalGeneration, got {type(model).__name__}")
-    runner = load(build_dir, **load_options)
+    runner = open_build(model, build_dir, "qwen3_vl", "qwen3-vl", verify_weights, load_options)
     manifest = runner.manifest
-    if manifest.family != "qwen3-vl":
-        raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a qwen3-vl build")
-    if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
-        raise EvoExportError(f"{build_dir} was built from other vision weights than this model's "
-                             "(sha256 differs); build it from this model's checkpoint")
     vcfg = inner.config.vision_config
     if len(manifest.deepstack) != len(vcfg.deepstack_visual_indexes):
         raise EvoExportError(f"{build_dir} has {len(manifest.deepstack)} DeepStack taps; this model takes "
@@ -71,9 +62,4 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         return pruned_rope_index(input_ids, mm_token_type_ids, kept, encode.grid,
                                  encode.grid * vcfg.spatial_merge_size, vcfg.spatial_merge_size, attention_mask)
 
-    inner.get_image_features = get_image_features
-    inner.get_video_features = get_video_features
-    inner.get_rope_index = get_rope_index
-    model.evoexport_runner = runner
-    model.evoexport_image_tokens = manifest.tokens_per_image
-    return model
+    return install(model, runner, get_image_features, get_video_features, get_rope_index)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import EvoExportError
+from ..errors import EvoExportError, cause
 from ..files import read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -139,3 +139,24 @@ def preprocess_from_checkpoint(ckpt: Path, preset) -> dict:
     if not p.is_file():
         return dict(preset.preprocess)
     return recipe_from_processor_config(read_json(p), str(p))
+
+
+def vision_config(ckpt: Path, model_type: str, title: str, config_class):
+    """The vision config of a VLM checkpoint: a whole model's (model_type `model_type`, its
+    `vision_config`) or a bare encoder's (`model_type`_vision), with one error for anything
+    else (Qwen2.5-VL, Qwen3-VL)."""
+    raw = read_config(ckpt)
+    kind = raw.get("model_type")
+    if kind == model_type:
+        vision = raw.get("vision_config")
+        if not isinstance(vision, dict):
+            raise EvoExportError(f"{ckpt}/config.json: a {model_type} config without a vision_config")
+    elif kind == f"{model_type}_vision":
+        vision = raw
+    else:
+        raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a {title} checkpoint "
+                             f"(expected '{model_type}' or '{model_type}_vision')")
+    try:
+        return config_class.from_dict(vision)
+    except Exception as e:
+        raise EvoExportError(f"{ckpt}/config.json is not a valid {title} vision config: {cause(e)}") from None

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError, OptionError, cause
+from ..errors import EvoExportError, OptionError
 from ..inputs.images import recipe_from_processor_config
 from .base import BaseTower, Family, TowerSpec
-from .checkpoint import read_config, read_prefixed
+from .checkpoint import read_prefixed, vision_config
 from .registry import Preset, register, register_family
 
 # Qwen2VLImageProcessor's normalization (OpenAI CLIP's mean and std), bicubic resampling.
@@ -354,31 +354,17 @@ def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec
 def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = None) -> TowerSpec:
     """A Qwen2_5_VLForConditionalGeneration checkpoint (only `vision_config` is read) or a
     bare vision encoder (model_type qwen2_5_vl_vision)."""
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    raw = read_config(ckpt)
-    kind = raw.get("model_type")
-    if kind == "qwen2_5_vl":
-        vision = raw.get("vision_config")
-        if not isinstance(vision, dict):
-            raise EvoExportError(f"{ckpt}/config.json: a qwen2_5_vl config without a vision_config")
-    elif kind == "qwen2_5_vl_vision":
-        vision = raw
-    else:
-        raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a Qwen2.5-VL checkpoint "
-                             "(expected 'qwen2_5_vl' or 'qwen2_5_vl_vision')")
-    try:
-        vcfg = Qwen2_5_VLVisionConfig.from_dict(vision)
-    except Exception as e:
-        raise EvoExportError(f"{ckpt}/config.json is not a valid Qwen2.5-VL vision config: {cause(e)}") from None
+    vcfg = vision_config(ckpt, "qwen2_5_vl", "Qwen2.5-VL", QwenVisionTower.transformers_classes()[0])
     size = _input_size(image_size, preset)
-    return _spec(vcfg, preset, size, _recipe_from_checkpoint(ckpt, size))
+    return _spec(vcfg, preset, size, recipe_from_checkpoint(ckpt, size, QWEN_PROCESSOR, "Qwen/Qwen2.5-VL-7B-Instruct"))
 
 
-def _recipe_from_checkpoint(ckpt: Path, size: int) -> dict:
+def recipe_from_checkpoint(ckpt: Path, size: int, default: dict, source: str) -> dict:
+    """The checkpoint's own preprocessor_config.json at the build's size, else `default`'s."""
     from ..files import read_json
     path = ckpt / "preprocessor_config.json"
     if not path.is_file():
-        return qwen_recipe(size)
+        return qwen_recipe(size, default, source)
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise EvoExportError(f"{path} is not a JSON object")

@@ -22,8 +22,8 @@ import torch
 
 from ..errors import EvoExportError, OptionError, cause
 from .base import Family, TowerSpec
-from .checkpoint import read_config
-from .qwen2_5_vl import QwenVisionTower, load_weights as load_qwen_weights, qwen_recipe
+from .checkpoint import vision_config
+from .qwen2_5_vl import QwenVisionTower, load_weights as load_qwen_weights, qwen_recipe, recipe_from_checkpoint
 from .registry import Preset, register, register_family
 
 UNIT_PX = 32
@@ -150,46 +150,21 @@ def _spec(vcfg, size: int, preprocess: dict) -> TowerSpec:
                      feature_layer=-1, select_strategy="full", preprocess=preprocess, input_size=size, unit=2)
 
 
-def _vision_config(raw: dict, where):
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-    try:
-        return Qwen3VLVisionConfig.from_dict(raw)
-    except Exception as e:
-        raise EvoExportError(f"{where} is not a valid Qwen3-VL vision config: {cause(e)}") from None
-
-
 def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec:
     size = _input_size(image_size, preset)
-    return _spec(_vision_config(preset.vision, preset.name), size, qwen_recipe(size, QWEN3_PROCESSOR, SOURCE))
+    try:
+        vcfg = Qwen3VisionTower.transformers_classes()[0].from_dict(preset.vision)
+    except Exception as e:
+        raise EvoExportError(f"preset {preset.name} is not a valid Qwen3-VL vision config: {cause(e)}") from None
+    return _spec(vcfg, size, qwen_recipe(size, QWEN3_PROCESSOR, SOURCE))
 
 
 def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = None) -> TowerSpec:
     """A Qwen3VLForConditionalGeneration checkpoint (only `vision_config` is read) or a bare
     vision encoder (model_type qwen3_vl_vision)."""
-    raw = read_config(ckpt)
-    kind = raw.get("model_type")
-    if kind == "qwen3_vl":
-        vision = raw.get("vision_config")
-        if not isinstance(vision, dict):
-            raise EvoExportError(f"{ckpt}/config.json: a qwen3_vl config without a vision_config")
-    elif kind == "qwen3_vl_vision":
-        vision = raw
-    else:
-        raise EvoExportError(f"{ckpt}: model_type {kind!r} is not a Qwen3-VL checkpoint "
-                             "(expected 'qwen3_vl' or 'qwen3_vl_vision')")
+    vcfg = vision_config(ckpt, "qwen3_vl", "Qwen3-VL", Qwen3VisionTower.transformers_classes()[0])
     size = _input_size(image_size, preset)
-    return _spec(_vision_config(vision, f"{ckpt}/config.json"), size, _recipe_from_checkpoint(ckpt, size))
-
-
-def _recipe_from_checkpoint(ckpt: Path, size: int) -> dict:
-    from ..files import read_json
-    path = ckpt / "preprocessor_config.json"
-    if not path.is_file():
-        return qwen_recipe(size, QWEN3_PROCESSOR, SOURCE)
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise EvoExportError(f"{path} is not a JSON object")
-    return qwen_recipe(size, raw, str(path))
+    return _spec(vcfg, size, recipe_from_checkpoint(ckpt, size, QWEN3_PROCESSOR, SOURCE))
 
 
 def load_weights(tower: Qwen3VisionTower, ckpt: Path) -> None:

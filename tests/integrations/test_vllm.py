@@ -38,18 +38,23 @@ def llava_transformers(ckpt: Path, build_dir: Path, photo: Path) -> dict:
             "text_tokens": ids.shape[1] - 16}
 
 
-def qwen_transformers(ckpt: Path, build_dir: Path, photo: Path) -> dict:
+def qwen_transformers(ckpt: Path, build_dir: Path, photo: Path, model_class=None, blind=None) -> dict:
+    """Greedy tokens of transformers' own Qwen model (Qwen2.5-VL unless `model_class`), then of
+    attach() at the build; `blind(model)`, if given, also answers with a changed copy."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
-    from evoexport.integrations.hf_qwen2_5_vl import attach, shrink_image_tokens
+    from evoexport.integrations.hf_llava import attach, shrink_image_tokens
+    model_class = model_class or Qwen2_5_VLForConditionalGeneration
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     px = Qwen2VLImageProcessor.from_pretrained(ckpt)(images=[Image.open(photo)], return_tensors="pt")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).eval()
+    model = model_class.from_pretrained(ckpt).eval()
     n = int(px["image_grid_thw"].prod()) // 4
     ids = tokenizer(QWEN_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt").input_ids
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px["pixel_values"],
               "image_grid_thw": px["image_grid_thw"], "mm_token_type_ids": (ids == model.config.image_token_id).long()}
     out = {"transformers": generate(model, **inputs)}
+    if blind is not None:
+        out["blind"] = generate(blind(model_class.from_pretrained(ckpt).eval()), **inputs)
     attach(model, build_dir)
     small = shrink_image_tokens(inputs, model)
     return {**out, "attach": generate(model, **small), "attach_prompt_tokens": small["input_ids"].shape[1],
@@ -72,11 +77,9 @@ def test_llava_plugin_equals_vllm_transformers_and_attach(vllm_python, llava, tm
     assert got["stock+embeds"][0] == got["keep0.5"][0]
 
 
-def test_qwen_plugin_keeps_the_kept_units_mrope_positions(vllm_python, qwen, tmp_path):
-    """keep 0.5 equals attach(), whose positions put each kept unit at its own (row, col):
-    a dense grid of 32 would give other tokens (checked below), so equality checks them."""
-    ckpt, builds, photo = qwen
-    ref = qwen_transformers(ckpt, builds[0.5], photo)
+def _check_qwen_plugin(vllm_python, tmp_path, ckpt, builds, photo, ref: dict) -> None:
+    """Stock vLLM and the plugin at keep 1.0 answer as transformers; at keep 0.5 as attach(),
+    with 32 of the 64 units' placeholders."""
     got = drive(vllm_python, tmp_path, ckpt,
                  [{"name": "stock"}, {"name": "keep1", "build": str(builds[1.0])},
                   {"name": "keep0.5", "build": str(builds[0.5])}],
@@ -86,46 +89,32 @@ def test_qwen_plugin_keeps_the_kept_units_mrope_positions(vllm_python, qwen, tmp
     assert got["keep0.5"][0]["tokens"] == ref["attach"]
     assert got["keep0.5"][0]["prompt_tokens"] == ref["attach_prompt_tokens"] == ref["text_tokens"] + 32
 
-def qwen3_transformers(ckpt: Path, build_dir: Path, photo: Path) -> dict:
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen3VLForConditionalGeneration
 
-    from evoexport.integrations.hf_qwen3_vl import attach
-    from evoexport.integrations.hf_qwen2_5_vl import shrink_image_tokens
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    px = Qwen2VLImageProcessor.from_pretrained(ckpt)(images=[Image.open(photo)], return_tensors="pt")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(ckpt).eval()
-    n = int(px["image_grid_thw"].prod()) // 4
-    ids = tokenizer(QWEN_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt").input_ids
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px["pixel_values"],
-              "image_grid_thw": px["image_grid_thw"], "mm_token_type_ids": (ids == model.config.image_token_id).long()}
-    out = {"transformers": generate(model, **inputs)}
-    blind = Qwen3VLForConditionalGeneration.from_pretrained(ckpt).eval()
-    with torch.no_grad():        # the same model with every DeepStack tap zero
-        for merger in blind.model.visual.deepstack_merger_list:
+def test_qwen_plugin_keeps_the_kept_units_mrope_positions(vllm_python, qwen, tmp_path):
+    """keep 0.5 equals attach(), whose positions put each kept unit at its own (row, col):
+    a dense grid of 32 would give other tokens (checked below), so equality checks them."""
+    ckpt, builds, photo = qwen
+    _check_qwen_plugin(vllm_python, tmp_path, ckpt, builds, photo, qwen_transformers(ckpt, builds[0.5], photo))
+
+
+def _without_taps(model):
+    """The same Qwen3-VL model with every DeepStack tap zero."""
+    with torch.no_grad():
+        for merger in model.model.visual.deepstack_merger_list:
             merger.linear_fc2.weight.zero_()
             merger.linear_fc2.bias.zero_()
-    out["without_taps"] = generate(blind, **inputs)
-    attach(model, build_dir)
-    small = shrink_image_tokens(inputs, model)
-    return {**out, "attach": generate(model, **small), "attach_prompt_tokens": small["input_ids"].shape[1],
-            "text_tokens": ids.shape[1] - n}
+    return model
 
 
 def test_qwen3_plugin_feeds_the_deepstack_taps_and_kept_positions(vllm_python, qwen3, tmp_path):
     """Qwen3-VL: keep 1.0 equals stock vLLM and transformers (the taps reach vLLM's own
     DeepStack path); keep 0.5 equals attach() (K features, K rows of each tap, kept units'
     positions)."""
+    from transformers import Qwen3VLForConditionalGeneration
     ckpt, builds, photo = qwen3
-    ref = qwen3_transformers(ckpt, builds[0.5], photo)
-    assert ref["without_taps"] != ref["transformers"]     # the taps change the answer: equality checks them
-    got = drive(vllm_python, tmp_path, ckpt,
-                 [{"name": "stock"}, {"name": "keep1", "build": str(builds[1.0])},
-                  {"name": "keep0.5", "build": str(builds[0.5])}],
-                 [{"prompt": QWEN_PROMPT, "images": [str(photo)]}])
-    assert got["stock"][0]["tokens"] == ref["transformers"]
-    assert got["keep1"][0]["tokens"] == ref["transformers"]
-    assert got["keep0.5"][0]["tokens"] == ref["attach"]
-    assert got["keep0.5"][0]["prompt_tokens"] == ref["attach_prompt_tokens"] == ref["text_tokens"] + 32
+    ref = qwen_transformers(ckpt, builds[0.5], photo, Qwen3VLForConditionalGeneration, blind=_without_taps)
+    assert ref["blind"] != ref["transformers"]     # the taps change the answer: equality checks them
+    _check_qwen_plugin(vllm_python, tmp_path, ckpt, builds, photo, ref)
 
 
 def test_onevision_plugin_packs_tiles_as_attach_does(onevision_answers):

@@ -2,14 +2,13 @@
 its language model fed through attach() (tiny random checkpoints saved here; no hub)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import evoexport
 from evoexport.cli import main
@@ -17,6 +16,7 @@ from evoexport.errors import EvoExportError
 from evoexport.export.build import build
 from evoexport.models import load_tower
 from evoexport.progress import Progress
+from tests.helpers import split_vision_and_language
 
 SIZE = 224        # 16x16 patches, 8x8 merge units, 2x2 windows of 4x4 units
 IMAGE_PAD, VISION_START, VISION_END = 290, 291, 292
@@ -39,15 +39,7 @@ def make_qwen_checkpoint(path: Path, seed: int = 0) -> Path:
         video_token_id=293)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
-    tensors = load_file(path / "model.safetensors")
-    (path / "model.safetensors").unlink()
-    parts = {"vision.safetensors": {k: v for k, v in tensors.items() if "visual" in k},
-             "language.safetensors": {k: v for k, v in tensors.items() if "visual" not in k}}
-    for name, part in parts.items():
-        save_file({k: v.contiguous() for k, v in part.items()}, path / name, metadata={"format": "pt"})
-    weight_map = {k: name for name, part in parts.items() for k in part}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
+    return split_vision_and_language(path)
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +163,13 @@ def test_checkpoint_loader_never_reads_the_language_model(qwen_ckpt, tmp_path):
 
 
 def _prompt(model, image: Image.Image):
+    return qwen_prompt(_processor(), image, SIZE)
+
+
+def qwen_prompt(processor, image: Image.Image, size: int) -> dict:
     """A prompt with one image, written out by hand (no tokenizer is needed): text, then
     <|vision_start|>, U <|image_pad|>, <|vision_end|>, text."""
-    inputs = dict(_processor()(images=[image.resize((SIZE, SIZE), Image.BICUBIC)], return_tensors="pt"))
+    inputs = dict(processor(images=[image.resize((size, size), Image.BICUBIC)], return_tensors="pt"))
     units = int(inputs["image_grid_thw"].prod()) // 4
     ids = [5, 6, 7, VISION_START] + [IMAGE_PAD] * units + [VISION_END, 8, 9, 10]
     inputs["input_ids"] = torch.tensor([ids])

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 import evoexport
 from evoexport.cli import main
 from evoexport.errors import EvoExportError
 from evoexport.export.build import build
 from evoexport.progress import Progress
+from tests.helpers import split_vision_and_language
+from tests.models.test_qwen2_5_vl import IMAGE_PAD, VISION_END, VISION_START, _photo, qwen_prompt
 
 SIZE = 256        # 16x16 patches of 16 px, 8x8 merge units
-IMAGE_PAD, VISION_START, VISION_END = 290, 291, 292
 TAPS = 3
 
 
@@ -45,15 +45,7 @@ def make_qwen3_checkpoint(path: Path, seed: int = 0) -> Path:
             if "visual" in name:
                 p.normal_(0, 0.1 if p.dim() > 1 else 0.3)
     model.save_pretrained(path)
-    tensors = load_file(path / "model.safetensors")
-    (path / "model.safetensors").unlink()
-    parts = {"vision.safetensors": {k: v for k, v in tensors.items() if "visual" in k},
-             "language.safetensors": {k: v for k, v in tensors.items() if "visual" not in k}}
-    for name, part in parts.items():
-        save_file({k: v.contiguous() for k, v in part.items()}, path / name, metadata={"format": "pt"})
-    weight_map = {k: name for name, part in parts.items() for k in part}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
+    return split_vision_and_language(path)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +68,6 @@ def half_build(ckpt, tmp_path_factory):
 def _model(ckpt):
     from transformers import Qwen3VLForConditionalGeneration
     return Qwen3VLForConditionalGeneration.from_pretrained(ckpt).eval()
-
-
-def _photo(name="astronaut") -> Image.Image:
-    import skimage.data
-    return Image.fromarray(getattr(skimage.data, name)())
 
 
 def _processor():
@@ -184,15 +171,7 @@ def test_bad_checkpoints_get_one_clear_error(ckpt, tmp_path):
 
 
 def _prompt(image: Image.Image):
-    """One image in a prompt written out by hand (no tokenizer): text, <|vision_start|>,
-    U <|image_pad|>, <|vision_end|>, text."""
-    inputs = dict(_processor()(images=[image.resize((SIZE, SIZE), Image.BICUBIC)], return_tensors="pt"))
-    units = int(inputs["image_grid_thw"].prod()) // 4
-    ids = [5, 6, 7, VISION_START] + [IMAGE_PAD] * units + [VISION_END, 8, 9, 10]
-    inputs["input_ids"] = torch.tensor([ids])
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_PAD).long()
-    return inputs
+    return qwen_prompt(_processor(), image, SIZE)
 
 
 def test_attach_keep_1_generates_what_transformers_generates(ckpt, full_build):
