@@ -15,7 +15,7 @@ from evoexport.cli import main
 from evoexport.validate.decisions import check_decisions, make_ties
 from evoexport.manifest import Manifest, sha256_file
 from evoexport.prune.selection import PruneParams, SelectRule, select
-from evoexport.validate.report import describe as report_words
+from evoexport.validate.text import describe as report_words
 from evoexport.validate.report import validate
 
 
