@@ -57,5 +57,4 @@ class CarrySelect(nn.Module):
 
     def in_form(self, form: str) -> "CarrySelect":
         """The same selection computed in another form (runtime/backends/torch.py)."""
-        s = self.select
-        return CarrySelect(SelectGraph(s.budget, s.params, s.has_cls, s.grid, form), self.fixed)
+        return CarrySelect(self.select.in_form(form), self.fixed)

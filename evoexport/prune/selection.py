@@ -381,6 +381,10 @@ class SelectGraph(nn.Module):
         """What the selection decides on: (hidden, importance, positions) (validation)."""
         return hidden, importance, positions
 
+    def in_form(self, form: str) -> "SelectGraph":
+        """The same selection computed in another form (runtime/backends/torch.py)."""
+        return SelectGraph(self.budget, self.params, self.has_cls, self.grid, form)
+
     def forced(self, hidden, importance, sizes=None, positions=None, *, picks, merge):
         """The same outputs, computed under given decisions (never exported)."""
         return tuple(select(hidden, importance, self.rule, sizes=sizes, positions=positions, forced=(picks, merge)))

@@ -298,3 +298,13 @@ def test_what_qwen3_builds_do_not_take_gets_one_error_line(flags, message, tmp_p
     code, err, _ = cli("build", "--model", "qwen3-vl-tiny", "--keep", "0.5", *flags, "--out", tmp_path / "b")
     assert_one_error_line(code, err, message)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_torch_chain_in_the_compare_form_carries_the_taps_too(half_build):
+    """The GPU chain's other selection form (no TopK) keeps its carried taps: same taps."""
+    x = np.random.default_rng(2).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    ref = evoexport.load(half_build.path, backend="torch")(x)
+    out = evoexport.load(half_build.path, backend="torch", selection_form="compare")(x)
+    assert len(out.deepstack) == TAPS
+    for got, want in zip(out.deepstack, ref.deepstack):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)

@@ -128,12 +128,9 @@ def sdpa_backends(names):
 
 def _selection_modules(pipeline, form: str) -> dict:
     """The pipeline's selections in another form (same budgets and parameters), by graph name."""
-    from ...prune.selection import SelectGraph
-
     if form == "topk":
         return {}
-    return {g.name: SelectGraph(g.module.budget, g.module.params, g.module.has_cls, g.module.grid, form)
-            for g in pipeline.graphs if g.kind == GraphKind.SELECT}
+    return {g.name: g.module.in_form(form) for g in pipeline.graphs if g.kind == GraphKind.SELECT}
 
 
 def _compiled_selections(pipeline, modules: dict | None = None) -> dict:
