@@ -15,20 +15,14 @@ where the unpruned prompt does. Videos are refused (no Qwen3-VL video builds yet
 """
 from __future__ import annotations
 
-import torch
-
 from ..errors import EvoExportError
+from .common import outputs_from_build
 from .hf_qwen2_5_vl import _Encoder, _inner, install, open_build, pruned_rope_index
 
 
 class _DeepStackEncoder(_Encoder):
     def run(self, x):
-        out = self.runner(x if self.runner.backend.name == "torch" else x.cpu().numpy())
-        as_tensor = lambda v: torch.as_tensor(self.runner.backend.to_numpy(v))  # noqa: E731
-        like = self.embed
-        features = as_tensor(out.features).to(like.device, like.dtype)
-        taps = [as_tensor(t).to(like.device, like.dtype) for t in out.deepstack]
-        return features, as_tensor(out.indices).to(like.device), taps
+        return outputs_from_build(self.runner, x, self.embed)
 
 
 def attach(model, build_dir, verify_weights: bool = True, **load_options):

@@ -230,15 +230,16 @@ class QwenVisionTower(BaseTower):
         else:
             cos = self.cos_units[positions].reshape(b, t, -1)
             sin = self.sin_units[positions].reshape(b, t, -1)
-            windows = self.window_of_unit[positions]                                    # [B, K]
-            windows = windows.unsqueeze(-1).expand(b, t // 4, 4).reshape(b, t)
-            same = windows.unsqueeze(-1) == windows.unsqueeze(-2)                       # [B, T, T]
-            window_mask = torch.where(same, 0.0, -math.inf)[:, None].to(hidden.dtype)
-            full_mask = None
+            window_mask = full_mask = None
+            if any(i not in self.full_blocks for i in range(first, last)):   # Qwen3-VL: never
+                windows = self.window_of_unit[positions]                                # [B, K]
+                windows = windows.unsqueeze(-1).expand(b, t // 4, 4).reshape(b, t)
+                same = windows.unsqueeze(-1) == windows.unsqueeze(-2)                   # [B, T, T]
+                window_mask = torch.where(same, 0.0, -math.inf)[:, None].to(hidden.dtype)
             if key_bias is not None:
                 bias = key_bias[:, None, None, :].to(hidden.dtype)
                 full_mask = bias.expand(-1, -1, t, -1) if square_mask else bias
-                window_mask = window_mask + bias
+                window_mask = window_mask + bias if window_mask is not None else None
         for index in range(first, last):
             full = index in self.full_blocks
             mask = full_mask if full else window_mask
