@@ -9,7 +9,13 @@ __version__ = "0.1.0"
 
 
 def load(build_dir, backend: str = "onnxruntime", **options):
-    """Load a build directory; returns a callable pixel_values -> Output(features, indices, ...)."""
+    """Load a build directory; returns a callable pixel_values -> Output(features, indices, ...).
+    A bucketed build (`build --grids`) loads as a BucketRunner, which takes images:
+    run_images([PIL images]) -> [ImageResult(features, indices, deepstack, grid, aspect_change)]."""
+    from .manifest import is_bucketed
+    if is_bucketed(build_dir):
+        from .runtime.buckets import BucketRunner
+        return BucketRunner(build_dir, backend=backend, **options)
     from .runtime.runner import load as _load
     return _load(build_dir, backend=backend, **options)
 

@@ -15,7 +15,12 @@ from pathlib import Path
 from .errors import EvoExportError
 from .files import read_json, write_json
 from . import names
-from .names import Word
+
+from .names import Grid, Word, size_hw
+
+
+def _size(value):
+    return tuple(value) if isinstance(value, list) else value
 
 class Precision(Word):
     """What a build's encoder stages compute in, in one place: the CLI's choices, the builder,
@@ -44,6 +49,10 @@ FLOAT_PRECISIONS = tuple(p.value for p in Precision if p.torch_dtype)
 TORCH_DTYPES = {p.value: p.torch_dtype for p in Precision if p.torch_dtype}
 SCHEMA_VERSION = 2   # 2: selection graphs also output their decisions (merge_i, picks_i); `precision`
 MANIFEST = "manifest.json"
+# a bucketed build (export/buckets.py): manifest.json is an index of grids, each grid's
+# manifest is GRID.json beside it, and every graph's tensors are in one shared file
+BUCKET_INDEX_KIND = "buckets"
+SHARED_WEIGHTS = "weights.bin"
 SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "manifest.schema.json"
 
 
@@ -101,7 +110,9 @@ class Manifest:
     checkpoint = property(lambda self: self.data.get("checkpoint"))
     # the tower's sizes (TowerSpec's fields, plus depth, grid, num_patches, has_cls, ...)
     tower = property(lambda self: self.data["tower"])
-    image_size = property(lambda self: self.data["tower"]["image_size"])
+    # an int (a square), or (height, width): a Qwen build at one of the processor's own grids
+    image_size = property(lambda self: _size(self.data["tower"]["image_size"]))
+    grid = property(lambda self: Grid.of(self.data["tower"]["grid"]))
     num_patches = property(lambda self: self.data["tower"]["num_patches"])
     preprocess = property(lambda self: self.data["preprocess"])
     pad_to_square = property(lambda self: self.data["preprocess"].get("pad_to_square"))
@@ -176,42 +187,145 @@ class Manifest:
                 return spec
         raise KeyError(name)
 
-    def write(self, build_dir: Path) -> None:
-        write_json(Path(build_dir) / MANIFEST, self.data)
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return size_hw(self.image_size)
+
+    def write(self, build_dir: Path, name: str = MANIFEST) -> None:
+        write_json(Path(build_dir) / name, self.data)
 
 
-def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True) -> Manifest:
+def build_root(build) -> Path:
+    """The folder a build's files are in: the build directory, or the folder of one grid's
+    manifest (GRID.json) in a bucketed build."""
+    build = Path(build)
+    return build.parent if build.suffix == ".json" and build.is_file() else build
+
+
+def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True, hashed: dict | None = None) -> Manifest:
     """Load and check a build's manifest; with `verify`, hash every file it names. Without
     `files` the graph files are not looked at (readers that never open them: the torch
-    backend rebuilds the chain from the manifest and checks the weights' own sha256)."""
+    backend rebuilds the chain from the manifest and checks the weights' own sha256).
+    `build_dir` may also be one grid's manifest in a bucketed build (BUILD/13x18.json);
+    `hashed` (path -> sha256) hashes a file several graphs share only once."""
     build_dir = Path(build_dir)
-    path = build_dir / MANIFEST
+    path, root = _manifest_path(build_dir)
+    manifest = _read_object(path)
+    if manifest.get("kind") == BUCKET_INDEX_KIND:
+        grids = ", ".join(str(b.get("manifest", "?")).removesuffix(".json") for b in manifest.get("buckets") or [])
+        raise EvoExportError(f"{build_dir} is a bucketed build (grids {grids}): `evoexport run` and attach() take it "
+                             f"whole; for this, give one grid's manifest, e.g. {build_dir / (grids.split(', ')[0] + '.json')}")
+    manifest = Manifest(manifest)
+    for g in manifest.graphs if files else []:
+        for key_file, key_hash in (("file", "sha256"), ("data_file", "data_sha256")):
+            name = g.get(key_file)
+            if name:
+                _check_file(root, name, g.get(key_hash), verify, hashed)
+    return manifest
+
+
+def _manifest_path(build_dir: Path) -> tuple[Path, Path]:
     if build_dir.is_file():
+        if build_dir.suffix == ".json" and (build_dir.parent / MANIFEST).is_file():
+            return build_dir, build_dir.parent     # one grid of a bucketed build
         raise EvoExportError(f"{build_dir} is a file; give the build directory (the folder that holds {MANIFEST})")
     if not build_dir.is_dir():
         raise EvoExportError(f"build directory {build_dir} does not exist")
-    if not path.is_file():
+    if not (build_dir / MANIFEST).is_file():
         raise EvoExportError(f"{build_dir} is not an evoexport build: no {MANIFEST}")
+    return build_dir / MANIFEST, build_dir
+
+
+def _read_object(path: Path) -> dict:
+    """A manifest file: a JSON object of this schema version, following the schema (an index
+    of grids is checked by read_buckets)."""
     manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise EvoExportError(f"{path} is not a JSON object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise EvoExportError(f"{path} has schema_version {version!r}; this evoexport reads version {SCHEMA_VERSION}")
-    check_schema(manifest, path)
-    manifest = Manifest(manifest)
-    for g in manifest.graphs if files else []:
-        for key_file, key_hash in (("file", "sha256"), ("data_file", "data_sha256")):
-            name = g.get(key_file)
-            if not name:
-                continue
-            f = build_dir / name
-            if not f.is_file():
-                raise EvoExportError(f"{build_dir}: {name} named by the manifest is missing")
-            if verify and sha256_file(f) != g.get(key_hash):
-                raise EvoExportError(f"{build_dir}: {name} does not match its sha256 in the manifest "
-                                     "(truncated or edited); rebuild it")
+    if manifest.get("kind") != BUCKET_INDEX_KIND:
+        check_schema(manifest, path)
     return manifest
+
+
+def _check_file(root: Path, name: str, sha256: str | None, verify: bool, hashed: dict | None) -> None:
+    f = root / name
+    if not f.is_file():
+        raise EvoExportError(f"{root}: {name} named by the manifest is missing")
+    if not verify:
+        return
+    hashed = {} if hashed is None else hashed
+    if f not in hashed:
+        hashed[f] = sha256_file(f)
+    if hashed[f] != sha256:
+        raise EvoExportError(f"{root}: {name} does not match its sha256 in the manifest (truncated or edited); "
+                             "rebuild it")
+
+
+class Buckets:
+    """A bucketed build: its grids' manifests (in the index's order) and how an image picks one."""
+
+    def __init__(self, root: Path, data: dict, manifests: list[Manifest]):
+        self.root, self.data, self.manifests = root, data, manifests
+
+    def __repr__(self) -> str:
+        return f"Buckets({self.data['model']}, {', '.join(map(str, self.grids))})"
+
+    model = property(lambda self: self.data["model"])
+    keep = property(lambda self: self.data["keep"])
+    # the processor's smart_resize limits ({"unit_px", "min_pixels", "max_pixels"})
+    processor = property(lambda self: self.data["processor"])
+    grids = property(lambda self: [m.grid for m in self.manifests])
+    sizes = property(lambda self: [m.image_hw for m in self.manifests])
+    paths = property(lambda self: [self.root / b["manifest"] for b in self.data["buckets"]])
+    shared_bytes = property(lambda self: self.data["shared_weights"]["bytes"])
+
+
+def is_bucketed(build) -> bool:
+    """A bucketed build's folder (its manifest.json an index of grids)."""
+    path = Path(build) / MANIFEST
+    if not path.is_file():
+        return False
+    data = read_json(path)
+    return isinstance(data, dict) and data.get("kind") == BUCKET_INDEX_KIND
+
+
+def read_buckets(build_dir: str | Path, verify: bool = True) -> Buckets:
+    """A bucketed build's index, each grid's manifest checked against its sha256 and read
+    (the shared weights hashed once)."""
+    build_dir = Path(build_dir)
+    path, root = _manifest_path(build_dir)
+    data = _read_object(path)
+    if data.get("kind") != BUCKET_INDEX_KIND:
+        raise EvoExportError(f"{build_dir} is a one-grid build, not a bucketed one")
+    buckets, shared = data.get("buckets"), data.get("shared_weights")
+    if not isinstance(buckets, list) or not buckets or not isinstance(shared, dict):
+        raise EvoExportError(f"{path} is not a valid index of grids: it needs `buckets` and `shared_weights`")
+    hashed: dict = {}
+    _check_file(root, _plain_name(shared.get("file"), path), shared.get("sha256"), verify, hashed)
+    manifests = []
+    for b in buckets:
+        name = _plain_name(b.get("manifest") if isinstance(b, dict) else None, path)
+        _check_file(root, name, b.get("sha256"), verify, hashed)
+        manifests.append(read_manifest(root / name, verify=verify, hashed=hashed))
+    _check_limits(data.get("processor"), path)
+    return Buckets(root, data, manifests)
+
+
+def _plain_name(name, where: Path) -> str:
+    """A file name inside the build: no folder, no '..' (a manifest is input)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise EvoExportError(f"{where}: {name!r} is not a plain file name inside the build")
+    return name
+
+
+def _check_limits(limits, where: Path) -> None:
+    keys = ("unit_px", "min_pixels", "max_pixels")
+    if not isinstance(limits, dict) or not all(isinstance(limits.get(k), int) and not isinstance(limits.get(k), bool)
+                                               and limits[k] > 0 for k in keys):
+        raise EvoExportError(f"{where}: `processor` must give {', '.join(keys)} as positive integers")
 
 
 def check_graph_io(entry: dict, found_inputs: list, found_outputs: list, runtime: str) -> None:

@@ -11,7 +11,12 @@ proportional attention, indices_i for a family whose stages need positions).
 """
 from __future__ import annotations
 
+import math
+import re
 from enum import Enum
+from typing import NamedTuple
+
+from .errors import EvoExportError
 
 PIXELS = "pixel_values"
 FEATURES = "features"
@@ -149,3 +154,77 @@ def select_outputs(i: int) -> list[str]:
 def reported(points: int) -> list[str]:
     """What a chain reports: the features, then per prune point its decisions."""
     return [FEATURES] + [decision(kind, i) for i in range(points) for kind in DECISIONS]
+
+
+# -- sizes and grids: most towers take square images (an int); a Qwen build may take one of
+# the processor's own non-square grids (aspect-ratio buckets, docs/qwen.md) --
+def size_hw(size) -> tuple[int, int]:
+    """(height, width) of an input size: an int (a square) or a (height, width) pair."""
+    if isinstance(size, (list, tuple)):
+        h, w = size
+        return int(h), int(w)
+    return int(size), int(size)
+
+
+def plain_size(height: int, width: int):
+    """The size as the manifest writes it: an int for a square, else [height, width]."""
+    return height if height == width else [height, width]
+
+
+def format_size(size) -> str:
+    h, w = size_hw(size)
+    return f"{h}x{w}" if h != w else f"{h}"
+
+
+class Grid(NamedTuple):
+    """rows x cols prunable tokens (patches, or a family's merge units), in raster order."""
+    rows: int
+    cols: int
+
+    @classmethod
+    def of(cls, value) -> "Grid":
+        """From an int (a square), a [rows, cols] pair or another Grid."""
+        if isinstance(value, (list, tuple)):
+            return cls(int(value[0]), int(value[1]))
+        return cls(int(value), int(value))
+
+    @classmethod
+    def parse(cls, text: str) -> "Grid":
+        """'13x18' (rows x cols)."""
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise EvoExportError(f"{text!r} is not a grid: give ROWSxCOLS, e.g. 13x18")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def square(self) -> bool:
+        return self.rows == self.cols
+
+    @property
+    def side(self) -> int:
+        """The side of a square grid (code that only ever meets square grids)."""
+        if not self.square:
+            raise EvoExportError(f"internal: a square grid was expected, got {self}")
+        return self.rows
+
+    @property
+    def scale(self) -> float:
+        """The side of a square of as many tokens: distances on the grid are counted in it, so
+        a non-square grid weighs distance as a square one of the same size does."""
+        return math.sqrt(self.rows * self.cols)
+
+    @property
+    def plain(self):
+        """As the manifest writes it: an int for a square, else [rows, cols]."""
+        return self.rows if self.square else [self.rows, self.cols]
+
+    @property
+    def aspect(self) -> float:
+        return self.cols / self.rows

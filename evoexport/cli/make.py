@@ -10,6 +10,23 @@ from ..manifest import PRECISIONS
 from .group import cli
 
 
+class ImageSize(click.ParamType):
+    """--image-size: S (a square) or HEIGHTxWIDTH, in pixels."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        text = str(value).strip().lower()
+        try:
+            if "x" in text:
+                height, width = (int(v) for v in text.split("x"))
+                return (height, width) if height != width else height
+            return int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a size: give S or HEIGHTxWIDTH in pixels, e.g. 448 or 364x504", param, ctx)
+
+
 @cli.command()
 @click.option("--model", default="llava", show_default=True, help="model preset (see `evoexport models`)")
 @click.option("--keep", type=float, default=None, help="final fraction of patch tokens kept, in (0, 1]  [default: 0.5]")
@@ -42,9 +59,10 @@ from .group import cli
 @click.option("--opset", type=click.Choice(["20", "23"]), default="20", show_default=True,
               help="ONNX opset; 23 exports attention as ONNX's Attention op (TensorRT >= 10.14 maps it to fused "
                    "attention; ONNX Runtime runs it)")
-@click.option("--image-size", type=int, default=None,
+@click.option("--image-size", type=ImageSize(), default=None, metavar="S|HxW",
               help="dinov2: input size in pixels, a multiple of 14 (position embeddings interpolated at build time); "
-                   "qwen2.5-vl: a multiple of 112  [default: the preset's]")
+                   "qwen2.5-vl / qwen3-vl: S or HEIGHTxWIDTH, multiples of 28 / 32 (a non-square size is one of "
+                   "the processor's own grids)  [default: the preset's]")
 @click.option("--round-budgets", type=click.Choice(["8", "16", "32", "64"]), default=None,
               help="move each budget to the nearest token count whose sequence length is a multiple of this "
                    "(tensor-core tiles on a GPU); the last budget may then differ slightly from --keep")
@@ -62,10 +80,14 @@ from .group import cli
 @click.option("--video", is_flag=True,
               help="qwen2.5-vl: take its temporal patches of two frames, [B, 6, S, S] (frame t's RGB, then frame "
                    "t+1's), for video through attach(); stills go in as a frame twice")
+@click.option("--grids", default=None, metavar="auto|RxC,...",
+              help="qwen models: aspect-ratio buckets, one build at each grid (rows x cols of merge units) sharing "
+                   "one copy of the weights; each image goes to its processor grid, else the nearest aspect ratio. "
+                   "auto: the processor's grids of 7 camera ratios at the --image-size budget (docs/qwen.md)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,
-          pad_to_square, round_budgets, temporal, temporal_window, temporal_reuse, video, quiet):
+          pad_to_square, round_budgets, temporal, temporal_window, temporal_reuse, video, grids, quiet):
     """Build a pruned tower: stage graphs + manifest.json, validated against PyTorch."""
     from ..export.build import BuildOptions, run
     from ..progress import Progress, mark_decided, peak_rss_gb
@@ -88,8 +110,14 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
                            out=out, validate=validate, precision=precision, calib=calib, target=target,
                            opset=int(opset), image_size=image_size, pad_to_square=pad_to_square,
                            round_budgets=int(round_budgets) if round_budgets else None, temporal=temporal,
-                           video=video)
+                           video=video, grids=grids)
     result = run(options, progress, on_commit=mark_decided)
+    if result.buckets is not None:
+        b = result.buckets
+        click.echo(f"built {result.path}: {len(b.grids)} grids ({', '.join(map(str, b.grids))}), keep {b.keep}, "
+                   f"shared weights {b.shared_bytes / 1e6:.1f} MB, {progress.elapsed:.1f} s, "
+                   f"peak memory {peak_rss_gb():.2f} GB")
+        return
     m = result.manifest
     if m.weights == "random":
         click.echo("WARNING: built from RANDOM weights (no --checkpoint); recorded as \"weights\": \"random\"", err=True)

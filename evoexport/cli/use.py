@@ -47,6 +47,7 @@ def run(build_dir, input_path, output, backend, frames, batch):
         raise EvoExportError(f"--frames applies to video inputs; {input_path} is not one")
     if video and frames is None:
         raise EvoExportError(f"{input_path} is a video: say how many frames to sample with --frames N")
+    build_dir, grid = _grid_for_input(build_dir, Path(input_path), video)
     runner = load(build_dir, backend=backend)
     progress, group = Progress(), runner.manifest.group
     if group > 1 and not (video or Path(input_path).suffix.lower() == ".npy"):
@@ -63,8 +64,9 @@ def run(build_dir, input_path, output, backend, frames, batch):
         total, extra, chunks = _video_chunks(input_path, numbers, m, batch)
     else:
         pixels = runner.check_input(read_pixels(Path(input_path), runner.manifest))
-        total, extra = len(pixels), None
+        total, extra = len(pixels), {}
         chunks = (pixels[start:start + batch] for start in range(0, total, batch))
+    extra = {**(extra or {}), **grid}
     with NpzRows(output, total) as out:
         for pixels in chunks:
             if total > batch:
@@ -75,6 +77,46 @@ def run(build_dir, input_path, output, backend, frames, batch):
     taps = runner.manifest.deepstack
     click.echo(f"wrote {output}: features {shapes['features']}, indices {shapes['indices']}"
                + (f", DeepStack taps {', '.join(taps)} {shapes[taps[0]]}" if taps else ""))
+
+
+def _grid_for_input(build_dir, input_path: Path, video: bool) -> tuple[Path, dict]:
+    """A bucketed build runs an input at one of its grids: the one the processor gives the
+    image (or the video's frames), else the nearest aspect ratio (a .npy: the grid of its
+    exact size). Returns (that grid's manifest, what the output records); a one-grid build
+    is itself, recording nothing."""
+    import numpy as np
+
+    from ..manifest import is_bucketed, read_buckets
+    if not is_bucketed(build_dir):
+        return Path(build_dir), {}
+    buckets = read_buckets(build_dir, verify=False)      # the grid's runner hashes what it reads
+    if input_path.suffix.lower() == ".npy":
+        from ..inputs.images import read_pixels
+        height, width = read_pixels(input_path, None).shape[-2:]
+        if (height, width) not in buckets.sizes:
+            raise EvoExportError(f"{input_path} holds {height}x{width} pixel values; {build_dir} takes "
+                                 + ", ".join(f"{h}x{w}" for h, w in buckets.sizes) + " (or give the image file)")
+        i, change = buckets.sizes.index((height, width)), 0.0
+    else:
+        from ..runtime.buckets import BucketRunner
+        height, width = _input_size(input_path, video)
+        i, change = BucketRunner.choose_in(buckets, height, width)
+    grid = buckets.grids[i]
+    click.echo(f"grid {grid} ({buckets.sizes[i][0]}x{buckets.sizes[i][1]} px)"
+               + (f"; aspect ratio changed {100 * change:.1f}%" if change else "; the processor's own grid"), err=True)
+    return buckets.paths[i], {"grid": np.asarray(list(grid)), "aspect_change": np.float64(change)}
+
+
+def _input_size(input_path: Path, video: bool) -> tuple[int, int]:
+    """(height, width) of an image file (upright) or a video's first frame."""
+    if video:
+        from ..inputs.video import iter_frames
+        import numpy as np
+        frame = next(iter(iter_frames(input_path, np.array([0]))))
+        return frame.height, frame.width
+    from ..inputs.image_files import load_image
+    image = load_image(input_path)
+    return image.height, image.width
 
 
 def _video_chunks(input_path, numbers, m, batch: int):

@@ -20,6 +20,7 @@ from ..models import default_params, get_preset, load_tower
 from ..models.loader import spec_for
 from .. import names
 from ..files import atomic_dir
+from ..names import plain_size
 from ..names import GraphKind
 from ..progress import Progress, check_interrupted
 from ..prune.cost import tower_flops
@@ -36,6 +37,7 @@ class BuildResult:
     manifest: Manifest
     report: dict | None
     tower: object = None    # the loaded tower, for callers that go on to use it (bench)
+    buckets: object = None  # a bucketed build's index (manifest.Buckets); `manifest` is its first grid's
 
 
 
@@ -110,6 +112,8 @@ class BuildOptions:
     temporal: object = None
     # Qwen2.5-VL video: the input is its temporal patch of 2 frames, [B, 6, S, S]
     video: bool = False
+    # Qwen: aspect-ratio buckets, "auto" or "ROWSxCOLS,..." in merge units (export/buckets.py)
+    grids: object = None
 
     def check(self) -> None:
         """Everything that needs no weights, before the (slow) weights are touched."""
@@ -160,6 +164,11 @@ def run(options: BuildOptions, progress: Progress | None = None, on_commit=None)
     from .onnx import nest_selects
     progress = progress or Progress()
     options.check()
+    if options.grids is not None:   # aspect-ratio buckets: this, once per grid, into one folder
+        from .buckets import build_buckets
+        target = Path(options.out or f"{default_out(options.model, options.keep or 0.5, options.precision)}-buckets")
+        index = build_buckets(options, target, run, progress, on_commit)
+        return BuildResult(target, index.manifests[0], None, buckets=index)
     plan = _plan(options)
     with atomic_dir(plan.target, on_commit) as tmp:
         tower, pipeline = _load(options, plan, progress)
@@ -182,13 +191,13 @@ def run(options: BuildOptions, progress: Progress | None = None, on_commit=None)
 
 def _plan(options: BuildOptions) -> _Plan:
     spec = spec_for(options.model, options.checkpoint, options.image_size, options.pad_to_square, options.video)
-    grid = spec.token_grid
-    keep, points = plan_schedule(spec.depth, grid * grid, options.keep, options.schedule, spec.prune_layers)
+    tokens = spec.token_grid.tokens
+    keep, points = plan_schedule(spec.depth, tokens, options.keep, options.schedule, spec.prune_layers)
     temporal = options.temporal
     if temporal is not None and not isinstance(temporal, TemporalParams):
         temporal = TemporalParams.parse(temporal)
     if temporal is not None:
-        later_schedule(points, grid * grid, temporal.keep)    # refuses an unpruned anchor before any weight
+        later_schedule(points, tokens, temporal.keep)    # refuses an unpruned anchor before any weight
     target = Path(options.out) if options.out else default_out(options.model, keep, options.precision, temporal,
                                                                options.video)
     if target.exists() and not (target / MANIFEST).is_file():
@@ -259,8 +268,8 @@ def _manifest(options: BuildOptions, plan: _Plan, tower, pipeline, stages: list[
         "prune_params": params.to_dict(),
         **tower.weights_info,
         "tower": {"vision": spec.vision, "projector": spec.projector, "feature_layer": spec.feature_layer,
-                  "select_strategy": spec.select_strategy, "depth": tower.depth, "image_size": tower.image_size,
-                  "grid": tower.grid, "num_patches": tower.num_patches, "has_cls": tower.has_cls,
+                  "select_strategy": spec.select_strategy, "depth": tower.depth, "image_size": plain_size(*tower.image_hw),
+                  "grid": tower.grid.plain, "num_patches": tower.num_patches, "has_cls": tower.has_cls,
                   "unit": spec.unit, "hidden_size": tower.hidden_size, "out_features": tower.out_features,
                   **({"frames": spec.frames} if spec.frames > 1 else {})},
         "preprocess": spec.preprocess,

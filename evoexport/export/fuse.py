@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import EvoExportError
 from ..files import atomic_dir, write_json
-from ..manifest import read_manifest, sha256_file
+from ..manifest import build_root, read_manifest, sha256_file
 from .. import names
 from ..names import GraphKind
 
@@ -30,8 +30,9 @@ def fuse(build_dir, out, progress=None, on_commit=None) -> Path:
     """Write `out`: `build_dir` with its chain as one graph, swapped in whole (files.atomic_dir;
     `on_commit` runs the moment it is in place). Returns `out`."""
     import onnx
-    build_dir, say = Path(build_dir), (progress or (lambda line: None))
+    say = progress or (lambda line: None)
     manifest = read_manifest(build_dir)
+    build_dir = build_root(build_dir)     # a bucketed build's grid: the folder of its GRID.json
     if len(manifest.graphs) == 1:
         raise EvoExportError(f"{build_dir} is one graph already")
     say(f"merging {len(manifest.graphs)} graphs of {build_dir}")

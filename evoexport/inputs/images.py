@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import EvoExportError
+from ..names import format_size, size_hw
 from .image_files import MAX_IMAGE_PIXELS, load_image, to_8bit
 
 # PIL's resampling filters, by name and by the integer Hugging Face configs store
@@ -130,13 +131,16 @@ def output_size(recipe: dict) -> tuple[int, int]:
     return box["height"], box["width"]
 
 
-def fit_recipe(recipe: dict, size: int, pad_to_square: bool | None = None) -> dict:
-    """The recipe for a build that takes `size` x `size` pixels: unchanged when the recipe's
-    output is that size, else every size in it scaled by size / its output size (recorded
-    under `scaled_from`). `pad_to_square` overrides the recipe's."""
+def fit_recipe(recipe: dict, size, pad_to_square: bool | None = None) -> dict:
+    """The recipe for a build that takes `size` x `size` pixels (or (height, width): a Qwen
+    build at a non-square grid, whose recipe already says that size): unchanged when the
+    recipe's output is that size, else every size in it scaled by size / its output size
+    (recorded under `scaled_from`). `pad_to_square` overrides the recipe's."""
     recipe = dict(recipe)
     if pad_to_square is not None:
         recipe["pad_to_square"] = bool(pad_to_square)
+    if output_size(recipe) == size_hw(size):
+        return recipe
     h, w = output_size(recipe)
     if h != w:
         raise EvoExportError(f"the image processor makes {h}x{w} images; builds take square inputs")
@@ -207,11 +211,12 @@ def _center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return x[top:top + height, left:left + width]
 
 
-def preprocess(image: Image.Image, size: int, pre: dict) -> np.ndarray:
-    """PIL image -> float32 [3, size, size], as the recipe `pre` says."""
+def preprocess(image: Image.Image, size, pre: dict) -> np.ndarray:
+    """PIL image -> float32 [3, H, W] (size: S for a square, or (H, W)), as the recipe `pre` says."""
     recipe = as_recipe(pre, size)
-    if output_size(recipe) != (size, size):
-        raise EvoExportError(f"the preprocessing recipe makes {output_size(recipe)} images, the build takes {size}x{size}")
+    if output_size(recipe) != size_hw(size):
+        raise EvoExportError(f"the preprocessing recipe makes {output_size(recipe)} images, the build takes "
+                             f"{format_size(size)} px")
     image = _to_rgb(image)
     if recipe["pad_to_square"] and image.width != image.height:
         side = max(image.size)

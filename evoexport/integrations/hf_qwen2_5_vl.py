@@ -57,7 +57,7 @@ def _inner(model):
 def images_from_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch: int, merge: int, temporal: int,
                         frames: int = 1):
     """The processor's flattened patches back to pixels (inverse of
-    models.qwen2_5_vl.flatten_patches): stills [N, 3, H, W] (the first of the repeated
+    models.qwen_processor.flatten_patches): stills [N, 3, H, W] (the first of the repeated
     frames), or with `frames` = `temporal` (a video build) every temporal patch of every
     grid as its frames on the channel axis [sum of T, 3 * temporal, H, W]."""
     images, start = [], 0

@@ -76,7 +76,7 @@ def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Ten
         features = torch.gather(features, 1, owner.unsqueeze(-1).expand(b, owner.shape[1], features.shape[-1]))
     if per == 1:
         return features
-    g, u = pipe.tower.grid, pipe.tower.unit       # unit order -> raster patch order
+    g, u = pipe.tower.grid.side, pipe.tower.unit       # unit order -> raster patch order
     d = features.shape[-1] // per
     return features.reshape(b, g, g, u, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
 
@@ -118,7 +118,7 @@ def _reference(tower):
     full = Pipeline(tower, [], PruneParams()).run(x)["features"]
     ckpt = (tower.weights_info or {}).get("checkpoint")
     decoder = Path(ckpt) / "saliency_decoder.onnx" if ckpt else None
-    saliency = Saliency(decoder, tower.grid) if decoder is not None and decoder.is_file() else None
+    saliency = Saliency(decoder, tower.grid.side) if decoder is not None and decoder.is_file() else None
     full_map = saliency(full[:, 1:], x_np) if saliency else None
     return x_np, np.asarray(sources), source, x, full, saliency, full_map
 
@@ -224,10 +224,10 @@ def _methods(tower, keep: float, points: list) -> dict:
         # ToMe at the same prune points, its merged tokens weighted by proportional attention
         "tome (bipartite merge)": (points, _PLAIN_MERGED, tome, "cls"),
     }
-    if keep in (0.5, 0.25) and tower.grid % 2 == 0:   # the grid rules reach exactly these counts
+    if keep in (0.5, 0.25) and tower.grid.side % 2 == 0:   # the grid rules reach exactly these counts
         # pooled tokens carry their size into proportional attention, as merged ones do
-        methods["pooling"] = (single, _PLAIN_MERGED, {"select_0": GridReduce(tower.grid, keep, pool=True)}, "cls")
-        methods["strided"] = (single, _PLAIN, {"select_0": GridReduce(tower.grid, keep, pool=False)}, "cls")
+        methods["pooling"] = (single, _PLAIN_MERGED, {"select_0": GridReduce(tower.grid.side, keep, pool=True)}, "cls")
+        methods["strided"] = (single, _PLAIN, {"select_0": GridReduce(tower.grid.side, keep, pool=False)}, "cls")
     return methods
 
 

@@ -87,7 +87,7 @@ def _static_patch(tower, x, group: int, kept: int):
     """EVS-style: per group, the first frame whole; each later frame its `kept` patches that
     changed most (mean absolute pixel change per patch since the previous frame) through
     the whole encoder; a dropped patch takes the previous frame's answer."""
-    g, p = tower.grid, tower.image_size // tower.grid
+    g, p = tower.grid.side, tower.image_size // tower.grid.side
     patches = x.reshape(x.shape[0], 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], g * g, -1)
     anchors = x[::group]
     full = tower.project(tower.run_layers(tower.embed(anchors), 0, tower.depth, None, None, False, False))
@@ -112,7 +112,7 @@ def _static_patch(tower, x, group: int, kept: int):
 def _static_patch_flops(tower, kept: int) -> int:
     """FLOPs of a later frame through the whole encoder on `kept` patches + CLS."""
     d, m = tower.hidden_size, tower.mlp_size
-    embed = 2 * tower.num_patches * 3 * (tower.image_size // tower.grid) ** 2 * d
+    embed = 2 * tower.num_patches * 3 * (tower.image_size // tower.grid.side) ** 2 * d
     return embed + tower.depth * layer_flops(kept + 1, d, m, None, tower.mlp_matrices) + tower.projector_flops(kept)
 
 

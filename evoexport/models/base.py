@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
+from ..names import Grid, size_hw
 
 
 @dataclass
@@ -26,7 +27,9 @@ class TowerSpec:
     feature_layer: int
     select_strategy: str
     preprocess: dict
-    input_size: int | None = None   # pixels fed to the tower, where the config's image_size differs (DINOv2)
+    # pixels fed to the tower, where the config's image_size differs (DINOv2): an int (a
+    # square) or (height, width) (a Qwen build at one of the processor's non-square grids)
+    input_size: int | tuple | None = None
     # a pruned token is a unit x unit block of patches (Qwen2.5-VL: 2, its patch merger's
     # 2x2 units); budgets, indices and the spatial term count units
     unit: int = 1
@@ -38,10 +41,11 @@ class TowerSpec:
     frames: int = 1
 
     @property
-    def token_grid(self) -> int:
-        """Width of the grid of prunable tokens (patches, or units of unit x unit patches)."""
-        size = self.input_size or self.vision["image_size"]
-        return size // self.vision["patch_size"] // self.unit
+    def token_grid(self) -> Grid:
+        """The grid of prunable tokens (patches, or units of unit x unit patches)."""
+        h, w = size_hw(self.input_size or self.vision["image_size"])
+        step = self.vision["patch_size"] * self.unit
+        return Grid(h // step, w // step)
 
     @property
     def depth(self) -> int:
@@ -63,18 +67,22 @@ class BaseTower(nn.Module):
     has_cls: bool
     weights_info: dict
     resizable = False   # takes --image-size (position embeddings interpolated at build time)
+    any_grid = False    # takes non-square sizes too (Qwen: the processor's own grids)
     # the probe's query: "cls" (CLS's row, towers with CLS) or "mean" (mean patch query: towers
     # without CLS always; `evoexport eval` also sets it on DINOv2 to measure that rule)
     importance_query = "cls"
 
-    def _set_sizes(self, *, hidden: int, heads: int, mlp: int, image_size: int, patch: int, out_features: int,
+    def _set_sizes(self, *, hidden: int, heads: int, mlp: int, image_size, patch: int, out_features: int,
                    drop_cls: bool) -> None:
         """The sizes the stage builder, the cost model and the manifest read."""
         # the patch convolution drops a remainder (SigLIP-384: 27 patches of 14 px, 6 px unused)
         self.has_cls = True   # CLIP and DINOv2; SigLIP sets False (the selection handles both)
         self.hidden_size, self.num_heads, self.mlp_size = hidden, heads, mlp
-        self.image_size, self.grid = image_size, image_size // patch
-        self.num_patches = self.grid * self.grid
+        height, width = size_hw(image_size)
+        self.image_size = image_size            # an int (a square), or (height, width)
+        self.image_hw = (height, width)
+        self.grid = Grid(height // patch, width // patch)
+        self.num_patches = self.grid.tokens
         self.out_features, self.drop_cls = out_features, drop_cls
         self.weights_info = {}
 

@@ -107,7 +107,7 @@ class DinoTower(BaseTower):
         x = torch.cat([cls, patches], dim=1) + self.positions.to(patches.dtype)
         if self.unit == 1:
             return x
-        b, d, g, u = x.shape[0], x.shape[-1], self.grid, self.unit   # raster -> unit by unit
+        b, d, g, u = x.shape[0], x.shape[-1], self.grid.side, self.unit   # raster -> unit by unit
         units = x[:, 1:].reshape(b, g, u, g, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
         return torch.cat([x[:, :1], units], dim=1)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EvoExportError, OptionError
+from ..names import plain_size, size_hw
 from ..manifest import Manifest
 from .base import BaseTower, TowerSpec
 from .registry import family_api, get_preset
@@ -26,8 +27,14 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
     from .spec_check import check_spec
     preset = get_preset(model)
     family = family_api(preset)
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and not _positive_size(image_size):
         raise OptionError("image_size", f"must be a positive number of pixels, got {image_size!r}")
+    if image_size is not None:
+        height, width = size_hw(image_size)
+        if height != width and not family.tower.any_grid:
+            raise OptionError("image_size", f"{height}x{width}: {model} takes square images (non-square grids: "
+                                            "the qwen models)")
+        image_size = plain_size(height, width)
     ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
     if image_size is not None and not family.tower.resizable:
         spec = family.spec_from_checkpoint(preset, ckpt) if ckpt else family.spec_from_preset(preset)
@@ -48,6 +55,12 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
             raise OptionError("video", f"{model} encodes one frame at a time: its video frames are images, so "
                                        "build it without --video (video builds are for qwen2.5-vl)")
     return replace(spec, preprocess=fit_recipe(spec.preprocess, size, pad_to_square), frames=frames)
+
+
+def _positive_size(size) -> bool:
+    """An int, or a (height, width) pair of them, each positive."""
+    sides = list(size) if isinstance(size, (list, tuple)) else [size]
+    return len(sides) in (1, 2) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sides)
 
 
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,

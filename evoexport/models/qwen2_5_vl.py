@@ -34,35 +34,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EvoExportError, OptionError
-from ..inputs.images import recipe_from_processor_config
+from ..errors import EvoExportError
 from .base import BaseTower, Family, TowerSpec
 from .checkpoint import read_prefixed, vision_config
+from .qwen_processor import QWEN_PROCESSOR, checked_size, flatten_patches, qwen_recipe, recipe_from_checkpoint
 from .registry import Preset, register, register_family
 
-# Qwen2VLImageProcessor's normalization (OpenAI CLIP's mean and std), bicubic resampling.
-# Its smart_resize keeps each image's aspect ratio and so changes the grid per image; a
-# build has one grid, so every image is resized to the build's S x S (the manifest's
-# `resize` says so, and `aspect` says that the aspect ratio is not kept).
-# The reference checkpoint's own preprocessor_config.json, as data: Qwen/Qwen2.5-VL-7B-Instruct.
-QWEN_PROCESSOR = {
-    "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_normalize": True,
-    "do_rescale": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 0.00392156862745098,
-    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-}
 WINDOW_PX = 112   # 4x4 merge units of 28 px
-
-
-def qwen_recipe(size: int, raw: dict = QWEN_PROCESSOR, source: str = "Qwen/Qwen2.5-VL-7B-Instruct") -> dict:
-    """The processor's recipe (the shared reader of preprocessor_config.json) at the build's
-    fixed S x S in place of smart_resize."""
-    recipe = recipe_from_processor_config({**raw, "size": {"height": size, "width": size}, "do_center_crop": False},
-                                          source)
-    return {**recipe, "source": source,
-            "aspect": "stretched: every image is resized to the build's size (the processor's smart_resize "
-                      "would keep its aspect ratio and give it another grid)"}
-
+UNIT_PX = 28
 
 QWEN25_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
@@ -107,6 +86,7 @@ class _Probe(nn.Module):
 
 class QwenVisionTower(BaseTower):
     resizable = True
+    any_grid = True
     importance_query = "mean"     # no CLS: the mean patch query
     positional = True
     patches_per_token = 4
@@ -144,27 +124,39 @@ class QwenVisionTower(BaseTower):
         """Blocks that attend over the whole image (the others within windows)."""
         return self.config.fullatt_block_indexes
 
-    def window_units(self) -> int:
+    def window_units(self) -> int | None:
+        """Units per window side (None: no windows, every block global)."""
         cfg = self.config
         return cfg.window_size // (cfg.patch_size * cfg.spatial_merge_size)
+
+    @property
+    def windows_by_reshape(self) -> bool:
+        """Whole windows tile the grid, so stage 0 runs them as a reshape. Otherwise (a grid
+        that is not a multiple of the window, as the processor's grids often are: transformers
+        pads the edge windows) stage 0 runs window layers as a masked dense attention."""
+        w = self.window
+        return w is None or (self.grid.rows % w == 0 and self.grid.cols % w == 0)
 
     @torch.no_grad()
     def _tables(self) -> None:
         """The rotary cos/sin of every patch: [U, 4, hd] in raster unit order (gathered by
-        kept indices) and [4U, hd] in window-major order (stage 0)."""
-        g = self.grid
-        unit = torch.arange(g * g)
+        kept indices) and [4U, hd] in window-major order (stage 0); each unit's window."""
+        r, c = self.grid
+        unit = torch.arange(r * c)
         sub = torch.arange(4)
-        rows = (2 * (unit // g))[:, None] + (sub // 2)[None]                # [U, 4]
-        cols = (2 * (unit % g))[:, None] + (sub % 2)[None]
+        rows = (2 * (unit // c))[:, None] + (sub // 2)[None]                # [U, 4]
+        cols = (2 * (unit % c))[:, None] + (sub % 2)[None]
         position_ids = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)   # [4U, 2] (row, col)
         inv = self.visual.rotary_pos_emb.inv_freq.float()
         cos, sin = self.visual.rotary_pos_emb(inv, position_ids)           # [4U, hd], fp32
-        self.register_buffer("cos_units", cos.reshape(g * g, 4, -1), persistent=False)
-        self.register_buffer("sin_units", sin.reshape(g * g, 4, -1), persistent=False)
-        self.register_buffer("cos_windows", self._to_windows(cos[None])[0], persistent=False)
-        self.register_buffer("sin_windows", self._to_windows(sin[None])[0], persistent=False)
-        window_of = (unit // g // self.window) * (g // self.window) + (unit % g) // self.window
+        self.register_buffer("cos_units", cos.reshape(r * c, 4, -1), persistent=False)
+        self.register_buffer("sin_units", sin.reshape(r * c, 4, -1), persistent=False)
+        if self.windows_by_reshape:
+            self.register_buffer("cos_windows", self._to_windows(cos[None])[0], persistent=False)
+            self.register_buffer("sin_windows", self._to_windows(sin[None])[0], persistent=False)
+        w = self.window or max(r, c)
+        # windows from the top left, the edge ones cut short (transformers' get_window_index)
+        window_of = (unit // c // w) * (-(-c // w)) + (unit % c) // w
         self.register_buffer("window_of_unit", window_of, persistent=False)
 
     @property
@@ -176,15 +168,19 @@ class QwenVisionTower(BaseTower):
 
     # -- layout: raster unit order <-> window-major order (static reshapes, no gathers) --
     def _to_windows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            return x
         b, t, d = x.shape
-        g, w = self.grid, self.window
-        x = x.reshape(b, g // w, w, g // w, w, 4, d).permute(0, 1, 3, 2, 4, 5, 6)
+        (r, c), w = self.grid, self.window
+        x = x.reshape(b, r // w, w, c // w, w, 4, d).permute(0, 1, 3, 2, 4, 5, 6)
         return x.reshape(b, t, d)
 
     def _from_windows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            return x
         b, t, d = x.shape
-        g, w = self.grid, self.window
-        x = x.reshape(b, g // w, g // w, w, w, 4, d).permute(0, 1, 3, 2, 4, 5, 6)
+        (r, c), w = self.grid, self.window
+        x = x.reshape(b, r // w, c // w, w, w, 4, d).permute(0, 1, 3, 2, 4, 5, 6)
         return x.reshape(b, t, d)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -198,9 +194,9 @@ class QwenVisionTower(BaseTower):
         weight = w.sum(dim=2) if self.spec.frames == 1 else w.permute(0, 2, 1, 3, 4).flatten(1, 2)
         bias = conv.bias.float() if conv.bias is not None else None
         x = nn.functional.conv2d(pixel_values.float(), weight, bias, stride=conv.stride[1:])   # [B, D, 2g, 2g]
-        b, d, g = x.shape[0], x.shape[1], self.grid
-        x = x.reshape(b, d, g, 2, g, 2).permute(0, 2, 4, 3, 5, 1)            # [B, g, g, 2, 2, D]
-        return x.reshape(b, 4 * g * g, d).to(dtype)
+        (b, d), (r, c) = x.shape[:2], self.grid
+        x = x.reshape(b, d, r, 2, c, 2).permute(0, 2, 4, 3, 5, 1)            # [B, r, c, 2, 2, D]
+        return x.reshape(b, 4 * r * c, d).to(dtype)
 
     def to_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         b, t, d = hidden.shape
@@ -220,6 +216,8 @@ class QwenVisionTower(BaseTower):
 
     def run_layers(self, hidden, first, last, key_bias, positions, probe, square_mask=False):
         b, t, d = hidden.shape
+        if positions is None and not self.windows_by_reshape:   # every unit, windows by mask
+            positions = torch.arange(t // 4, device=hidden.device).expand(b, t // 4)
         windowed = positions is None       # every unit present, in place: windows by reshape
         if windowed:
             if key_bias is not None:
@@ -275,7 +273,7 @@ class QwenVisionTower(BaseTower):
         return self.visual.merger(hidden.reshape(b * t, d)).reshape(b, t // 4, -1)
 
     def attention_keys(self, layer: int, positions: int, pruned: bool) -> int:
-        if layer in self.full_blocks or pruned:     # pruned window layers: a masked dense attention
+        if layer in self.full_blocks or pruned or not self.windows_by_reshape:   # masked dense attention
             return positions
         return 4 * self.window * self.window
 
@@ -305,34 +303,6 @@ class QwenVisionTower(BaseTower):
         return run
 
 
-def flatten_patches(pixel_values: torch.Tensor, patch: int, merge: int, temporal: int):
-    """Images [B, 3, H, W] as Qwen2VLImageProcessor lays them out for the encoder: each still
-    image repeated `temporal` times, patches of a merge unit contiguous. Temporal patches
-    [B, 3 * temporal, H, W] (a video build's input: frames stacked on the channel axis) as
-    Qwen2VLVideoProcessor lays them out, each one a video of one temporal patch (the encoder
-    attends within a temporal patch, so a clip's patches may go one by one). Returns
-    (patches [B * h * w, 3 * temporal * patch * patch], grid_thw [B, 3])."""
-    b, c, hh, ww = pixel_values.shape
-    gh, gw = hh // patch, ww // patch
-    if c == 3 * temporal:
-        c = 3
-        x = pixel_values.reshape(b, temporal, c, hh, ww)
-    else:
-        x = pixel_values.unsqueeze(1).expand(b, temporal, c, hh, ww)
-    x = x.reshape(b, 1, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    patches = x.reshape(b * gh * gw, c * temporal * patch * patch)
-    return patches, torch.tensor([[1, gh, gw]] * b)
-
-
-def _input_size(image_size: int | None, preset: Preset) -> int:
-    size = image_size or preset.input_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < WINDOW_PX or size % WINDOW_PX:
-        raise OptionError("image_size", f"for {preset.name} must be a multiple of {WINDOW_PX} "
-                             f"(one attention window: 4x4 merge units of 28 px), e.g. 448 or 672; got {size}")
-    return size
-
-
 def _spec(vcfg, preset: Preset, size: int, preprocess: dict) -> TowerSpec:
     if vcfg.spatial_merge_size != 2 or vcfg.window_size != WINDOW_PX or vcfg.patch_size != 14:
         raise EvoExportError(f"{preset.name}: only patch 14, 2x2 merge units and 112 px windows are supported "
@@ -348,7 +318,7 @@ def _spec(vcfg, preset: Preset, size: int, preprocess: dict) -> TowerSpec:
 
 def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec:
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    size = _input_size(image_size, preset)
+    size = checked_size(image_size, preset, UNIT_PX, "one merge unit: 2x2 patches of 14 px")
     return _spec(Qwen2_5_VLVisionConfig(**preset.vision), preset, size, qwen_recipe(size))
 
 
@@ -356,20 +326,8 @@ def spec_from_checkpoint(preset: Preset, ckpt: Path, image_size: int | None = No
     """A Qwen2_5_VLForConditionalGeneration checkpoint (only `vision_config` is read) or a
     bare vision encoder (model_type qwen2_5_vl_vision)."""
     vcfg = vision_config(ckpt, "qwen2_5_vl", "Qwen2.5-VL", QwenVisionTower.transformers_classes()[0])
-    size = _input_size(image_size, preset)
+    size = checked_size(image_size, preset, UNIT_PX, "one merge unit: 2x2 patches of 14 px")
     return _spec(vcfg, preset, size, recipe_from_checkpoint(ckpt, size, QWEN_PROCESSOR, "Qwen/Qwen2.5-VL-7B-Instruct"))
-
-
-def recipe_from_checkpoint(ckpt: Path, size: int, default: dict, source: str) -> dict:
-    """The checkpoint's own preprocessor_config.json at the build's size, else `default`'s."""
-    from ..files import read_json
-    path = ckpt / "preprocessor_config.json"
-    if not path.is_file():
-        return qwen_recipe(size, default, source)
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise EvoExportError(f"{path} is not a JSON object")
-    return qwen_recipe(size, raw, str(path))
 
 
 VISION_PREFIXES = ("model.visual.", "visual.", "")

@@ -23,7 +23,8 @@ import torch
 from ..errors import EvoExportError, OptionError, cause
 from .base import Family, TowerSpec
 from .checkpoint import vision_config
-from .qwen2_5_vl import QwenVisionTower, load_weights as load_qwen_weights, qwen_recipe, recipe_from_checkpoint
+from .qwen2_5_vl import QwenVisionTower, load_weights as load_qwen_weights
+from .qwen_processor import checked_size, qwen_recipe, recipe_from_checkpoint
 from .registry import Preset, register, register_family
 
 UNIT_PX = 32
@@ -90,8 +91,8 @@ class Qwen3VisionTower(QwenVisionTower):
     def global_blocks(self) -> list[int]:
         return list(range(self.config.depth))
 
-    def window_units(self) -> int:
-        return self.grid     # one window: the whole image
+    def window_units(self) -> None:
+        return None     # no windows: every block global
 
     @torch.no_grad()
     def fold_positions(self) -> None:
@@ -99,9 +100,9 @@ class Qwen3VisionTower(QwenVisionTower):
         transformers computes it per image (again after the weights are loaded)."""
         from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-        visual, side = self.visual, 2 * self.grid
+        visual, (rows, cols) = self.visual, self.grid
         indices, weights = get_vision_interpolation_indices_and_weights(
-            torch.tensor([[1, side, side]]), visual.num_grid_per_side, mode=visual.interpolation_mode,
+            torch.tensor([[1, 2 * rows, 2 * cols]]), visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=self.config.spatial_merge_size)
         table = visual.pos_embed.weight.float()
         self.register_buffer("position_constant", (table[indices] * weights[:, :, None].float()).sum(1), persistent=False)
@@ -126,12 +127,8 @@ class Qwen3VisionTower(QwenVisionTower):
         return deepstack
 
 
-def _input_size(image_size: int | None, preset: Preset) -> int:
-    size = image_size or preset.input_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < UNIT_PX or size % UNIT_PX:
-        raise OptionError("image_size", f"for {preset.name} must be a multiple of {UNIT_PX} "
-                                        f"(one merge unit: 2x2 patches of 16 px), e.g. 512 or 768; got {size}")
-    return size
+def _input_size(image_size, preset: Preset):
+    return checked_size(image_size, preset, UNIT_PX, "one merge unit: 2x2 patches of 16 px")
 
 
 def _spec(vcfg, size: int, preprocess: dict) -> TowerSpec:

@@ -11,6 +11,7 @@ import math
 import os
 
 from ..errors import EvoExportError
+from ..names import size_hw
 from .base import TowerSpec
 
 # sizes any family's vision config may carry, each a positive integer where present
@@ -30,7 +31,10 @@ def check_spec(spec: TowerSpec, where: str) -> None:
 
     v = spec.vision
     for key in _SIZES:
-        if key in v and not _positive_int(v[key]):
+        value = v.get(key)
+        if key == "image_size" and isinstance(value, (list, tuple)) and len(value) == 2:   # (height, width)
+            value = min(value) if all(_positive_int(s) for s in value) else None
+        if key in v and not _positive_int(value):
             raise EvoExportError(f"{where}: {key} {v[key]!r} must be a positive integer")
     for key in _CHANNELS:
         if key in v and v[key] != 3:
@@ -50,7 +54,7 @@ def check_spec(spec: TowerSpec, where: str) -> None:
     heads = v.get("num_attention_heads") or v.get("num_heads")
     if hidden and heads and hidden % heads:
         raise EvoExportError(f"{where}: hidden_size {hidden} is not divisible by {heads} attention heads")
-    if spec.token_grid < 1:
+    if min(spec.token_grid) < 1:
         raise EvoExportError(f"{where}: an image of {spec.input_size or v['image_size']} px has no "
                              f"{v['patch_size'] * spec.unit} px patch")
     try:
@@ -70,7 +74,8 @@ def _check_memory(spec: TowerSpec, where: str) -> None:
     layers = v.get("num_hidden_layers") or v.get("depth") or 0
     heads = v.get("num_attention_heads") or v.get("num_heads") or 1
     params = layers * (4 * hidden * hidden + 2 * hidden * inner)
-    patches = ((spec.input_size or v["image_size"]) // v["patch_size"]) ** 2
+    height, width = size_hw(spec.input_size or v["image_size"])
+    patches = (height // v["patch_size"]) * (width // v["patch_size"])
     need = 4 * (params + heads * patches * patches)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -233,7 +233,7 @@ class Pipeline:
     def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
         """A consistent set of every graph input, for tracing."""
         t = self.tower
-        x = torch.randn(batch, t.input_channels, t.image_size, t.image_size, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch, t.input_channels, *t.image_hw, generator=torch.Generator().manual_seed(0))
         return self.run(x.to(next(t.parameters()).device))
 
 

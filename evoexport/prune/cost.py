@@ -29,7 +29,7 @@ def tower_flops(tower, points: list[PrunePoint], params: PruneParams | None = No
     (and DeepStack taps' mergers)."""
     d, m, n, c = tower.hidden_size, tower.mlp_size, tower.num_patches, int(tower.has_cls)
     per_token = tower.patches_per_token   # sequence positions per prunable token
-    patch_dim = 3 * (tower.image_size // tower.grid) ** 2
+    patch_dim = 3 * (tower.image_hw[0] // tower.grid.rows) ** 2
     flops = 2 * n * patch_dim * d
     tokens, cuts, taps = n, {p.after_layer: p.tokens for p in points}, 0
     for layer in range(tower.depth):

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import EvoExportError
+from ..names import Grid
 from .merge import merge_tokens
 
 
@@ -149,16 +150,18 @@ def _ascending_indices(mask: torch.Tensor, k: int, form: str = "topk") -> torch.
     return torch.topk(order_key, k, dim=-1, largest=True, sorted=True).indices
 
 
-def spatial_distance(positions: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, N, N] distance between the tokens' original patches on the grid x grid patch grid,
-    in grid widths (0 .. sqrt(2)). Row and column come from float division and floor, exact
-    for any grid, so every executor computes the same distances."""
+def spatial_distance(positions: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """[B, N, N] distance between the tokens' original patches on the rows x cols grid, in
+    grid widths (a square's side; a non-square grid's `scale`, the side of a square of as many
+    tokens). Row and column come from float division and floor, exact for any grid, so every
+    executor computes the same distances."""
+    grid = Grid.of(grid)
     p = positions.to(torch.float32)
-    row = torch.floor(p / grid)
-    col = p - row * grid
+    row = torch.floor(p / grid.cols)
+    col = p - row * grid.cols
     dr = row.unsqueeze(-1) - row.unsqueeze(-2)
     dc = col.unsqueeze(-1) - col.unsqueeze(-2)
-    return torch.sqrt(dr * dr + dc * dc) / grid
+    return torch.sqrt(dr * dr + dc * dc) / grid.scale
 
 
 def _gram_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +307,7 @@ class SelectRule:
     budget: int                # patch tokens kept
     params: PruneParams
     has_cls: bool = True       # one leading CLS token, never pruned
-    grid: int | None = None    # the patch grid's width, for the spatial term (None: cosine alone)
+    grid: Grid | None = None   # the token grid, for the spatial term (None: cosine alone)
     form: str = "topk"         # how the decisions are computed (FORMS)
 
 

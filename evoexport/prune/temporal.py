@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionError
+from ..names import Grid
 from .schedule import PrunePoint, budget_for
 from .selection import SelectGraph, first_max_index
 
@@ -82,10 +83,11 @@ def later_schedule(points: list[PrunePoint], num_patches: int, keep: float) -> l
     return out
 
 
-def window_mask(grid: int, window: int, device=None) -> torch.Tensor:
-    """[N, N] True where patch j is within `window` rows and columns of patch i (N = grid^2)."""
-    ar = torch.arange(grid * grid, device=device)
-    row, col = ar // grid, ar % grid
+def window_mask(grid: Grid, window: int, device=None) -> torch.Tensor:
+    """[N, N] True where patch j is within `window` rows and columns of patch i (N = rows * cols)."""
+    grid = Grid.of(grid)
+    ar = torch.arange(grid.tokens, device=device)
+    row, col = ar // grid.cols, ar % grid.cols
     return ((row.view(-1, 1) - row.view(1, -1)).abs() <= window) & ((col.view(-1, 1) - col.view(1, -1)).abs() <= window)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from .backends import backend_class, make_backend
 from .. import names
 from ..errors import EvoExportError
-from ..manifest import read_manifest
+from ..manifest import build_root, read_manifest
 from ..pipeline.chain import entry_names, run_chain
 
 
@@ -50,9 +50,9 @@ class Runner:
     """A loaded build: call it with pixel values."""
 
     def __init__(self, build_dir: str | Path, backend: str = "onnxruntime", verify: bool = True, **options):
-        self.build_dir = Path(build_dir)
+        self.build_dir = build_root(build_dir)    # a bucketed build's grid: the folder of its GRID.json
         # a backend that rebuilds the chain from the manifest (torch) never opens a graph file
-        self.manifest = read_manifest(self.build_dir, verify=verify, files=backend_class(backend).reads_graph_files)
+        self.manifest = read_manifest(build_dir, verify=verify, files=backend_class(backend).reads_graph_files)
         self.graphs = self.manifest.graphs
         self.backend = make_backend(backend, self.build_dir, self.manifest, **options)
         spec = self.manifest.pixels

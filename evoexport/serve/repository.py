@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import EvoExportError, OptionError
 from ..files import atomic_dir, write_json
-from ..manifest import Manifest, read_manifest, sha256_file
+from ..manifest import Manifest, build_root, read_manifest, sha256_file
 from . import config as tc
 from .graphs import indices_graph, mm_in_graph, mm_out_graph
 
@@ -183,8 +183,8 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
     override `options` (write_repository(build, out, flavour="onnxruntime"))."""
     options = replace(options or RepositoryOptions(), **fields)
     options.check()
-    build_dir, out = Path(build_dir), Path(out)
     manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir)
+    build_dir, out = build_root(build_dir), Path(out)   # a bucketed build's grid: its folder
     kind = options.kind or ("KIND_GPU" if options.flavour == "tensorrt" else "KIND_CPU")
     batching = tc.Batching(0, options.instances, kind, options.queue_delay_us)
     writer = FLAVOUR_WRITERS[options.flavour](build_dir, manifest, options, batching)

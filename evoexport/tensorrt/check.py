@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EvoExportError
-from ..manifest import Precision, read_manifest
+from ..manifest import Precision, build_root, read_manifest
 from ..names import GraphKind
 
 TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "tensorrt_onnx_ops.json"
@@ -191,8 +191,8 @@ def _load(path: Path):
 
 def check_build(build_dir: str | Path) -> dict:
     """Check every graph of a build; returns {target, tensorrt, source, graphs, findings, ok}."""
-    build_dir = Path(build_dir)
     manifest = read_manifest(build_dir, verify=False)
+    build_dir = build_root(build_dir)     # a bucketed build's grid: the folder of its GRID.json
     table = load_table()
     findings: list[Finding] = []
     graphs = manifest.graphs

@@ -237,8 +237,9 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
         "batch_consistency": batch,
     }
     report["summary"] = summarize(report)
-    if write:
-        write_json(build_dir / REPORT, report)
+    if write:   # a bucketed build's grid (BUILD/13x18.json): BUILD/13x18.validation.json
+        write_json(build_dir.parent / f"{build_dir.stem}.{REPORT}" if build_dir.is_file() else build_dir / REPORT,
+                   report)
     return report
 
 

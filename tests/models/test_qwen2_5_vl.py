@@ -158,7 +158,7 @@ def test_checkpoint_loader_never_reads_the_language_model(qwen_ckpt, tmp_path):
     prefix = "model.visual." if any(k.startswith("model.visual.") for k in saved) else "visual."
     torch.testing.assert_close(tower.visual.blocks[5].attn.qkv.weight, saved[prefix + "blocks.5.attn.qkv.weight"])
     torch.testing.assert_close(tower.visual.merger.mlp[2].weight, saved[prefix + "merger.mlp.2.weight"])
-    with pytest.raises(EvoExportError, match="multiple of 112"):
+    with pytest.raises(EvoExportError, match="multiple of 28"):
         load_tower("qwen2.5-vl-tiny", ckpt, quiet=True, image_size=200)
 
 

@@ -1,0 +1,155 @@
+"""Aspect-ratio buckets (`build --grids`) for both Qwen families: a photo whose processor grid
+the build holds gets transformers' own features, not stretched; a bucketed build keeps one
+copy of the weights; an image the build holds no grid for goes to the nearest aspect ratio,
+as documented (tiny random checkpoints saved here; no hub)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evoexport
+from evoexport.cli import main
+from evoexport.errors import EvoExportError
+from evoexport.export.build import build
+from evoexport.manifest import read_buckets, read_manifest
+from evoexport.progress import Progress
+from tests.helpers import assert_one_error_line, cli
+from tests.models.test_qwen2_5_vl import _photo, make_qwen_checkpoint
+from tests.models.test_qwen3_vl import make_qwen3_checkpoint
+
+GRIDS = "8x8,6x9,9x6"     # the tiny presets' square grid, and coffee's (400x600) processor grid both ways
+FAMILIES = {
+    # model, checkpoint maker, the processor's arguments (patch, mean/std, its min_pixels), pixel budget
+    "qwen2.5-vl": ("qwen2.5-vl-tiny", make_qwen_checkpoint, dict(min_pixels=3136), 224 * 224),
+    "qwen3-vl": ("qwen3-vl-tiny", make_qwen3_checkpoint,
+                 dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=65536), 256 * 256),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    model, make, processor_args, budget = FAMILIES[request.param]
+    ckpt = make(tmp_path_factory.mktemp("ckpt") / "hf")
+    full = build(model, 1.0, checkpoint=str(ckpt), out=tmp_path_factory.mktemp("b") / "full", grids=GRIDS,
+                 progress=Progress(enabled=False))
+    return request.param, ckpt, full, processor_args, budget
+
+
+def _hf(family, image: Image.Image):
+    """transformers' processor (at the build's pixel budget) + model.visual on the photo as it
+    is: (features [U, D], [each DeepStack tap], grid_thw)."""
+    from transformers import Qwen2VLImageProcessorPil
+    name, ckpt, _, processor_args, budget = family
+    inputs = Qwen2VLImageProcessorPil(max_pixels=budget, **processor_args)(images=[image], return_tensors="pt")
+    if name == "qwen3-vl":
+        from transformers import Qwen3VLForConditionalGeneration as Model
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+    with torch.inference_mode():
+        out = Model.from_pretrained(ckpt).eval().model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    taps = [t.numpy() for t in getattr(out, "deepstack_features", None) or []]
+    return out.pooler_output.numpy(), taps, inputs["image_grid_thw"][0].tolist()
+
+
+def test_a_photo_at_a_grid_the_build_holds_gets_transformers_own_features(family, tmp_path):
+    coffee = _photo("coffee")                                  # 400x600: the processor gives it 6x9 units
+    coffee.save(tmp_path / "coffee.png")
+    assert main(["run", str(family[2].path), "--input", str(tmp_path / "coffee.png"),
+                 "--output", str(tmp_path / "out.npz")]) == 0
+    saved = np.load(tmp_path / "out.npz")
+    features, taps, grid_thw = _hf(family, coffee)
+    assert grid_thw == [1, 12, 18] and saved["grid"].tolist() == [6, 9] and float(saved["aspect_change"]) == 0.0
+    assert saved["features"].shape == (1, 54, 96)
+    np.testing.assert_allclose(saved["features"][0], features, atol=1e-4, rtol=0)
+    for j, tap in enumerate(taps):
+        np.testing.assert_allclose(saved[f"deepstack_{j}"][0], tap, atol=1e-4, rtol=0)
+
+
+def test_a_mixed_list_is_split_by_grid_and_comes_back_in_order(family):
+    coffee = _photo("coffee")
+    photos = [coffee, _photo("astronaut"), coffee.transpose(Image.Transpose.ROTATE_90), coffee]
+    with evoexport.load(family[2].path) as runner:
+        results = runner.run_images(photos, batch=2)
+    assert [str(r.grid) for r in results] == ["6x9", "8x8", "9x6", "6x9"]
+    for photo, result in zip(photos, results):
+        features, taps, _ = _hf(family, photo)
+        np.testing.assert_allclose(result.features, features, atol=1e-4, rtol=0)
+        assert result.aspect_change == 0.0 and len(result.deepstack) == len(taps)
+        for got, ref in zip(result.deepstack, taps):
+            np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_an_image_of_no_held_grid_goes_to_the_nearest_aspect_ratio_and_says_so(family, tmp_path):
+    strip = _photo("coffee").resize((600, 100))       # 6:1, far wider than any grid of the build
+    with evoexport.load(family[2].path) as runner:
+        (result,) = runner.run_images([strip])
+    assert str(result.grid) == "6x9"                   # the widest grid
+    assert result.aspect_change == pytest.approx(6 / 1.5 - 1)
+    assert result.features.shape == (54, 96)
+    # beyond the processor's own limit (200:1): one error line
+    Image.new("RGB", (2010, 10)).save(tmp_path / "thread.png")
+    assert_one_error_line(*cli("run", str(family[2].path), "--input", str(tmp_path / "thread.png"),
+                               "--output", str(tmp_path / "o.npz"))[:2], "aspect ratio beyond 200:1")
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    return build("qwen2.5-vl-tiny", 0.5, out=tmp_path_factory.mktemp("b") / "half", grids=GRIDS,
+                 progress=Progress(enabled=False))
+
+
+def test_every_grid_is_built_validated_and_shares_one_copy_of_the_weights(half, tmp_path):
+    index = half.buckets
+    assert [str(g) for g in index.grids] == GRIDS.split(",")
+    assert [m.tokens_per_image for m in index.manifests] == [32, 27, 27]
+    root = half.path
+    for grid in GRIDS.split(","):
+        assert json.loads((root / f"{grid}.validation.json").read_text())["passed"]
+        m = read_manifest(root / f"{grid}.json")
+        assert {g["data_file"] for g in m.graphs if g.get("data_file")} == {"weights.bin"}
+    # one grid alone, for comparison: its weights are about what the three grids share
+    one = build("qwen2.5-vl-tiny", 0.5, out=tmp_path / "one", validate=False, progress=Progress(enabled=False))
+    one_bytes = sum(f.stat().st_size for f in one.path.iterdir())
+    all_bytes = sum(f.stat().st_size for f in root.iterdir() if "validation" not in f.name)
+    assert (root / "weights.bin").stat().st_size < 1.25 * sum(f.stat().st_size for f in one.path.glob("*.data"))
+    assert all_bytes < 2 * one_bytes       # three grids, much less than three builds
+    # one grid works with every command that takes a build, by its manifest
+    assert main(["validate", str(root / "6x9.json")]) == 0
+    assert main(["check", str(root / "9x6.json"), "--target", "tensorrt"]) == 0
+
+
+def test_a_bucketed_build_is_refused_whole_where_one_grid_is_needed_and_checked_when_read(half, tmp_path):
+    with pytest.raises(EvoExportError, match="bucketed build .*give one grid's manifest"):
+        read_manifest(half.path)
+    assert_one_error_line(*cli("validate", str(half.path))[:2], "is a bucketed build (grids 8x8, 6x9, 9x6)")
+    broken = tmp_path / "broken"
+    shutil.copytree(half.path, broken)
+    with open(broken / "weights.bin", "r+b") as f:     # one flipped byte in the shared weights
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(EvoExportError, match="weights.bin does not match its sha256"):
+        read_buckets(broken)
+    index = json.loads((half.path / "manifest.json").read_text())
+    index["buckets"][1]["manifest"] = "../escape.json"
+    (broken / "manifest.json").write_text(json.dumps(index))
+    with pytest.raises(EvoExportError, match="not a plain file name inside the build"):
+        read_buckets(broken, verify=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "qwen2.5-vl-tiny", "--grids", "0x5"], "is not a grid"),
+    (["--model", "qwen2.5-vl-tiny", "--grids", "8x8,8x8"], "names a grid twice"),
+    (["--model", "llava-tiny", "--grids", "auto"], "takes square images only"),
+    (["--model", "qwen2.5-vl-tiny", "--grids", "8x8", "--temporal", "4:0.25"], "cannot be combined with --temporal"),
+    (["--model", "dinov2", "--image-size", "224x280"], "takes square images"),
+])
+def test_bad_grids_are_one_error_line(args, message, tmp_path):
+    assert_one_error_line(*cli("build", *args, "--out", str(tmp_path / "b"))[:2], message)
+    assert not (tmp_path / "b").exists()
