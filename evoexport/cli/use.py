@@ -96,15 +96,17 @@ def _grid_for_input(build_dir, input_path: Path, video: bool) -> tuple[Path, dic
         if (height, width) not in buckets.sizes:
             raise EvoExportError(f"{input_path} holds {height}x{width} pixel values; {build_dir} takes "
                                  + ", ".join(f"{h}x{w}" for h, w in buckets.sizes) + " (or give the image file)")
-        i, change = buckets.sizes.index((height, width)), 0.0
+        i, change, exact = buckets.sizes.index((height, width)), 0.0, True
     else:
         from ..runtime.buckets import BucketRunner
         height, width = _input_size(input_path, video)
-        i, change = BucketRunner.choose_in(buckets, height, width)
+        i, change, exact = BucketRunner.choose_in(buckets, height, width)
     grid = buckets.grids[i]
     click.echo(f"grid {grid} ({buckets.sizes[i][0]}x{buckets.sizes[i][1]} px)"
-               + (f"; aspect ratio changed {100 * change:.1f}%" if change else "; the processor's own grid"), err=True)
-    return buckets.paths[i], {"grid": np.asarray(list(grid)), "aspect_change": np.float64(change)}
+               + ("; the processor's own grid" if exact else f"; resized to it, aspect ratio changed {100 * change:.1f}%"),
+               err=True)
+    return buckets.paths[i], {"grid": np.asarray(list(grid)), "aspect_change": np.float64(change),
+                              "exact": np.bool_(exact)}
 
 
 def _input_size(input_path: Path, video: bool) -> tuple[int, int]:

@@ -35,12 +35,13 @@ what the image processor makes of them.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import torch
 
 from ..errors import EvoExportError
 from ..manifest import Manifest
-from .common import features_from_build
+from .common import outputs_from_build
 
 
 def _vision_sha256(model, manifest: Manifest) -> str:
@@ -59,7 +60,14 @@ def images_from_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch: in
     """The processor's flattened patches back to pixels (inverse of
     models.qwen_processor.flatten_patches): stills [N, 3, H, W] (the first of the repeated
     frames), or with `frames` = `temporal` (a video build) every temporal patch of every
-    grid as its frames on the channel axis [sum of T, 3 * temporal, H, W]."""
+    grid as its frames on the channel axis [sum of T, 3 * temporal, H, W]. Images of several
+    sizes: use image_list_from_patches."""
+    return torch.cat(image_list_from_patches(patches, grid_thw, patch, merge, temporal, frames))
+
+
+def image_list_from_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch: int, merge: int, temporal: int,
+                            frames: int = 1) -> list:
+    """images_from_patches, one [T, C, H, W] per grid (each at its own size)."""
     images, start = [], 0
     for t, gh, gw in grid_thw.tolist():
         if t != 1 and frames == 1:
@@ -70,51 +78,90 @@ def images_from_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch: in
         x = x.reshape(t, temporal * 3, gh * patch, gw * patch)
         images.append(x if frames > 1 else x[:, :3])
         start += t * n
-    return torch.cat(images)
+    return images
+
+
+class Encoded(NamedTuple):
+    """The build's outputs for a prompt's images (or temporal patches), image by image."""
+    features: object    # [K_i, D] each ([N, K, D] from a one-grid build)
+    kept: object        # [K_i] each: the kept units' positions in the image's grid
+    grids: list         # the grid (merge units) each image ran at
+    taps: list          # each DeepStack tap: [K_i, D] per image (Qwen3-VL; else none)
 
 
 class _Encoder:
     """The build on a prompt's images or videos, each tensor run once (generate() asks for
-    positions before features): (features [N, K, D], kept unit indices [N, K]), N images
-    or temporal patches."""
+    positions before features)."""
 
     def __init__(self, runner, vcfg, embed):
         m = runner.manifest
         self.runner, self.vcfg, self.embed, self.frames = runner, vcfg, embed, m.frames_per_input
-        self.size, self.grid = m.image_size, m.tower["grid"]
+        self.size, self.grid = m.image_hw, m.grid
         self.last: dict = {}
 
-    def __call__(self, pixel_values, grid_thw, kind: str):
+    def __call__(self, pixel_values, grid_thw, kind: str) -> Encoded:
         if self.last.get(kind, (None,))[0] is pixel_values:
             return self.last[kind][1]
         if grid_thw is None:
             raise EvoExportError(f"attach(): {kind}_grid_thw is needed with the {kind}'s pixel values")
-        side = self.grid * self.vcfg.spatial_merge_size
-        for row in grid_thw.tolist():
-            if row[1:] != [side, side]:
-                raise EvoExportError(f"attach(): a{'n' * (kind == 'image')} {kind} has patch grid {row[1]}x{row[2]}, "
-                                     f"the build takes {side}x{side} ({self.size}x{self.size} px); resize "
-                                     f"{kind}s to {self.size}x{self.size} before the processor")
-        v = self.vcfg
-        x = images_from_patches(pixel_values.float(), grid_thw, v.patch_size, v.spatial_merge_size,
-                                v.temporal_patch_size, self.frames)     # a still: the processor's frame twice
-        out = self.run(x)
+        out = self.encode(pixel_values.float(), grid_thw, kind)
         self.last[kind] = (pixel_values, out)
         return out
 
-    def run(self, x):
-        """(features, kept indices) of images x (a family with more outputs adds them after)."""
-        return features_from_build(self.runner, x, self.embed)
+    def encode(self, pixel_values, grid_thw, kind: str) -> Encoded:
+        m = self.vcfg.spatial_merge_size
+        (rows, cols), (height, width) = self.grid, self.size
+        for row in grid_thw.tolist():
+            if row[1:] != [rows * m, cols * m]:
+                raise EvoExportError(f"attach(): a{'n' * (kind == 'image')} {kind} has patch grid {row[1]}x{row[2]}, "
+                                     f"the build takes {rows * m}x{cols * m} ({height}x{width} px); resize {kind}s "
+                                     f"to {width}x{height} (width x height) before the processor, or build with "
+                                     "--grids (aspect-ratio buckets)")
+        v = self.vcfg
+        x = images_from_patches(pixel_values, grid_thw, v.patch_size, m, v.temporal_patch_size,
+                                self.frames)     # a still: the processor's frame twice
+        features, kept, taps = outputs_from_build(self.runner, x, self.embed)
+        return Encoded(features, kept, [self.grid] * len(x), taps)
 
-    def kept(self, kind: str, pixel_values, grid_thw):
-        """The kept indices of the prompt's images or videos (empty when it has none)."""
+    def kept(self, kind: str, pixel_values, grid_thw) -> list | None:
+        """(kept indices, grid) of each of the prompt's images or temporal patches (None: none)."""
         if pixel_values is not None:
-            return self(pixel_values, grid_thw, kind)[1]
-        if grid_thw is None:
+            out = self(pixel_values, grid_thw, kind)
+        elif grid_thw is None:
             return None
-        if kind not in self.last:
+        elif kind not in self.last:
             raise EvoExportError("attach(): mRoPE positions need the image and video features first")
-        return self.last[kind][1][1]
+        else:
+            out = self.last[kind][1]
+        return list(zip(out.kept, out.grids))
+
+
+class _BucketEncoder(_Encoder):
+    """A bucketed build (build --grids): each image at the grid the processor gave it where
+    the build holds it; otherwise at the grid chosen for its size (runtime/buckets.py), its
+    pixels resized to it, with a warning that says how much its aspect ratio moved."""
+
+    def __init__(self, runner, vcfg, embed):
+        self.runner, self.vcfg, self.embed, self.frames, self.last = runner, vcfg, embed, 1, {}
+
+    def encode(self, pixel_values, grid_thw, kind: str) -> Encoded:
+        import warnings
+        if kind != "image":
+            raise EvoExportError("attach(): bucketed builds take images; videos need a video build (build --video)")
+        v = self.vcfg
+        images = image_list_from_patches(pixel_values, grid_thw, v.patch_size, v.spatial_merge_size,
+                                         v.temporal_patch_size)
+        results = self.runner.run_arrays([x[0].cpu().numpy() for x in images])
+        for n, r in enumerate(results):
+            if not r.exact:
+                warnings.warn(f"attach(): image {n} ({images[n].shape[-1]}x{images[n].shape[-2]} px) is not at a grid "
+                              f"of the build; it ran resized to grid {r.grid} (aspect ratio moved "
+                              f"{100 * r.aspect_change:.1f}%)", stacklevel=2)
+        like = lambda a: torch.as_tensor(a).to(self.embed.device, self.embed.dtype)  # noqa: E731
+        taps = [[like(r.deepstack[j]) for r in results] for j in range(len(results[0].deepstack))]
+        return Encoded([like(r.features) for r in results],
+                       [torch.as_tensor(r.indices).to(self.embed.device) for r in results],
+                       [r.grid for r in results], taps)
 
 
 def attach(model, build_dir, verify_weights: bool = True, **load_options):
@@ -125,27 +172,29 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
     inner = _inner(model)
     runner = open_build(model, build_dir, "qwen2_5_vl", "qwen2.5-vl", verify_weights, load_options)
     vcfg = inner.config.vision_config
-    encode = _Encoder(runner, vcfg, model.get_input_embeddings().weight)
+    encode = encoder(runner, vcfg, model.get_input_embeddings().weight)
 
     def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
-        features, _ = encode(pixel_values, image_grid_thw, "image")
-        return BaseModelOutputWithPooling(pooler_output=tuple(features))
+        return BaseModelOutputWithPooling(pooler_output=tuple(encode(pixel_values, image_grid_thw, "image").features))
 
     def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
-        features, _ = encode(pixel_values_videos, video_grid_thw, "video")
+        features = encode(pixel_values_videos, video_grid_thw, "video").features
         counts = video_grid_thw[:, 0].tolist()            # temporal patches per video
         return BaseModelOutputWithPooling(pooler_output=tuple(f.flatten(0, 1) for f in features.split(counts)))
 
     def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None, attention_mask=None, pixel_values=None, **kwargs):
-        kept = {1: encode.kept("image", pixel_values, image_grid_thw),
-                2: encode.kept("video", kwargs.get("pixel_values_videos"), video_grid_thw)}
-        videos = _video_times(kept[2], video_grid_thw, second_per_grid_ts, vcfg.tokens_per_second)
-        return pruned_rope_index(input_ids, mm_token_type_ids, kept[1], encode.grid,
-                                 encode.grid * vcfg.spatial_merge_size, vcfg.spatial_merge_size, attention_mask,
-                                 videos=videos)
+        images = encode.kept("image", pixel_values, image_grid_thw)
+        videos = _video_times(encode.kept("video", kwargs.get("pixel_values_videos"), video_grid_thw),
+                              video_grid_thw, second_per_grid_ts, vcfg.tokens_per_second)
+        return pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask, videos=videos)
 
     return install(model, runner, get_image_features, get_video_features, get_rope_index)
+
+
+def encoder(runner, vcfg, embed) -> _Encoder:
+    """The encoder wrapper of a build: one grid, or a bucketed build's grids."""
+    return (_BucketEncoder if hasattr(runner, "buckets") else _Encoder)(runner, vcfg, embed)
 
 
 def install(model, runner, get_image_features, get_video_features, get_rope_index):
@@ -156,21 +205,25 @@ def install(model, runner, get_image_features, get_video_features, get_rope_inde
     inner.get_video_features = get_video_features
     inner.get_rope_index = get_rope_index
     model.evoexport_runner = runner
-    model.evoexport_image_tokens = runner.manifest.tokens_per_image
+    if hasattr(runner, "buckets"):    # K depends on the grid each image runs at
+        patch = inner.config.vision_config.patch_size
+        model.evoexport_image_tokens = lambda t, gh, gw: runner.tokens_for(gh * patch, gw * patch)
+    else:
+        model.evoexport_image_tokens = runner.manifest.tokens_per_image
     return model
 
 
 def open_build(model, build_dir, model_type: str, family: str, verify_weights: bool, load_options: dict):
     """The build's runner, once `model` is a transformers Qwen model of `model_type` and the
     build an image or video build of `family` made from the model's own vision weights."""
-    from ..runtime.runner import load
+    from .. import load
 
     inner = _inner(model)
     if getattr(inner.config, "model_type", None) != model_type or not hasattr(inner, "visual"):
         raise EvoExportError(f"attach() for {family} takes its ForConditionalGeneration model, got "
                              f"{type(model).__name__}")
-    runner = load(build_dir, **load_options)
-    manifest = runner.manifest
+    runner = load(build_dir, **load_options)     # a bucketed build: a BucketRunner
+    manifest = runner.buckets.manifests[0] if hasattr(runner, "buckets") else runner.manifest
     if manifest.temporal:
         manifest.require_images(f"attach() for {family}", build_dir)
     if manifest.family != family:
@@ -182,27 +235,30 @@ def open_build(model, build_dir, model_type: str, family: str, verify_weights: b
 
 
 def _video_times(kept, video_grid_thw, second_per_grid_ts, tokens_per_second):
-    """Each video's (kept indices [T, K], the temporal patches' time positions [T]) as
-    transformers gives them: t * tokens_per_second * second_per_grid_t, rounded down."""
+    """Each video's (kept indices [T, K], the temporal patches' time positions [T], grid) as
+    transformers gives them: t * tokens_per_second * second_per_grid_t, rounded down.
+    `kept`: each temporal patch's (kept indices, grid)."""
     if kept is None:
         return []
     counts = video_grid_thw[:, 0].tolist()
     seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else [1] * len(counts)
-    return [(k, (torch.arange(t) * (tokens_per_second * s)).long())
-            for k, t, s in zip(kept.split(counts), counts, seconds)]
+    indices, grid = torch.stack([k for k, _ in kept]), kept[0][1]
+    return [(k, (torch.arange(t) * (tokens_per_second * s)).long(), grid)
+            for k, t, s in zip(indices.split(counts), counts, seconds)]
 
 
-def pruned_rope_index(input_ids, mm_token_type_ids, indices, unit_grid: int, patch_grid: int, merge: int,
-                      attention_mask=None, videos=()):
-    """transformers' get_rope_index for images that kept K units, and videos whose temporal
-    patches each kept K: (position_ids [3, B, L], rope_deltas [B, 1]). Image i's tokens sit
-    at (s, s + row, s + col) of its kept units, a video's at (s + time, s + row, s + col);
-    text resumes at s + patch_grid / merge, as in the unpruned prompt."""
+def pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask=None, videos=()):
+    """transformers' get_rope_index for images that kept some of their units, and videos whose
+    temporal patches each kept K: (position_ids [3, B, L], rope_deltas [B, 1]). `images`:
+    each image's (kept indices [K_i], Grid) in merge units; `videos`: each video's (kept
+    [T, K], times [T], Grid). Image i's tokens sit at (s, s + row, s + col) of its kept
+    units, a video's at (s + time, s + row, s + col); text resumes at s + max(rows, cols),
+    as in the unpruned prompt."""
     if mm_token_type_ids is None:
         raise EvoExportError("attach(): mm_token_type_ids (from the processor) are needed for mRoPE positions")
     b, n = input_ids.shape
     position_ids = torch.zeros(3, b, n, dtype=input_ids.dtype, device=input_ids.device)
-    media = {1: iter([(k, torch.zeros(1, dtype=torch.long)) for k in (indices if indices is not None else [])]),
+    media = {1: iter([(k, torch.zeros(1, dtype=torch.long), grid) for k, grid in (images or [])]),
              2: iter(videos)}
     deltas = []
     for row in range(b):
@@ -216,17 +272,17 @@ def pruned_rope_index(input_ids, mm_token_type_ids, indices, unit_grid: int, pat
                 pieces.append(torch.arange(length, device=input_ids.device).expand(3, -1) + pos)
                 pos += length
                 continue
-            kept, times = next(media[kind], (None, None))
+            kept, times, grid = next(media[kind], (None, None, None))
             if kept is None or kept.numel() != length:
                 what = "an image" if kind == 1 else "a video"
                 raise EvoExportError(f"attach(): {what} has {length} placeholder tokens but the build gives "
                                      f"{'none' if kept is None else kept.numel()}; call shrink_image_tokens(inputs, "
                                      "model) first")
             kept = kept.reshape(len(times), -1).to(input_ids.device)
-            r, c = kept // unit_grid, kept % unit_grid
+            r, c = kept // grid.cols, kept % grid.cols
             t = times.to(input_ids.device)[:, None].expand_as(kept)
             pieces.append(torch.stack([t, r, c]).flatten(1) + pos)
-            pos += patch_grid // merge
+            pos += max(grid)
         positions = torch.cat(pieces, dim=1)
         position_ids[:, row, keep] = positions
         deltas.append(int(positions.max()) + 1 - len(types))
@@ -243,20 +299,26 @@ def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     image_id, video_id = model.config.image_token_id, getattr(model.config, "video_token_id", None)
     pad = getattr(model.config, "pad_token_id", None) or 0
     grids = inputs.get("video_grid_thw")
+    if callable(k) and grids is not None:
+        raise EvoExportError("shrink_image_tokens: bucketed builds take images; videos need a video build")
     video_limits = iter([t * k for t in grids[:, 0].tolist()] if grids is not None else [])
+    # a bucketed build: each image's K is that of the grid it runs at (its image_grid_thw row)
+    image_limits = (iter([k(*row) for row in inputs["image_grid_thw"].tolist()]) if callable(k)
+                    else itertools.repeat(k))
     ids_rows, type_rows = [], []
     types_all = inputs.get("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
     masks = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
     for ids, types, mask in zip(inputs["input_ids"], types_all, masks):
         ids, types = ids[mask.bool()], types[mask.bool()]
-        keep, run, prev, limit = [], 0, None, k
+        keep, run, prev, limit = [], 0, None, None
         for tok in ids.tolist():
             run = run + 1 if tok == prev else 1
-            if tok == video_id and run == 1:
-                limit = next(video_limits, None)
+            if tok in (image_id, video_id) and run == 1:
+                limit = next(image_limits if tok == image_id else video_limits, None)
                 if limit is None:
-                    raise EvoExportError("shrink_image_tokens: the prompt has more videos than video_grid_thw")
-            keep.append(tok not in (image_id, video_id) or run <= (k if tok == image_id else limit))
+                    what = "images than image_grid_thw" if tok == image_id else "videos than video_grid_thw"
+                    raise EvoExportError(f"shrink_image_tokens: the prompt has more {what}")
+            keep.append(tok not in (image_id, video_id) or run <= limit)
             prev = tok
         keep = torch.tensor(keep, dtype=torch.bool)
         ids_rows.append(ids[keep])

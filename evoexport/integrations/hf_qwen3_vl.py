@@ -16,13 +16,7 @@ where the unpruned prompt does. Videos are refused (no Qwen3-VL video builds yet
 from __future__ import annotations
 
 from ..errors import EvoExportError
-from .common import outputs_from_build
-from .hf_qwen2_5_vl import _Encoder, _inner, install, open_build, pruned_rope_index
-
-
-class _DeepStackEncoder(_Encoder):
-    def run(self, x):
-        return outputs_from_build(self.runner, x, self.embed)
+from .hf_qwen2_5_vl import _inner, encoder, install, open_build, pruned_rope_index
 
 
 def attach(model, build_dir, verify_weights: bool = True, **load_options):
@@ -32,17 +26,17 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
 
     inner = _inner(model)
     runner = open_build(model, build_dir, "qwen3_vl", "qwen3-vl", verify_weights, load_options)
-    manifest = runner.manifest
+    manifest = runner.buckets.manifests[0] if hasattr(runner, "buckets") else runner.manifest
     vcfg = inner.config.vision_config
     if len(manifest.deepstack) != len(vcfg.deepstack_visual_indexes):
         raise EvoExportError(f"{build_dir} has {len(manifest.deepstack)} DeepStack taps; this model takes "
                              f"{len(vcfg.deepstack_visual_indexes)}")
-    encode = _DeepStackEncoder(runner, vcfg, model.get_input_embeddings().weight)
+    encode = encoder(runner, vcfg, model.get_input_embeddings().weight)
 
     def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
-        features, _, taps = encode(pixel_values, image_grid_thw, "image")
-        return BaseModelOutputWithDeepstackFeatures(pooler_output=tuple(features),
-                                                     deepstack_features=[tuple(t) for t in taps])
+        out = encode(pixel_values, image_grid_thw, "image")
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=tuple(out.features),
+                                                     deepstack_features=[tuple(t) for t in out.taps])
 
     def get_video_features(*args, **kwargs):
         raise EvoExportError("attach(): Qwen3-VL videos are not supported by evoexport builds yet; "
@@ -52,8 +46,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
                        attention_mask=None, **kwargs):
         if video_grid_thw is not None:
             get_video_features()
-        kept = encode.kept("image", kwargs.get("pixel_values"), image_grid_thw)
-        return pruned_rope_index(input_ids, mm_token_type_ids, kept, encode.grid,
-                                 encode.grid * vcfg.spatial_merge_size, vcfg.spatial_merge_size, attention_mask)
+        images = encode.kept("image", kwargs.get("pixel_values"), image_grid_thw)
+        return pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask)
 
     return install(model, runner, get_image_features, get_video_features, get_rope_index)

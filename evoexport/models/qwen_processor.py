@@ -124,12 +124,13 @@ def aspect_change(ratio_from: float, ratio_to: float) -> float:
 
 
 def choose_bucket(height: int, width: int, sizes: list[tuple[int, int]], unit_px: int, min_pixels: int,
-                  max_pixels: int) -> tuple[int, float]:
-    """(index into `sizes`, aspect change) for an image of height x width: the bucket of the
-    processor's own size for it (no change at all), else the one of the nearest aspect ratio."""
+                  max_pixels: int) -> tuple[int, float, bool]:
+    """(index into `sizes`, aspect change, exact) for an image of height x width: the bucket
+    of the processor's own size for it (exact: no change at all), else the one of the
+    nearest aspect ratio."""
     own = processor_hw(height, width, unit_px, min_pixels, max_pixels)
     if tuple(own) in sizes:
-        return sizes.index(tuple(own)), 0.0
+        return sizes.index(tuple(own)), 0.0, True
     ratio = width / height
     best = min(range(len(sizes)), key=lambda i: (abs(math.log(sizes[i][1] / sizes[i][0] / ratio)), i))
-    return best, aspect_change(ratio, sizes[best][1] / sizes[best][0])
+    return best, aspect_change(ratio, sizes[best][1] / sizes[best][0]), False

@@ -27,7 +27,8 @@ class ImageResult(NamedTuple):
     indices: np.ndarray         # [K] the kept units' positions in the grid (row * cols + col)
     deepstack: list             # [K, D_out] each DeepStack tap (Qwen3-VL), aligned with features
     grid: Grid                  # the grid (merge units) the image ran at
-    aspect_change: float        # 0.0: the processor's own grid; else how much the aspect ratio moved
+    aspect_change: float        # how much the aspect ratio moved (0.0 at the processor's own grid)
+    exact: bool                 # at the processor's own grid and size: the model's own features
 
 
 class BucketRunner:
@@ -42,37 +43,56 @@ class BucketRunner:
             self._runners[i] = Runner(self.buckets.paths[i], backend=self.backend, verify=False, **self.options)
         return self._runners[i]
 
-    def choose(self, height: int, width: int) -> tuple[int, float]:
-        """(grid index, aspect change) for an image of height x width pixels."""
+    def choose(self, height: int, width: int) -> tuple[int, float, bool]:
+        """(grid index, aspect change, exact) for an image of height x width pixels."""
         return self.choose_in(self.buckets, height, width)
 
     @staticmethod
-    def choose_in(buckets, height: int, width: int) -> tuple[int, float]:
+    def choose_in(buckets, height: int, width: int) -> tuple[int, float, bool]:
         from ..models.qwen_processor import choose_bucket
         p = buckets.processor
         return choose_bucket(height, width, buckets.sizes, p["unit_px"], p["min_pixels"], p["max_pixels"])
 
-    def pixels(self, image) -> tuple[int, float, np.ndarray]:
-        """(grid index, aspect change, float32 [3, H, W]) of a PIL image, preprocessed for its grid."""
+    def pixels(self, image) -> tuple[int, float, bool, np.ndarray]:
+        """(grid index, aspect change, exact, float32 [3, H, W]) of a PIL image, preprocessed for its grid."""
         from ..inputs.images import preprocess
-        i, change = self.choose(image.height, image.width)
+        i, change, exact = self.choose(image.height, image.width)
         manifest = self.buckets.manifests[i]
-        return i, change, preprocess(image, manifest.image_size, manifest.preprocess)
+        return i, change, exact, preprocess(image, manifest.image_size, manifest.preprocess)
 
     def run_images(self, images: list, batch: int = 8) -> list[ImageResult]:
-        """Every image through its grid; images of one grid share batches of at most `batch`."""
-        chosen = [self.pixels(im) for im in images]
-        results: list = [None] * len(images)
+        """Every PIL image through its grid; images of one grid share batches of at most `batch`."""
+        return self._run([self.pixels(im) for im in images], batch)
+
+    def run_arrays(self, arrays: list, batch: int = 8) -> list[ImageResult]:
+        """Pixel values already preprocessed at some size (float32 [3, H, W] each: what a
+        processor made): each runs at its own size where the build holds it, else at the
+        grid chosen for an image of that size, resized to it (bicubic; the result says how
+        much the aspect ratio moved)."""
+        chosen = []
+        for x in arrays:
+            height, width = x.shape[-2:]
+            i, change, _ = self.choose(height, width)
+            exact = self.buckets.sizes[i] == (height, width)
+            chosen.append((i, change, exact, np.asarray(x if exact else _resized(x, self.buckets.sizes[i]), np.float32)))
+        return self._run(chosen, batch)
+
+    def _run(self, chosen: list, batch: int) -> list[ImageResult]:
+        results: list = [None] * len(chosen)
         for i in sorted({c[0] for c in chosen}):
             members = [n for n, c in enumerate(chosen) if c[0] == i]
             for start in range(0, len(members), batch):
                 part = members[start:start + batch]
-                out = self.runner(i)(np.stack([chosen[n][2] for n in part]))
+                out = self.runner(i)(np.stack([chosen[n][3] for n in part]))
                 for row, n in enumerate(part):
                     results[n] = ImageResult(np.asarray(out.features[row]), np.asarray(out.indices[row]),
                                              [np.asarray(t[row]) for t in out.deepstack],
-                                             self.buckets.grids[i], chosen[n][1])
+                                             self.buckets.grids[i], *chosen[n][1:3])
         return results
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """K of the grid an image of height x width runs at."""
+        return self.buckets.manifests[self.choose(height, width)[0]].tokens_per_image
 
     def close(self) -> None:
         for runner in self._runners.values():
@@ -84,3 +104,12 @@ class BucketRunner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _resized(x, size: tuple[int, int]) -> np.ndarray:
+    """Normalized pixels [3, H, W] resized to (height, width): bicubic with antialiasing, as
+    the processor's resize would be, on values already normalized (an affine map per channel,
+    which a resize whose weights sum to one commutes with)."""
+    import torch
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))[None]
+    return torch.nn.functional.interpolate(t, size=size, mode="bicubic", antialias=True, align_corners=False)[0].numpy()

@@ -137,7 +137,8 @@ def test_positions_match_transformers_side():
     kept = [np.sort(rng.choice(64, 20, replace=False)) for _ in range(2)]
     types = [0] * 5 + [1] * 20 + [0] * 3 + [1] * 20 + [0] * 4
     ids = torch.zeros(1, len(types), dtype=torch.long)
-    ref, ref_delta = pruned_rope_index(ids, torch.tensor([types]), torch.from_numpy(np.stack(kept)), 8, 16, 2)
+    from evoexport.names import Grid
+    ref, ref_delta = pruned_rope_index(ids, torch.tensor([types]), [(torch.from_numpy(k), Grid(8, 8)) for k in kept])
     ours, delta = pruned_mrope_positions(len(types), [(28, kept[1], 8), (5, kept[0], 8)])
     assert np.array_equal(ours, ref[:, 0].numpy()) and delta == int(ref_delta)
 

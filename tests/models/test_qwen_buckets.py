@@ -63,7 +63,7 @@ def test_a_photo_at_a_grid_the_build_holds_gets_transformers_own_features(family
                  "--output", str(tmp_path / "out.npz")]) == 0
     saved = np.load(tmp_path / "out.npz")
     features, taps, grid_thw = _hf(family, coffee)
-    assert grid_thw == [1, 12, 18] and saved["grid"].tolist() == [6, 9] and float(saved["aspect_change"]) == 0.0
+    assert grid_thw == [1, 12, 18] and saved["grid"].tolist() == [6, 9] and float(saved["aspect_change"]) == 0.0 and saved["exact"]
     assert saved["features"].shape == (1, 54, 96)
     np.testing.assert_allclose(saved["features"][0], features, atol=1e-4, rtol=0)
     for j, tap in enumerate(taps):
@@ -79,7 +79,7 @@ def test_a_mixed_list_is_split_by_grid_and_comes_back_in_order(family):
     for photo, result in zip(photos, results):
         features, taps, _ = _hf(family, photo)
         np.testing.assert_allclose(result.features, features, atol=1e-4, rtol=0)
-        assert result.aspect_change == 0.0 and len(result.deepstack) == len(taps)
+        assert result.exact and result.aspect_change == 0.0 and len(result.deepstack) == len(taps)
         for got, ref in zip(result.deepstack, taps):
             np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
@@ -89,7 +89,7 @@ def test_an_image_of_no_held_grid_goes_to_the_nearest_aspect_ratio_and_says_so(f
     with evoexport.load(family[2].path) as runner:
         (result,) = runner.run_images([strip])
     assert str(result.grid) == "6x9"                   # the widest grid
-    assert result.aspect_change == pytest.approx(6 / 1.5 - 1)
+    assert not result.exact and result.aspect_change == pytest.approx(6 / 1.5 - 1)
     assert result.features.shape == (54, 96)
     # beyond the processor's own limit (200:1): one error line
     Image.new("RGB", (2010, 10)).save(tmp_path / "thread.png")
@@ -153,3 +153,52 @@ def test_a_bucketed_build_is_refused_whole_where_one_grid_is_needed_and_checked_
 def test_bad_grids_are_one_error_line(args, message, tmp_path):
     assert_one_error_line(*cli("build", *args, "--out", str(tmp_path / "b"))[:2], message)
     assert not (tmp_path / "b").exists()
+
+
+def _prompt(family, images) -> dict:
+    """A prompt of text and each image at the processor's own grid for it (the build's pixel
+    budget), written out by hand (no tokenizer needed)."""
+    from transformers import Qwen2VLImageProcessorPil
+    from tests.models.test_qwen2_5_vl import IMAGE_PAD, VISION_END, VISION_START
+    _, _, _, processor_args, budget = family
+    inputs = dict(Qwen2VLImageProcessorPil(max_pixels=budget, **processor_args)(images=images, return_tensors="pt"))
+    ids = [5, 6]
+    for row in inputs["image_grid_thw"].tolist():
+        ids += [VISION_START] + [IMAGE_PAD] * (row[1] * row[2] // 4) + [VISION_END, 7]
+    inputs["input_ids"] = torch.tensor([ids + [8, 9]])
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_PAD).long()
+    return inputs
+
+
+def _model(family):
+    name, ckpt = family[:2]
+    if name == "qwen3-vl":
+        from transformers import Qwen3VLForConditionalGeneration as Model
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+    return Model.from_pretrained(ckpt).eval()
+
+
+def test_attach_takes_images_of_every_grid_and_generates_what_transformers_generates(family):
+    from evoexport.integrations.hf_llava import attach, shrink_image_tokens
+    coffee = _photo("coffee")
+    inputs = _prompt(family, [coffee, _photo("astronaut"), coffee.transpose(Image.Transpose.ROTATE_90)])
+    assert inputs["image_grid_thw"].tolist() == [[1, 12, 18], [1, 16, 16], [1, 18, 12]]
+    ref = _model(family).generate(**inputs, max_new_tokens=8, do_sample=False)
+    model = attach(_model(family), family[2].path)
+    ours = model.generate(**shrink_image_tokens(inputs, model), max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, ref)
+
+
+def test_attach_runs_an_image_of_no_held_grid_at_the_nearest_one_and_warns(family):
+    from evoexport.integrations.hf_llava import attach, shrink_image_tokens
+    from tests.models.test_qwen2_5_vl import IMAGE_PAD
+    strip = _photo("coffee").resize((600, 100))
+    inputs = _prompt(family, [strip])
+    model = attach(_model(family), family[2].path)
+    small = shrink_image_tokens(inputs, model)
+    assert int((small["input_ids"] == IMAGE_PAD).sum()) == 54        # the 6x9 grid's K at keep 1.0
+    with pytest.warns(UserWarning, match="ran resized to grid 6x9"):
+        out = model.generate(**small, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == small["input_ids"].shape[1] + 4

@@ -45,7 +45,10 @@ def hf_overrides(build_dir, checkpoint_dir, backend: str = "onnxruntime", thread
     vision encoder (the architecture read from the checkpoint's config.json)."""
     from ...files import read_json
     from ...manifest import read_manifest
-    read_manifest(build_dir, verify=False, files=False).require_images("the vLLM plugin", build_dir)
+    manifest = read_manifest(build_dir, verify=False, files=False).require_images("the vLLM plugin", build_dir)
+    if not manifest.grid.square:   # the plugin's processor asks for the build's one square size
+        raise EvoExportError(f"the vLLM plugin takes square builds; {build_dir} is at grid {manifest.grid} "
+                             "(a grid of a bucketed build); build with --image-size S")
     config = Path(checkpoint_dir) / "config.json"
     if not config.is_file():
         raise EvoExportError(f"{checkpoint_dir} is not a Hugging Face checkpoint directory: no config.json")
