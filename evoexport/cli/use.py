@@ -235,9 +235,20 @@ def show(build_dir, inputs, output, backend, frames):
 @cli.command()
 @click.argument("build_dir", type=click.Path())
 def info(build_dir):
-    """Summarize a build's manifest (graphs, tensors, schedule, weights)."""
-    from ..manifest import read_manifest
+    """Summarize a build's manifest (graphs, tensors, schedule, weights); a bucketed build's grids."""
+    from ..manifest import is_bucketed, read_buckets, read_manifest
 
+    if is_bucketed(build_dir):
+        b = read_buckets(build_dir, verify=False)
+        p = b.processor
+        click.echo(f"{build_dir}: bucketed build of {b.model}, keep {b.keep}, {len(b.grids)} grids sharing "
+                   f"{b.shared_bytes / 1e6:.1f} MB of weights; an image goes to its processor grid (smart_resize, "
+                   f"{p['unit_px']} px units, {p['min_pixels']}..{p['max_pixels']} pixels), else the nearest "
+                   "aspect ratio")
+        for path, m in zip(b.paths, b.manifests):
+            h, w = m.image_hw
+            click.echo(f"  {str(m.grid):<7} {h}x{w} px  {m.tokens_per_image} of {m.num_patches} tokens  {path.name}")
+        return
     m = read_manifest(build_dir, verify=False)
     click.echo(f"{build_dir}: model {m.model}, keep {m.keep}, weights {m.weights} "
                f"(sha256 {(m.weights_sha256 or '?')[:12]}), schema {m.schema_version}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import EvoExportError, OptionError
 from ..files import atomic_dir, write_json
-from ..manifest import Manifest, build_root, read_manifest, sha256_file
+from ..manifest import SHARED_WEIGHTS, Manifest, build_root, read_manifest, sha256_file
 from . import config as tc
 from .graphs import indices_graph, mm_in_graph, mm_out_graph
 
@@ -110,6 +110,12 @@ class StepWriter:
         self.build_dir, self.manifest, self.options, self.batching = build_dir, manifest, options, batching
 
     def copy_graph(self, entry: dict, version: Path) -> None:
+        if entry.get("data_file") == SHARED_WEIGHTS:   # a bucketed build's grid: only this graph's tensors
+            import onnx
+            model = onnx.load(str(self.build_dir / entry["file"]), load_external_data=True)
+            onnx.save_model(model, str(version / entry["file"]), save_as_external_data=True,
+                            location=f"{entry['file']}.data", all_tensors_to_one_file=True)
+            return
         for key in ("file", "data_file"):
             if entry.get(key):
                 _copy(self.build_dir / entry[key], version / entry[key])

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from ..files import atomic_path
 from .. import names
+from ..names import Grid
 from ..runtime.runner import final_owners
 
 DIM = 0.25   # brightness left to a dropped patch
@@ -33,18 +34,24 @@ def heat(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.minimum(1, 2 * v), np.maximum(0, 2 * v - 1), np.zeros_like(v)], axis=-1) * 255
 
 
-def _heat_panel(photo: np.ndarray, grid: int, entering: np.ndarray, importance: np.ndarray) -> Image.Image:
-    size = photo.shape[0]
-    cell = int(np.ceil(size / grid))
-    values = np.zeros(grid * grid)
+def _cells(values: np.ndarray, grid: Grid, photo: np.ndarray) -> np.ndarray:
+    """Per-token values [rows * cols, ...] blown up to the photo's pixels [H, W, ...]."""
+    h, w = photo.shape[:2]
+    cell = int(np.ceil(h / grid.rows))
+    values = values.reshape(grid.rows, grid.cols, *values.shape[1:])
+    ones = np.ones((cell, cell) + (1,) * (values.ndim - 2))
+    return np.kron(values, ones)[:h, :w]
+
+
+def _heat_panel(photo: np.ndarray, grid: Grid, entering: np.ndarray, importance: np.ndarray) -> Image.Image:
+    values = np.zeros(grid.tokens)
     peak = importance.max() if importance.size and importance.max() > 0 else 1.0
     values[entering] = importance / peak
-    colour = heat(values).reshape(grid, grid, 3)
-    colour = np.kron(colour, np.ones((cell, cell, 1)))[:size, :size]
+    colour = _cells(heat(values), grid, photo)
     return Image.fromarray((0.3 * photo + 0.7 * colour).astype(np.uint8))
 
 
-def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list[np.ndarray],
+def panels_for(pixels: np.ndarray, pre: dict, grid: Grid, indices_per_point: list[np.ndarray],
                merges: list[np.ndarray], importances: list[np.ndarray] | None = None,
                label: str | None = None) -> list[Image.Image]:
     """One image's panels: photo, (importance, kept) per point, merge groups."""
@@ -55,7 +62,7 @@ def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list
         box = draw.textbbox((4, 2), label)
         draw.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(0, 0, 0))
         draw.text((4, 2), label, fill=(255, 255, 255))
-    entering = np.arange(grid * grid)
+    entering = np.arange(grid.tokens)
     for i, kept in enumerate(indices_per_point):
         if importances is not None:
             panels.append(_heat_panel(photo, grid, entering, importances[i]))
@@ -66,25 +73,22 @@ def panels_for(pixels: np.ndarray, pre: dict, grid: int, indices_per_point: list
     return panels
 
 
-def _owner_panel(photo: np.ndarray, grid: int, owner: np.ndarray) -> Image.Image:
+def _owner_panel(photo: np.ndarray, grid: Grid, owner: np.ndarray) -> Image.Image:
     """Every patch tinted by the token that answers for it (black: none)."""
-    size, cell = photo.shape[0], int(np.ceil(photo.shape[0] / grid))
     hues = (np.arange(max(int(owner.max()), 0) + 1) * 0.61803) % 1.0     # golden-ratio hues: neighbours differ
     colours = np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255
-    tint = np.where(owner[:, None] >= 0, colours[np.maximum(owner, 0)], 0).reshape(grid, grid, 3)
-    tint = np.kron(tint, np.ones((cell, cell, 1)))[:size, :size]
+    tint = _cells(np.where(owner[:, None] >= 0, colours[np.maximum(owner, 0)], 0), grid, photo)
     return Image.fromarray((0.45 * photo + 0.55 * tint).astype(np.uint8))
 
 
-def _kept_panel(photo: np.ndarray, grid: int, kept: np.ndarray) -> Image.Image:
-    size, cell = photo.shape[0], photo.shape[0] / grid
-    mask = np.full(grid * grid, DIM)
+def _kept_panel(photo: np.ndarray, grid: Grid, kept: np.ndarray) -> Image.Image:
+    cell = photo.shape[0] / grid.rows
+    mask = np.full(grid.tokens, DIM)
     mask[kept] = 1.0
-    scale = np.kron(mask.reshape(grid, grid), np.ones((int(np.ceil(cell)),) * 2))[:size, :size]
-    panel = Image.fromarray((photo * scale[..., None]).astype(np.uint8))
+    panel = Image.fromarray((photo * _cells(mask, grid, photo)[..., None]).astype(np.uint8))
     draw = ImageDraw.Draw(panel)
     for p in kept:
-        r, c = divmod(int(p), grid)
+        r, c = divmod(int(p), grid.cols)
         draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=(255, 210, 0))
     return panel
 
@@ -95,7 +99,7 @@ def temporal_columns(runner, groups: np.ndarray, frame_numbers: np.ndarray) -> l
     tinted as in the anchor was answered by the anchor's token)."""
     out = runner.arrays(groups)
     m = runner.manifest
-    grid, columns = m.tower["grid"], []
+    grid, columns = m.grid, []
     for b in range(groups.shape[0]):
         for f in range(groups.shape[1]):
             photo = _display(groups[b, f], m.preprocess)
@@ -160,7 +164,7 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
         return {"images": len(columns), "points": m.prune_points, "panels": 3, "size": sheet.size, "header": 0}
     env = runner.run_all(pixels)
     to_np = runner.backend.to_numpy
-    grid, pre, points = m.tower["grid"], m.preprocess, range(m.prune_points)
+    grid, pre, points = m.grid, m.preprocess, range(m.prune_points)
     indices = [to_np(env[names.indices(i)]) for i in points]
     merges = [to_np(env[names.merge(i)]) for i in points]
     importances = [to_np(env[names.stage_importance(i)]) for i in points]

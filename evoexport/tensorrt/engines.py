@@ -128,6 +128,9 @@ def batch_profile(manifest: dict, min_batch=None, opt_batch=None, max_batch=None
 def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch: int | None = None,
                   max_batch: int | None = None, timing_cache: str | Path | None = None, progress=None) -> dict:
     build_dir = Path(build_dir)
+    if build_dir.is_file():   # engines.json beside every grid's graphs would be one file for all
+        raise EvoExportError(f"evoexport engines takes a build directory; {build_dir} is one grid of a bucketed "
+                             "build (engines for bucketed builds are not written yet)")
     manifest = read_manifest(build_dir).require_images("evoexport engines", build_dir)
     prof = batch_profile(manifest, min_batch, opt_batch, max_batch)
     trt = _require_tensorrt()

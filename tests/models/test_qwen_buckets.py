@@ -202,3 +202,22 @@ def test_attach_runs_an_image_of_no_held_grid_at_the_nearest_one_and_warns(famil
     with pytest.warns(UserWarning, match="ran resized to grid 6x9"):
         out = model.generate(**small, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == small["input_ids"].shape[1] + 4
+
+
+def test_info_lists_the_grids_and_show_draws_a_non_square_grid(half, tmp_path):
+    code, err, out = cli("info", str(half.path))
+    assert code == 0, err
+    assert "3 grids sharing" in out and "6x9     168x252 px  27 of 54 tokens  6x9.json" in out
+    _photo("coffee").save(tmp_path / "coffee.png")
+    code, err, out = cli("show", str(half.path / "6x9.json"), "--input", str(tmp_path / "coffee.png"),
+                         "--output", str(tmp_path / "show.png"))
+    assert code == 0, err
+    panel = Image.open(tmp_path / "show.png")
+    assert panel.width > 3 * 252 and "1 image(s) x 4 panels" in out
+
+
+def test_a_grid_of_a_bucketed_build_makes_a_triton_repository_with_only_its_own_tensors(half, tmp_path):
+    assert main(["triton", str(half.path / "9x6.json"), "--out", str(tmp_path / "repo")]) == 0
+    files = {f.name: f.stat().st_size for f in (tmp_path / "repo").rglob("*") if f.is_file()}
+    assert "weights.bin" not in files and "9x6.stage_0.onnx.data" in files
+    assert sum(v for k, v in files.items() if k.endswith(".data")) < (half.path / "weights.bin").stat().st_size
