@@ -221,3 +221,22 @@ def test_a_grid_of_a_bucketed_build_makes_a_triton_repository_with_only_its_own_
     files = {f.name: f.stat().st_size for f in (tmp_path / "repo").rglob("*") if f.is_file()}
     assert "weights.bin" not in files and "9x6.stage_0.onnx.data" in files
     assert sum(v for k, v in files.items() if k.endswith(".data")) < (half.path / "weights.bin").stat().st_size
+
+
+def test_the_cpp_runtime_runs_one_grid_by_its_manifest_bit_for_bit(half, tmp_path):
+    import subprocess
+    from tests.helpers import ROOT as root
+    done = subprocess.run([str(root / "scripts" / "build-cpp-runtime")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    binary = done.stdout.strip().splitlines()[-1]
+    x = np.random.default_rng(0).standard_normal((2, 3, 168, 252)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run([binary, str(half.path / "6x9.json"), "--input", str(tmp_path / "x.npy"),
+                          "--output", str(tmp_path / "o.npz")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got, ref = np.load(tmp_path / "o.npz"), evoexport.load(half.path / "6x9.json", backend="openvino")(x)
+    np.testing.assert_array_equal(got["features"], ref.features)
+    assert np.array_equal(got["indices"], ref.indices)
+    whole = subprocess.run([binary, str(half.path), "--input", str(tmp_path / "x.npy"),
+                            "--output", str(tmp_path / "o2.npz")], capture_output=True, text=True)
+    assert whole.returncode != 0 and "is a bucketed build" in whole.stderr and not (tmp_path / "o2.npz").exists()

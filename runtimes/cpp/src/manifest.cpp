@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 
 #include <fstream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -46,28 +47,34 @@ static std::vector<TensorSpec> tensor_specs(const json& list) {
 
 // A graph file named by the manifest: a plain name inside the build, present, and (for the
 // file and its external weights) matching its sha256, so a truncated or edited build is refused.
-static void check_file(const fs::path& dir, const json& entry, const char* file_key, const char* hash_key) {
+// `hashed` keeps each file's sha256: a bucketed build's graphs share one weights.bin, hashed once.
+static void check_file(const fs::path& dir, const json& entry, const char* file_key, const char* hash_key,
+                       std::map<std::string, std::string>& hashed) {
     if (!entry.contains(file_key) || entry[file_key].is_null()) return;
     const auto name = entry[file_key].get<std::string>();
     if (fs::path(name).filename().string() != name || name == "." || name == "..")
         throw Error("graph file '" + name + "' must be a plain file name inside the build");
     const fs::path file = dir / name;
     if (!fs::is_regular_file(file)) throw Error(dir.string() + ": " + name + " named by the manifest is missing");
-    if (sha256_file(file) != entry.value(hash_key, std::string()))
+    if (!hashed.count(name)) hashed[name] = sha256_file(file);
+    if (hashed[name] != entry.value(hash_key, std::string()))
         throw Error(dir.string() + ": " + name + " does not match its sha256 in the manifest (truncated or edited); rebuild it");
 }
 
-static Graph graph_entry(const fs::path& dir, const json& entry) {
-    check_file(dir, entry, "file", "sha256");
-    check_file(dir, entry, "data_file", "data_sha256");
+static Graph graph_entry(const fs::path& dir, const json& entry, std::map<std::string, std::string>& hashed) {
+    check_file(dir, entry, "file", "sha256", hashed);
+    check_file(dir, entry, "data_file", "data_sha256", hashed);
     return Graph{entry.at("name").get<std::string>(), entry.at("kind").get<std::string>(),
                  entry.at("file").get<std::string>(), tensor_specs(entry.at("inputs")),
                  tensor_specs(entry.at("outputs"))};
 }
 
-Manifest read_manifest(const fs::path& build_dir) {
+Manifest read_manifest(const fs::path& build) {
+    // a build directory, or one grid's manifest of a bucketed build (BUILD/13x18.json)
+    const bool grid_file = fs::is_regular_file(build) && build.extension() == ".json";
+    const fs::path build_dir = grid_file ? (build.has_parent_path() ? build.parent_path() : fs::path(".")) : build;
     if (!fs::is_directory(build_dir)) throw Error("build directory " + build_dir.string() + " does not exist");
-    const fs::path path = build_dir / "manifest.json";
+    const fs::path path = grid_file ? build : build_dir / "manifest.json";
     if (!fs::is_regular_file(path)) throw Error(build_dir.string() + " is not an evoexport build: no manifest.json");
     json j;
     try {
@@ -81,7 +88,11 @@ Manifest read_manifest(const fs::path& build_dir) {
     if (!version.is_number_integer() || version.get<int>() != kSchemaVersion)
         throw Error(path.string() + " has schema_version " + version.dump() + "; this runtime reads version " +
                     std::to_string(kSchemaVersion));
+    if (j.value("kind", std::string()) == "buckets")
+        throw Error(build.string() + " is a bucketed build: give one grid's manifest (BUILD/ROWSxCOLS.json, "
+                    "`evoexport info BUILD` lists them)");
     try {
+        std::map<std::string, std::string> hashed;
         Manifest m;
         m.dir = build_dir;
         m.model = j.at("model").get<std::string>();
@@ -91,14 +102,14 @@ Manifest read_manifest(const fs::path& build_dir) {
         m.outputs = tensor_specs(j.at("outputs"));
         m.prune_points = j.at("schedule").size();
         for (const auto& stage : j.at("stages")) {   // stage_i, then its selection graph (if any)
-            m.graphs.push_back(graph_entry(build_dir, stage));
+            m.graphs.push_back(graph_entry(build_dir, stage, hashed));
             if (stage.contains("select") && !stage["select"].is_null())
-                m.graphs.push_back(graph_entry(build_dir, stage["select"]));
+                m.graphs.push_back(graph_entry(build_dir, stage["select"], hashed));
         }
         // a temporal build: the later frames' graphs and the assemble graph, after the anchors'
         if (j.contains("temporal") && !j["temporal"].is_null()) {
             m.temporal = true;
-            for (const auto& g : j["temporal"].at("graphs")) m.graphs.push_back(graph_entry(build_dir, g));
+            for (const auto& g : j["temporal"].at("graphs")) m.graphs.push_back(graph_entry(build_dir, g, hashed));
         }
         if (m.inputs.size() != 1) throw Error(path.string() + ": expected one input, found " + std::to_string(m.inputs.size()));
         return m;

@@ -42,8 +42,9 @@ struct Manifest {
     bool temporal = false;             // a temporal build: its assemble graph outputs the indices
 };
 
-// Reads BUILD_DIR/manifest.json and refuses (throws Error) an unknown schema version, a graph
-// file that is missing or not a plain name inside the build, or one whose sha256 differs.
+// Reads BUILD_DIR/manifest.json, or one grid's manifest BUILD/ROWSxCOLS.json of a bucketed
+// build, and refuses (throws Error) an unknown schema version, a bucketed build's index, a
+// graph file that is missing or not a plain name inside the build, or one whose sha256 differs.
 Manifest read_manifest(const std::filesystem::path& build_dir);
 
 std::string sha256_file(const std::filesystem::path& path);
