@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from evoexport.models.qwen_processor import aspect_change, camera_grids, processor_hw
+
 # the example set of the issue, in merge units (rows x cols): 16x16 = Qwen2.5-VL's 448 px
 EXAMPLE = ((16, 16), (12, 20), (20, 12), (14, 18), (18, 14))
-# camera and screen ratios (width:height), chosen before looking at any photo; the bucket of
-# each is the processor's own grid for it at the budget, so such a photo keeps its grid
-RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 UNIT_PX, MIN_PIXELS = 28, 56 * 56
 
 
@@ -43,14 +42,8 @@ def photo_sizes() -> dict[str, list[tuple[int, int]]]:
 
 def processor_grid(h: int, w: int, max_pixels: int) -> tuple[int, int]:
     """The merge-unit grid Qwen's processor gives an image at this pixel budget."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-    rh, rw = smart_resize(h, w, factor=UNIT_PX, min_pixels=MIN_PIXELS, max_pixels=max_pixels)
+    rh, rw = processor_hw(h, w, UNIT_PX, MIN_PIXELS, max_pixels)
     return rh // UNIT_PX, rw // UNIT_PX
-
-
-def change(ratio_from: float, ratio_to: float) -> float:
-    """How much an aspect ratio moves, as a factor minus one (0.10: stretched by 10%)."""
-    return math.exp(abs(math.log(ratio_to / ratio_from))) - 1
 
 
 def study(sizes: list[tuple[int, int]], buckets, max_pixels: int) -> dict:
@@ -61,8 +54,8 @@ def study(sizes: list[tuple[int, int]], buckets, max_pixels: int) -> dict:
         ratio = w / h
         nearest = min(buckets, key=lambda g: abs(math.log(g[1] / g[0] / ratio)))
         rows.append({"size": [h, w], "processor_grid": list(grid), "bucket": list(nearest),
-                     "exact": grid in buckets, "square_change": change(ratio, square[1] / square[0]),
-                     "bucket_change": 0.0 if grid in buckets else change(ratio, nearest[1] / nearest[0])})
+                     "exact": grid in buckets, "square_change": aspect_change(ratio, square[1] / square[0]),
+                     "bucket_change": 0.0 if grid in buckets else aspect_change(ratio, nearest[1] / nearest[0])})
     summary = {}
     for key in ("square_change", "bucket_change"):
         v = np.array([r[key] for r in rows])
@@ -77,7 +70,8 @@ def main() -> None:
     parser.add_argument("--max-pixels", type=int, default=448 * 448, help="the build's pixel budget per image")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    ratios = tuple(processor_grid(1000 * h, 1000 * w, args.max_pixels) for w, h in RATIOS)
+    # the processor's own grids of the camera ratios at the budget: what `build --grids auto` holds
+    ratios = tuple(camera_grids(UNIT_PX, MIN_PIXELS, args.max_pixels))
     result = {"unit_px": UNIT_PX, "max_pixels": args.max_pixels, "bucket_sets": {}}
     for label, buckets in (("example (issue)", EXAMPLE), ("camera ratios", ratios)):
         sets = {name: study(sizes, buckets, args.max_pixels) for name, sizes in photo_sizes().items()}

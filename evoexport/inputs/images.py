@@ -139,20 +139,21 @@ def fit_recipe(recipe: dict, size, pad_to_square: bool | None = None) -> dict:
     recipe = dict(recipe)
     if pad_to_square is not None:
         recipe["pad_to_square"] = bool(pad_to_square)
-    if output_size(recipe) == size_hw(size):
+    target = size_hw(size)
+    if output_size(recipe) == target:
         return recipe
     h, w = output_size(recipe)
     if h != w:
         raise EvoExportError(f"the image processor makes {h}x{w} images; builds take square inputs")
-    if h == size:
-        return recipe
-    factor = size / h
+    # a non-square target (a tower at a non-square grid): the shortest edge scaled so the
+    # centre crop of that height and width fits, the crop keeping the photo's proportions
+    factor = max(target) / h
     resize = recipe["resize"]
     recipe["scaled_from"] = {"resize": resize, "crop": recipe["crop"], "factor": factor}
     recipe["resize"] = ({"shortest_edge": int(round(resize["shortest_edge"] * factor))} if "shortest_edge" in resize
-                        else {"height": size, "width": size})
+                        else {"height": target[0], "width": target[1]})
     if recipe["crop"] is not None:
-        recipe["crop"] = {"height": size, "width": size}
+        recipe["crop"] = {"height": target[0], "width": target[1]}
     return recipe
 
 

@@ -76,9 +76,9 @@ def dense_features(env: dict, pipe: Pipeline, has_cls: bool = True) -> torch.Ten
         features = torch.gather(features, 1, owner.unsqueeze(-1).expand(b, owner.shape[1], features.shape[-1]))
     if per == 1:
         return features
-    g, u = pipe.tower.grid.side, pipe.tower.unit       # unit order -> raster patch order
+    (r, c), u = pipe.tower.grid, pipe.tower.unit       # unit order -> raster patch order
     d = features.shape[-1] // per
-    return features.reshape(b, g, g, u, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
+    return features.reshape(b, r, c, u, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
 
 
 class Saliency:

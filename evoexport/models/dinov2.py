@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import EvoExportError, OptionError, cause
 from ..inputs.images import recipe_from_processor_config
+from ..names import plain_size, size_hw
 from .base import BaseTower, Family, TowerSpec
 from .checkpoint import check_weight, preprocess_from_checkpoint, read_tensors, weight_index
 from .registry import Preset, register, register_family
@@ -66,6 +67,7 @@ class DinoTower(BaseTower):
     patches are laid out unit by unit after the position embedding (DINOv2's positions are
     absolute and added once, so order is free after it) and a unit is their concatenation."""
     resizable = True
+    any_grid = True      # non-square sizes too (the grid-shape measurement, docs/qwen.md)
 
     def __init__(self, spec: TowerSpec):
         super().__init__()
@@ -90,7 +92,7 @@ class DinoTower(BaseTower):
         after loading weights)."""
         emb = self.model.embeddings
         dummy = torch.zeros(1, self.positions.shape[1], self.hidden_size, dtype=emb.position_embeddings.dtype)
-        self.positions.copy_(emb.interpolate_pos_encoding(dummy, self.image_size, self.image_size))
+        self.positions.copy_(emb.interpolate_pos_encoding(dummy, *self.image_hw))
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -107,8 +109,8 @@ class DinoTower(BaseTower):
         x = torch.cat([cls, patches], dim=1) + self.positions.to(patches.dtype)
         if self.unit == 1:
             return x
-        b, d, g, u = x.shape[0], x.shape[-1], self.grid.side, self.unit   # raster -> unit by unit
-        units = x[:, 1:].reshape(b, g, u, g, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
+        (b, d), (r, c), u = (x.shape[0], x.shape[-1]), self.grid, self.unit   # raster -> unit by unit
+        units = x[:, 1:].reshape(b, r, u, c, u, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, d)
         return torch.cat([x[:, :1], units], dim=1)
 
     # unit tokens (spec.unit > 1): CLS rides along zero-padded to a unit's width, never pruned
@@ -150,11 +152,15 @@ class DinoTower(BaseTower):
         return run
 
 
-def _input_size(image_size: int | None, preset: Preset, patch: int) -> int:
+def _input_size(image_size, preset: Preset, patch: int):
+    """An int (a square) or (height, width), each a multiple of the patch size (or unit)."""
     size = image_size or preset.input_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < patch or size % patch:
-        raise OptionError("image_size", f"must be a multiple of the patch size {patch} (e.g. 224, 280, 518), got {size}")
-    return size
+    sides = list(size) if isinstance(size, (list, tuple)) else [size]
+    step = patch * preset.unit
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < step or s % step for s in sides):
+        raise OptionError("image_size", f"must be a multiple of the patch size {step} (e.g. 224, 280, 518), "
+                                        f"got {size}")
+    return plain_size(*size_hw(size))
 
 
 def spec_from_preset(preset: Preset, image_size: int | None = None) -> TowerSpec:

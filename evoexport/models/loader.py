@@ -33,7 +33,7 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
         height, width = size_hw(image_size)
         if height != width and not family.tower.any_grid:
             raise OptionError("image_size", f"{height}x{width}: {model} takes square images (non-square grids: "
-                                            "the qwen models)")
+                                            "the qwen models and dinov2)")
         image_size = plain_size(height, width)
     ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
     if image_size is not None and not family.tower.resizable:

@@ -181,3 +181,24 @@ def test_unit_tower_is_the_patch_tower_reordered_and_prunes_whole_units():
     env = pipe.run(x)
     assert env["features"].shape == (2, 1 + 4 * points[-1].tokens, 384)
     assert env["indices_0"].max() < 64 and dense_features(env, pipe).shape == (2, 256, 384)
+
+
+def test_a_non_square_size_equals_transformers_and_the_unit_tower_reorders_it(dinov2_ckpt):
+    """At 196x252 (14x18 patches, 7x9 units: the grid-shape measurement of docs/qwen.md) the
+    static position table equals what transformers interpolates at run time, and the unit
+    tower's features are the patch tower's laid out unit by unit."""
+    from evoexport.measure.eval import dense_features
+    from evoexport.models import load_tower
+    from evoexport.pipeline.stages import Pipeline
+    from evoexport.prune.selection import PruneParams
+
+    patches = load_tower("dinov2", dinov2_ckpt, quiet=True, image_size=(196, 252))
+    units = load_tower("dinov2-units", dinov2_ckpt, quiet=True, image_size=(196, 252))
+    assert (str(patches.grid), str(units.grid), units.num_patches) == ("14x18", "7x9", 63)
+    x = torch.randn(2, 3, 196, 252, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = _hf(dinov2_ckpt)(x).last_hidden_state
+        torch.testing.assert_close(Pipeline(patches, [], PruneParams()).run(x)["features"], ref, atol=1e-4, rtol=0)
+        pipe = Pipeline(units, [], PruneParams())
+        env = pipe.run(x)
+    torch.testing.assert_close(dense_features(env, pipe), ref[:, 1:], atol=1e-4, rtol=0)

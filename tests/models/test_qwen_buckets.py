@@ -148,7 +148,7 @@ def test_a_bucketed_build_is_refused_whole_where_one_grid_is_needed_and_checked_
     (["--model", "qwen2.5-vl-tiny", "--grids", "8x8,8x8"], "names a grid twice"),
     (["--model", "llava-tiny", "--grids", "auto"], "takes square images only"),
     (["--model", "qwen2.5-vl-tiny", "--grids", "8x8", "--temporal", "4:0.25"], "cannot be combined with --temporal"),
-    (["--model", "dinov2", "--image-size", "224x280"], "takes square images"),
+    (["--model", "llava-tiny", "--image-size", "224x280"], "takes square images"),
 ])
 def test_bad_grids_are_one_error_line(args, message, tmp_path):
     assert_one_error_line(*cli("build", *args, "--out", str(tmp_path / "b"))[:2], message)
