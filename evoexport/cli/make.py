@@ -80,10 +80,11 @@ class ImageSize(click.ParamType):
 @click.option("--video", is_flag=True,
               help="qwen2.5-vl: take its temporal patches of two frames, [B, 6, S, S] (frame t's RGB, then frame "
                    "t+1's), for video through attach(); stills go in as a frame twice")
-@click.option("--grids", default=None, metavar="auto|RxC,...",
+@click.option("--grids", default=None, metavar="RxC|auto,...",
               help="qwen models: aspect-ratio buckets, one build at each grid (rows x cols of merge units) sharing "
                    "one copy of the weights; each image goes to its processor grid, else the nearest aspect ratio. "
-                   "auto: the processor's grids of 7 camera ratios at the --image-size budget (docs/qwen.md)")
+                   "auto: the processor's grids of 7 camera ratios at the --image-size budget, with any others given "
+                   "(auto,10x23) (docs/qwen.md)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redundancy_weight, diversity_rounds,
           spatial_weight, merge, proportional_attention, precision, calib, validate, target, opset, image_size,

@@ -25,13 +25,15 @@ from ..progress import Progress, check_interrupted
 ALIGN_LARGE, ALIGN_SMALL = 4096, 64   # offsets in weights.bin: a page for big tensors (memory maps)
 
 
-def parse_grids(text) -> list[Grid] | str:
-    """--grids: "auto" or "ROWSxCOLS,..." in merge units."""
+AUTO = "auto"
+
+
+def parse_grids(text) -> list:
+    """--grids: "ROWSxCOLS,..." in merge units, where "auto" stands for the camera-ratio grids."""
     if isinstance(text, (list, tuple)):
         return [Grid.of(g) for g in text]
-    if str(text).strip().lower() == "auto":
-        return "auto"
-    grids = [Grid.parse(part) for part in str(text).split(",") if part.strip()]
+    parts = [part.strip().lower() for part in str(text).split(",") if part.strip()]
+    grids = [AUTO if part == AUTO else Grid.parse(part) for part in parts]
     if not grids:
         raise OptionError("grids", "is empty: give auto or ROWSxCOLS,... (merge units), e.g. 16x16,12x21")
     if len(set(grids)) != len(grids):
@@ -40,14 +42,15 @@ def parse_grids(text) -> list[Grid] | str:
 
 
 def plan_grids(options, spec) -> list[Grid]:
-    """The build's grids: given, or (auto) the processor's grids of the camera ratios at the
-    pixel budget of the model's size (its preset's, or --image-size)."""
+    """The build's grids, "auto" expanded to the processor's grids of the camera ratios at the
+    pixel budget of the model's size (its preset's, or --image-size); each grid once."""
     from ..models.qwen_processor import camera_grids
     unit_px = spec.vision["patch_size"] * spec.unit
-    grids = parse_grids(options.grids)
-    if grids == "auto":
-        h, w = spec_hw(spec)
-        grids = [Grid(*g) for g in camera_grids(unit_px, spec.preprocess["min_pixels"], h * w)]
+    h, w = spec_hw(spec)
+    grids = []
+    for part in parse_grids(options.grids):
+        more = [Grid(*g) for g in camera_grids(unit_px, spec.preprocess["min_pixels"], h * w)] if part == AUTO else [part]
+        grids += [g for g in more if g not in grids]
     return grids
 
 

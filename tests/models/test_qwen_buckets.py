@@ -240,3 +240,35 @@ def test_the_cpp_runtime_runs_one_grid_by_its_manifest_bit_for_bit(half, tmp_pat
     whole = subprocess.run([binary, str(half.path), "--input", str(tmp_path / "x.npy"),
                             "--output", str(tmp_path / "o2.npz")], capture_output=True, text=True)
     assert whole.returncode != 0 and "is a bucketed build" in whole.stderr and not (tmp_path / "o2.npz").exists()
+
+
+def test_a_failed_bucketed_rebuild_keeps_the_good_build_whole(half, tmp_path):
+    good = tmp_path / "good"
+    shutil.copytree(half.path, good)
+    before = {f.name: f.read_bytes() for f in good.iterdir()}
+    # the second grid leaves no token at keep 0.5: the build stops there, nothing replaced
+    assert_one_error_line(*cli("build", "--model", "qwen2.5-vl-tiny", "--grids", "8x8,1x1", "--keep", "0.5",
+                               "--no-validate", "--out", str(good))[:2], "leaves no token")
+    assert {f.name: f.read_bytes() for f in good.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no half-written folder left
+
+
+def test_a_clip_runs_at_the_grid_of_its_frames(half, tmp_path):
+    from evoexport.inputs.video import sample_clip
+    assert main(["run", str(half.path), "--input", str(sample_clip("bikes")), "--frames", "3",
+                 "--output", str(tmp_path / "clip.npz")]) == 0
+    saved = np.load(tmp_path / "clip.npz")
+    # 640x272 frames: the processor's 5x12 grid is not held; the widest grid (6x9) is the nearest
+    assert saved["grid"].tolist() == [6, 9] and not saved["exact"]
+    assert float(saved["aspect_change"]) == pytest.approx((640 / 272) / 1.5 - 1)
+    assert saved["features"].shape == (3, 27, 96) and saved["frame_numbers"].shape == (3,)
+
+
+def test_auto_is_the_processors_grids_of_the_camera_ratios_and_takes_more():
+    from evoexport.export.build import BuildOptions
+    from evoexport.export.buckets import plan_grids
+    from evoexport.models.loader import spec_for
+    spec = spec_for("qwen2.5-vl", None, 448)
+    grids = plan_grids(BuildOptions(model="qwen2.5-vl", grids="auto,16x16,10x23"), spec)
+    # 1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16 at 448x448 pixels: the processor's own grids, then the extra one
+    assert [str(g) for g in grids] == ["16x16", "13x18", "18x13", "13x19", "19x13", "12x21", "21x12", "10x23"]
