@@ -149,3 +149,20 @@ def onevision_answers(vllm_python, onevision, tmp_path_factory):
     return {p.stem: {"vllm": {run: answers[i] for run, answers in got.items()},
                      "ref": onevision_transformers(ckpt, builds[0.5], tmp / f"{p.stem}.npz")}
             for i, p in enumerate(photos)}
+
+
+@pytest.fixture(scope="session")
+def qwen_buckets(tmp_path_factory):
+    """A Qwen2.5-VL checkpoint whose processor keeps each image's aspect ratio (min_pixels
+    3136, max 224x224), its bucketed builds at keep 1.0 and 0.5 (grids 8x8, 6x9, 9x6) and two
+    photos: 168x252 (grid 6x9) and 224x224 (8x8)."""
+    import shutil
+    root = tmp_path_factory.mktemp("vllm-qwen-buckets")
+    ckpt = root / "qwen-vlm"
+    shutil.copytree(make_qwen_vlm(root / "made"), ckpt)
+    config = json.loads((ckpt / "preprocessor_config.json").read_text())
+    config["size"]["shortest_edge"] = 3136
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(config))
+    builds = {keep: build("qwen2.5-vl", keep, checkpoint=str(ckpt), out=root / f"keep{keep}", validate=False,
+                          progress=QUIET, image_size=224, grids="8x8,6x9,9x6").path for keep in (1.0, 0.5)}
+    return ckpt, builds, [photo(root / "wide.png", 168, 252), photo(root / "square.png", 224, seed=1)]

@@ -97,6 +97,49 @@ def test_qwen_plugin_keeps_the_kept_units_mrope_positions(vllm_python, qwen, tmp
     _check_qwen_plugin(vllm_python, tmp_path, ckpt, builds, photo, qwen_transformers(ckpt, builds[0.5], photo))
 
 
+def qwen_transformers_images(ckpt: Path, build_dir: Path, photos: list[Path]) -> dict:
+    """transformers' own generate() and attach() + generate() on one prompt of several images,
+    each at the processor's own grid for it."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from evoexport.integrations.hf_llava import attach, shrink_image_tokens
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    px = Qwen2VLImageProcessor.from_pretrained(ckpt)(images=[Image.open(p) for p in photos], return_tensors="pt")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).eval()
+    counts = [int(row.prod()) // 4 for row in px["image_grid_thw"]]
+    prompt = QWEN_IMAGES_PROMPT
+    for n in counts:
+        prompt = prompt.replace("<|image_pad|>", "<|IMAGE|>" * n, 1)
+    ids = tokenizer(prompt.replace("<|IMAGE|>", "<|image_pad|>"), return_tensors="pt").input_ids
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px["pixel_values"],
+              "image_grid_thw": px["image_grid_thw"], "mm_token_type_ids": (ids == model.config.image_token_id).long()}
+    out = {"transformers": generate(model, **inputs), "grids": px["image_grid_thw"].tolist()}
+    attach(model, build_dir)
+    small = shrink_image_tokens(inputs, model)
+    return {**out, "attach": generate(model, **small), "attach_prompt_tokens": small["input_ids"].shape[1],
+            "text_tokens": ids.shape[1] - sum(counts)}
+
+
+QWEN_IMAGES_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|>"
+                      "<|vision_end|>what is in the images?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_qwen_plugin_runs_each_image_at_its_own_grid_of_a_bucketed_build(vllm_python, qwen_buckets, tmp_path):
+    """Aspect-ratio buckets: a 168x252 photo at its processor grid (6x9) and a square one
+    (8x8) in one prompt. keep 1.0 equals stock vLLM and transformers (no stretching); keep
+    0.5 equals attach() on the same bucketed build, with each image's own K (27 and 32)."""
+    ckpt, builds, photos = qwen_buckets
+    ref = qwen_transformers_images(ckpt, builds[0.5], photos)
+    assert ref["grids"] == [[1, 12, 18], [1, 16, 16]]
+    got = drive(vllm_python, tmp_path, ckpt,
+                [{"name": "stock"}, {"name": "keep1", "build": str(builds[1.0])},
+                 {"name": "keep0.5", "build": str(builds[0.5])}],
+                [{"prompt": QWEN_IMAGES_PROMPT, "images": [str(p) for p in photos]}])
+    assert got["stock"][0]["tokens"] == got["keep1"][0]["tokens"] == ref["transformers"]
+    assert got["keep0.5"][0]["tokens"] == ref["attach"]
+    assert got["keep0.5"][0]["prompt_tokens"] == ref["attach_prompt_tokens"] == ref["text_tokens"] + 27 + 32
+
+
 def _without_taps(model):
     """The same Qwen3-VL model with every DeepStack tap zero."""
     with torch.no_grad():

@@ -44,11 +44,14 @@ def hf_overrides(build_dir, checkpoint_dir, backend: str = "onnxruntime", thread
     """vLLM's `hf_overrides` that run `checkpoint_dir` with the plugin and `build_dir` as its
     vision encoder (the architecture read from the checkpoint's config.json)."""
     from ...files import read_json
-    from ...manifest import read_manifest
-    manifest = read_manifest(build_dir, verify=False, files=False).require_images("the vLLM plugin", build_dir)
-    if not manifest.grid.square:   # the plugin's processor asks for the build's one square size
-        raise EvoExportError(f"the vLLM plugin takes square builds; {build_dir} is at grid {manifest.grid} "
-                             "(a grid of a bucketed build); build with --image-size S")
+    from ...manifest import is_bucketed, read_buckets, read_manifest
+    if is_bucketed(build_dir):    # aspect-ratio buckets: the Qwen models' plugins pick a grid per image
+        manifest = read_buckets(build_dir, verify=False).manifests[0]
+    else:
+        manifest = read_manifest(build_dir, verify=False, files=False).require_images("the vLLM plugin", build_dir)
+    if not manifest.grid.square and not manifest.family.startswith("qwen"):
+        raise EvoExportError(f"the vLLM plugin takes this family's builds at square grids; {build_dir} is at "
+                             f"{manifest.grid}")
     config = Path(checkpoint_dir) / "config.json"
     if not config.is_file():
         raise EvoExportError(f"{checkpoint_dir} is not a Hugging Face checkpoint directory: no config.json")

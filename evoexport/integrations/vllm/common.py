@@ -53,7 +53,7 @@ _ONE_RUN = threading.Lock()
 
 @functools.lru_cache(maxsize=None)
 def _runner(path: str, backend: str, threads: int):
-    from ...runtime.runner import load
+    from ... import load
     options = {"threads": threads} if threads and backend in ("onnxruntime", "openvino") else {}
     if backend == "onnxruntime":
         # weights stay memory-mapped and no arena keeps activations: the frontend shares the
@@ -67,14 +67,52 @@ def _runner(path: str, backend: str, threads: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _manifest(path: str):
-    from ...manifest import read_manifest
-    return read_manifest(path, verify=False, files=False)
+def _grids(path: str) -> "BuildGrids":
+    from ...manifest import is_bucketed, read_buckets, read_manifest
+    return BuildGrids(read_buckets(path, verify=False) if is_bucketed(path)
+                      else read_manifest(path, verify=False, files=False))
+
+
+class BuildGrids:
+    """A build's grids as the plugin sees them: one, or a bucketed build's (each image at the
+    grid chosen for its size, runtime/buckets.py), each with its own K."""
+
+    def __init__(self, build):
+        self.build = build
+        self.bucketed = hasattr(build, "manifests")
+        self.manifests = build.manifests if self.bucketed else [build]
+
+    @property
+    def manifest(self):
+        """The first grid's manifest: what every grid shares (model, weights, taps, width)."""
+        return self.manifests[0]
+
+    def index_for(self, height: int, width: int) -> int:
+        """The grid an image of height x width pixels goes to."""
+        if not self.bucketed:
+            return 0
+        from ...runtime.buckets import BucketRunner
+        return BucketRunner.choose_in(self.build, height, width)[0]
+
+    def index_of(self, grid) -> int | None:
+        """The grid's index, if the build holds it."""
+        return next((i for i, m in enumerate(self.manifests) if tuple(m.grid) == tuple(grid)), None)
+
+    def most_tokens(self):
+        return max(self.manifests, key=lambda m: m.tokens_per_image)
+
+    def describe(self) -> str:
+        return ", ".join(f"{m.image_hw[0]}x{m.image_hw[1]} px ({m.grid})" for m in self.manifests)
+
+
+def grids_for(hf_config) -> BuildGrids:
+    """The grids of the build the model's config names (the build itself not loaded)."""
+    return _grids(build_path(hf_config))
 
 
 def manifest_for(hf_config):
-    """The manifest of the build the model's config names (the build itself not loaded)."""
-    return _manifest(build_path(hf_config))
+    """The manifest of the build the model's config names (a bucketed build's first grid's)."""
+    return grids_for(hf_config).manifest
 
 
 def runner_for(hf_config):
@@ -94,8 +132,35 @@ def encode(hf_config, pixels, dummy: bool = False) -> tuple[np.ndarray, np.ndarr
         k, d = manifest.features["shape"][1:]
         return (np.zeros((len(pixels), k, d * (1 + len(manifest.deepstack))), np.float32),
                 np.tile(np.arange(k), (len(pixels), 1)))
-    runner = runner_for(hf_config)
-    x = pixels.detach().float() if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
+    x = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
+    return _run(runner_for(hf_config), x)
+
+
+def encode_each(hf_config, images: list, index: list[int], dummy: bool = False) -> list[tuple]:
+    """encode() image by image, image n [3, H, W] at the build's grid index[n] (each grid's
+    images run as one batch): [(features [K_n, D'], kept indices [K_n])] in order."""
+    import torch
+    grids = grids_for(hf_config)
+    runner = None if dummy else runner_for(hf_config)
+    out: list = [None] * len(images)
+    for i in sorted(set(index)):
+        members = [n for n, j in enumerate(index) if j == i]
+        m = grids.manifests[i]
+        if dummy:
+            k, d = m.features["shape"][1:]
+            for n in members:
+                out[n] = (np.zeros((k, d * (1 + len(m.deepstack))), np.float32), np.arange(k))
+            continue
+        grid_runner = runner.runner(i) if grids.bucketed else runner
+        features, indices = _run(grid_runner, torch.stack([torch.as_tensor(images[n]) for n in members]))
+        for row, n in enumerate(members):
+            out[n] = (features[row], indices[row])
+    return out
+
+
+def _run(runner, x) -> tuple[np.ndarray, np.ndarray]:
+    """(features with any DeepStack taps on the hidden axis, kept indices) of pixel values x."""
+    x = x.detach().float()
     with _ONE_RUN:
         out = runner(x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy()))
     to_np = runner.backend.to_numpy
