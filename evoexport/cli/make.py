@@ -115,7 +115,7 @@ def build(model, keep, schedule, checkpoint, seed, out, importance_ratio, redund
     result = run(options, progress, on_commit=mark_decided)
     if result.buckets is not None:
         b = result.buckets
-        click.echo(f"built {result.path}: {len(b.grids)} grids ({', '.join(map(str, b.grids))}), keep {b.keep}, "
+        click.echo(f"built {result.path}: {len(b.grids)} grid{'s' * (len(b.grids) != 1)} ({', '.join(map(str, b.grids))}), keep {b.keep}, "
                    f"shared weights {b.shared_bytes / 1e6:.1f} MB, {progress.elapsed:.1f} s, "
                    f"peak memory {peak_rss_gb():.2f} GB")
         return

@@ -241,7 +241,7 @@ def info(build_dir):
     if is_bucketed(build_dir):
         b = read_buckets(build_dir, verify=False)
         p = b.processor
-        click.echo(f"{build_dir}: bucketed build of {b.model}, keep {b.keep}, {len(b.grids)} grids sharing "
+        click.echo(f"{build_dir}: bucketed build of {b.model}, keep {b.keep}, {len(b.grids)} grid{'s' * (len(b.grids) != 1)} sharing "
                    f"{b.shared_bytes / 1e6:.1f} MB of weights; an image goes to its processor grid (smart_resize, "
                    f"{p['unit_px']} px units, {p['min_pixels']}..{p['max_pixels']} pixels), else the nearest "
                    "aspect ratio")

@@ -73,7 +73,7 @@ def build_buckets(options, target: Path, build_one, progress: Progress, on_commi
     unit_px = spec.vision["patch_size"] * spec.unit
     if target.exists() and not (target / MANIFEST).is_file():
         raise OptionError("out", f"{target} exists and is not an evoexport build; refusing to replace it")
-    progress(f"{len(grids)} grids (rows x cols of {unit_px} px units): {', '.join(map(str, grids))}")
+    progress(f"{len(grids)} grid{'s' * (len(grids) != 1)} (rows x cols of {unit_px} px units): {', '.join(map(str, grids))}")
     with atomic_dir(target, on_commit) as tmp:
         store, manifests = _Store(tmp / SHARED_WEIGHTS), []
         for i, grid in enumerate(grids):
@@ -90,7 +90,7 @@ def build_buckets(options, target: Path, build_one, progress: Progress, on_commi
         _write_index(tmp, spec, manifests, unit_px)
         read_buckets(tmp)      # the folder reads back whole: every hash checked
         check_interrupted()
-    progress(f"wrote {target}: {len(grids)} grids, shared weights {store.size / 1e6:.1f} MB")
+    progress(f"wrote {target}: {len(grids)} grid{'s' * (len(grids) != 1)}, shared weights {store.size / 1e6:.1f} MB")
     return read_buckets(target, verify=False)
 
 
