@@ -16,10 +16,12 @@ language model and generate() stay transformers' own):
     text after the image resumes at s + max(h, w) / 2, exactly where the unpruned prompt
     resumes. rope_deltas (max position + 1 - sequence length) then carry decoding on.
 
-Image size: a build has one grid. An image whose processor grid is not the build's
-(another size or aspect ratio: smart_resize keeps the aspect ratio) is refused with one
-error telling the size to resize to; `evoexport.inputs.images` resizes as the manifest
-says.
+Image size: a one-grid build takes images of its grid; an image whose processor grid is
+another (smart_resize keeps the aspect ratio) is refused with one error telling the size
+to resize to. A bucketed build (`build --grids`) takes each image at the grid the processor
+gave it, with that grid's K, its rows and columns in mRoPE and text resuming at
+max(rows, cols); an image of a grid the build does not hold runs at the grid chosen for its
+size, resized, with a warning (give the processor the build's max_pixels: `evoexport info`).
 
 Videos need a video build (`build --model qwen2.5-vl --video`): a temporal patch holds two
 different frames, so the 3-D patch convolution is unfolded (its input is the two frames on
