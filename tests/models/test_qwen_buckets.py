@@ -223,7 +223,7 @@ def test_a_grid_of_a_bucketed_build_makes_a_triton_repository_with_only_its_own_
     assert sum(v for k, v in files.items() if k.endswith(".data")) < (half.path / "weights.bin").stat().st_size
 
 
-def test_the_cpp_runtime_runs_one_grid_by_its_manifest_bit_for_bit(half, tmp_path):
+def test_the_cpp_runtime_runs_the_grid_of_the_input_bit_for_bit(half, tmp_path):
     import subprocess
     from tests.helpers import ROOT as root
     done = subprocess.run([str(root / "scripts" / "build-cpp-runtime")], capture_output=True, text=True)
@@ -237,9 +237,16 @@ def test_the_cpp_runtime_runs_one_grid_by_its_manifest_bit_for_bit(half, tmp_pat
     got, ref = np.load(tmp_path / "o.npz"), evoexport.load(half.path / "6x9.json", backend="openvino")(x)
     np.testing.assert_array_equal(got["features"], ref.features)
     assert np.array_equal(got["indices"], ref.indices)
+    # the whole bucketed build: the grid of the input's height x width runs
     whole = subprocess.run([binary, str(half.path), "--input", str(tmp_path / "x.npy"),
                             "--output", str(tmp_path / "o2.npz")], capture_output=True, text=True)
-    assert whole.returncode != 0 and "is a bucketed build" in whole.stderr and not (tmp_path / "o2.npz").exists()
+    assert whole.returncode == 0, whole.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "o2.npz")["features"], ref.features)
+    np.save(tmp_path / "y.npy", x[:, :, :100])
+    other = subprocess.run([binary, str(half.path), "--input", str(tmp_path / "y.npy"),
+                            "--output", str(tmp_path / "o3.npz")], capture_output=True, text=True)
+    assert other.returncode != 0 and not (tmp_path / "o3.npz").exists()
+    assert other.stderr.strip().splitlines()[-1].startswith("error: the input is 100x252 pixels; ")
 
 
 def test_a_failed_bucketed_rebuild_keeps_the_good_build_whole(half, tmp_path):

@@ -26,6 +26,7 @@ namespace {
 
 const char* kUsage =
     "usage: evoexport-run BUILD_DIR --input PIXELS.npy --output OUT.npz [--threads N] [--device CPU] [--repeat N]\n"
+    "  BUILD_DIR   a build, a bucketed build (the grid of the input's H x W runs), or one grid's GRID.json\n"
     "  PIXELS.npy  float32 [B, 3, H, W], preprocessed as the manifest's `preprocess` says\n"
     "  OUT.npz     features, indices, and indices_i / merge_i / picks_i per prune point\n"
     "  --repeat N  run the chain N times and print the median and p90 latency (default 1)\n";
@@ -164,8 +165,11 @@ Array final_indices(const Manifest& m, const std::map<std::string, ov::Tensor>& 
 }
 
 int run(const Options& o) {
-    const Manifest m = read_manifest(o.build_dir);
     Array pixels = read_npy(o.input);
+    const int64_t rank = static_cast<int64_t>(pixels.shape.size());
+    // a bucketed build: the grid of the input's height x width
+    const Manifest m = read_manifest(rank >= 2 ? grid_for_input(o.build_dir, pixels.shape[rank - 2], pixels.shape[rank - 1])
+                                               : o.build_dir);
     check_input(pixels, m.inputs[0]);
     const int64_t batch = pixels.shape[0];
 

@@ -69,6 +69,41 @@ static Graph graph_entry(const fs::path& dir, const json& entry, std::map<std::s
                  tensor_specs(entry.at("outputs"))};
 }
 
+static json read_json(const fs::path& path) {
+    try {
+        std::ifstream in(path);
+        return json::parse(in);
+    } catch (const json::exception& e) {
+        throw Error(path.string() + " is not valid JSON: " + e.what());
+    }
+}
+
+fs::path grid_for_input(const fs::path& build, int64_t height, int64_t width) {
+    const fs::path index = build / "manifest.json";
+    if (!fs::is_directory(build) || !fs::is_regular_file(index)) return build;
+    const json j = read_json(index);
+    if (!j.is_object() || j.value("kind", std::string()) != "buckets") return build;
+    std::string sizes;
+    try {
+        for (const auto& b : j.at("buckets")) {
+            const auto size = b.at("image_size");
+            const int64_t h = size.at(0).get<int64_t>(), w = size.at(1).get<int64_t>();
+            sizes += (sizes.empty() ? "" : ", ") + std::to_string(h) + "x" + std::to_string(w);
+            if (h != height || w != width) continue;
+            const auto name = b.at("manifest").get<std::string>();
+            if (fs::path(name).filename().string() != name || name == "." || name == "..")
+                throw Error("grid manifest '" + name + "' must be a plain file name inside the build");
+            if (sha256_file(build / name) != b.value("sha256", std::string()))
+                throw Error(build.string() + ": " + name + " does not match its sha256 in the index (truncated or edited); rebuild it");
+            return build / name;
+        }
+    } catch (const json::exception& e) {
+        throw Error(index.string() + " is not an index of grids this runtime understands: " + e.what());
+    }
+    throw Error("the input is " + std::to_string(height) + "x" + std::to_string(width) + " pixels; " + build.string() +
+                " is a bucketed build of " + sizes + " (pick the grid with evoexport's BucketRunner, or resize)");
+}
+
 Manifest read_manifest(const fs::path& build) {
     // a build directory, or one grid's manifest of a bucketed build (BUILD/13x18.json)
     const bool grid_file = fs::is_regular_file(build) && build.extension() == ".json";
@@ -76,13 +111,7 @@ Manifest read_manifest(const fs::path& build) {
     if (!fs::is_directory(build_dir)) throw Error("build directory " + build_dir.string() + " does not exist");
     const fs::path path = grid_file ? build : build_dir / "manifest.json";
     if (!fs::is_regular_file(path)) throw Error(build_dir.string() + " is not an evoexport build: no manifest.json");
-    json j;
-    try {
-        std::ifstream in(path);
-        j = json::parse(in);
-    } catch (const json::exception& e) {
-        throw Error(path.string() + " is not valid JSON: " + e.what());
-    }
+    const json j = read_json(path);
     if (!j.is_object()) throw Error(path.string() + " is not a JSON object");
     const json version = j.value("schema_version", json());
     if (!version.is_number_integer() || version.get<int>() != kSchemaVersion)

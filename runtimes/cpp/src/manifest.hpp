@@ -47,6 +47,10 @@ struct Manifest {
 // graph file that is missing or not a plain name inside the build, or one whose sha256 differs.
 Manifest read_manifest(const std::filesystem::path& build_dir);
 
+// A bucketed build's grid for pixel values of height x width: the grid manifest whose size
+// that is (its sha256 checked against the index); any other build is itself.
+std::filesystem::path grid_for_input(const std::filesystem::path& build, int64_t height, int64_t width);
+
 std::string sha256_file(const std::filesystem::path& path);
 
 }  // namespace evoexport
