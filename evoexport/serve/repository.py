@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import EvoExportError, OptionError
 from ..files import atomic_dir, write_json
-from ..manifest import SHARED_WEIGHTS, Manifest, build_root, read_manifest, sha256_file
+from ..manifest import SHARED_WEIGHTS, Manifest, build_root, is_bucketed, read_buckets, read_manifest, sha256_file
 from . import config as tc
 from .graphs import indices_graph, mm_in_graph, mm_out_graph
 
@@ -76,6 +76,8 @@ class Repository:
     models: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     trtllm: dict | None = None
+    # a bucketed build's: {ensemble name: [height, width]}, one ensemble per grid
+    ensembles: dict | None = None
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -109,16 +111,21 @@ class StepWriter:
     def __init__(self, build_dir: Path, manifest: Manifest, options: RepositoryOptions, batching: tc.Batching):
         self.build_dir, self.manifest, self.options, self.batching = build_dir, manifest, options, batching
 
-    def copy_graph(self, entry: dict, version: Path) -> None:
+    def copy_graph(self, entry: dict, version: Path) -> dict:
+        """The graph and its weights into `version`; returns {file: sha256} of what it wrote
+        (the manifest's, for a copy: read_manifest just checked the build's files)."""
         if entry.get("data_file") == SHARED_WEIGHTS:   # a bucketed build's grid: only this graph's tensors
             import onnx
+            data = f"{entry['file']}.data"
             model = onnx.load(str(self.build_dir / entry["file"]), load_external_data=True)
-            onnx.save_model(model, str(version / entry["file"]), save_as_external_data=True,
-                            location=f"{entry['file']}.data", all_tensors_to_one_file=True)
-            return
-        for key in ("file", "data_file"):
-            if entry.get(key):
-                _copy(self.build_dir / entry[key], version / entry[key])
+            onnx.save_model(model, str(version / entry["file"]), save_as_external_data=True, location=data,
+                            all_tensors_to_one_file=True)
+            return {name: sha256_file(version / name) for name in (entry["file"], data)}
+        pairs = ((entry["file"], entry["sha256"]), (entry.get("data_file"), entry.get("data_sha256")))
+        for name, _ in pairs:
+            if name:
+                _copy(self.build_dir / name, version / name)
+        return {name: digest for name, digest in pairs if name}
 
     def write(self, model: str, entry: dict, version: Path, made_here: bool):
         if not made_here:
@@ -139,12 +146,13 @@ class PythonStep(StepWriter):
     platform = "python"
 
     def write(self, model: str, entry: dict, version: Path, made_here: bool):
-        if not made_here:
-            self.copy_graph(entry, version)
-        # the manifest's hashes (read_manifest just checked the build's files against them);
-        # only the small graphs made here are hashed here
+        # what was copied keeps the manifest's hashes; what was written here is hashed here
+        hashes = ({entry["file"]: sha256_file(version / entry["file"])} if made_here
+                  else self.copy_graph(entry, version))
+        if entry.get("data_file") == SHARED_WEIGHTS:     # copied with this graph's tensors alone
+            entry = {**entry, "data_file": f"{entry['file']}.data"}
         graph = {"graph": entry, "runtime": self.options.runtime, "threads": self.options.threads,
-                 "precision": self.manifest.precision, "sha256": _hashes(entry, version, made_here)}
+                 "precision": self.manifest.precision, "sha256": hashes}
         write_json(version / "graph.json", graph)
         # the graph runs on the CPU inside the stub, so inputs arrive as CPU tensors even next to GPU steps
         params = _python_model(version, {"FORCE_CPU_ONLY_INPUT_TENSORS": "yes"})
@@ -189,22 +197,43 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
     override `options` (write_repository(build, out, flavour="onnxruntime"))."""
     options = replace(options or RepositoryOptions(), **fields)
     options.check()
-    manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir)
-    build_dir, out = build_root(build_dir), Path(out)   # a bucketed build's grid: its folder
+    if is_bucketed(build_dir):    # one ensemble per grid, NAME_ROWSxCOLS, the client choosing the grid
+        buckets = read_buckets(build_dir)
+        parts = [(m, replace(options, name=f"{options.name}_{m.grid}")) for m in buckets.manifests]
+        root = buckets.root
+    else:
+        parts = [(read_manifest(build_dir).require_images("a Triton repository", build_dir), options)]
+        root = build_root(build_dir)     # a bucketed build's grid: its folder
+    out = Path(out)
+    writers = [(_writer(root, m, o), o) for m, o in parts]
+    _check_target(out, parts[0][1].name)
+    say = progress or (lambda *_: None)
+    with atomic_dir(out, on_commit) as tmp:
+        repos = [_write_ensemble(tmp, out, writer, o, say) for writer, o in writers]
+    if len(repos) == 1:
+        return repos[0]
+    return Repository(out, options.name, options.flavour, min(r.max_batch for r in repos),
+                      sorted(m for r in repos for m in r.models), repos[0].outputs,
+                      ensembles={r.name: list(m.image_hw) for r, (m, _) in zip(repos, parts)})
+
+
+def _writer(build_dir: Path, manifest: Manifest, options: RepositoryOptions) -> StepWriter:
     kind = options.kind or ("KIND_GPU" if options.flavour == "tensorrt" else "KIND_CPU")
     batching = tc.Batching(0, options.instances, kind, options.queue_delay_us)
     writer = FLAVOUR_WRITERS[options.flavour](build_dir, manifest, options, batching)
-    max_batch = _max_batch(manifest, options, getattr(writer, "max_batch", None))
-    writer.batching = batching._replace(max_batch=max_batch)
-    _check_target(out, options.name)
-    say = progress or (lambda *_: None)
-    with atomic_dir(out, on_commit) as tmp:
-        repo = _write_models(tmp, writer, Repository(out, options.name, options.flavour, max_batch), say)
-        write_json(tmp / options.name / MARKER, {
-            "build": str(build_dir.resolve()), "model": manifest.model, "keep": manifest.keep,
-            "weights_sha256": manifest.weights_sha256, "flavour": options.flavour,
-            "runtime": options.runtime if options.flavour == "python" else None, "max_batch_size": max_batch,
-            "models": repo.models, "outputs": repo.outputs, "trtllm": repo.trtllm})
+    writer.batching = batching._replace(max_batch=_max_batch(manifest, options, getattr(writer, "max_batch", None)))
+    return writer
+
+
+def _write_ensemble(tmp: Path, out: Path, writer: StepWriter, options: RepositoryOptions, say) -> Repository:
+    """One build's (or grid's) steps and ensemble into the repository being written, and its marker."""
+    manifest, max_batch = writer.manifest, writer.batching.max_batch
+    repo = _write_models(tmp, writer, Repository(out, options.name, options.flavour, max_batch), say)
+    write_json(tmp / options.name / MARKER, {
+        "build": str(writer.build_dir.resolve()), "model": manifest.model, "keep": manifest.keep,
+        "weights_sha256": manifest.weights_sha256, "flavour": options.flavour,
+        "runtime": options.runtime if options.flavour == "python" else None, "max_batch_size": max_batch,
+        "image_size": list(manifest.image_hw), "models": repo.models, "outputs": repo.outputs, "trtllm": repo.trtllm})
     return repo
 
 
@@ -287,17 +316,12 @@ def _trtllm_ensemble(repo: Repository, mm_in: dict, mm_out: dict, manifest: Mani
                                                 repo.max_batch)}
 
 
-def _hashes(entry: dict, version: Path, made_here: bool) -> dict:
-    if made_here:
-        return {entry["file"]: sha256_file(version / entry["file"])}
-    pairs = ((entry["file"], entry["sha256"]), (entry.get("data_file"), entry.get("data_sha256")))
-    return {f: h for f, h in pairs if f}
-
-
 def describe(repo: Repository) -> str:
-    lines = [f"wrote {repo.path}: Triton model repository ({repo.flavour}), ensemble '{repo.name}', "
-             f"max_batch_size {repo.max_batch}, {len(repo.models)} models",
-             f"  outputs: {', '.join(repo.outputs)}"]
+    ensembles = (", ".join(f"'{n}' ({h}x{w} px)" for n, (h, w) in repo.ensembles.items()) if repo.ensembles
+                 else f"'{repo.name}'")
+    lines = [f"wrote {repo.path}: Triton model repository ({repo.flavour}), "
+             f"ensemble{'s' * bool(repo.ensembles)} {ensembles}, max_batch_size {repo.max_batch}, "
+             f"{len(repo.models)} models", f"  outputs: {', '.join(repo.outputs)}"]
     if repo.trtllm:
         t = repo.trtllm
         lines.append(f"  TensorRT-LLM: ensemble '{t['ensemble']}' gives OUT_PROMPT_EMBEDDING_TABLE fp16 "

@@ -385,3 +385,24 @@ def test_serve_command_answers_and_stops_cleanly_on_ctrl_c(tiny_build, sigint_ra
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_bucketed_build_serves_one_ensemble_per_grid(tmp_path):
+    """`evoexport triton` on a bucketed build: one ensemble per grid (NAME_ROWSxCOLS), each
+    step with only its own tensors; each grid's ensemble answers as the library's runner for
+    that grid, and the client picks the grid (BucketRunner.choose)."""
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    from evoexport.runtime.buckets import BucketRunner
+    b = build("qwen2.5-vl-tiny", 0.5, out=tmp_path / "b", grids="8x8,6x9", validate=False,
+              progress=Progress(enabled=False))
+    repo = write_repository(b.path, tmp_path / "repo", flavour="python", max_batch=MAX_BATCH)
+    assert repo.ensembles == {"evoexport_8x8": [224, 224], "evoexport_6x9": [168, 252]}
+    assert not list((tmp_path / "repo").rglob("weights.bin"))
+    runner = BucketRunner(b.path)
+    assert runner.choose(400, 600)[0] == 1          # a 3:2 photo: the 6x9 grid's ensemble
+    rng = np.random.default_rng(0)
+    with TritonServer(repo.path, startup_timeout=120, exit_timeout=5) as server:
+        for i, name in enumerate(repo.ensembles):
+            x = rng.standard_normal((2, 3, *repo.ensembles[name]), dtype=np.float32)
+            _check_equal(_infer(_client(server), x, model=name), runner.runner(i)(x), 1)
