@@ -213,8 +213,9 @@ def read_manifest(build_dir: str | Path, verify: bool = True, files: bool = True
     manifest = _read_object(path)
     if manifest.get("kind") == BUCKET_INDEX_KIND:
         grids = ", ".join(str(b.get("manifest", "?")).removesuffix(".json") for b in manifest.get("buckets") or [])
-        raise EvoExportError(f"{build_dir} is a bucketed build (grids {grids}): `evoexport run` and attach() take it "
-                             f"whole; for this, give one grid's manifest, e.g. {build_dir / (grids.split(', ')[0] + '.json')}")
+        raise EvoExportError(f"{build_dir} is a bucketed build (grids {grids}): `run`, `info`, `triton`, attach(), "
+                             "the vLLM plugin and the C++ runtime take it whole; for this, give one grid's manifest, "
+                             f"e.g. {build_dir / (grids.split(', ')[0] + '.json')}")
     manifest = Manifest(manifest)
     for g in manifest.graphs if files else []:
         for key_file, key_hash in (("file", "sha256"), ("data_file", "data_sha256")):
