@@ -15,12 +15,7 @@ from pathlib import Path
 from .errors import EvoExportError
 from .files import read_json, write_json
 from . import names
-
 from .names import Grid, Word, size_hw
-
-
-def _size(value):
-    return tuple(value) if isinstance(value, list) else value
 
 class Precision(Word):
     """What a build's encoder stages compute in, in one place: the CLI's choices, the builder,
@@ -193,6 +188,11 @@ class Manifest:
 
     def write(self, build_dir: Path, name: str = MANIFEST) -> None:
         write_json(Path(build_dir) / name, self.data)
+
+
+def _size(value):
+    """A size as the manifest writes it (an int, or [height, width]) as the code holds it."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def build_root(build) -> Path:

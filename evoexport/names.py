@@ -166,6 +166,13 @@ def size_hw(size) -> tuple[int, int]:
     return int(size), int(size)
 
 
+def valid_size(size, step: int = 1) -> bool:
+    """An int, or a (height, width) pair of ints, each a positive multiple of `step` pixels."""
+    sides = list(size) if isinstance(size, (list, tuple)) else [size]
+    return len(sides) in (1, 2) and all(isinstance(s, int) and not isinstance(s, bool) and s >= step and s % step == 0
+                                        for s in sides)
+
+
 def plain_size(height: int, width: int):
     """The size as the manifest writes it: an int for a square, else [height, width]."""
     return height if height == width else [height, width]
@@ -219,12 +226,3 @@ class Grid(NamedTuple):
         """The side of a square of as many tokens: distances on the grid are counted in it, so
         a non-square grid weighs distance as a square one of the same size does."""
         return math.sqrt(self.rows * self.cols)
-
-    @property
-    def plain(self):
-        """As the manifest writes it: an int for a square, else [rows, cols]."""
-        return self.rows if self.square else [self.rows, self.cols]
-
-    @property
-    def aspect(self) -> float:
-        return self.cols / self.rows

@@ -46,17 +46,12 @@ def plan_grids(options, spec) -> list[Grid]:
     pixel budget of the model's size (its preset's, or --image-size); each grid once."""
     from ..models.qwen_processor import camera_grids
     unit_px = spec.vision["patch_size"] * spec.unit
-    h, w = spec_hw(spec)
+    h, w = spec.input_hw
     grids = []
     for part in parse_grids(options.grids):
         more = [Grid(*g) for g in camera_grids(unit_px, spec.preprocess["min_pixels"], h * w)] if part == AUTO else [part]
         grids += [g for g in more if g not in grids]
     return grids
-
-
-def spec_hw(spec) -> tuple[int, int]:
-    from ..names import size_hw
-    return size_hw(spec.input_size or spec.vision["image_size"])
 
 
 def build_buckets(options, target: Path, build_one, progress: Progress, on_commit=None):

@@ -269,7 +269,7 @@ def _manifest(options: BuildOptions, plan: _Plan, tower, pipeline, stages: list[
         **tower.weights_info,
         "tower": {"vision": spec.vision, "projector": spec.projector, "feature_layer": spec.feature_layer,
                   "select_strategy": spec.select_strategy, "depth": tower.depth, "image_size": plain_size(*tower.image_hw),
-                  "grid": tower.grid.plain, "num_patches": tower.num_patches, "has_cls": tower.has_cls,
+                  "grid": plain_size(*tower.grid), "num_patches": tower.num_patches, "has_cls": tower.has_cls,
                   "unit": spec.unit, "hidden_size": tower.hidden_size, "out_features": tower.out_features,
                   **({"frames": spec.frames} if spec.frames > 1 else {})},
         "preprocess": spec.preprocess,

@@ -96,9 +96,7 @@ class _Encoder:
     positions before features)."""
 
     def __init__(self, runner, vcfg, embed):
-        m = runner.manifest
-        self.runner, self.vcfg, self.embed, self.frames = runner, vcfg, embed, m.frames_per_input
-        self.size, self.grid = m.image_hw, m.grid
+        self.runner, self.vcfg, self.embed = runner, vcfg, embed
         self.last: dict = {}
 
     def __call__(self, pixel_values, grid_thw, kind: str) -> Encoded:
@@ -111,8 +109,8 @@ class _Encoder:
         return out
 
     def encode(self, pixel_values, grid_thw, kind: str) -> Encoded:
-        m = self.vcfg.spatial_merge_size
-        (rows, cols), (height, width) = self.grid, self.size
+        m, grid = self.vcfg.spatial_merge_size, self.runner.manifest.grid
+        (rows, cols), (height, width) = grid, self.runner.manifest.image_hw
         for row in grid_thw.tolist():
             if row[1:] != [rows * m, cols * m]:
                 raise EvoExportError(f"attach(): a{'n' * (kind == 'image')} {kind} has patch grid {row[1]}x{row[2]}, "
@@ -121,9 +119,9 @@ class _Encoder:
                                      "--grids (aspect-ratio buckets)")
         v = self.vcfg
         x = images_from_patches(pixel_values, grid_thw, v.patch_size, m, v.temporal_patch_size,
-                                self.frames)     # a still: the processor's frame twice
+                                self.runner.manifest.frames_per_input)     # a still: the processor's frame twice
         features, kept, taps = outputs_from_build(self.runner, x, self.embed)
-        return Encoded(features, kept, [self.grid] * len(x), taps)
+        return Encoded(features, kept, [grid] * len(x), taps)
 
     def kept(self, kind: str, pixel_values, grid_thw) -> list | None:
         """(kept indices, grid) of each of the prompt's images or temporal patches (None: none)."""
@@ -142,9 +140,6 @@ class _BucketEncoder(_Encoder):
     """A bucketed build (build --grids): each image at the grid the processor gave it where
     the build holds it; otherwise at the grid chosen for its size (runtime/buckets.py), its
     pixels resized to it, with a warning that says how much its aspect ratio moved."""
-
-    def __init__(self, runner, vcfg, embed):
-        self.runner, self.vcfg, self.embed, self.frames, self.last = runner, vcfg, embed, 1, {}
 
     def encode(self, pixel_values, grid_thw, kind: str) -> Encoded:
         import warnings

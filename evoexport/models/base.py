@@ -41,9 +41,14 @@ class TowerSpec:
     frames: int = 1
 
     @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) in pixels of what the tower takes."""
+        return size_hw(self.input_size or self.vision["image_size"])
+
+    @property
     def token_grid(self) -> Grid:
         """The grid of prunable tokens (patches, or units of unit x unit patches)."""
-        h, w = size_hw(self.input_size or self.vision["image_size"])
+        h, w = self.input_hw
         step = self.vision["patch_size"] * self.unit
         return Grid(h // step, w // step)
 

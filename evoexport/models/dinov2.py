@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import EvoExportError, OptionError, cause
 from ..inputs.images import recipe_from_processor_config
-from ..names import plain_size, size_hw
+from ..names import plain_size, size_hw, valid_size
 from .base import BaseTower, Family, TowerSpec
 from .checkpoint import check_weight, preprocess_from_checkpoint, read_tensors, weight_index
 from .registry import Preset, register, register_family
@@ -154,10 +154,8 @@ class DinoTower(BaseTower):
 
 def _input_size(image_size, preset: Preset, patch: int):
     """An int (a square) or (height, width), each a multiple of the patch size (or unit)."""
-    size = image_size or preset.input_size
-    sides = list(size) if isinstance(size, (list, tuple)) else [size]
-    step = patch * preset.unit
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < step or s % step for s in sides):
+    size, step = image_size or preset.input_size, patch * preset.unit
+    if not valid_size(size, step):
         raise OptionError("image_size", f"must be a multiple of the patch size {step} (e.g. 224, 280, 518), "
                                         f"got {size}")
     return plain_size(*size_hw(size))

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import EvoExportError, OptionError
-from ..names import plain_size, size_hw
 from ..manifest import Manifest
+from ..names import plain_size, size_hw, valid_size
 from .base import BaseTower, TowerSpec
 from .registry import family_api, get_preset
 
@@ -27,7 +27,7 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
     from .spec_check import check_spec
     preset = get_preset(model)
     family = family_api(preset)
-    if image_size is not None and not _positive_size(image_size):
+    if image_size is not None and not valid_size(image_size):
         raise OptionError("image_size", f"must be a positive number of pixels, got {image_size!r}")
     if image_size is not None:
         height, width = size_hw(image_size)
@@ -55,12 +55,6 @@ def spec_for(model: str, checkpoint: str | Path | None = None, image_size: int |
             raise OptionError("video", f"{model} encodes one frame at a time: its video frames are images, so "
                                        "build it without --video (video builds are for qwen2.5-vl)")
     return replace(spec, preprocess=fit_recipe(spec.preprocess, size, pad_to_square), frames=frames)
-
-
-def _positive_size(size) -> bool:
-    """An int, or a (height, width) pair of them, each positive."""
-    sides = list(size) if isinstance(size, (list, tuple)) else [size]
-    return len(sides) in (1, 2) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sides)
 
 
 def load_tower(model: str, checkpoint: str | Path | None = None, seed: int = 0,

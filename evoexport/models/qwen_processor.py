@@ -10,7 +10,7 @@ import torch
 
 from ..errors import EvoExportError, OptionError
 from ..inputs.images import recipe_from_processor_config
-from ..names import plain_size, size_hw
+from ..names import plain_size, size_hw, valid_size
 from .registry import Preset
 
 # Qwen2VLImageProcessor's normalization (OpenAI CLIP's mean and std), bicubic resampling.
@@ -61,10 +61,8 @@ def checked_size(image_size, preset: Preset, unit_px: int, what: str):
     """The build's input size: an int (a square) or (height, width), each side a whole number
     of merge units (`what` says what a unit is)."""
     size = image_size or preset.input_size
-    sides = list(size) if isinstance(size, (list, tuple)) else [size]
-    if len(sides) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < unit_px or s % unit_px
-                                       for s in sides):
-        shown = "x".join(map(str, sides)) if isinstance(size, (list, tuple)) else size
+    if not valid_size(size, unit_px):
+        shown = "x".join(map(str, size)) if isinstance(size, (list, tuple)) else size
         raise OptionError("image_size", f"for {preset.name} must be a multiple of {unit_px} ({what}), "
                                         f"e.g. {8 * unit_px} or {12 * unit_px}; got {shown}")
     return plain_size(*size_hw(size))

@@ -11,7 +11,6 @@ import math
 import os
 
 from ..errors import EvoExportError
-from ..names import size_hw
 from .base import TowerSpec
 
 # sizes any family's vision config may carry, each a positive integer where present
@@ -74,7 +73,7 @@ def _check_memory(spec: TowerSpec, where: str) -> None:
     layers = v.get("num_hidden_layers") or v.get("depth") or 0
     heads = v.get("num_attention_heads") or v.get("num_heads") or 1
     params = layers * (4 * hidden * hidden + 2 * hidden * inner)
-    height, width = size_hw(spec.input_size or v["image_size"])
+    height, width = spec.input_hw
     patches = (height // v["patch_size"]) * (width // v["patch_size"])
     need = 4 * (params + heads * patches * patches)
     try:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import names
 from ..manifest import read_buckets
 from ..names import Grid
 from .runner import Runner
@@ -83,10 +84,11 @@ class BucketRunner:
             members = [n for n, c in enumerate(chosen) if c[0] == i]
             for start in range(0, len(members), batch):
                 part = members[start:start + batch]
-                out = self.runner(i)(np.stack([chosen[n][3] for n in part]))
+                runner = self.runner(i)
+                out = runner.arrays(np.stack([chosen[n][3] for n in part]))    # host arrays, any backend
                 for row, n in enumerate(part):
-                    results[n] = ImageResult(np.asarray(out.features[row]), np.asarray(out.indices[row]),
-                                             [np.asarray(t[row]) for t in out.deepstack],
+                    results[n] = ImageResult(out[names.FEATURES][row], out[names.INDICES][row],
+                                             [out[t][row] for t in runner.manifest.deepstack],
                                              self.buckets.grids[i], *chosen[n][1:3])
         return results
 

@@ -129,33 +129,30 @@ def encode(hf_config, pixels, dummy: bool = False) -> tuple[np.ndarray, np.ndarr
     import torch
     manifest = manifest_for(hf_config)
     if dummy:
-        k, d = manifest.features["shape"][1:]
-        return (np.zeros((len(pixels), k, d * (1 + len(manifest.deepstack))), np.float32),
-                np.tile(np.arange(k), (len(pixels), 1)))
+        return _zeros(manifest, len(pixels))
     x = pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
     return _run(runner_for(hf_config), x)
 
 
 def encode_each(hf_config, images: list, index: list[int], dummy: bool = False) -> list[tuple]:
-    """encode() image by image, image n [3, H, W] at the build's grid index[n] (each grid's
-    images run as one batch): [(features [K_n, D'], kept indices [K_n])] in order."""
+    """encode() image by image, image n [3, H, W] at the build's grid index[n]:
+    [(features [K_n, D'], kept indices [K_n])] in order. A bucketed build's images go through
+    its BucketRunner, which runs each grid's images as batches of that grid."""
     import torch
     grids = grids_for(hf_config)
-    runner = None if dummy else runner_for(hf_config)
-    out: list = [None] * len(images)
-    for i in sorted(set(index)):
-        members = [n for n, j in enumerate(index) if j == i]
-        m = grids.manifests[i]
-        if dummy:
-            k, d = m.features["shape"][1:]
-            for n in members:
-                out[n] = (np.zeros((k, d * (1 + len(m.deepstack))), np.float32), np.arange(k))
-            continue
-        grid_runner = runner.runner(i) if grids.bucketed else runner
-        features, indices = _run(grid_runner, torch.stack([torch.as_tensor(images[n]) for n in members]))
-        for row, n in enumerate(members):
-            out[n] = (features[row], indices[row])
-    return out
+    if dummy:
+        return [tuple(a[0] for a in _zeros(grids.manifests[i], 1)) for i in index]
+    if not grids.bucketed:
+        return list(zip(*encode(hf_config, torch.stack([torch.as_tensor(x) for x in images]))))
+    with _ONE_RUN:
+        results = runner_for(hf_config).run_arrays([np.asarray(torch.as_tensor(x).float()) for x in images])
+    return [(np.concatenate([r.features, *r.deepstack], axis=-1).astype(np.float32), r.indices) for r in results]
+
+
+def _zeros(manifest, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """What vLLM's profiling dummies get: zero features (taps too) of the grid's K, the first K positions."""
+    k, d = manifest.features["shape"][1:]
+    return np.zeros((n, k, d * (1 + len(manifest.deepstack))), np.float32), np.tile(np.arange(k), (n, 1))
 
 
 def _run(runner, x) -> tuple[np.ndarray, np.ndarray]:
