@@ -279,3 +279,18 @@ def test_auto_is_the_processors_grids_of_the_camera_ratios_and_takes_more():
     grids = plan_grids(BuildOptions(model="qwen2.5-vl", grids="auto,16x16,10x23"), spec)
     # 1:1, 4:3, 3:4, 3:2, 2:3, 16:9, 9:16 at 448x448 pixels: the processor's own grids, then the extra one
     assert [str(g) for g in grids] == ["16x16", "13x18", "18x13", "13x19", "19x13", "12x21", "21x12", "10x23"]
+
+
+def test_an_exif_rotated_photo_picks_the_grid_of_its_upright_shape(half, tmp_path):
+    """A 600x400 JPEG whose EXIF says rotate 90 degrees is a 400x600 (tall) photo as the
+    model's loader reads it: it goes to the tall grid, with the upright pixels."""
+    from evoexport.inputs.images import read_pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _photo("coffee").save(tmp_path / "rotated.jpg", exif=exif)
+    assert main(["run", str(half.path), "--input", str(tmp_path / "rotated.jpg"),
+                 "--output", str(tmp_path / "o.npz")]) == 0
+    saved = np.load(tmp_path / "o.npz")
+    assert saved["grid"].tolist() == [9, 6] and saved["exact"]
+    x = read_pixels(tmp_path / "rotated.jpg", read_manifest(half.path / "9x6.json"))
+    np.testing.assert_array_equal(saved["features"], evoexport.load(half.path / "9x6.json")(x).features)
