@@ -147,9 +147,10 @@ class Manifest:
         or None for an image build."""
         return self.data.get("temporal")
 
-    def require_images(self, consumer: str, build_dir) -> "Manifest":
-        """Refuse a temporal build where `consumer` takes image builds only (yet)."""
-        if self.temporal:
+    def require_images(self, consumer: str, build_dir, *, clips: bool = False) -> "Manifest":
+        """Refuse a temporal build (unless `clips`: the consumer takes them) or a video build
+        where `consumer` takes image builds only (yet)."""
+        if self.temporal and not clips:
             raise EvoExportError(f"{consumer} does not take temporal builds yet ({build_dir} takes groups of "
                                  f"{self.group} frames); use `evoexport run`, `validate` or `eval-video`, or build "
                                  "without --temporal")
@@ -158,6 +159,11 @@ class Manifest:
                                  f"[B, {3 * self.frames_per_input}, H, W]); use `evoexport run`, `validate` or "
                                  "attach(), or build without --video")
         return self
+
+    def batch_scale(self, tensor: str) -> int:
+        """How many batch items tensor `tensor` has per input: G-1 for a later-frame tensor of
+        a temporal build (one per later frame of each group), else 1."""
+        return self.group - 1 if self.temporal and names.is_later(tensor) else 1
 
     @property
     def group(self) -> int:

@@ -127,7 +127,8 @@ class Runner:
 
     def arrays(self, pixel_values) -> dict:
         """The outputs as numpy arrays under the names every consumer uses (`run --output`,
-        the Triton ensemble, Ray Serve): features, indices, then indices_i, merge_i, picks_i."""
+        the Triton ensemble, Ray Serve): features, indices, then indices_i, merge_i, picks_i
+        (a temporal build: also frames, owners, later_match and the later frames' decisions)."""
         env = self._reported(pixel_values)
         out, to_np = self._output(env, pixel_values.shape[0]), self.backend.to_numpy
         arrays = {names.FEATURES: to_np(out.features), names.INDICES: to_np(out.indices)}
@@ -135,8 +136,8 @@ class Runner:
             for i, value in enumerate(getattr(out, f"{kind}_per_point")):
                 arrays[names.decision(kind, i)] = to_np(value)
         arrays.update({n: to_np(v) for n, v in zip(self.manifest.deepstack, out.deepstack)})
-        if self.manifest.temporal:   # which frame each token is from, and who answers for each patch
-            arrays.update({n: to_np(env[n]) for n in (names.FRAMES, names.OWNERS)})
+        if self.manifest.temporal:   # each token's frame, who answers for each patch, the later frames' decisions
+            arrays.update({n: to_np(env[n]) for n in self.output_names if n not in arrays})
         return {k: np.asarray(v) for k, v in arrays.items()}
 
 

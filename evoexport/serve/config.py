@@ -5,7 +5,10 @@ error here, not when the server loads the repository.
 Rules Triton enforces at load time, followed here (docs/serving.md):
   - with max_batch_size N, dims leave out the batch axis;
   - an ensemble's max_batch_size is no larger than any of its steps';
-  - dynamic_batching and instance_group go on the steps, never on an ensemble.
+  - dynamic_batching and instance_group go on the steps, never on an ensemble;
+  - with max_batch_size 0 (a temporal build's steps: tensors of two batches, B groups and
+    B*(G-1) later frames, which one batch axis cannot split), dims include the batch axis
+    as -1 and there is no dynamic batcher.
 """
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ def _pb():
     return model_config_pb2
 
 
-def _add_tensors(field, tensors: list[dict]) -> None:
+def _add_tensors(field, tensors: list[dict], batched: bool) -> None:
     for t in tensors:
         io = field.add()
         io.name = t["name"]
         io.data_type = _pb().DataType.Value(TRITON_DTYPES[t["dtype"]])
-        io.dims.extend(-1 if isinstance(d, str) else int(d) for d in t["shape"][1:])   # batch axis left out
+        shape = t["shape"][1:] if batched else t["shape"]      # Triton's batch axis is left out
+        io.dims.extend(-1 if isinstance(d, str) else int(d) for d in shape)
 
 
 class Batching(NamedTuple):
@@ -54,9 +58,10 @@ def step_config(name: str, entry: dict, batching: Batching, *, platform: str, mo
         cfg.platform = platform
     else:
         cfg.backend = platform
-    _add_tensors(cfg.input, entry["inputs"])
-    _add_tensors(cfg.output, entry["outputs"])
-    cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    _add_tensors(cfg.input, entry["inputs"], max_batch > 0)
+    _add_tensors(cfg.output, entry["outputs"], max_batch > 0)
+    if max_batch > 0:
+        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     group = cfg.instance_group.add()
     group.count = instances
     group.kind = pb.ModelInstanceGroup.Kind.Value(kind)
@@ -74,8 +79,8 @@ def ensemble_config(name: str, inputs: list[dict], outputs: list[dict], steps: l
     """steps: (model name, {input inside the step: ensemble tensor}, {output inside: ensemble tensor})."""
     pb = _pb()
     cfg = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
-    _add_tensors(cfg.input, inputs)
-    _add_tensors(cfg.output, outputs)
+    _add_tensors(cfg.input, inputs, max_batch > 0)
+    _add_tensors(cfg.output, outputs, max_batch > 0)
     for model, ins, outs in steps:
         step = cfg.ensemble_scheduling.step.add()
         step.model_name, step.model_version = model, -1

@@ -3,8 +3,10 @@ or OpenVINO, runtime/backends): the `--backend python` flavour, the one that run
 Triton server bundled in the nvidia-pytriton wheel.
 
 Triton's dynamic batcher hands execute() several requests at once: their inputs are joined
-along the batch axis, the graph runs once, and the outputs are split back by request. The
-files are checked against their sha256 at start, as the library's loader does.
+along the batch axis, the graph runs once, and the outputs are split back by request. A step
+without a batcher (max_batch_size 0: a temporal build's, whose tensors have two batches) runs
+each request alone. The files are checked against their sha256 at start, as the library's
+loader does.
 """
 from __future__ import annotations
 
@@ -33,12 +35,18 @@ class GraphStep:
         self.backend = make_backend(spec["runtime"], version_dir, manifest, **options)
         self.inputs = [t["name"] for t in self.entry["inputs"]]
         self.outputs = [t["name"] for t in self.entry["outputs"]]
+        self.batched = bool((model_config or {}).get("max_batch_size", 1))
 
     def run(self, feeds: dict) -> dict:
         out = self.backend.run_graph(self.entry, {k: self.backend.as_input(v) for k, v in feeds.items()})
         return {k: np.asarray(self.backend.to_numpy(v)) for k, v in out.items()}
 
     def execute(self, requests: list, pb_utils) -> list:
+        if self.batched:
+            return self._execute(requests, pb_utils)
+        return [response for r in requests for response in self._execute([r], pb_utils)]
+
+    def _execute(self, requests: list, pb_utils) -> list:
         # through DLPack both ways: the Python backend stub bundled with nvidia-pytriton was
         # built for numpy 1, and under numpy 2 its as_numpy() reads zeros and pb_utils.Tensor()
         # sends empty tensors (seen here; docs/serving.md). DLPack is the ABI both agree on.

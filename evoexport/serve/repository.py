@@ -202,7 +202,8 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
         parts = [(m, replace(options, name=f"{options.name}_{m.grid}")) for m in buckets.manifests]
         root = buckets.root
     else:
-        parts = [(read_manifest(build_dir).require_images("a Triton repository", build_dir), options)]
+        manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir, clips=True)
+        parts = [(_check_clips(manifest, options, build_dir), options)]
         root = build_root(build_dir)     # a bucketed build's grid: its folder
     out = Path(out)
     writers = [(_writer(root, m, o), o) for m, o in parts]
@@ -217,11 +218,22 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
                       ensembles={r.name: list(m.image_hw) for r, (m, _) in zip(repos, parts)})
 
 
+def _check_clips(manifest: Manifest, options: RepositoryOptions, build_dir) -> Manifest:
+    """A temporal build serves whole clips [B, G, 3, H, W]; TensorRT-LLM's contract is per image."""
+    if manifest.temporal and options.for_trtllm:
+        raise EvoExportError(f"{build_dir} is a temporal build (groups of {manifest.group} frames): TensorRT-LLM's "
+                             "multimodal_encoders ensemble takes images; write the repository without --for-trtllm")
+    return manifest
+
+
 def _writer(build_dir: Path, manifest: Manifest, options: RepositoryOptions) -> StepWriter:
     kind = options.kind or ("KIND_GPU" if options.flavour == "tensorrt" else "KIND_CPU")
     batching = tc.Batching(0, options.instances, kind, options.queue_delay_us)
     writer = FLAVOUR_WRITERS[options.flavour](build_dir, manifest, options, batching)
-    writer.batching = batching._replace(max_batch=_max_batch(manifest, options, getattr(writer, "max_batch", None)))
+    max_batch = _max_batch(manifest, options, getattr(writer, "max_batch", None))
+    # a temporal build's steps read tensors of two batches (B groups, B*(G-1) later frames),
+    # which Triton's one batch axis cannot split: each request runs whole (max_batch_size 0)
+    writer.batching = batching._replace(max_batch=0 if manifest.temporal else max_batch)
     return writer
 
 
@@ -257,7 +269,8 @@ def _write_models(tmp: Path, writer: StepWriter, repo: Repository, say) -> Repos
     manifest, name = writer.manifest, repo.name
     # each graph on its own (a stage's entry nests its selection's)
     graphs = [{k: v for k, v in g.items() if k != "select"} for g in manifest.graphs]
-    made = [indices_graph(manifest)]
+    # a temporal build's assemble graph writes `indices` itself
+    made = [] if manifest.temporal else [indices_graph(manifest)]
     if writer.options.for_trtllm:
         made += [mm_in_graph(manifest), mm_out_graph(manifest)]
     configs = {}
@@ -269,8 +282,7 @@ def _write_models(tmp: Path, writer: StepWriter, repo: Repository, say) -> Repos
         else:
             say(f"{model}: {entry['file']}")
         configs[model] = writer.write(model, entry, version, made_here=graph is not None)
-    indices = made[0][1]
-    configs.update(_ensemble(tmp, writer, repo, graphs + [indices], indices))
+    configs.update(_ensemble(tmp, writer, repo, graphs + [e for _, e in made[:1]]))
     if writer.options.for_trtllm:
         configs.update(_trtllm_ensemble(repo, made[1][1], made[2][1], manifest))
     tc.check_ensemble(configs)
@@ -281,9 +293,10 @@ def _write_models(tmp: Path, writer: StepWriter, repo: Repository, say) -> Repos
     return repo
 
 
-def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict], indices: dict) -> dict:
+def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict]) -> dict:
     """The pixels check (NaN or infinity: a client error, as the library gives), then every
-    graph, wired by the manifest's tensor names."""
+    graph, wired by the manifest's tensor names; the ensemble's outputs are the chain's
+    (`indices` from the indices step made here, or from a temporal build's assemble graph)."""
     manifest, name = writer.manifest, repo.name
     pixels, checked = manifest.pixels, {**manifest.pixels, "name": CHECKED}
     check_model = f"{name}_{CHECK_STEP}"
@@ -292,13 +305,15 @@ def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict
     configs = {check_model: tc.step_config(check_model, {"inputs": [pixels], "outputs": [checked]},
                                            writer.batching._replace(kind="KIND_CPU"), platform="python",
                                            parameters=params)}
-    # features, indices, then per prune point indices_i, merge_i, picks_i
-    outputs = [manifest.features, indices["outputs"][0], *manifest.outputs[1:]]
+    # features, indices (the indices step's, the last; a temporal build's assemble graph writes
+    # it, then frames and owners), then per prune point indices_i, merge_i, picks_i
+    outputs = (list(manifest.outputs) if manifest.temporal
+               else [manifest.features, graphs[-1]["outputs"][0], *manifest.outputs[1:]])
     steps = [(check_model, {pixels["name"]: pixels["name"]}, {CHECKED: CHECKED})]
     steps += [(f"{name}_{e['name']}", {t["name"]: CHECKED if t["name"] == pixels["name"] else t["name"]
                                        for t in e["inputs"]},
                {t["name"]: t["name"] for t in e["outputs"]}) for e in graphs]
-    configs[name] = tc.ensemble_config(name, manifest.inputs, outputs, steps, repo.max_batch)
+    configs[name] = tc.ensemble_config(name, manifest.inputs, outputs, steps, writer.batching.max_batch)
     repo.outputs = [t["name"] for t in outputs]
     return configs
 
@@ -319,8 +334,10 @@ def _trtllm_ensemble(repo: Repository, mm_in: dict, mm_out: dict, manifest: Mani
 def describe(repo: Repository) -> str:
     ensembles = (", ".join(f"'{n}' ({h}x{w} px)" for n, (h, w) in repo.ensembles.items()) if repo.ensembles
                  else f"'{repo.name}'")
+    batch = (f"max_batch_size {repo.max_batch}" if repo.max_batch
+             else "whole clips per request (max_batch_size 0: pixel_values [B, G, 3, H, W])")
     lines = [f"wrote {repo.path}: Triton model repository ({repo.flavour}), "
-             f"ensemble{'s' * bool(repo.ensembles)} {ensembles}, max_batch_size {repo.max_batch}, "
+             f"ensemble{'s' * bool(repo.ensembles)} {ensembles}, {batch}, "
              f"{len(repo.models)} models", f"  outputs: {', '.join(repo.outputs)}"]
     if repo.trtllm:
         t = repo.trtllm

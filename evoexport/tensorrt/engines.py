@@ -131,7 +131,7 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
     if build_dir.is_file():   # engines.json beside every grid's graphs would be one file for all
         raise EvoExportError(f"evoexport engines takes a build directory; {build_dir} is one grid of a bucketed "
                              "build (engines for bucketed builds are not written yet)")
-    manifest = read_manifest(build_dir).require_images("evoexport engines", build_dir)
+    manifest = read_manifest(build_dir).require_images("evoexport engines", build_dir, clips=True)
     prof = batch_profile(manifest, min_batch, opt_batch, max_batch)
     trt = _require_tensorrt()
     # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are
@@ -144,8 +144,9 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
     for g in manifest.graphs:
         if progress:
             progress(f"building the TensorRT engine for {g['name']} (strongly typed, batch {prof['min']}..{prof['max']})")
-        shapes = {t["name"]: tuple((b, *t["shape"][1:]) for b in (prof["min"], prof["opt"], prof["max"]))
-                  for t in g["inputs"]}
+        # a temporal build's later-frame tensors hold G-1 items per clip of the profile
+        shapes = {t["name"]: tuple((b * manifest.batch_scale(t["name"]), *t["shape"][1:])
+                                   for b in (prof["min"], prof["opt"], prof["max"])) for t in g["inputs"]}
         plan, cache = build_plan(build_dir / g["file"], shapes, cache, strongly_typed)
         path = build_dir / f"{g['name']}.engine"
         atomic_write(path, plan)

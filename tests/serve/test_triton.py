@@ -406,3 +406,35 @@ def test_a_bucketed_build_serves_one_ensemble_per_grid(tmp_path):
         for i, name in enumerate(repo.ensembles):
             x = rng.standard_normal((2, 3, *repo.ensembles[name]), dtype=np.float32)
             _check_equal(_infer(_client(server), x, model=name), runner.runner(i)(x), 1)
+
+
+def test_a_temporal_build_serves_whole_clips(tmp_path):
+    """A temporal build's steps read tensors of two batches (B groups, B*(G-1) later frames):
+    its repository takes whole clips [B, G, 3, H, W] per request (max_batch_size 0) and every
+    output equals the library's runner on the same clip; a clip of another group size is a
+    client error and the next good clip is answered; the readiness probe passes."""
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    from evoexport.serve.supervisor import probe
+    b = build("llava-tiny", 0.5, temporal="3:0.25", out=tmp_path / "b", progress=Progress(enabled=False))
+    repo = write_repository(b.path, tmp_path / "repo", flavour="python")
+    assert repo.max_batch == 0 and "owners" in repo.outputs and "frames" in repo.outputs
+    runner, rng = evoexport.load(b.path), np.random.default_rng(3)
+    clips = [rng.random((n, 3, 3, 56, 56), dtype=np.float32) for n in (1, 2)]
+    with TritonServer(repo.path, startup_timeout=120, exit_timeout=5) as server:
+        client = _client(server)
+        for clip in clips:
+            got, want = _infer(client, clip), runner.arrays(clip)
+            assert set(repo.outputs) <= set(want)
+            for name in repo.outputs:
+                value = got.as_numpy(name)
+                assert value.shape == want[name].shape, name
+                if value.dtype.kind == "f":
+                    assert np.abs(value - want[name]).max() <= 1e-5, name
+                else:
+                    assert np.array_equal(value, want[name]), name
+        with pytest.raises(InferenceServerException) as bad:
+            _infer(client, rng.random((1, 4, 3, 56, 56), dtype=np.float32))
+        assert "400" in str(bad.value.status()) or "unexpected shape" in str(bad.value).lower()
+        assert np.array_equal(_infer(client, clips[0]).as_numpy("owners"), runner.arrays(clips[0])["owners"])
+        assert probe(server.url).ok

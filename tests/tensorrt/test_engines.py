@@ -80,6 +80,30 @@ def test_engines_are_strongly_typed_with_the_manifest_profile_and_a_timing_cache
     assert json.loads((build / "engines.json").read_text())["batch_profile"]["max"] == 8
 
 
+def test_a_temporal_builds_later_frame_inputs_get_the_profile_times_g_minus_1(tmp_path, monkeypatch, fake_gpu):
+    """A temporal build's later-frame tensors hold G-1 items per clip: their engines' profiles
+    are the build's batch profile times G-1; the anchors' and the clip input's are the profile."""
+    from evoexport import names
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    trt = standin_tensorrt("10.15.1")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    b = build("llava-tiny", 0.5, temporal="3:0.25", out=tmp_path / "b", validate=False,
+              progress=Progress(enabled=False))
+    info = engines.build_engines(b.path, min_batch=1, opt_batch=2, max_batch=4)
+    graphs = b.manifest.graphs
+    assert [e["name"] for e in info["engines"]] == [g["name"] for g in graphs]
+    profiles = [c[1] for c in trt.calls if c[0] == "add_optimization_profile"]
+    seen = set()
+    for g, shapes in zip(graphs, profiles):
+        for t in g["inputs"]:
+            scale = 2 if names.is_later(t["name"]) else 1
+            rest = tuple(t["shape"][1:])
+            assert shapes[t["name"]] == ((scale, *rest), (2 * scale, *rest), (4 * scale, *rest)), t["name"]
+            seen.add(scale)
+    assert seen == {1, 2}
+
+
 def test_engines_refuse_tensorrt_9_and_a_bad_profile(tiny_build, monkeypatch, fake_gpu):
     monkeypatch.setitem(sys.modules, "tensorrt", standin_tensorrt("10.0.0"))
     with pytest.raises(EvoExportError, match="min .* <= opt .* <= max"):
