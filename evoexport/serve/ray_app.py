@@ -5,14 +5,16 @@
     handle = serve.run(app, name="evoexport", route_prefix="/evoexport")
     out = handle.encode.remote(pixel_values).result()      # dict of numpy arrays
 
-HTTP: POST the pixel values as a .npy file (float32 [B, C, H, W]) to the route; the answer
-is an .npz with features, indices and, per prune point, indices_i, merge_i, picks_i. A
-malformed request gets a 400 with one JSON error line; the replica keeps serving.
+HTTP: POST the pixel values as a .npy file (float32 [B, C, H, W]; a temporal build's clips
+[B, G, 3, H, W]) to the route; the answer is an .npz with features, indices and, per prune
+point, indices_i, merge_i, picks_i (a temporal build: also frames, owners and the later
+frames' decisions, B*(G-1) rows each). A malformed request gets a 400 with one JSON error
+line; the replica keeps serving.
 
-Batching counts **images, not calls**: Ray's @serve.batch counts calls unless told
-otherwise (seen here: batches of 14 and 15 images under a limit of 8 calls), so
-batch_size_fn sums the images, and a batch never holds more than the build's batch profile.
-A call with more images than that is refused before it is queued.
+Batching counts **images (or clips), not calls**: Ray's @serve.batch counts calls unless
+told otherwise (seen here: batches of 14 and 15 images under a limit of 8 calls), so
+batch_size_fn sums the batch items, and a batch never holds more than the build's batch
+profile. A call with more than that is refused before it is queued.
 
 On a Ray cluster (several nodes), the same app runs unchanged: `ray start --head` on one
 node, `ray start --address=HEAD:6379` on the others, then `evoexport serve BUILD --engine ray
@@ -61,7 +63,7 @@ def encoder_app(build_dir: str, options: RayOptions = RayOptions(), **fields):
     o = replace(options, **fields)
     files = backend_class(o.backend).reads_graph_files
     manifest = read_manifest(build_dir, verify=False, files=files)   # replicas verify on load
-    manifest.require_images("Ray Serve", build_dir)
+    manifest.require_images("Ray Serve", build_dir, clips=True)
     profile = manifest.max_batch
     if o.max_batch is not None and not 1 <= o.max_batch <= profile:
         raise OptionError("max_batch", f"must be between 1 and the build's batch profile ({profile})")
@@ -120,6 +122,7 @@ class Encoder:
         self.batches.append(sum(sizes))
         # inference off the event loop, so the replica keeps taking (and queueing) requests
         env = await asyncio.to_thread(self.runner.arrays, np.concatenate(items) if len(items) > 1 else items[0])
-        bounds = np.cumsum(sizes)[:-1]
-        split = {k: np.split(v, bounds) for k, v in env.items()}
+        bounds, scale = np.cumsum(sizes)[:-1], self.runner.manifest.batch_scale
+        # a temporal build's later-frame outputs hold G-1 rows per clip
+        split = {k: np.split(v, bounds * scale(k)) for k, v in env.items()}
         return [{k: parts[i] for k, parts in split.items()} for i in range(len(items))]

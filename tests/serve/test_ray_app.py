@@ -92,3 +92,32 @@ def test_bad_calls_get_a_client_error_and_the_replica_keeps_serving(deployment):
         handle.encode.remote(np.zeros((MAX_BATCH + 1, *shape), np.float32)).result()
     x = np.random.default_rng(1).standard_normal((2, *shape), dtype=np.float32)
     _check_equal(_post(url, _npy(x)), runner(x), len(runner.manifest.data["schedule"]))
+
+
+def test_a_temporal_build_is_served_clip_by_clip(deployment, tmp_path):
+    """Clips [B, G, 3, H, W] batched together come back split per call: every output equals
+    the library's on that call's clips, the later frames' (G-1 rows per clip) included."""
+    from ray import serve
+
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    from evoexport.serve.ray_app import encoder_app
+    url = deployment[0].removesuffix("/evoexport") + "/temporal"
+    b = build("llava-tiny", 0.5, temporal="3:0.25", out=tmp_path / "b", validate=False,
+              progress=Progress(enabled=False))
+    handle = serve.run(encoder_app(str(b.path), max_batch=MAX_BATCH, wait_s=0.05), name="temporal",
+                       route_prefix="/temporal")
+    runner, rng = evoexport.load(b.path), np.random.default_rng(2)
+    clips = [rng.random((n, 3, 3, 56, 56), dtype=np.float32) for n in (1, 2, 1, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda x: _post(url, _npy(x)), clips))
+    assert max(handle.batch_sizes.remote().result()) > 1          # calls were batched together
+    for x, out in zip(clips, answers):
+        want = runner.arrays(x)
+        assert set(out) == set(want) and out["later_merge_0"].shape[0] == 2 * len(x)
+        for name, value in want.items():
+            assert np.allclose(out[name], value, atol=1e-5) if value.dtype.kind == "f" else np.array_equal(out[name], value), name
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _post(url, _npy(rng.random((1, 4, 3, 56, 56), dtype=np.float32)))
+    assert caught.value.code == 400 and "must have shape" in json.loads(caught.value.read())["error"]
+    serve.delete("temporal")
