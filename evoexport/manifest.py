@@ -147,14 +147,14 @@ class Manifest:
         or None for an image build."""
         return self.data.get("temporal")
 
-    def require_images(self, consumer: str, build_dir, *, clips: bool = False) -> "Manifest":
+    def require_images(self, consumer: str, build_dir, *, clips: bool = False, pairs: bool = False) -> "Manifest":
         """Refuse a temporal build (unless `clips`: the consumer takes them) or a video build
-        where `consumer` takes image builds only (yet)."""
+        (unless `pairs`) where `consumer` takes image builds only (yet)."""
         if self.temporal and not clips:
             raise EvoExportError(f"{consumer} does not take temporal builds yet ({build_dir} takes groups of "
                                  f"{self.group} frames); use `evoexport run`, `validate` or `eval-video`, or build "
                                  "without --temporal")
-        if self.frames_per_input > 1:
+        if self.frames_per_input > 1 and not pairs:
             raise EvoExportError(f"{consumer} does not take video builds yet ({build_dir} takes pairs of frames, "
                                  f"[B, {3 * self.frames_per_input}, H, W]); use `evoexport run`, `validate` or "
                                  "attach(), or build without --video")

@@ -202,7 +202,7 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
         parts = [(m, replace(options, name=f"{options.name}_{m.grid}")) for m in buckets.manifests]
         root = buckets.root
     else:
-        manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir, clips=True)
+        manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir, clips=True, pairs=True)
         parts = [(_check_clips(manifest, options, build_dir), options)]
         root = build_root(build_dir)     # a bucketed build's grid: its folder
     out = Path(out)
@@ -219,9 +219,10 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
 
 
 def _check_clips(manifest: Manifest, options: RepositoryOptions, build_dir) -> Manifest:
-    """A temporal build serves whole clips [B, G, 3, H, W]; TensorRT-LLM's contract is per image."""
-    if manifest.temporal and options.for_trtllm:
-        raise EvoExportError(f"{build_dir} is a temporal build (groups of {manifest.group} frames): TensorRT-LLM's "
+    """A temporal build serves whole clips [B, G, 3, H, W], a video build frame pairs
+    [B, 6, H, W]; TensorRT-LLM's multimodal contract is one image per item."""
+    if options.for_trtllm and (manifest.temporal or manifest.frames_per_input > 1):
+        raise EvoExportError(f"{build_dir} takes {'clips' if manifest.temporal else 'frame pairs'}: TensorRT-LLM's "
                              "multimodal_encoders ensemble takes images; write the repository without --for-trtllm")
     return manifest
 

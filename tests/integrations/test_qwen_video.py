@@ -145,9 +145,7 @@ def test_videos_and_video_builds_are_refused_where_they_do_not_fit(qwen_video, t
     assert_one_error_line(code, err, "encodes one frame at a time")
     code, err, _ = cli("build", "--model", "qwen2.5-vl-tiny", "--video", "--temporal", "4:0.25", "--out", tmp_path / "q")
     assert_one_error_line(code, err, "--temporal")
-    with pytest.raises(EvoExportError, match="does not take video builds"):
-        from evoexport.serve.repository import write_repository
-        write_repository(builds[0.5].path, tmp_path / "repo")
+    assert_one_error_line(*cli("bench", builds[0.5].path)[:2], "does not take video builds")
     still = build("qwen2.5-vl-tiny", 1.0, checkpoint=str(ckpt), out=tmp_path / "still", validate=False,
                   progress=QUIET)
     model = attach(_model(ckpt), still.path)

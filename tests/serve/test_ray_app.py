@@ -121,3 +121,20 @@ def test_a_temporal_build_is_served_clip_by_clip(deployment, tmp_path):
         _post(url, _npy(rng.random((1, 4, 3, 56, 56), dtype=np.float32)))
     assert caught.value.code == 400 and "must have shape" in json.loads(caught.value.read())["error"]
     serve.delete("temporal")
+
+
+def test_a_qwen_video_build_is_served(deployment, tmp_path):
+    """A Qwen2.5-VL video build's frame pairs [B, 6, H, W] through Ray Serve equal the library's."""
+    from ray import serve
+
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    from evoexport.serve.ray_app import encoder_app
+    url = deployment[0].removesuffix("/evoexport") + "/video"
+    b = build("qwen2.5-vl-tiny", 0.5, out=tmp_path / "b", video=True, validate=False,
+              progress=Progress(enabled=False))
+    serve.run(encoder_app(str(b.path), max_batch=MAX_BATCH), name="video", route_prefix="/video")
+    runner = evoexport.load(b.path)
+    x = np.random.default_rng(5).standard_normal((2, *runner.input_shape[1:]), dtype=np.float32)
+    _check_equal(_post(url, _npy(x)), runner(x), b.manifest.prune_points)
+    serve.delete("video")

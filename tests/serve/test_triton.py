@@ -438,3 +438,21 @@ def test_a_temporal_build_serves_whole_clips(tmp_path):
         assert "400" in str(bad.value.status()) or "unexpected shape" in str(bad.value).lower()
         assert np.array_equal(_infer(client, clips[0]).as_numpy("owners"), runner.arrays(clips[0])["owners"])
         assert probe(server.url).ok
+
+
+def test_a_qwen_video_build_serves_frame_pairs(tmp_path):
+    """A Qwen2.5-VL video build (`build --video`) takes a temporal patch's two frames on the
+    channel axis, [B, 6, H, W]: its ensemble answers as the library's runner does; the
+    TensorRT-LLM ensemble (one image per item) is refused for it in one line."""
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    b = build("qwen2.5-vl-tiny", 0.5, out=tmp_path / "b", video=True, validate=False,
+              progress=Progress(enabled=False))
+    with pytest.raises(EvoExportError, match="frame pairs"):
+        write_repository(b.path, tmp_path / "trtllm", flavour="python", for_trtllm=True)
+    repo = write_repository(b.path, tmp_path / "repo", flavour="python", max_batch=MAX_BATCH)
+    runner = evoexport.load(b.path)
+    assert runner.input_shape[1] == 6
+    x = np.random.default_rng(4).standard_normal((3, *runner.input_shape[1:]), dtype=np.float32)
+    with TritonServer(repo.path, startup_timeout=120, exit_timeout=5) as server:
+        _check_equal(_infer(_client(server), x), runner(x), b.manifest.prune_points)
