@@ -89,6 +89,13 @@ def qwen(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen_video_builds(qwen, tmp_path_factory):
+    """Video builds (`build --video`, frame pairs) of the qwen fixture's checkpoint at keep 1.0 and 0.5."""
+    ckpt = qwen[0]
+    return ckpt, _builds(ckpt, "qwen2.5-vl", tmp_path_factory.mktemp("vllm-qwen-video"), image_size=224, video=True)
+
+
+@pytest.fixture(scope="session")
 def qwen3(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-qwen3")
     ckpt = make_qwen3_vlm(root / "qwen3-vlm")

@@ -172,6 +172,75 @@ def test_onevision_plugin_packs_tiles_as_attach_does(onevision_answers):
         assert got["keep0.5"]["prompt_tokens"] == ref["attach_prompt_tokens"] < ref["full_prompt_tokens"], stem
 
 
+ONEVISION_VIDEO_PROMPT = "<|im_start|>user\n<video>\nwhat happens?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def onevision_video_transformers(ckpt: Path, builds: dict, pixels: Path) -> dict:
+    """Greedy tokens of transformers' own LLaVA-OneVision on the video pixels vLLM's processor
+    made, then of attach() at each build (dense maps, transformers' pooling and newline)."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    from evoexport.integrations.hf_llava import attach
+    video = torch.from_numpy(np.load(pixels)["pixel_values_videos"]).float()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt).eval()
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    n = video.shape[1] * ((g + 1) // 2) ** 2 + 1
+    ids = AutoTokenizer.from_pretrained(ckpt)(ONEVISION_VIDEO_PROMPT.replace("<video>", "<video>" * n),
+                                              return_tensors="pt").input_ids
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": video}
+    out = {"transformers": _answer(model, inputs), "prompt_tokens": ids.shape[1]}
+    for name, build_dir in builds.items():
+        out[name] = _answer(attach(LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt).eval(), build_dir),
+                            inputs)
+    return out
+
+
+def _answer(model, inputs) -> dict:
+    """Greedy tokens and the first token's log probabilities (over the vocabulary)."""
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1]
+    return {"tokens": generate(model, **inputs), "logprobs": torch.log_softmax(logits.float(), -1)}
+
+
+def _same_answer(got: dict, want: dict) -> bool:
+    """vLLM's answer equals transformers': the same tokens, and the first token's top log
+    probabilities within 1e-3 (the video's features reach the logits, not only the argmax)."""
+    return got["tokens"] == want["tokens"] and all(
+        abs(p - float(want["logprobs"][int(t)])) < 1e-3 for t, p in got["first_logprobs"].items())
+
+
+def test_onevision_plugin_takes_videos_as_attach_does(vllm_python, onevision, tmp_path):
+    """8 frames of a real clip (carphone): keep 1.0 equals stock vLLM and transformers; a
+    per-frame keep-0.5 build and a temporal build (groups of 4, later frames keep 0.25)
+    equal attach(), each frame's dense map pooled by the engine, the prompt as long as
+    stock's. Equal means the same greedy tokens and the first token's top-5 log
+    probabilities within 1e-3, which differ between the builds (the tiny model's tokens
+    alone do not tell them apart)."""
+    from evoexport.export.build import build
+    from evoexport.inputs.video import sample_clip
+    from evoexport.progress import Progress
+    import av
+    ckpt, builds, _ = onevision
+    temporal = build("llava-onevision", 0.5, checkpoint=str(ckpt), out=tmp_path / "temporal", validate=False,
+                     temporal="4:0.25", progress=Progress(enabled=False)).path
+    with av.open(str(sample_clip("carphone_pristine"))) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(8), container.decode(video=0))])
+    np.save(tmp_path / "carphone8.npy", frames)
+    got = drive(vllm_python, tmp_path, ckpt,
+                [{"name": "stock"}, {"name": "keep1", "build": str(builds[1.0])},
+                 {"name": "keep0.5", "build": str(builds[0.5])}, {"name": "temporal", "build": str(temporal)}],
+                [{"prompt": ONEVISION_VIDEO_PROMPT, "video": {"frames": str(tmp_path / "carphone8.npy"), "fps": 25.0}}],
+                pixels_dir=str(tmp_path), logprobs=5)
+    ref = onevision_video_transformers(ckpt, {"keep0.5": builds[0.5], "temporal": temporal},
+                                       tmp_path / "carphone8.npz")
+    for run, want in (("stock", "transformers"), ("keep1", "transformers"), ("keep0.5", "keep0.5"),
+                      ("temporal", "temporal")):
+        assert _same_answer(got[run][0], ref[want]), run
+    for pruned in ("keep0.5", "temporal"):      # the check can tell the builds apart
+        assert not _same_answer(got[pruned][0], ref["transformers"]), pruned
+    assert {run[0]["prompt_tokens"] for run in got.values()} == {ref["prompt_tokens"]}
+
+
 def test_positions_match_transformers_side():
     """positions.py and hf_qwen2_5_vl.pruned_rope_index agree on a prompt of two images."""
     from evoexport.integrations.hf_qwen2_5_vl import pruned_rope_index
@@ -184,6 +253,80 @@ def test_positions_match_transformers_side():
     ref, ref_delta = pruned_rope_index(ids, torch.tensor([types]), [(torch.from_numpy(k), Grid(8, 8)) for k in kept])
     ours, delta = pruned_mrope_positions(len(types), [(28, kept[1], 8), (5, kept[0], 8)])
     assert np.array_equal(ours, ref[:, 0].numpy()) and delta == int(ref_delta)
+
+
+QWEN_VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what happens?<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+
+
+def qwen_video_transformers(ckpt: Path, build_dir: Path, pixels: Path) -> dict:
+    """Greedy tokens of transformers' own Qwen2.5-VL on the video pixels vLLM's processor made,
+    then of attach() at the video build (each temporal patch's K units, shrink_image_tokens)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from evoexport.integrations.hf_qwen2_5_vl import attach, shrink_image_tokens
+    from transformers import AutoTokenizer
+    video = {k: torch.from_numpy(v) for k, v in np.load(pixels).items()}
+    video["pixel_values_videos"] = video["pixel_values_videos"].float()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).eval()
+    n = int(video["video_grid_thw"].prod()) // 4
+    ids = AutoTokenizer.from_pretrained(ckpt)(QWEN_VIDEO_PROMPT.replace("<|video_pad|>", "<|video_pad|>" * n),
+                                              return_tensors="pt").input_ids
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **video,
+              "mm_token_type_ids": 2 * (ids == model.config.video_token_id).long()}
+    out = {"transformers": generate(model, **inputs), "full_prompt_tokens": ids.shape[1]}
+    attach(model, build_dir)
+    small = shrink_image_tokens(inputs, model)
+    return {**out, "attach": generate(model, **small), "attach_prompt_tokens": small["input_ids"].shape[1]}
+
+
+def test_qwen_plugin_takes_videos_of_a_video_build(vllm_python, qwen_video_builds, tmp_path):
+    """A real clip's frames (bikes, 4 frames at 272x640, resized by the plugin to the build's
+    224x224) through vLLM: the plugin at keep 1.0 answers as transformers on the same pixels,
+    at keep 0.5 as attach() (each temporal patch keeps 32 of 64 units, at vLLM's time
+    positions), and the two answers differ (the tiny model does read the video). Stock vLLM
+    would give 272x640 frames another grid, so it is compared on the frames at 224x224."""
+    from evoexport.inputs.video import sample_clip
+    import av
+    ckpt, builds = qwen_video_builds
+    with av.open(str(sample_clip("bikes"))) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(4), container.decode(video=0))])
+    np.save(tmp_path / "bikes4.npy", frames)
+    np.save(tmp_path / "square.npy", np.stack([np.asarray(Image.fromarray(f).resize((224, 224))) for f in frames]))
+    videos = [{"frames": str(tmp_path / f"{name}.npy"), "fps": 2.0, "size": [224, 224]} for name in ("bikes4", "square")]
+    got = drive(vllm_python, tmp_path, ckpt,
+                [{"name": "stock"}, {"name": "keep1", "build": str(builds[1.0])},
+                 {"name": "keep0.5", "build": str(builds[0.5])}],
+                [{"prompt": QWEN_VIDEO_PROMPT, "video": v} for v in videos], pixels_dir=str(tmp_path))
+    assert got["stock"][1] == got["keep1"][1]
+    ref = qwen_video_transformers(ckpt, builds[0.5], tmp_path / "bikes4.npz")
+    assert got["keep1"][0]["tokens"] == ref["transformers"]
+    assert got["keep1"][0]["prompt_tokens"] == ref["full_prompt_tokens"]
+    assert got["keep0.5"][0]["tokens"] == ref["attach"] != ref["transformers"]
+    assert got["keep0.5"][0]["prompt_tokens"] == ref["attach_prompt_tokens"] == ref["full_prompt_tokens"] - 2 * 32
+
+
+def test_video_positions_are_vllms_own_at_keep_1():
+    """Every unit kept: positions.py gives vLLM's own video positions (its dense rule written
+    out from vllm/model_executor/models/qwen2_5_vl.py), times scaled by tokens_per_second x
+    second_per_grid_t and text resuming after the last time where that is beyond the grid;
+    and a pruned video keeps its kept units' own positions."""
+    from evoexport.integrations.vllm.positions import pruned_mrope_positions
+    t, rows, cols, factor, text, tail = 4, 3, 5, 4.0, 6, 3
+    times = (np.arange(t) * factor).astype(np.int64)
+    grid = np.indices((t, rows, cols)).reshape(3, -1)
+    grid[0] = (grid[0] * factor).astype(np.int64)
+    want = np.concatenate([np.broadcast_to(np.arange(text), (3, text)), grid + text,
+                           np.broadcast_to(np.arange(tail), (3, tail)) + grid.max() + text + 1], axis=1)
+    n = text + t * rows * cols + tail
+    ours, delta = pruned_mrope_positions(n, [(text, np.tile(np.arange(rows * cols), (t, 1)), (rows, cols), times)])
+    assert np.array_equal(ours, want) and delta == int(want.max()) + 1 - n
+    kept = np.sort(np.random.default_rng(0).choice(rows * cols, (t, 7)), axis=1)
+    pruned, _ = pruned_mrope_positions(text + t * 7 + tail, [(text, kept, (rows, cols), times)])
+    dense_of_kept = want[:, text:text + t * rows * cols].reshape(3, t, rows * cols)
+    assert np.array_equal(pruned[:, text:text + t * 7],
+                          np.take_along_axis(dense_of_kept, kept[None].repeat(3, 0), axis=2).reshape(3, -1))
+    assert np.array_equal(pruned[:, -tail:], want[:, -tail:])      # text resumes where the unpruned prompt does
 
 
 def test_image_embeds_part_for_a_stock_server():

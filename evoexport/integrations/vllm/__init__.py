@@ -9,7 +9,9 @@ Two ways, for two kinds of deployment:
   values, then through the build (ONNX Runtime or OpenVINO on a CPU, the torch chain on a
   GPU), and the language model sees exactly the build's K tokens per image: for
   LLaVA-OneVision the packed length of its base view and tiles, as `attach` packs them; for
-  Qwen2.5-VL at the mRoPE positions of the units the build kept (`positions.py`).
+  Qwen2.5-VL at the mRoPE positions of the units the build kept (`positions.py`). Videos:
+  a Qwen2.5-VL video build (`build --video`) keeps K units per temporal patch; a
+  LLaVA-OneVision build (a temporal one too) gives each frame's dense map, pooled by vLLM.
 - **Stock vLLM, no plugin** (LLaVA): the encoder runs elsewhere (Triton, Ray Serve,
   `evoexport.load`) and vLLM takes its features as `image_embeds` (any K works there):
   `image_embeds_part(features)` makes the OpenAI request part, `image_embeds_input(features)`
@@ -45,21 +47,23 @@ def hf_overrides(build_dir, checkpoint_dir, backend: str = "onnxruntime", thread
     vision encoder (the architecture read from the checkpoint's config.json)."""
     from ...files import read_json
     from ...manifest import is_bucketed, read_buckets, read_manifest
-    if is_bucketed(build_dir):    # aspect-ratio buckets: the Qwen models' plugins pick a grid per image
-        manifest = read_buckets(build_dir, verify=False).manifests[0]
-    else:
-        manifest = read_manifest(build_dir, verify=False, files=False).require_images("the vLLM plugin", build_dir)
-    if not manifest.grid.square and not manifest.family.startswith("qwen"):
-        raise EvoExportError(f"the vLLM plugin takes this family's builds at square grids; {build_dir} is at "
-                             f"{manifest.grid}")
     config = Path(checkpoint_dir) / "config.json"
     if not config.is_file():
         raise EvoExportError(f"{checkpoint_dir} is not a Hugging Face checkpoint directory: no config.json")
     found = read_json(config).get("architectures") or []
-    arch = next((ARCHITECTURES[a][1] for a in found if a in ARCHITECTURES), None)
+    module, arch = next((ARCHITECTURES[a] for a in found if a in ARCHITECTURES), (None, None))
     if arch is None:
         raise EvoExportError(f"{checkpoint_dir} is a {', '.join(found) or 'model of no architecture'}; the vLLM "
                              f"plugin runs {', '.join(ARCHITECTURES)}")
+    if is_bucketed(build_dir):    # aspect-ratio buckets: the Qwen models' plugins pick a grid per image
+        manifest = read_buckets(build_dir, verify=False).manifests[0]
+    else:
+        # videos: a Qwen2.5-VL video build's frame pairs; LLaVA-OneVision's dense maps, a temporal build's too
+        manifest = read_manifest(build_dir, verify=False, files=False).require_images(
+            "the vLLM plugin", build_dir, pairs=True, clips=module == "llava_onevision")
+    if not manifest.grid.square and not manifest.family.startswith("qwen"):
+        raise EvoExportError(f"the vLLM plugin takes this family's builds at square grids; {build_dir} is at "
+                             f"{manifest.grid}")
     return {"architectures": [arch], BUILD_KEY: str(Path(build_dir).resolve()), BACKEND_KEY: backend,
             THREADS_KEY: int(threads)}
 

@@ -2,10 +2,11 @@
 per process by the multimodal processor in vLLM's frontend, and the start-up check that it
 was made from the checkpoint's own vision weights.
 
-The engine process never loads the build: its model has no encoder, and the one image it
-processes, vLLM's memory-profiling dummy, is marked by `ProfilingImages` and answered with
-zeros of the build's shape (what the model sees of an image is K rows of features, whatever
-their values). That keeps a second copy of the encoder's weights out of the engine."""
+The engine process never loads the build: its model has no encoder, and the one image (or
+video) it processes, vLLM's memory-profiling dummy, is marked by `ProfilingImages` (or
+`ProfilingVideos`) and answered with zeros of the build's shape (what the model sees of an
+image is K rows of features, whatever their values). That keeps a second copy of the
+encoder's weights out of the engine."""
 from __future__ import annotations
 
 import functools
@@ -32,10 +33,43 @@ class ProfilingImages:
         return images
 
 
+# A video's mark is its metadata's video_backend: the metadata becomes transformers'
+# VideoMetadata (strings only) and is hashed by vLLM's cache. A server's clients cannot set
+# it (vLLM's video loader writes it); an offline caller who forges it gets zeros for features.
+PROFILING_BACKEND = "evoexport-profiling"
+
+
+class ProfilingVideos:
+    """Mixed into Qwen2.5-VL's dummy-inputs builder: its videos' metadata carry the mark."""
+
+    def _get_dummy_videos(self, **kwargs):
+        return [(video, {**metadata, "video_backend": PROFILING_BACKEND})
+                for video, metadata in super()._get_dummy_videos(**kwargs)]
+
+
+class _ProfilingFrames(np.ndarray):
+    """The mark on vLLM's dummy videos where they carry no metadata (LLaVA-OneVision's): a
+    subclass of ndarray, which no request can make (vLLM's video loader makes plain arrays)."""
+
+
+class ProfilingFrames:
+    """Mixed into a vLLM dummy-inputs builder whose videos are bare frame arrays."""
+
+    def _get_dummy_videos(self, **kwargs):
+        return [np.asarray(video).view(_ProfilingFrames) for video in super()._get_dummy_videos(**kwargs)]
+
+
+def profiling_frames(videos) -> bool:
+    """Whether these videos (bare frame arrays) are vLLM's profiling dummies."""
+    return bool(videos) and all(isinstance(v, _ProfilingFrames) for v in videos)
+
+
 def profiling(hf_data) -> bool:
-    """Whether the processor's images are vLLM's profiling dummies."""
-    images = hf_data.get("images") or []
-    return bool(images) and all(getattr(image, "info", {}).get(PROFILING) is _MARK for image in images)
+    """Whether the processor's images (or videos) are vLLM's profiling dummies."""
+    images, videos = hf_data.get("images") or [], hf_data.get("video_metadata") or []
+    if images:
+        return all(getattr(image, "info", {}).get(PROFILING) is _MARK for image in images)
+    return bool(videos) and all(getattr(m, "video_backend", None) == PROFILING_BACKEND for m in videos)
 
 
 def build_path(hf_config) -> str:
@@ -48,7 +82,7 @@ def build_path(hf_config) -> str:
 
 # One run of the build at a time per process: a run uses every core it is given, and
 # concurrent runs would only contend and each grow their own activation memory.
-_ONE_RUN = threading.Lock()
+ONE_RUN = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +178,7 @@ def encode_each(hf_config, images: list, index: list[int], dummy: bool = False) 
         return [tuple(a[0] for a in _zeros(grids.manifests[i], 1)) for i in index]
     if not grids.bucketed:
         return list(zip(*encode(hf_config, torch.stack([torch.as_tensor(x) for x in images]))))
-    with _ONE_RUN:
+    with ONE_RUN:
         results = runner_for(hf_config).run_arrays([np.asarray(torch.as_tensor(x).float()) for x in images])
     return [(np.concatenate([r.features, *r.deepstack], axis=-1).astype(np.float32), r.indices) for r in results]
 
@@ -158,7 +192,7 @@ def _zeros(manifest, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _run(runner, x) -> tuple[np.ndarray, np.ndarray]:
     """(features with any DeepStack taps on the hidden axis, kept indices) of pixel values x."""
     x = x.detach().float()
-    with _ONE_RUN:
+    with ONE_RUN:
         out = runner(x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy()))
     to_np = runner.backend.to_numpy
     features = np.concatenate([to_np(f) for f in (out.features, *out.deepstack)], axis=-1)
@@ -171,7 +205,7 @@ def check_weights(hf_config, checkpoint: str) -> None:
     from ...models.loader import load_tower
     manifest = manifest_for(hf_config)
     tower = load_tower(manifest.model, checkpoint, image_size=manifest.image_size,
-                       pad_to_square=manifest.pad_to_square, quiet=True)
+                       pad_to_square=manifest.pad_to_square, quiet=True, video=manifest.frames_per_input > 1)
     sha256 = tower.weights_info["weights_sha256"]
     del tower
     _give_back_memory()               # the tower was only hashed: its memory goes back before the LLM's KV cache

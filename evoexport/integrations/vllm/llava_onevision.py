@@ -3,10 +3,13 @@ multimodal processor runs the build over each image's base view and anyres tiles
 image's own tiles, not the batch's padding) and counts the placeholders the kept tokens
 pack to; the model packs them with its `image_newline` as `attach` does
 (`integrations.hf_onevision`: base view, kept tile tokens at their places on the unpadded
-grid, a newline closing every row). The model keeps no vision tower or projector; videos
-are not routed through a build. Imported by vLLM (plugin.py)."""
+grid, a newline closing every row). The model keeps no vision tower or projector. A video
+becomes each frame's dense map (every patch answered by the build's token for it:
+`integrations.hf_onevision_video`; a temporal build's groups included), then vLLM's own 2x2
+pooling and newline, so the LLM sees vLLM's layout and count. Imported by vLLM (plugin.py)."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -21,7 +24,9 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...errors import EvoExportError
 from ..hf_onevision import pack_pruned, packed_length, tiles_per_image
-from .common import ProfilingImages, check_weights, encode, manifest_for, profiling
+from ..hf_onevision_video import dense_frames
+from .common import (ONE_RUN, ProfilingFrames, ProfilingImages, check_weights, encode, manifest_for, profiling,
+                     profiling_frames, runner_for)
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
@@ -37,7 +42,8 @@ def _keeps_all(config) -> bool:
 
 class EvoExportOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        # a temporal build takes clips only (its frames in groups)
+        return {"image": 0 if manifest_for(self.get_hf_config()).temporal else None, "video": None}
 
     def get_image_size_with_most_features(self) -> ImageSize:
         """vLLM profiles memory with this size: for a pruned build, the tiling with the most
@@ -62,10 +68,21 @@ class EvoExportOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
 
 
 class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
+    # whether the call in progress on this thread holds vLLM's profiling videos: the
+    # processor pops the videos before _postprocess_hf_mm_data sees its inputs
+    _calls = threading.local()
+
+    def _get_hf_mm_inputs(self, mm_items, hf_kwargs):
+        inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
+        self._calls.dummy_videos = profiling_frames(inputs.hf_data.get("videos"))
+        return inputs
+
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        if "pixel_values_videos" in processed_data:
-            raise ValueError("this server's vision encoder is an evoexport build of images; send video frames as images")
+        videos = processed_data.pop("pixel_values_videos", None)
+        if videos is not None:
+            dummy = getattr(self._calls, "dummy_videos", False)
+            processed_data["evo_video_dense"] = [self._dense(v, dummy) for v in videos]
         pixels = processed_data.pop("pixel_values", None)
         if pixels is None:
             return processed_data
@@ -78,10 +95,23 @@ class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
             self.info.image_tokens(kept, size)         # an image the build cannot take fails here, as a client error
         return processed_data
 
+    def _dense(self, frames: torch.Tensor, dummy: bool) -> torch.Tensor:
+        """One video's dense maps [F, N, D] (vLLM's profiling dummy: zeros of that shape)."""
+        config = self.info.get_hf_config()
+        manifest = manifest_for(config)
+        if dummy:
+            return torch.zeros(len(frames), manifest.num_patches, manifest.features["shape"][-1])
+        try:
+            with ONE_RUN:
+                return torch.from_numpy(dense_frames(runner_for(config), frames))
+        except EvoExportError as e:       # a clip that does not fill a temporal build's groups: a client error
+            raise ValueError(str(e)) from None
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
         return dict(image_sizes=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
                     evo_features=MultiModalFieldConfig.batched("image"),
-                    evo_indices=MultiModalFieldConfig.batched("image", keep_on_cpu=True))
+                    evo_indices=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+                    evo_video_dense=MultiModalFieldConfig.batched("video"))
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         token = self.info.get_hf_config().image_token_index
@@ -90,10 +120,13 @@ class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
             item = out_mm_kwargs["image"][item_idx]
             return [token] * self.info.image_tokens(item["evo_indices"].data, item["image_sizes"].data)
 
-        return [PromptReplacement(modality="image", target=[token], replacement=replacement)]
+        # a video's placeholders are vLLM's own: its frames pooled, then one newline
+        videos = [u for u in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+                  if u.modality == "video"]
+        return [PromptReplacement(modality="image", target=[token], replacement=replacement), *videos]
 
 
-class EvoExportOnevisionDummyInputs(ProfilingImages, LlavaOnevisionDummyInputsBuilder):
+class EvoExportOnevisionDummyInputs(ProfilingFrames, ProfilingImages, LlavaOnevisionDummyInputsBuilder):
     pass
 
 
@@ -108,11 +141,19 @@ class EvoExportLlavaOnevisionForConditionalGeneration(LlavaOnevisionForCondition
         del self.vision_tower, self.multi_modal_projector     # the build is the encoder
 
     def embed_multimodal(self, **kwargs: object):
-        features = kwargs.get("evo_features")
-        if features is None:
-            return []
-        return tuple(self._pack(f.to(self.image_newline.device, self.embed_dtype), i, size)
-                     for f, i, size in zip(features, kwargs["evo_indices"], kwargs["image_sizes"]))
+        out = []
+        for key in kwargs:            # vLLM's order of modalities
+            if key == "evo_features":
+                out += [self._pack(f.to(self.image_newline.device, self.embed_dtype), i, size)
+                        for f, i, size in zip(kwargs[key], kwargs["evo_indices"], kwargs["image_sizes"])]
+            elif key == "evo_video_dense":
+                out += [self._video(dense) for dense in kwargs[key]]
+        return tuple(out)
+
+    def _video(self, dense: torch.Tensor) -> torch.Tensor:
+        """A video's dense maps [F, N, D] as vLLM's own video path ends: pooled, one newline."""
+        pooled = self.apply_pooling(dense.to(self.image_newline.device, self.embed_dtype))
+        return torch.cat([pooled.flatten(0, 1), self.image_newline[None].to(pooled.dtype)])
 
     def _pack(self, features: torch.Tensor, indices: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
         size = tuple(int(v) for v in image_size)

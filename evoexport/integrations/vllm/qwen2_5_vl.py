@@ -2,12 +2,15 @@
 multimodal processor resizes each image to the build's input size, turns vLLM's pixel
 values into the build's features and kept units (K per image, the placeholder count), and
 the model places those tokens at their units' mRoPE positions (positions.py). The model
-keeps no vision tower of its own; videos are not routed through a build. Imported by vLLM
-(plugin.py)."""
+keeps no vision tower of its own. Videos need a video build (`build --video`): their frames
+are resized to its size, each temporal patch (two frames) runs as one input and keeps its
+own K units, so a video has T x K placeholders, at vLLM's own time positions. Imported by
+vLLM (plugin.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
@@ -18,7 +21,7 @@ from vllm.multimodal.parse import ImageSize
 
 from ...errors import EvoExportError
 from ..hf_qwen2_5_vl import image_list_from_patches
-from .common import ProfilingImages, check_weights, encode_each, grids_for, profiling
+from .common import ProfilingImages, ProfilingVideos, check_weights, encode, encode_each, grids_for, profiling
 from .positions import pruned_mrope_positions
 
 
@@ -28,7 +31,13 @@ class BuildInfo:
     the grid chosen for its size."""
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        return {"image": None, "video": None if grids_for(self.get_hf_config()).manifest.frames_per_input > 1 else 0}
+
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int, **kwargs) -> int:
+        """K per temporal patch: the frames padded to pairs, as Qwen's video processor pads them."""
+        config = self.get_hf_config()
+        pairs = -(-num_frames // config.vision_config.temporal_patch_size)
+        return pairs * grids_for(config).manifest.tokens_per_image
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, **kwargs) -> int:
         grids = grids_for(self.get_hf_config())
@@ -52,54 +61,74 @@ class BuildProcessor:
         the processor's grid is one the build holds."""
         from PIL import Image
         inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
-        if "videos" in inputs.hf_data:
-            raise ValueError("this server's vision encoder is an evoexport build of images; send video frames as images")
         grids = grids_for(self.info.get_hf_config())
         images = inputs.hf_data.get("images")
         if images:
             inputs.hf_data["images"] = [
                 _resized(image, grids.manifests[grids.index_for(image.height, image.width)].image_hw, Image)
                 for image in images]
+        if inputs.hf_data.get("videos"):     # a video build (the limits let no video reach another)
+            size = grids.manifest.image_hw
+            inputs.hf_data["videos"] = [_resized_frames(video, size, Image) for video in inputs.hf_data["videos"]]
+            for metadata in inputs.hf_data.get("video_metadata") or []:
+                metadata.height, metadata.width = size
         return inputs
 
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        patches = processed_data.pop("pixel_values", None)
-        if patches is None:
-            return processed_data
+        for kind in ("image", "video"):
+            patches = processed_data.pop("pixel_values" if kind == "image" else "pixel_values_videos", None)
+            if patches is not None:
+                processed_data.update(self._encoded(kind, patches, processed_data[f"{kind}_grid_thw"],
+                                                    profiling(mm_inputs)))
+        return processed_data
+
+    def _encoded(self, kind: str, patches, grid_thw, dummy: bool) -> dict:
+        """The build's outputs for the processor's images (K rows each) or videos (T x K rows
+        each: every temporal patch as one input), under the evo_ fields of that kind."""
         config = self.info.get_hf_config()
         vision, grids = config.vision_config, grids_for(config)
-        grid_thw, merge = processed_data["image_grid_thw"], vision.spatial_merge_size
+        merge, frames = vision.spatial_merge_size, grids.manifest.frames_per_input
         units = [(h // merge, w // merge) for _, h, w in grid_thw.tolist()]
         index = [grids.index_of(u) for u in units]
         if None in index:
-            raise ValueError(f"the image processor made patch grids {grid_thw.tolist()}; the build takes "
-                             f"{grids.describe()}: allow those sizes in the checkpoint's preprocessor_config.json "
+            raise ValueError(f"the {kind} processor made patch grids {grid_thw.tolist()}; the build takes "
+                             f"{grids.describe()}: allow those sizes in the checkpoint's preprocessor config "
                              "(min_pixels <= height x width <= max_pixels)")
-        images = image_list_from_patches(patches.float(), grid_thw, vision.patch_size, merge,
-                                         vision.temporal_patch_size)
-        outs = encode_each(config, [x[0] for x in images], index, dummy=profiling(mm_inputs))
-        processed_data["evo_features"] = torch.cat([torch.from_numpy(f) for f, _ in outs])
-        processed_data["evo_indices"] = torch.cat([torch.from_numpy(k) for _, k in outs])
-        processed_data["evo_tokens"] = torch.tensor([len(k) for _, k in outs])
-        processed_data["evo_grid"] = torch.tensor(units)
-        return processed_data
+        items = image_list_from_patches(patches.float(), grid_thw, vision.patch_size, merge,
+                                        vision.temporal_patch_size, frames)   # a video build: stills as pairs
+        if kind == "image":
+            outs = encode_each(config, [x[0] for x in items], index, dummy=dummy)
+        else:
+            outs = [tuple(a.reshape(-1, *a.shape[2:]) for a in encode(config, x, dummy=dummy)) for x in items]
+        prefix = "evo_" if kind == "image" else "evo_video_"
+        return {f"{prefix}features": torch.cat([torch.from_numpy(f) for f, _ in outs]),
+                f"{prefix}indices": torch.cat([torch.from_numpy(k) for _, k in outs]),
+                f"{prefix}tokens": torch.tensor([len(k) for _, k in outs]),
+                f"{prefix}grid": torch.tensor(units)}
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
-        # each image's K rows (K differs between a bucketed build's grids), its K and grid
-        tokens = hf_inputs.get("evo_tokens", torch.empty(0, dtype=torch.long))
-        return dict(image_grid_thw=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-                    evo_features=MultiModalFieldConfig.flat_from_sizes("image", tokens),
-                    evo_indices=MultiModalFieldConfig.flat_from_sizes("image", tokens, keep_on_cpu=True),
-                    evo_tokens=MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-                    evo_grid=MultiModalFieldConfig.batched("image", keep_on_cpu=True))
+        # each item's rows (K differs between a bucketed build's grids; T x K for a video), their count and grid
+        fields = {}
+        for kind, prefix in (("image", "evo_"), ("video", "evo_video_")):
+            tokens = hf_inputs.get(f"{prefix}tokens", torch.empty(0, dtype=torch.long))
+            fields.update({f"{kind}_grid_thw": MultiModalFieldConfig.batched(kind, keep_on_cpu=True),
+                           f"{prefix}features": MultiModalFieldConfig.flat_from_sizes(kind, tokens),
+                           f"{prefix}indices": MultiModalFieldConfig.flat_from_sizes(kind, tokens, keep_on_cpu=True),
+                           f"{prefix}tokens": MultiModalFieldConfig.batched(kind, keep_on_cpu=True),
+                           f"{prefix}grid": MultiModalFieldConfig.batched(kind, keep_on_cpu=True)})
+        fields["second_per_grid_ts"] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        image_token = self.info.get_hf_config().image_token_id
+        config = self.info.get_hf_config()
+        tokens = {"image": (config.image_token_id, "evo_tokens"), "video": (config.video_token_id, "evo_video_tokens")}
 
-        def replacement(item_idx: int):
-            return [image_token] * int(out_mm_kwargs["image"][item_idx]["evo_tokens"].data)
-        return [PromptReplacement(modality="image", target=[image_token], replacement=replacement)]
+        def replacement(item_idx: int, kind: str):
+            token, field = tokens[kind]
+            return [token] * int(out_mm_kwargs[kind][item_idx][field].data)
+        return [PromptReplacement(modality=kind, target=[tokens[kind][0]],
+                                  replacement=lambda i, kind=kind: replacement(i, kind)) for kind in tokens]
 
 
 class EvoExportQwenProcessor(BuildProcessor, Qwen2_5_VLMultiModalProcessor):
@@ -113,7 +142,17 @@ def _resized(image, size: tuple[int, int], Image):
     return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
-class EvoExportQwenDummyInputs(ProfilingImages, Qwen2_5_VLDummyInputsBuilder):
+def _resized_frames(video, size: tuple[int, int], Image):
+    """A video's frames [T, H, W, 3] (uint8, as vLLM's loaders give them) at the build's size."""
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"a video must be frames [T, H, W, 3], got shape {list(video.shape)}")
+    if tuple(video.shape[1:3]) == tuple(size):
+        return video
+    return np.stack([np.asarray(_resized(Image.fromarray(frame), size, Image)) for frame in video])
+
+
+class EvoExportQwenDummyInputs(ProfilingVideos, ProfilingImages, Qwen2_5_VLDummyInputsBuilder):
     pass
 
 
@@ -131,21 +170,34 @@ class BuildAsEncoder:
         del self.visual                                    # the build is the encoder
 
     def embed_multimodal(self, **kwargs: object):
-        features = kwargs.get("evo_features")
-        if features is None:
-            return []
-        if isinstance(features, torch.Tensor):   # the batch's images' rows one after another
-            features = features.split([int(k) for k in torch.as_tensor(kwargs["evo_tokens"]).reshape(-1)])
-        return tuple(f.to(self.embed_dtype) for f in features)
+        out = []
+        for key in kwargs:            # vLLM's order of modalities (one group per call)
+            if key not in ("evo_features", "evo_video_features"):
+                continue
+            features = kwargs[key]
+            if isinstance(features, torch.Tensor):   # the batch's items' rows one after another
+                counts = kwargs[key.replace("features", "tokens")]
+                features = features.split([int(k) for k in torch.as_tensor(counts).reshape(-1)])
+            out += [f.to(self.embed_dtype) for f in features]
+        return tuple(out)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
-        images = []
+        items, per_second = [], getattr(self.config.vision_config, "tokens_per_second", 1.0)
         for feature in mm_features:
-            if feature.modality != "image":
-                raise EvoExportError("videos are not routed through an evoexport build")
-            kept, grid = feature.data["evo_indices"].data, feature.data["evo_grid"].data
-            images.append((feature.mm_position.offset, kept.cpu().numpy().reshape(-1), tuple(grid.tolist())))
-        positions, delta = pruned_mrope_positions(len(input_tokens), images)
+            data, offset = feature.data, feature.mm_position.offset
+            if feature.modality == "image":
+                kept, grid = data["evo_indices"].data, data["evo_grid"].data
+                items.append((offset, kept.cpu().numpy().reshape(-1), tuple(grid.tolist())))
+                continue
+            if feature.modality != "video":
+                raise EvoExportError(f"the evoexport plugin takes images and videos, not {feature.modality}")
+            kept, grid = data["evo_video_indices"].data, data["evo_video_grid"].data
+            seconds = data.get("second_per_grid_ts")
+            factor = (float(seconds.data) if seconds is not None else 1.0) * per_second
+            t = int(data["video_grid_thw"].data[0])       # temporal patches; vLLM's own time positions:
+            times = (np.arange(t) * factor).astype(np.int64)
+            items.append((offset, kept.cpu().numpy().reshape(t, -1), tuple(grid.tolist()), times))
+        positions, delta = pruned_mrope_positions(len(input_tokens), items)
         return torch.from_numpy(positions), delta
 
     def get_encoder_cudagraph_config(self):
