@@ -221,6 +221,9 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
 def _check_clips(manifest: Manifest, options: RepositoryOptions, build_dir) -> Manifest:
     """A temporal build serves whole clips [B, G, 3, H, W], a video build frame pairs
     [B, 6, H, W]; TensorRT-LLM's multimodal contract is one image per item."""
+    if manifest.temporal and options.max_batch is not None:
+        raise OptionError("max_batch", f"does not apply to {build_dir}: a temporal build's steps take whole clips "
+                                       "per request (max_batch_size 0); leave it out")
     if options.for_trtllm and (manifest.temporal or manifest.frames_per_input > 1):
         raise EvoExportError(f"{build_dir} takes {'clips' if manifest.temporal else 'frame pairs'}: TensorRT-LLM's "
                              "multimodal_encoders ensemble takes images; write the repository without --for-trtllm")

@@ -329,6 +329,23 @@ def test_video_positions_are_vllms_own_at_keep_1():
     assert np.array_equal(pruned[:, -tail:], want[:, -tail:])      # text resumes where the unpruned prompt does
 
 
+def test_the_weight_check_hashes_the_tower_in_fp32_under_vllms_default_dtype(qwen):
+    """vLLM builds its model with the engine's dtype as torch's default (bf16 for a bf16
+    checkpoint); the plugin's weight check must still hash the tower as the build did."""
+    from types import SimpleNamespace
+
+    from evoexport.integrations.vllm import BUILD_KEY
+    from evoexport.integrations.vllm.common import check_weights
+    ckpt, builds, _ = qwen
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        check_weights(SimpleNamespace(**{BUILD_KEY: str(builds[0.5])}), str(ckpt))
+        assert torch.get_default_dtype() == torch.bfloat16
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_image_embeds_part_for_a_stock_server():
     from evoexport.errors import EvoExportError
     from evoexport.integrations.vllm import image_embeds_part

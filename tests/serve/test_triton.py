@@ -417,6 +417,8 @@ def test_a_temporal_build_serves_whole_clips(tmp_path):
     from evoexport.progress import Progress
     from evoexport.serve.supervisor import probe
     b = build("llava-tiny", 0.5, temporal="3:0.25", out=tmp_path / "b", progress=Progress(enabled=False))
+    with pytest.raises(EvoExportError, match="whole clips"):        # no batcher to size
+        write_repository(b.path, tmp_path / "sized", flavour="python", max_batch=2)
     repo = write_repository(b.path, tmp_path / "repo", flavour="python")
     assert repo.max_batch == 0 and "owners" in repo.outputs and "frames" in repo.outputs
     runner, rng = evoexport.load(b.path), np.random.default_rng(3)

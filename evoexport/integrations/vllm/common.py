@@ -202,10 +202,19 @@ def _run(runner, x) -> tuple[np.ndarray, np.ndarray]:
 def check_weights(hf_config, checkpoint: str) -> None:
     """Refuse a build made from other vision weights than the checkpoint's: the sha256
     evoexport's tower gives the checkpoint's vision weights against the manifest's."""
+    import torch
+
     from ...models.loader import load_tower
     manifest = manifest_for(hf_config)
-    tower = load_tower(manifest.model, checkpoint, image_size=manifest.image_size,
-                       pad_to_square=manifest.pad_to_square, quiet=True, video=manifest.frames_per_input > 1)
+    # vLLM builds its model under the engine's dtype as torch's default (bf16 for a bf16
+    # checkpoint): the tower is hashed as evoexport builds it, in fp32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        tower = load_tower(manifest.model, checkpoint, image_size=manifest.image_size,
+                           pad_to_square=manifest.pad_to_square, quiet=True, video=manifest.frames_per_input > 1)
+    finally:
+        torch.set_default_dtype(previous)
     sha256 = tower.weights_info["weights_sha256"]
     del tower
     _give_back_memory()               # the tower was only hashed: its memory goes back before the LLM's KV cache
