@@ -63,7 +63,6 @@ def encoder_app(build_dir: str, options: RayOptions = RayOptions(), **fields):
     o = replace(options, **fields)
     files = backend_class(o.backend).reads_graph_files
     manifest = read_manifest(build_dir, verify=False, files=files)   # replicas verify on load
-    manifest.require_images("Ray Serve", build_dir, clips=True, pairs=True)
     profile = manifest.max_batch
     if o.max_batch is not None and not 1 <= o.max_batch <= profile:
         raise OptionError("max_batch", f"must be between 1 and the build's batch profile ({profile})")

@@ -202,8 +202,7 @@ def write_repository(build_dir: str | Path, out: str | Path, options: Repository
         parts = [(m, replace(options, name=f"{options.name}_{m.grid}")) for m in buckets.manifests]
         root = buckets.root
     else:
-        manifest = read_manifest(build_dir).require_images("a Triton repository", build_dir, clips=True, pairs=True)
-        parts = [(_check_clips(manifest, options, build_dir), options)]
+        parts = [(_check_clips(read_manifest(build_dir), options, build_dir), options)]
         root = build_root(build_dir)     # a bucketed build's grid: its folder
     out = Path(out)
     writers = [(_writer(root, m, o), o) for m, o in parts]
@@ -286,7 +285,8 @@ def _write_models(tmp: Path, writer: StepWriter, repo: Repository, say) -> Repos
         else:
             say(f"{model}: {entry['file']}")
         configs[model] = writer.write(model, entry, version, made_here=graph is not None)
-    configs.update(_ensemble(tmp, writer, repo, graphs + [e for _, e in made[:1]]))
+    indices = made[0][1] if made else None
+    configs.update(_ensemble(tmp, writer, repo, graphs + ([indices] if indices else []), indices))
     if writer.options.for_trtllm:
         configs.update(_trtllm_ensemble(repo, made[1][1], made[2][1], manifest))
     tc.check_ensemble(configs)
@@ -297,7 +297,7 @@ def _write_models(tmp: Path, writer: StepWriter, repo: Repository, say) -> Repos
     return repo
 
 
-def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict]) -> dict:
+def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict], indices: dict | None) -> dict:
     """The pixels check (NaN or infinity: a client error, as the library gives), then every
     graph, wired by the manifest's tensor names; the ensemble's outputs are the chain's
     (`indices` from the indices step made here, or from a temporal build's assemble graph)."""
@@ -309,10 +309,10 @@ def _ensemble(tmp: Path, writer: StepWriter, repo: Repository, graphs: list[dict
     configs = {check_model: tc.step_config(check_model, {"inputs": [pixels], "outputs": [checked]},
                                            writer.batching._replace(kind="KIND_CPU"), platform="python",
                                            parameters=params)}
-    # features, indices (the indices step's, the last; a temporal build's assemble graph writes
-    # it, then frames and owners), then per prune point indices_i, merge_i, picks_i
-    outputs = (list(manifest.outputs) if manifest.temporal
-               else [manifest.features, graphs[-1]["outputs"][0], *manifest.outputs[1:]])
+    # features, indices (the indices step's; or a temporal build's assemble graph's, then
+    # frames and owners), then per prune point indices_i, merge_i, picks_i
+    outputs = ([manifest.features, indices["outputs"][0], *manifest.outputs[1:]] if indices
+               else list(manifest.outputs))
     steps = [(check_model, {pixels["name"]: pixels["name"]}, {CHECKED: CHECKED})]
     steps += [(f"{name}_{e['name']}", {t["name"]: CHECKED if t["name"] == pixels["name"] else t["name"]
                                        for t in e["inputs"]},

@@ -131,7 +131,7 @@ def build_engines(build_dir: str | Path, min_batch: int | None = None, opt_batch
     if build_dir.is_file():   # engines.json beside every grid's graphs would be one file for all
         raise EvoExportError(f"evoexport engines takes a build directory; {build_dir} is one grid of a bucketed "
                              "build (engines for bucketed builds are not written yet)")
-    manifest = read_manifest(build_dir).require_images("evoexport engines", build_dir, clips=True, pairs=True)
+    manifest = read_manifest(build_dir)
     prof = batch_profile(manifest, min_batch, opt_batch, max_batch)
     trt = _require_tensorrt()
     # TensorRT >= 10, or one clear error first; on an 11.x without the flag, networks are

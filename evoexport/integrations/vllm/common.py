@@ -4,9 +4,9 @@ was made from the checkpoint's own vision weights.
 
 The engine process never loads the build: its model has no encoder, and the one image (or
 video) it processes, vLLM's memory-profiling dummy, is marked by `ProfilingImages` (or
-`ProfilingVideos`) and answered with zeros of the build's shape (what the model sees of an
-image is K rows of features, whatever their values). That keeps a second copy of the
-encoder's weights out of the engine."""
+`ProfilingVideos`, read by `VideoMarks`) and answered with zeros of the build's shape (what
+the model sees of an image is K rows of features, whatever their values). That keeps a
+second copy of the encoder's weights out of the engine."""
 from __future__ import annotations
 
 import functools
@@ -33,43 +33,45 @@ class ProfilingImages:
         return images
 
 
-# A video's mark is its metadata's video_backend: the metadata becomes transformers'
-# VideoMetadata (strings only) and is hashed by vLLM's cache. A server's clients cannot set
-# it (vLLM's video loader writes it); an offline caller who forges it gets zeros for features.
-PROFILING_BACKEND = "evoexport-profiling"
+class _ProfilingFrames(np.ndarray):
+    """The mark on vLLM's dummy videos: their frames are this subclass of ndarray, which no
+    request can make (vLLM's video loaders make plain arrays)."""
+
+
+def _marked(frames) -> np.ndarray:
+    return np.asarray(frames).view(_ProfilingFrames)
 
 
 class ProfilingVideos:
-    """Mixed into Qwen2.5-VL's dummy-inputs builder: its videos' metadata carry the mark."""
+    """Mixed into a vLLM dummy-inputs builder: its videos' frames (bare arrays, or Qwen's
+    (frames, metadata) pairs) carry the mark."""
 
     def _get_dummy_videos(self, **kwargs):
-        return [(video, {**metadata, "video_backend": PROFILING_BACKEND})
-                for video, metadata in super()._get_dummy_videos(**kwargs)]
+        return [(_marked(v[0]), *v[1:]) if isinstance(v, tuple) else _marked(v)
+                for v in super()._get_dummy_videos(**kwargs)]
 
 
-class _ProfilingFrames(np.ndarray):
-    """The mark on vLLM's dummy videos where they carry no metadata (LLaVA-OneVision's): a
-    subclass of ndarray, which no request can make (vLLM's video loader makes plain arrays)."""
+class VideoMarks:
+    """Mixed into a multimodal processor: whether the call in progress on this thread holds
+    vLLM's profiling videos (`dummy_videos`), read as the videos arrive, before the processor
+    resizes, converts or pops them."""
+    _calls = threading.local()
 
+    def _get_hf_mm_inputs(self, mm_items, hf_kwargs):
+        inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
+        videos = inputs.hf_data.get("videos") or []
+        self._calls.dummy = bool(videos) and all(isinstance(v, _ProfilingFrames) for v in videos)
+        return inputs
 
-class ProfilingFrames:
-    """Mixed into a vLLM dummy-inputs builder whose videos are bare frame arrays."""
-
-    def _get_dummy_videos(self, **kwargs):
-        return [np.asarray(video).view(_ProfilingFrames) for video in super()._get_dummy_videos(**kwargs)]
-
-
-def profiling_frames(videos) -> bool:
-    """Whether these videos (bare frame arrays) are vLLM's profiling dummies."""
-    return bool(videos) and all(isinstance(v, _ProfilingFrames) for v in videos)
+    @property
+    def dummy_videos(self) -> bool:
+        return getattr(self._calls, "dummy", False)
 
 
 def profiling(hf_data) -> bool:
-    """Whether the processor's images (or videos) are vLLM's profiling dummies."""
-    images, videos = hf_data.get("images") or [], hf_data.get("video_metadata") or []
-    if images:
-        return all(getattr(image, "info", {}).get(PROFILING) is _MARK for image in images)
-    return bool(videos) and all(getattr(m, "video_backend", None) == PROFILING_BACKEND for m in videos)
+    """Whether the processor's images are vLLM's profiling dummies."""
+    images = hf_data.get("images") or []
+    return bool(images) and all(getattr(image, "info", {}).get(PROFILING) is _MARK for image in images)
 
 
 def build_path(hf_config) -> str:

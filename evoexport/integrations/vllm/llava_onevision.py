@@ -9,7 +9,6 @@ becomes each frame's dense map (every patch answered by the build's token for it
 pooling and newline, so the LLM sees vLLM's layout and count. Imported by vLLM (plugin.py)."""
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -25,8 +24,8 @@ from vllm.multimodal.processing import PromptReplacement
 from ...errors import EvoExportError
 from ..hf_onevision import pack_pruned, packed_length, tiles_per_image
 from ..hf_onevision_video import dense_frames
-from .common import (ONE_RUN, ProfilingFrames, ProfilingImages, check_weights, encode, manifest_for, profiling,
-                     profiling_frames, runner_for)
+from .common import (ONE_RUN, ProfilingImages, ProfilingVideos, VideoMarks, check_weights, encode, manifest_for,
+                     profiling, runner_for)
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
@@ -67,22 +66,12 @@ class EvoExportOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
         return self.get_num_image_tokens(image_width=width, image_height=height) if n is None else n
 
 
-class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
-    # whether the call in progress on this thread holds vLLM's profiling videos: the
-    # processor pops the videos before _postprocess_hf_mm_data sees its inputs
-    _calls = threading.local()
-
-    def _get_hf_mm_inputs(self, mm_items, hf_kwargs):
-        inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
-        self._calls.dummy_videos = profiling_frames(inputs.hf_data.get("videos"))
-        return inputs
-
+class EvoExportOnevisionProcessor(VideoMarks, LlavaOnevisionMultiModalProcessor):
     def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
         processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         videos = processed_data.pop("pixel_values_videos", None)
         if videos is not None:
-            dummy = getattr(self._calls, "dummy_videos", False)
-            processed_data["evo_video_dense"] = [self._dense(v, dummy) for v in videos]
+            processed_data["evo_video_dense"] = [self._dense(v, self.dummy_videos) for v in videos]
         pixels = processed_data.pop("pixel_values", None)
         if pixels is None:
             return processed_data
@@ -126,7 +115,7 @@ class EvoExportOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[token], replacement=replacement), *videos]
 
 
-class EvoExportOnevisionDummyInputs(ProfilingFrames, ProfilingImages, LlavaOnevisionDummyInputsBuilder):
+class EvoExportOnevisionDummyInputs(ProfilingVideos, ProfilingImages, LlavaOnevisionDummyInputsBuilder):
     pass
 
 

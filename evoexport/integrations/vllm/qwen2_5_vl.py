@@ -21,7 +21,8 @@ from vllm.multimodal.parse import ImageSize
 
 from ...errors import EvoExportError
 from ..hf_qwen2_5_vl import image_list_from_patches
-from .common import ProfilingImages, ProfilingVideos, check_weights, encode, encode_each, grids_for, profiling
+from .common import (ProfilingImages, ProfilingVideos, VideoMarks, check_weights, encode, encode_each, grids_for,
+                     profiling)
 from .positions import pruned_mrope_positions
 
 
@@ -52,7 +53,7 @@ class EvoExportQwenProcessingInfo(BuildInfo, Qwen2_5_VLProcessingInfo):
     pass
 
 
-class BuildProcessor:
+class BuildProcessor(VideoMarks):
     """vLLM's Qwen processor with the build as the encoder: each image resized to the size of
     its grid, its features and kept units in the processor's output (a mixin)."""
 
@@ -79,8 +80,8 @@ class BuildProcessor:
         for kind in ("image", "video"):
             patches = processed_data.pop("pixel_values" if kind == "image" else "pixel_values_videos", None)
             if patches is not None:
-                processed_data.update(self._encoded(kind, patches, processed_data[f"{kind}_grid_thw"],
-                                                    profiling(mm_inputs)))
+                dummy = profiling(mm_inputs) if kind == "image" else self.dummy_videos
+                processed_data.update(self._encoded(kind, patches, processed_data[f"{kind}_grid_thw"], dummy))
         return processed_data
 
     def _encoded(self, kind: str, patches, grid_thw, dummy: bool) -> dict:
