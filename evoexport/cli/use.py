@@ -49,13 +49,15 @@ def run(build_dir, input_path, output, backend, frames, batch):
         raise EvoExportError(f"{input_path} is a video: say how many frames to sample with --frames N")
     build_dir, grid = _grid_for_input(build_dir, Path(input_path), video)
     runner = load(build_dir, backend=backend)
-    progress, group = Progress(), runner.manifest.group
+    progress, group, k = Progress(), runner.manifest.group, runner.manifest.frames_per_input
+    per_group = group * k if group > 1 else 1
     if group > 1 and not (video or Path(input_path).suffix.lower() == ".npy"):
-        raise EvoExportError(f"{build_dir} is a temporal build (groups of {group} frames): give a video with "
-                             f"--frames (a multiple of {group}) or a .npy [B, {group}, 3, H, W]")
-    if video and frames % group:
-        raise EvoExportError(f"--frames {frames}: {build_dir} takes frames in groups of {group}; "
-                             f"give a multiple of {group}")
+        raise EvoExportError(f"{build_dir} is a temporal build (groups of {group} inputs): give a video with "
+                             f"--frames (a multiple of {per_group}) or a .npy [B, {group}, {3 * k}, H, W]")
+    if video and frames % per_group:
+        what = f"{group} frames" if per_group == group else f"{group} frame pairs ({per_group} frames)"
+        raise EvoExportError(f"--frames {frames}: {build_dir} takes frames in groups of {what}; "
+                             f"give a multiple of {per_group}")
     if video:   # decoded, run and written a batch at a time: memory does not grow with --frames
         m = runner.manifest
         progress(f"counting the frames of {input_path}")
@@ -124,16 +126,18 @@ def _input_size(input_path: Path, video: bool) -> tuple[int, int]:
 def _video_chunks(input_path, numbers, m, batch: int):
     """(inputs, frame_numbers, pixel chunks) of a video's sampled frames: one frame per
     input, a temporal build's groups [B, G, 3, H, W], or a video build's frames stacked in
-    pairs [B, 6, H, W] (an odd count repeats the last frame, as Qwen's video processor does)."""
+    pairs [B, 6, H, W] (an odd count repeats the last frame, as Qwen's video processor does);
+    a temporal video build's groups of pairs [B, G, 6, H, W]."""
     import numpy as np
 
     from ..inputs.video import iter_video_pixels, stack_frames
 
     group, k = m.group, m.frames_per_input
     pixels = iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch * group * k)
-    if group > 1:
-        return len(numbers) // group, {"frame_numbers": numbers.reshape(-1, group)}, (
-            p.reshape(-1, group, *p.shape[1:]) for p in pixels)
+    if group > 1:   # whole groups (of frame pairs for a video build): the caller checked the count
+        shape = (-1, group, k) if k > 1 else (-1, group)
+        return len(numbers) // (group * k), {"frame_numbers": numbers.reshape(shape)}, (
+            stack_frames(p, k).reshape(-1, group, 3 * k, *p.shape[2:]) for p in pixels)
     # a pair's padding frame is decoded once: stack_frames repeats it in the last chunk
     padded = np.concatenate([numbers, np.repeat(numbers[-1:], -len(numbers) % k)])
     return len(padded) // k, {"frame_numbers": padded.reshape(-1, k) if k > 1 else numbers}, (

@@ -130,8 +130,8 @@ class BuildOptions:
             raise OptionError("target", f"must be tensorrt or None, got {self.target!r}")
         if self.temporal is not None and self.precision == "int8":
             raise OptionError("temporal", "int8 temporal builds are not supported yet; build fp32, fp16 or bf16")
-        if self.video and (self.temporal is not None or self.precision == "int8"):
-            raise OptionError("video", "cannot be combined with --temporal or int8 yet")
+        if self.video and self.precision == "int8":
+            raise OptionError("video", "cannot be combined with int8 yet")
         if self.temporal is not None and self.round_budgets is not None:
             raise OptionError("temporal", "cannot be combined with --round-budgets yet")
         if self.precision == "int8" and self.calib is not None and not hasattr(self.calib, "shape"):

@@ -33,14 +33,23 @@ kept units in raster order), and `get_rope_index` puts a kept unit of temporal p
 positions; text resumes at s + max(h, w) / 2, as transformers does. `shrink_image_tokens`
 cuts each video's run to T x K. A video build takes stills as the frame twice, which is
 what the image processor makes of them.
+
+A temporal video build (`build --video --temporal G:KEEP`) takes a video's temporal patches
+in groups of G: the first of each group keeps Ka units, the later ones Kl, so a video has
+T/G x (Ka + (G-1) Kl) tokens, each at its own temporal patch's time position. T must be a
+multiple of G (2G frames); such a build takes videos only.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple
 
 import torch
 
+import numpy as np
+
+from .. import names
 from ..errors import EvoExportError
 from ..manifest import Manifest
 from .common import outputs_from_build
@@ -89,6 +98,33 @@ class Encoded(NamedTuple):
     kept: object        # [K_i] each: the kept units' positions in the image's grid
     grids: list         # the grid (merge units) each image ran at
     taps: list          # each DeepStack tap: [K_i, D] per image (Qwen3-VL; else none)
+    patches: list = []  # videos: each token's temporal patch [n] per video
+
+
+def video_tokens(manifest: Manifest, pairs: int) -> int:
+    """A video's tokens from a video build: K per temporal patch, or Ka + (G-1) Kl per group
+    of G patches of a temporal build (a last group that would not fill counts whole)."""
+    if manifest.temporal:
+        return -(-pairs // manifest.group) * manifest.features["shape"][1]
+    return pairs * manifest.tokens_per_image
+
+
+def video_units(runner, pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One video's temporal patches [T, 6, H, W] through a video build: (features [n, D],
+    each token's unit in the grid [n], each token's temporal patch [n]), patch by patch; a
+    temporal build's groups of G patches in order (T a multiple of G)."""
+    m, t = runner.manifest, len(pairs)
+    g = m.group
+    if t % g:
+        raise EvoExportError(f"a video of {t} temporal patches ({2 * t} frames) does not fill groups of {g}: this "
+                             f"temporal build takes a multiple of {2 * g} frames")
+    x = pairs.detach().float()
+    x = x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy())
+    out = runner.arrays(x.reshape(t // g, g, *x.shape[1:]) if m.temporal else x)
+    features, kept = out[names.FEATURES], out[names.INDICES]
+    frames = out[names.FRAMES] if m.temporal else np.zeros_like(kept)
+    patch = frames + g * np.arange(len(kept))[:, None]
+    return features.reshape(-1, features.shape[-1]), kept.reshape(-1), patch.reshape(-1)
 
 
 class _Encoder:
@@ -110,6 +146,9 @@ class _Encoder:
 
     def encode(self, pixel_values, grid_thw, kind: str) -> Encoded:
         m, grid = self.vcfg.spatial_merge_size, self.runner.manifest.grid
+        if kind == "image" and self.runner.manifest.temporal:
+            raise EvoExportError("attach(): a temporal build takes videos only (its temporal patches in groups of "
+                                 f"{self.runner.manifest.group}); give images to an image or video build")
         (rows, cols), (height, width) = grid, self.runner.manifest.image_hw
         for row in grid_thw.tolist():
             if row[1:] != [rows * m, cols * m]:
@@ -118,13 +157,25 @@ class _Encoder:
                                      f"to {width}x{height} (width x height) before the processor, or build with "
                                      "--grids (aspect-ratio buckets)")
         v = self.vcfg
+        if kind == "video":
+            return self._videos(image_list_from_patches(pixel_values, grid_thw, v.patch_size, m,
+                                                        v.temporal_patch_size, self.runner.manifest.frames_per_input))
         x = images_from_patches(pixel_values, grid_thw, v.patch_size, m, v.temporal_patch_size,
                                 self.runner.manifest.frames_per_input)     # a still: the processor's frame twice
         features, kept, taps = outputs_from_build(self.runner, x, self.embed)
         return Encoded(features, kept, [grid] * len(x), taps)
 
+    def _videos(self, videos: list) -> Encoded:
+        """Each video's tokens, temporal patch by temporal patch (video_units)."""
+        outs = [video_units(self.runner, x) for x in videos]
+        device = self.embed.device
+        return Encoded([torch.from_numpy(f).to(device, self.embed.dtype) for f, _, _ in outs],
+                       [torch.from_numpy(k).to(device) for _, k, _ in outs],
+                       [self.runner.manifest.grid] * len(outs), [], [torch.from_numpy(p) for _, _, p in outs])
+
     def kept(self, kind: str, pixel_values, grid_thw) -> list | None:
-        """(kept indices, grid) of each of the prompt's images or temporal patches (None: none)."""
+        """(kept indices, grid[, each token's temporal patch]) of each of the prompt's images or
+        videos (None: none)."""
         if pixel_values is not None:
             out = self(pixel_values, grid_thw, kind)
         elif grid_thw is None:
@@ -133,7 +184,7 @@ class _Encoder:
             raise EvoExportError("attach(): mRoPE positions need the image and video features first")
         else:
             out = self.last[kind][1]
-        return list(zip(out.kept, out.grids))
+        return list(zip(out.kept, out.grids, *([out.patches] if kind == "video" else [])))
 
 
 class _BucketEncoder(_Encoder):
@@ -175,9 +226,8 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
         return BaseModelOutputWithPooling(pooler_output=tuple(encode(pixel_values, image_grid_thw, "image").features))
 
     def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
-        features = encode(pixel_values_videos, video_grid_thw, "video").features
-        counts = video_grid_thw[:, 0].tolist()            # temporal patches per video
-        return BaseModelOutputWithPooling(pooler_output=tuple(f.flatten(0, 1) for f in features.split(counts)))
+        return BaseModelOutputWithPooling(pooler_output=tuple(encode(pixel_values_videos, video_grid_thw,
+                                                                     "video").features))
 
     def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None, attention_mask=None, pixel_values=None, **kwargs):
@@ -207,6 +257,7 @@ def install(model, runner, get_image_features, get_video_features, get_rope_inde
         model.evoexport_image_tokens = lambda t, gh, gw: runner.tokens_for(gh * patch, gw * patch)
     else:
         model.evoexport_image_tokens = runner.manifest.tokens_per_image
+        model.evoexport_video_tokens = functools.partial(video_tokens, runner.manifest)
     return model
 
 
@@ -221,8 +272,8 @@ def open_build(model, build_dir, model_type: str, family: str, verify_weights: b
                              f"{type(model).__name__}")
     runner = load(build_dir, **load_options)     # a bucketed build: a BucketRunner
     manifest = runner.buckets.manifests[0] if hasattr(runner, "buckets") else runner.manifest
-    if manifest.temporal:
-        manifest.require_images(f"attach() for {family}", build_dir)
+    # temporal builds: of frame pairs (a video build) only
+    manifest.require_images(f"attach() for {family}", build_dir, clips=manifest.frames_per_input > 1, pairs=True)
     if manifest.family != family:
         raise EvoExportError(f"{build_dir} is a {manifest.family} build; this model needs a {family} build")
     if verify_weights and _vision_sha256(model, manifest) != manifest.weights_sha256:
@@ -232,30 +283,27 @@ def open_build(model, build_dir, model_type: str, family: str, verify_weights: b
 
 
 def _video_times(kept, video_grid_thw, second_per_grid_ts, tokens_per_second):
-    """Each video's (kept indices [T, K], the temporal patches' time positions [T], grid) as
-    transformers gives them: t * tokens_per_second * second_per_grid_t, rounded down.
-    `kept`: each temporal patch's (kept indices, grid)."""
+    """Each video's (kept indices [n], each token's time position [n], grid) as transformers
+    times a temporal patch t: t * tokens_per_second * second_per_grid_t, rounded down.
+    `kept`: each video's (kept indices, grid, each token's temporal patch)."""
     if kept is None:
         return []
-    counts = video_grid_thw[:, 0].tolist()
-    seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else [1] * len(counts)
-    indices, grid = torch.stack([k for k, _ in kept]), kept[0][1]
-    return [(k, (torch.arange(t) * (tokens_per_second * s)).long(), grid)
-            for k, t, s in zip(indices.split(counts), counts, seconds)]
+    seconds = second_per_grid_ts.tolist() if second_per_grid_ts is not None else [1] * len(kept)
+    return [(k, (patch * (tokens_per_second * s)).long(), grid) for (k, grid, patch), s in zip(kept, seconds)]
 
 
 def pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask=None, videos=()):
     """transformers' get_rope_index for images that kept some of their units, and videos whose
-    temporal patches each kept K: (position_ids [3, B, L], rope_deltas [B, 1]). `images`:
-    each image's (kept indices [K_i], Grid) in merge units; `videos`: each video's (kept
-    [T, K], times [T], Grid). Image i's tokens sit at (s, s + row, s + col) of its kept
-    units, a video's at (s + time, s + row, s + col); text resumes at s + max(rows, cols),
-    as in the unpruned prompt."""
+    temporal patches kept some of theirs: (position_ids [3, B, L], rope_deltas [B, 1]).
+    `images`: each image's (kept indices [K_i], Grid) in merge units; `videos`: each video's
+    (kept [n], each token's time [n], Grid). Image i's tokens sit at (s, s + row, s + col) of
+    its kept units, a video's at (s + time, s + row, s + col); text resumes at
+    s + max(rows, cols), as in the unpruned prompt."""
     if mm_token_type_ids is None:
         raise EvoExportError("attach(): mm_token_type_ids (from the processor) are needed for mRoPE positions")
     b, n = input_ids.shape
     position_ids = torch.zeros(3, b, n, dtype=input_ids.dtype, device=input_ids.device)
-    media = {1: iter([(k, torch.zeros(1, dtype=torch.long), grid) for k, grid in (images or [])]),
+    media = {1: iter([(k, torch.zeros_like(k), grid) for k, grid in (images or [])]),
              2: iter(videos)}
     deltas = []
     for row in range(b):
@@ -275,10 +323,9 @@ def pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask=None,
                 raise EvoExportError(f"attach(): {what} has {length} placeholder tokens but the build gives "
                                      f"{'none' if kept is None else kept.numel()}; call shrink_image_tokens(inputs, "
                                      "model) first")
-            kept = kept.reshape(len(times), -1).to(input_ids.device)
+            kept = kept.reshape(-1).to(input_ids.device)
             r, c = kept // grid.cols, kept % grid.cols
-            t = times.to(input_ids.device)[:, None].expand_as(kept)
-            pieces.append(torch.stack([t, r, c]).flatten(1) + pos)
+            pieces.append(torch.stack([times.reshape(-1).to(input_ids.device), r, c]) + pos)
             pos += max(grid)
         positions = torch.cat(pieces, dim=1)
         position_ids[:, row, keep] = positions
@@ -288,8 +335,9 @@ def pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask=None,
 
 def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     """Processor output with each image's run of <|image_pad|> cut to the build's K, and each
-    video's run of <|video_pad|> to K per temporal patch (`video_grid_thw`'s T, in order)
-    (input_ids, mm_token_type_ids, attention_mask; batches left-padded again)."""
+    video's run of <|video_pad|> to K per temporal patch (`video_grid_thw`'s T, in order; a
+    temporal build: Ka + (G-1) Kl per group of G) (input_ids, mm_token_type_ids,
+    attention_mask; batches left-padded again)."""
     k = tokens or getattr(model, "evoexport_image_tokens", None)
     if not k:
         raise EvoExportError("shrink_image_tokens: attach() the build first, or give tokens=K")
@@ -298,7 +346,8 @@ def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     grids = inputs.get("video_grid_thw")
     if callable(k) and grids is not None:
         raise EvoExportError("shrink_image_tokens: bucketed builds take images; videos need a video build")
-    video_limits = iter([t * k for t in grids[:, 0].tolist()] if grids is not None else [])
+    per_video = (getattr(model, "evoexport_video_tokens", None) if tokens is None else None) or (lambda t: t * k)
+    video_limits = iter([per_video(t) for t in grids[:, 0].tolist()] if grids is not None else [])
     # a bucketed build: each image's K is that of the grid it runs at (its image_grid_thw row)
     image_limits = (iter([k(*row) for row in inputs["image_grid_thw"].tolist()]) if callable(k)
                     else itertools.repeat(k))

@@ -169,7 +169,7 @@ class TemporalPipeline:
 
     def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
         t = self.tower
-        x = torch.randn(batch, 1, 3, *t.image_hw, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch, 1, t.input_channels, *t.image_hw, generator=torch.Generator().manual_seed(0))
         moved = x + 0.3 * torch.randn(batch, self.temporal.group, *x.shape[2:], generator=torch.Generator().manual_seed(1))
         return self.run(moved.to(next(t.parameters()).device))
 

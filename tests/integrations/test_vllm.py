@@ -319,10 +319,11 @@ def test_video_positions_are_vllms_own_at_keep_1():
     want = np.concatenate([np.broadcast_to(np.arange(text), (3, text)), grid + text,
                            np.broadcast_to(np.arange(tail), (3, tail)) + grid.max() + text + 1], axis=1)
     n = text + t * rows * cols + tail
-    ours, delta = pruned_mrope_positions(n, [(text, np.tile(np.arange(rows * cols), (t, 1)), (rows, cols), times)])
+    ours, delta = pruned_mrope_positions(n, [(text, np.tile(np.arange(rows * cols), t), (rows, cols),
+                                              np.repeat(times, rows * cols))])
     assert np.array_equal(ours, want) and delta == int(want.max()) + 1 - n
     kept = np.sort(np.random.default_rng(0).choice(rows * cols, (t, 7)), axis=1)
-    pruned, _ = pruned_mrope_positions(text + t * 7 + tail, [(text, kept, (rows, cols), times)])
+    pruned, _ = pruned_mrope_positions(text + t * 7 + tail, [(text, kept, (rows, cols), np.repeat(times, 7))])
     dense_of_kept = want[:, text:text + t * rows * cols].reshape(3, t, rows * cols)
     assert np.array_equal(pruned[:, text:text + t * 7],
                           np.take_along_axis(dense_of_kept, kept[None].repeat(3, 0), axis=2).reshape(3, -1))

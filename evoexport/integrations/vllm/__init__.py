@@ -58,9 +58,10 @@ def hf_overrides(build_dir, checkpoint_dir, backend: str = "onnxruntime", thread
     if is_bucketed(build_dir):    # aspect-ratio buckets: the Qwen models' plugins pick a grid per image
         manifest = read_buckets(build_dir, verify=False).manifests[0]
     else:
-        # videos: a Qwen2.5-VL video build's frame pairs; LLaVA-OneVision's dense maps, a temporal build's too
-        manifest = read_manifest(build_dir, verify=False, files=False).require_images(
-            "the vLLM plugin", build_dir, pairs=True, clips=module == "llava_onevision")
+        # videos: a Qwen2.5-VL video build's frame pairs, LLaVA-OneVision's dense maps; temporal builds of either
+        manifest = read_manifest(build_dir, verify=False, files=False)
+        manifest.require_images("the vLLM plugin", build_dir, pairs=True,
+                                clips=module == "llava_onevision" or manifest.frames_per_input > 1)
     if not manifest.grid.square and not manifest.family.startswith("qwen"):
         raise EvoExportError(f"the vLLM plugin takes this family's builds at square grids; {build_dir} is at "
                              f"{manifest.grid}")

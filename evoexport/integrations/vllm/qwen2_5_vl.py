@@ -4,8 +4,10 @@ values into the build's features and kept units (K per image, the placeholder co
 the model places those tokens at their units' mRoPE positions (positions.py). The model
 keeps no vision tower of its own. Videos need a video build (`build --video`): their frames
 are resized to its size, each temporal patch (two frames) runs as one input and keeps its
-own K units, so a video has T x K placeholders, at vLLM's own time positions. Imported by
-vLLM (plugin.py)."""
+own K units, so a video has T x K placeholders, at vLLM's own time positions. A temporal
+video build (`--video --temporal G:KEEP`) takes videos only, their temporal patches in
+groups of G (Ka + (G-1) Kl placeholders per group, each token at its own patch's time); a
+video that does not fill its groups is a client error. Imported by vLLM (plugin.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -20,9 +22,9 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.parse import ImageSize
 
 from ...errors import EvoExportError
-from ..hf_qwen2_5_vl import image_list_from_patches
-from .common import (ProfilingImages, ProfilingVideos, VideoMarks, check_weights, encode, encode_each, grids_for,
-                     profiling)
+from ..hf_qwen2_5_vl import image_list_from_patches, video_tokens, video_units
+from .common import (ONE_RUN, ProfilingImages, ProfilingVideos, VideoMarks, check_weights, encode_each, grids_for,
+                     manifest_for, profiling, runner_for)
 from .positions import pruned_mrope_positions
 
 
@@ -32,13 +34,15 @@ class BuildInfo:
     the grid chosen for its size."""
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None, "video": None if grids_for(self.get_hf_config()).manifest.frames_per_input > 1 else 0}
+        manifest = grids_for(self.get_hf_config()).manifest     # a temporal build takes videos only
+        return {"image": 0 if manifest.temporal else None, "video": None if manifest.frames_per_input > 1 else 0}
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int, **kwargs) -> int:
-        """K per temporal patch: the frames padded to pairs, as Qwen's video processor pads them."""
+        """K per temporal patch (Ka + (G-1) Kl per group of a temporal build): the frames
+        padded to pairs, as Qwen's video processor pads them."""
         config = self.get_hf_config()
         pairs = -(-num_frames // config.vision_config.temporal_patch_size)
-        return pairs * grids_for(config).manifest.tokens_per_image
+        return video_tokens(grids_for(config).manifest, pairs)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, **kwargs) -> int:
         grids = grids_for(self.get_hf_config())
@@ -100,13 +104,16 @@ class BuildProcessor(VideoMarks):
                                         vision.temporal_patch_size, frames)   # a video build: stills as pairs
         if kind == "image":
             outs = encode_each(config, [x[0] for x in items], index, dummy=dummy)
-        else:
-            outs = [tuple(a.reshape(-1, *a.shape[2:]) for a in encode(config, x, dummy=dummy)) for x in items]
+        else:      # (features, kept units, each token's temporal patch) of each video
+            outs = [_video_outputs(config, x, dummy) for x in items]
         prefix = "evo_" if kind == "image" else "evo_video_"
-        return {f"{prefix}features": torch.cat([torch.from_numpy(f) for f, _ in outs]),
-                f"{prefix}indices": torch.cat([torch.from_numpy(k) for _, k in outs]),
-                f"{prefix}tokens": torch.tensor([len(k) for _, k in outs]),
-                f"{prefix}grid": torch.tensor(units)}
+        fields = {f"{prefix}features": torch.cat([torch.from_numpy(out[0]) for out in outs]),
+                  f"{prefix}indices": torch.cat([torch.from_numpy(out[1]) for out in outs]),
+                  f"{prefix}tokens": torch.tensor([len(out[1]) for out in outs]),
+                  f"{prefix}grid": torch.tensor(units)}
+        if kind == "video":
+            fields["evo_video_patches"] = torch.cat([torch.from_numpy(out[2]) for out in outs])
+        return fields
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
         # each item's rows (K differs between a bucketed build's grids; T x K for a video), their count and grid
@@ -118,6 +125,8 @@ class BuildProcessor(VideoMarks):
                            f"{prefix}indices": MultiModalFieldConfig.flat_from_sizes(kind, tokens, keep_on_cpu=True),
                            f"{prefix}tokens": MultiModalFieldConfig.batched(kind, keep_on_cpu=True),
                            f"{prefix}grid": MultiModalFieldConfig.batched(kind, keep_on_cpu=True)})
+        per_video = hf_inputs.get("evo_video_tokens", torch.empty(0, dtype=torch.long))
+        fields["evo_video_patches"] = MultiModalFieldConfig.flat_from_sizes("video", per_video, keep_on_cpu=True)
         fields["second_per_grid_ts"] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return fields
 
@@ -135,6 +144,29 @@ class BuildProcessor(VideoMarks):
 class EvoExportQwenProcessor(BuildProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
+
+def _video_outputs(config, pairs: torch.Tensor, dummy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One video's (features [n, D], kept units [n], each token's temporal patch [n]) from its
+    temporal patches [T, 6, H, W]; vLLM's profiling dummy: zeros, laid out as the build lays
+    out its tokens."""
+    if dummy:
+        return _dummy_video(manifest_for(config), len(pairs))
+    try:
+        with ONE_RUN:
+            features, kept, patches = video_units(runner_for(config), pairs)
+    except EvoExportError as e:       # a clip that does not fill a temporal build's groups: a client error
+        raise ValueError(str(e)) from None
+    return features.astype(np.float32), kept.astype(np.int64), patches.astype(np.int64)
+
+
+def _dummy_video(manifest, pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    g = manifest.group
+    later = [manifest.temporal["schedule"][-1]["tokens"]] * (g - 1) if manifest.temporal else []
+    counts = [manifest.tokens_per_image] + later        # each patch's tokens in a group
+    groups = -(-pairs // g)
+    kept = np.tile(np.concatenate([np.arange(k) for k in counts]), groups)
+    patches = (np.repeat(np.arange(g), counts) + g * np.arange(groups)[:, None]).reshape(-1)
+    return np.zeros((len(kept), manifest.features["shape"][-1]), np.float32), kept, patches
 
 def _resized(image, size: tuple[int, int], Image):
     height, width = size
@@ -195,9 +227,9 @@ class BuildAsEncoder:
             kept, grid = data["evo_video_indices"].data, data["evo_video_grid"].data
             seconds = data.get("second_per_grid_ts")
             factor = (float(seconds.data) if seconds is not None else 1.0) * per_second
-            t = int(data["video_grid_thw"].data[0])       # temporal patches; vLLM's own time positions:
-            times = (np.arange(t) * factor).astype(np.int64)
-            items.append((offset, kept.cpu().numpy().reshape(t, -1), tuple(grid.tolist()), times))
+            # each token at its temporal patch's time, vLLM's own: t * tokens_per_second * second_per_grid_t
+            times = (data["evo_video_patches"].data.cpu().numpy() * factor).astype(np.int64)
+            items.append((offset, kept.cpu().numpy().reshape(-1), tuple(grid.tolist()), times))
         positions, delta = pruned_mrope_positions(len(input_tokens), items)
         return torch.from_numpy(positions), delta
 
