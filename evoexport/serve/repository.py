@@ -339,7 +339,7 @@ def describe(repo: Repository) -> str:
     ensembles = (", ".join(f"'{n}' ({h}x{w} px)" for n, (h, w) in repo.ensembles.items()) if repo.ensembles
                  else f"'{repo.name}'")
     batch = (f"max_batch_size {repo.max_batch}" if repo.max_batch
-             else "whole clips per request (max_batch_size 0: pixel_values [B, G, 3, H, W])")
+             else "whole clips per request (max_batch_size 0: pixel_values [B, G, C, H, W])")
     lines = [f"wrote {repo.path}: Triton model repository ({repo.flavour}), "
              f"ensemble{'s' * bool(repo.ensembles)} {ensembles}, {batch}, "
              f"{len(repo.models)} models", f"  outputs: {', '.join(repo.outputs)}"]

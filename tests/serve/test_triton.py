@@ -408,6 +408,18 @@ def test_a_bucketed_build_serves_one_ensemble_per_grid(tmp_path):
             _check_equal(_infer(_client(server), x, model=name), runner.runner(i)(x), 1)
 
 
+def _check_clip(got, want: dict, outputs: list) -> None:
+    """Every output of the repository equals the library's on the same clip."""
+    assert set(outputs) <= set(want)
+    for name in outputs:
+        value = got.as_numpy(name)
+        assert value.shape == want[name].shape, name
+        if value.dtype.kind == "f":
+            assert np.abs(value - want[name]).max() <= 1e-5, name
+        else:
+            assert np.array_equal(value, want[name]), name
+
+
 def test_a_temporal_build_serves_whole_clips(tmp_path):
     """A temporal build's steps read tensors of two batches (B groups, B*(G-1) later frames):
     its repository takes whole clips [B, G, 3, H, W] per request (max_batch_size 0) and every
@@ -426,15 +438,7 @@ def test_a_temporal_build_serves_whole_clips(tmp_path):
     with TritonServer(repo.path, startup_timeout=120, exit_timeout=5) as server:
         client = _client(server)
         for clip in clips:
-            got, want = _infer(client, clip), runner.arrays(clip)
-            assert set(repo.outputs) <= set(want)
-            for name in repo.outputs:
-                value = got.as_numpy(name)
-                assert value.shape == want[name].shape, name
-                if value.dtype.kind == "f":
-                    assert np.abs(value - want[name]).max() <= 1e-5, name
-                else:
-                    assert np.array_equal(value, want[name]), name
+            _check_clip(_infer(client, clip), runner.arrays(clip), repo.outputs)
         with pytest.raises(InferenceServerException) as bad:
             _infer(client, rng.random((1, 4, 3, 56, 56), dtype=np.float32))
         assert "400" in str(bad.value.status()) or "unexpected shape" in str(bad.value).lower()
@@ -458,3 +462,18 @@ def test_a_qwen_video_build_serves_frame_pairs(tmp_path):
     x = np.random.default_rng(4).standard_normal((3, *runner.input_shape[1:]), dtype=np.float32)
     with TritonServer(repo.path, startup_timeout=120, exit_timeout=5) as server:
         _check_equal(_infer(_client(server), x), runner(x), b.manifest.prune_points)
+
+
+def test_a_qwen_temporal_video_build_serves_clips_of_frame_pairs(tmp_path):
+    """`--video --temporal`: groups of G temporal patches, [B, G, 6, H, W], whole clips per
+    request; every output equals the library's."""
+    from evoexport.export.build import build
+    from evoexport.progress import Progress
+    b = build("qwen2.5-vl-tiny", 0.5, out=tmp_path / "b", video=True, temporal="2:0.25", validate=False,
+              progress=Progress(enabled=False))
+    repo = write_repository(b.path, tmp_path / "repo", flavour="python")
+    runner = evoexport.load(b.path)
+    assert runner.input_shape[1:3] == [2, 6] and repo.max_batch == 0
+    x = np.random.default_rng(5).random((2, *runner.input_shape[1:]), dtype=np.float32)
+    with TritonServer(repo.path, startup_timeout=120, exit_timeout=5) as server:
+        _check_clip(_infer(_client(server), x), runner.arrays(x), repo.outputs)
