@@ -202,7 +202,7 @@ def show(build_dir, inputs, output, backend, frames):
     from ..progress import Progress
     from ..runtime.runner import load
     from ..show.panels import show as render_show
-    from ..inputs.video import is_video, video_pixels
+    from ..inputs.video import is_video, stack_frames, video_pixels
 
     check_output_path(output, "--output", ".png")
     videos = [p for p in inputs if is_video(p)]
@@ -216,16 +216,18 @@ def show(build_dir, inputs, output, backend, frames):
                              "use `evoexport run` for the numbers of more")
     runner = load(build_dir, backend=backend)
     m = runner.manifest
-    if m.frames_per_input > 1:
-        raise EvoExportError(f"show does not draw video builds yet ({build_dir} takes pairs of frames); draw an "
-                             "image build of the same model, or use `evoexport run`")
-    if m.group > 1 and (not videos or frames % m.group):
+    k = m.frames_per_input          # a video build's inputs are frame pairs, drawn by their first frame
+    if m.group > 1 and (not videos or frames % (m.group * k)):
+        what = f"{m.group} frame pairs" if k > 1 else f"{m.group} frames"
         raise EvoExportError(f"{build_dir} is a temporal build: give one video --input and --frames, "
-                             f"a multiple of its group of {m.group}")
+                             f"a multiple of {m.group * k} (groups of {what})")
     numbers = None
     if videos:
         Progress()(f"decoding {videos[0]}")
         pixels, numbers = video_pixels(videos[0], frames, m.image_size, m.preprocess)
+        if k > 1:    # pairs of consecutive frames; an odd count repeats the last, as run does
+            pixels = stack_frames(pixels, k)
+            numbers = np.concatenate([numbers, np.repeat(numbers[-1:], -len(numbers) % k)]).reshape(-1, k)
     elif inputs:
         pixels = np.concatenate([runner.check_input(np.ascontiguousarray(read_pixels(Path(p), m), dtype=np.float32))
                                  for p in inputs])

@@ -23,8 +23,9 @@ DIM = 0.25   # brightness left to a dropped patch
 
 
 def _display(pixels: np.ndarray, pre: dict) -> np.ndarray:
-    """Normalized pixels [3,H,W] back to uint8 RGB [H,W,3]."""
-    rgb = pixels.transpose(1, 2, 0) * np.asarray(pre["std"]) + np.asarray(pre["mean"])
+    """Normalized pixels [3,H,W] back to uint8 RGB [H,W,3]; a video build's frame pair
+    [6,H,W] by its first frame."""
+    rgb = pixels[:3].transpose(1, 2, 0) * np.asarray(pre["std"]) + np.asarray(pre["mean"])
     return np.clip(rgb / float(pre.get("rescale", 1 / 255)), 0, 255).astype(np.uint8)
 
 
@@ -93,18 +94,25 @@ def _kept_panel(photo: np.ndarray, grid: Grid, kept: np.ndarray) -> Image.Image:
     return panel
 
 
+def frame_label(numbers) -> str:
+    """'frame 36', or a video build's frame pair 'frames 36+37'."""
+    n = np.atleast_1d(numbers)
+    return f"frame {int(n[0])}" if n.size == 1 else "frames " + "+".join(str(int(x)) for x in n)
+
+
 def temporal_columns(runner, groups: np.ndarray, frame_numbers: np.ndarray) -> list[list[Image.Image]]:
-    """A temporal build on groups [B, G, 3, H, W]: per frame, the frame, the patches it kept,
+    """A temporal build on groups [B, G, 3 (6: frame pairs), H, W]: per frame, the frame, the patches it kept,
     and every patch tinted by the group's token that answers for it (a patch of a later frame
     tinted as in the anchor was answered by the anchor's token)."""
     out = runner.arrays(groups)
     m = runner.manifest
     grid, columns = m.grid, []
+    frame_numbers = frame_numbers.reshape(groups.shape[0] * groups.shape[1], -1)    # a row per input
     for b in range(groups.shape[0]):
         for f in range(groups.shape[1]):
             photo = _display(groups[b, f], m.preprocess)
             kept = out[names.INDICES][b][(out[names.FRAMES][b] == f) & (out[names.INDICES][b] >= 0)]
-            label = f"frame {int(frame_numbers.reshape(-1)[b * groups.shape[1] + f])}" + (" (anchor)" if f == 0 else "")
+            label = frame_label(frame_numbers[b * groups.shape[1] + f]) + (" (anchor)" if f == 0 else "")
             first = Image.fromarray(photo)
             draw = ImageDraw.Draw(first)
             draw.rectangle(draw.textbbox((4, 2), label), fill=(0, 0, 0))
@@ -170,7 +178,7 @@ def show(runner, pixels: np.ndarray, out: Path, frame_numbers: np.ndarray | None
     importances = [to_np(env[names.stage_importance(i)]) for i in points]
     per_image = [panels_for(pixels[b], pre, grid, [x[b] for x in indices], [x[b] for x in merges],
                             [x[b] for x in importances],
-                            label=None if frame_numbers is None else f"frame {int(frame_numbers[b])}")
+                            label=None if frame_numbers is None else frame_label(frame_numbers[b]))
                  for b in range(pixels.shape[0])]
     titles = panel_titles(m.schedule, bool(indices))
     if frame_numbers is None:   # one row per image, each column titled

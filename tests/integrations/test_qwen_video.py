@@ -193,6 +193,22 @@ def test_run_takes_a_clip_in_frame_pairs_and_a_photo_as_a_frame_twice(qwen_video
     assert np.load(tmp_path / "p.npz")["features"].shape[0] == 1
 
 
+def test_show_draws_a_video_builds_frame_pairs(qwen_video, tmp_path, capsys):
+    """`show --input clip --frames N` on a video build: a column per temporal patch (its
+    first frame); on a temporal video build, the frame, kept and answered-by rows."""
+    _, builds = qwen_video
+    clip = str(sample_clip("bikes"))
+    assert main(["show", str(builds[0.5].path), "--input", clip, "--frames", "5", "--output",
+                 str(tmp_path / "pairs.png")]) == 0
+    assert "3 frame(s) x 4 panels" in capsys.readouterr().out       # photo, importance, kept, merge groups
+    assert main(["show", str(builds["temporal"].path), "--input", clip, "--frames", "8", "--output",
+                 str(tmp_path / "temporal.png")]) == 0
+    assert "4 frame(s) x 3 panels" in capsys.readouterr().out
+    assert Image.open(tmp_path / "temporal.png").size[0] > 4 * SIZE
+    code, err, _ = cli("show", builds["temporal"].path, "--input", clip, "--frames", 6, "--output", tmp_path / "x.png")
+    assert_one_error_line(code, err, "a multiple of 4 (groups of 2 frame pairs)")
+
+
 def test_videos_and_video_builds_are_refused_where_they_do_not_fit(qwen_video, tmp_path):
     ckpt, builds = qwen_video
     code, err, _ = cli("build", "--model", "clip-tiny", "--video", "--out", tmp_path / "c")
