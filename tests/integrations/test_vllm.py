@@ -277,7 +277,10 @@ def qwen_video_transformers(ckpt: Path, build_dir: Path, pixels: Path) -> dict:
     out = {"transformers": generate(model, **inputs), "full_prompt_tokens": ids.shape[1]}
     attach(model, build_dir)
     small = shrink_image_tokens(inputs, model)
-    return {**out, "attach": generate(model, **small), "attach_prompt_tokens": small["input_ids"].shape[1]}
+    with torch.inference_mode():
+        logits = model(**small).logits[0, -1]
+    return {**out, "attach": generate(model, **small), "attach_prompt_tokens": small["input_ids"].shape[1],
+            "attach_logprobs": torch.log_softmax(logits.float(), -1)}
 
 
 def test_qwen_plugin_takes_videos_of_a_video_build(vllm_python, qwen_video_builds, tmp_path):
@@ -304,6 +307,35 @@ def test_qwen_plugin_takes_videos_of_a_video_build(vllm_python, qwen_video_build
     assert got["keep1"][0]["prompt_tokens"] == ref["full_prompt_tokens"]
     assert got["keep0.5"][0]["tokens"] == ref["attach"] != ref["transformers"]
     assert got["keep0.5"][0]["prompt_tokens"] == ref["attach_prompt_tokens"] == ref["full_prompt_tokens"] - 2 * 32
+
+
+def test_qwen_plugin_takes_videos_of_a_temporal_video_build(vllm_python, qwen_video_builds, tmp_path):
+    """A temporal video build (groups of 2 temporal patches; anchors keep 32 units, later
+    patches 16) through vLLM: 4 frames of bikes answer as attach() does (greedy tokens and
+    the first token's top-5 log probabilities within 1e-3), with 32 + 48 fewer prompt
+    tokens than the unpruned video; 6 frames (3 patches) do not fill the groups and are
+    refused as a client error."""
+    from evoexport.export.build import build
+    from evoexport.inputs.video import sample_clip
+    from evoexport.progress import Progress
+    import av
+    ckpt, _ = qwen_video_builds
+    temporal = build("qwen2.5-vl", 0.5, checkpoint=str(ckpt), out=tmp_path / "temporal", validate=False,
+                     image_size=224, video=True, temporal="2:0.25", progress=Progress(enabled=False))
+    ka, kl = temporal.manifest.tokens_per_image, temporal.manifest.temporal["schedule"][-1]["tokens"]
+    with av.open(str(sample_clip("bikes"))) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(6), container.decode(video=0))])
+    for n in (4, 6):
+        np.save(tmp_path / f"bikes{n}.npy", frames[:n])
+    video = lambda n: {"frames": str(tmp_path / f"bikes{n}.npy"), "fps": 2.0, "size": [224, 224]}  # noqa: E731
+    got = drive(vllm_python, tmp_path, ckpt, [{"name": "temporal", "build": str(temporal.path)}],
+                [{"prompt": QWEN_VIDEO_PROMPT, "video": video(4)},
+                 {"prompt": QWEN_VIDEO_PROMPT, "video": video(6), "error": True}],
+                pixels_dir=str(tmp_path), logprobs=5)["temporal"]
+    ref = qwen_video_transformers(ckpt, temporal.path, tmp_path / "bikes4.npz")
+    assert _same_answer(got[0], {"tokens": ref["attach"], "logprobs": ref["attach_logprobs"]})
+    assert got[0]["prompt_tokens"] == ref["attach_prompt_tokens"] == ref["full_prompt_tokens"] - (64 - ka) - (64 - kl)
+    assert "does not fill groups of 2" in got[1]["error"]
 
 
 def test_video_positions_are_vllms_own_at_keep_1():

@@ -5,6 +5,7 @@ error and the server goes on; a build of other weights is refused at start."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -19,11 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.helpers import CLI
 from tests.integrations.conftest import photo
 from tests.integrations.test_vllm import llava_transformers, qwen_transformers
 from evoexport.measure.random_vlm import make_qwen_vlm
+
+
+VIDEO_PAD = 306        # <|video_pad|> in make_qwen_vlm's tokenizer
 
 
 def _free_port() -> int:
@@ -36,8 +41,11 @@ def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _chat(url: str, images: list[str], text: str = "what is in the image?") -> tuple[int, dict]:
+def _chat(url: str, images: list[str], text: str = "what is in the image?", video: str | None = None) -> tuple[int, dict]:
+    """A chat completion of images, text and optionally a video_url."""
     content = [{"type": "image_url", "image_url": {"url": u}} for u in images] + [{"type": "text", "text": text}]
+    if video:
+        content.insert(0, {"type": "video_url", "video_url": {"url": video}})
     body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0,
             "return_token_ids": True}
     request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
@@ -65,7 +73,7 @@ def _collect(proc) -> None:
 
 
 @contextmanager
-def vllm_server(python: str, build_dir: Path, ckpt: Path):
+def vllm_server(python: str, build_dir: Path, ckpt: Path, limits: str = '{"image": 2}'):
     """`evoexport serve BUILD --engine vllm` as a user starts it, up until the block ends. Up
     means `serve` said "serving:", not merely that /health answered: the supervisor may not
     have seen that answer yet. What it says collects in proc.said."""
@@ -74,7 +82,7 @@ def vllm_server(python: str, build_dir: Path, ckpt: Path):
     env = {**os.environ, "EVOEXPORT_VLLM_PYTHON": python, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen([*CLI, "serve", str(build_dir), "--engine", "vllm", "--model", str(ckpt), "--port",
                              str(port), "--", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-                             "--served-model-name", "m", "--limit-mm-per-prompt", '{"image": 2}'],
+                             "--served-model-name", "m", "--limit-mm-per-prompt", limits],
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     proc.said = []
     threading.Thread(target=_collect, args=(proc,), daemon=True).start()
@@ -156,6 +164,42 @@ def test_onevision_server_answers_as_attach_and_refuses_what_the_build_cannot_pa
     assert refused[0] == 400 and "keep-1.0 build" in json.dumps(refused[1]), refused
     assert after[0] == 200 and alive
     assert after[1]["choices"][0]["token_ids"] == answers[photos[0].stem][1]["choices"][0]["token_ids"]
+
+
+def test_qwen_server_takes_video_urls_of_a_temporal_video_build(vllm_python, qwen_video_builds, tmp_path):
+    """OpenAI's video_url through a temporal video build (groups of 2 temporal patches): an
+    mp4 as a data URL, decoded and sampled by vLLM's and Qwen's own code, adds Ka + Kl video
+    tokens per group of 2 temporal patches; 6 JPEG frames (vLLM's `video/jpeg` data URL: 3
+    patches) are a client error that says why; the server goes on and answers the mp4
+    again the same."""
+    from evoexport.export.build import build
+    from evoexport.inputs.video import sample_clip
+    from evoexport.progress import Progress
+    ckpt, _ = qwen_video_builds
+    temporal = build("qwen2.5-vl", 0.5, checkpoint=str(ckpt), out=tmp_path / "temporal", validate=False,
+                     image_size=224, video=True, temporal="2:0.25", progress=Progress(enabled=False))
+    ka, kl = temporal.manifest.tokens_per_image, temporal.manifest.temporal["schedule"][-1]["tokens"]
+    clip = "data:video/mp4;base64," + base64.b64encode(sample_clip("carphone_pristine").read_bytes()).decode()
+    jpegs = []
+    for seed in range(6):
+        photo(tmp_path / f"f{seed}.png", 224, seed=seed)
+        buf = io.BytesIO()
+        Image.open(tmp_path / f"f{seed}.png").convert("RGB").save(buf, format="JPEG")
+        jpegs.append(base64.b64encode(buf.getvalue()).decode())
+    with vllm_server(vllm_python, temporal.path, ckpt, limits='{"video": 1}') as (url, proc):
+        text = _chat(url, [], "what happens?")
+        first = _chat(url, [], "what happens?", video=clip)
+        refused = _chat(url, [], "what happens?", video="data:video/jpeg;base64," + ",".join(jpegs))
+        again = _chat(url, [], "what happens?", video=clip)
+        alive, said = proc.poll() is None, proc.said
+    assert text[0] == 200 and first[0] == 200, (text, first, "".join(said)[-3000:])
+    # the video adds <|vision_start|>, its Ka + Kl <|video_pad|>, <|vision_end|>
+    pads = first[1]["prompt_token_ids"].count(VIDEO_PAD)
+    assert first[1]["usage"]["prompt_tokens"] == text[1]["usage"]["prompt_tokens"] + 2 + pads
+    assert pads > 0 and pads % (ka + kl) == 0
+    assert refused[0] == 400 and "does not fill groups of 2" in json.dumps(refused[1]), refused
+    assert again[0] == 200 and alive
+    assert again[1]["choices"][0]["token_ids"] == first[1]["choices"][0]["token_ids"]
 
 
 def test_a_build_of_other_weights_is_refused_at_start(vllm_python, qwen, tmp_path):

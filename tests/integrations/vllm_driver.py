@@ -3,7 +3,7 @@ prompts with images through `vllm.LLM`, stock or with the evoexport plugin, one 
 another in one process. Reads a JSON spec from argv[1], prints one JSON line of results.
 
 spec: {"model": DIR, "runs": [{"name", "build": DIR|null, "embeds_build": DIR|null}],
-       "prompts": [{"prompt": str, "images": [PNG path, ...], "video": {"frames": NPY path,
+       "prompts": [{"prompt": str, "images": [PNG path, ...], "error": bool (refusal expected), "video": {"frames": NPY path,
                     "fps": float, "size": [H, W]|null}|null}], "max_tokens": n, "logprobs": n|null,
        "pixels_dir": DIR|null}
 With logprobs, each answer also holds its first token's top-n log probabilities.
@@ -49,11 +49,11 @@ def main() -> None:
             if p.get("video"):
                 data["video"] = _video(p["video"])
             requests.append({"prompt": p["prompt"], "multi_modal_data": data})
-        outs = llm.generate(requests, params, use_tqdm=False)
-        results[run["name"]] = [{"tokens": list(o.outputs[0].token_ids), "prompt_tokens": len(o.prompt_token_ids),
-                                 **({"first_logprobs": {str(t): p.logprob for t, p in o.outputs[0].logprobs[0].items()}}
-                                    if spec.get("logprobs") else {})}
-                                for o in outs]
+        # the good prompts in one batch; a prompt marked "error" alone after, its error recorded
+        good = [r for r, p in zip(requests, spec["prompts"]) if not p.get("error")]
+        answers = iter([_answer(o, spec) for o in llm.generate(good, params, use_tqdm=False)])
+        results[run["name"]] = [_error(llm, r, params) if p.get("error") else next(answers)
+                                for r, p in zip(requests, spec["prompts"])]
         del llm
         gc.collect()
     if spec.get("pixels_dir"):
@@ -62,6 +62,22 @@ def main() -> None:
             if p.get("video"):
                 _save_video_pixels(spec["model"], p, spec["pixels_dir"])
     print(json.dumps(results))
+
+
+def _answer(out, spec: dict) -> dict:
+    logprobs = spec.get("logprobs")
+    return {"tokens": list(out.outputs[0].token_ids), "prompt_tokens": len(out.prompt_token_ids),
+            **({"first_logprobs": {str(t): p.logprob for t, p in out.outputs[0].logprobs[0].items()}}
+               if logprobs else {})}
+
+
+def _error(llm, request: dict, params) -> dict:
+    """What vLLM says of a request the plugin must refuse (a client error: ValueError)."""
+    try:
+        llm.generate([request], params, use_tqdm=False)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
 
 
 def _video(video: dict):
