@@ -71,7 +71,8 @@ class ImageSize(click.ParamType):
                    "`image_aspect_ratio: pad`)  [default: as the model's image processor does]")
 @click.option("--temporal", default=None, metavar="G:KEEP",
               help="video: frames in groups of G, the first (anchor) pruned to --keep, the later G-1 to KEEP against "
-                   "it; the build's input is [B, G, 3, H, W] (docs/evoprune.md, \"Video\")")
+                   "it; the build's input is [B, G, 3, H, W] ([B, G, 6, H, W] with --video: G temporal patches) "
+                   "(docs/evoprune.md, \"Video\")")
 @click.option("--temporal-window", type=int, default=None,
               help="rows and columns around a patch searched for its anchor match  [default: 1]")
 @click.option("--temporal-reuse", type=float, default=None,
