@@ -45,9 +45,8 @@ import functools
 import itertools
 from typing import NamedTuple
 
-import torch
-
 import numpy as np
+import torch
 
 from .. import names
 from ..errors import EvoExportError
@@ -114,10 +113,10 @@ def video_units(runner, pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     each token's unit in the grid [n], each token's temporal patch [n]), patch by patch; a
     temporal build's groups of G patches in order (T a multiple of G)."""
     m, t = runner.manifest, len(pairs)
-    g = m.group
+    g, k = m.group, m.frames_per_input
     if t % g:
-        raise EvoExportError(f"a video of {t} temporal patches ({2 * t} frames) does not fill groups of {g}: this "
-                             f"temporal build takes a multiple of {2 * g} frames")
+        raise EvoExportError(f"a video of {t} temporal patches ({k * t} frames) does not fill groups of {g}: this "
+                             f"temporal build takes a multiple of {k * g} frames")
     x = pairs.detach().float()
     x = x if runner.backend.name == "torch" else np.ascontiguousarray(x.cpu().numpy())
     out = runner.arrays(x.reshape(t // g, g, *x.shape[1:]) if m.temporal else x)
@@ -233,7 +232,7 @@ def attach(model, build_dir, verify_weights: bool = True, **load_options):
                        second_per_grid_ts=None, attention_mask=None, pixel_values=None, **kwargs):
         images = encode.kept("image", pixel_values, image_grid_thw)
         videos = _video_times(encode.kept("video", kwargs.get("pixel_values_videos"), video_grid_thw),
-                              video_grid_thw, second_per_grid_ts, vcfg.tokens_per_second)
+                              second_per_grid_ts, vcfg.tokens_per_second)
         return pruned_rope_index(input_ids, mm_token_type_ids, images, attention_mask, videos=videos)
 
     return install(model, runner, get_image_features, get_video_features, get_rope_index)
@@ -282,7 +281,7 @@ def open_build(model, build_dir, model_type: str, family: str, verify_weights: b
     return runner
 
 
-def _video_times(kept, video_grid_thw, second_per_grid_ts, tokens_per_second):
+def _video_times(kept, second_per_grid_ts, tokens_per_second):
     """Each video's (kept indices [n], each token's time position [n], grid) as transformers
     times a temporal patch t: t * tokens_per_second * second_per_grid_t, rounded down.
     `kept`: each video's (kept indices, grid, each token's temporal patch)."""
@@ -346,8 +345,10 @@ def shrink_image_tokens(inputs: dict, model, tokens: int | None = None) -> dict:
     grids = inputs.get("video_grid_thw")
     if callable(k) and grids is not None:
         raise EvoExportError("shrink_image_tokens: bucketed builds take images; videos need a video build")
-    per_video = (getattr(model, "evoexport_video_tokens", None) if tokens is None else None) or (lambda t: t * k)
-    video_limits = iter([per_video(t) for t in grids[:, 0].tolist()] if grids is not None else [])
+    # a video of T temporal patches: the attached build's count (a temporal build's groups), else T x K
+    per_video = getattr(model, "evoexport_video_tokens", None) if tokens is None else None
+    video_limits = iter([per_video(t) if per_video else t * k for t in grids[:, 0].tolist()]
+                        if grids is not None else [])
     # a bucketed build: each image's K is that of the grid it runs at (its image_grid_thw row)
     image_limits = (iter([k(*row) for row in inputs["image_grid_thw"].tolist()]) if callable(k)
                     else itertools.repeat(k))

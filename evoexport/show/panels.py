@@ -101,9 +101,10 @@ def frame_label(numbers) -> str:
 
 
 def temporal_columns(runner, groups: np.ndarray, frame_numbers: np.ndarray) -> list[list[Image.Image]]:
-    """A temporal build on groups [B, G, 3 (6: frame pairs), H, W]: per frame, the frame, the patches it kept,
-    and every patch tinted by the group's token that answers for it (a patch of a later frame
-    tinted as in the anchor was answered by the anchor's token)."""
+    """A temporal build on groups [B, G, 3, H, W] (a video build's: [B, G, 6, H, W], frame
+    pairs): per frame, the frame, the patches it kept, and every patch tinted by the group's
+    token that answers for it (a patch of a later frame tinted as in the anchor was answered
+    by the anchor's token)."""
     out = runner.arrays(groups)
     m = runner.manifest
     grid, columns = m.grid, []

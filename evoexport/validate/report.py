@@ -222,12 +222,13 @@ def validate(build_dir: str | Path, backend: str = "onnxruntime", pipeline=None,
         if entry["name"] in specs:     # a fused build's one graph (export/fuse.py) is the chain, checked below
             graphs += _check_graph(be, entry, specs[entry["name"]], ref_env, tol, select_tol)
     chain, batch = _check_chains(runner, pipe, x, tol, {k: v.numpy() for k, v in ref_env.items()})
+    frames = x.shape[0] * x.shape[1] * manifest.frames_per_input    # a temporal build's clip
     report = {
         "passed": all(g["ok"] for g in graphs) and chain["ok"] and batch["ok"],
         "backend": be.name,
         "reference": f"torch {torch.__version__} (cpu)",
         "precision": precision,
-        "images": list(images) if not manifest.temporal else [f"bikes frames 100-{99 + x.shape[0] * x.shape[1] * manifest.frames_per_input}"],
+        "images": list(images) if not manifest.temporal else [f"bikes frames 100-{99 + frames}"],
         "batch": int(x.shape[0]),
         "weights": manifest.weights,
         "tolerances": tol,

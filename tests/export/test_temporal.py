@@ -136,7 +136,7 @@ def test_bad_clips_and_options_get_one_error_line(temporal_build, tmp_path):
         (("run", build_dir, "--input", bikes, "--frames", 6, "--output", out), "multiple of 4"),
         (("run", build_dir, "--input", spliced_clip(tmp_path / "spliced.ts"), "--frames", 8, "--output", out),
          "one frame size"),
-        (("show", build_dir, "--input", bikes, "--frames", 6, "--output", tmp_path / "s.png"), "multiple of its group"),
+        (("show", build_dir, "--input", bikes, "--frames", 6, "--output", tmp_path / "s.png"), "a multiple of 4 (groups of 4 frames)"),
         (("build", "--model", "llava-tiny", "--temporal", "1:0.25", "--out", tmp_path / "b"), "group"),
         (("build", "--model", "llava-tiny", "--temporal", "four", "--out", tmp_path / "b"), "G:KEEP"),
         (("build", "--model", "llava-tiny", "--temporal", "4:1.5", "--out", tmp_path / "b"), "keep"),

@@ -41,7 +41,8 @@ def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _chat(url: str, images: list[str], text: str = "what is in the image?", video: str | None = None) -> tuple[int, dict]:
+def _chat(url: str, images: list[str], text: str = "what is in the image?",
+          video: str | None = None) -> tuple[int, dict]:
     """A chat completion of images, text and optionally a video_url."""
     content = [{"type": "image_url", "image_url": {"url": u}} for u in images] + [{"type": "text", "text": text}]
     if video:

@@ -3,8 +3,9 @@ prompts with images through `vllm.LLM`, stock or with the evoexport plugin, one 
 another in one process. Reads a JSON spec from argv[1], prints one JSON line of results.
 
 spec: {"model": DIR, "runs": [{"name", "build": DIR|null, "embeds_build": DIR|null}],
-       "prompts": [{"prompt": str, "images": [PNG path, ...], "error": bool (refusal expected), "video": {"frames": NPY path,
-                    "fps": float, "size": [H, W]|null}|null}], "max_tokens": n, "logprobs": n|null,
+       "prompts": [{"prompt": str, "images": [PNG path, ...], "error": bool (a refusal expected),
+                    "video": {"frames": NPY path, "fps": float, "size": [H, W]|null}|null}],
+       "max_tokens": n, "logprobs": n|null,
        "pixels_dir": DIR|null}
 With logprobs, each answer also holds its first token's top-n log probabilities.
 With pixels_dir, the checkpoint's image processor as vLLM loads it (transformers' torchvision

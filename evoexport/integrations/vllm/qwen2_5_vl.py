@@ -160,6 +160,7 @@ def _video_outputs(config, pairs: torch.Tensor, dummy: bool) -> tuple[np.ndarray
 
 
 def _dummy_video(manifest, pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """video_units' layout for `pairs` temporal patches (whole groups), with zero features."""
     g = manifest.group
     later = [manifest.temporal["schedule"][-1]["tokens"]] * (g - 1) if manifest.temporal else []
     counts = [manifest.tokens_per_image] + later        # each patch's tokens in a group
@@ -167,6 +168,7 @@ def _dummy_video(manifest, pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     kept = np.tile(np.concatenate([np.arange(k) for k in counts]), groups)
     patches = (np.repeat(np.arange(g), counts) + g * np.arange(groups)[:, None]).reshape(-1)
     return np.zeros((len(kept), manifest.features["shape"][-1]), np.float32), kept, patches
+
 
 def _resized(image, size: tuple[int, int], Image):
     height, width = size
