@@ -23,9 +23,12 @@ QUIET = Progress(enabled=False)
 
 
 @pytest.fixture(scope="session")
-def vllm_python() -> str:
+def vllm_python(tmp_path_factory) -> str:
     done = subprocess.run([str(ROOT / "scripts" / "setup-env"), "--vllm"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    # vLLM leaves its engines' IPC sockets in VLLM_RPC_BASE_PATH (default: /tmp) when they
+    # exit; the test run's own folder goes with the run
+    os.environ["VLLM_RPC_BASE_PATH"] = str(tmp_path_factory.mktemp("vllm-ipc"))
     return str(ROOT / ".venv-vllm" / "bin" / "python")
 
 
