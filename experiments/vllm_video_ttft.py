@@ -12,8 +12,8 @@ saved in bf16 as OneVision ships; vLLM runs it in bf16. Every system prefills th
 16 x 196 + 1 video tokens (a pruned frame reaches the LLM as its pooled dense map), so what
 pruning saves is the encoder's time. One engine at a time, each in its own process (two
 would not fit in memory), in rounds whose order rotates; per system and round one warm-up
-request, then --requests timed ones, each `generate()` of one token on the clip with one pixel changed (vLLM's
-multimodal cache would otherwise skip the encoder). The plugin's encoder runs on --backend.
+request, then --requests timed ones, each `generate()` of one token on the clip with one
+pixel changed (vLLM's multimodal cache would otherwise skip the encoder). The plugin's encoder runs on --backend.
 """
 from __future__ import annotations
 

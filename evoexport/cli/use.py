@@ -128,9 +128,7 @@ def _video_chunks(input_path, numbers, m, batch: int):
     input, a temporal build's groups [B, G, 3, H, W], or a video build's frames stacked in
     pairs [B, 6, H, W] (an odd count repeats the last frame, as Qwen's video processor does);
     a temporal video build's groups of pairs [B, G, 6, H, W]."""
-    import numpy as np
-
-    from ..inputs.video import iter_video_pixels, stack_frames
+    from ..inputs.video import iter_video_pixels, stack_frame_numbers, stack_frames
 
     group, k = m.group, m.frames_per_input
     pixels = iter_video_pixels(input_path, numbers, m.image_size, m.preprocess, batch * group * k)
@@ -139,9 +137,8 @@ def _video_chunks(input_path, numbers, m, batch: int):
         return len(numbers) // (group * k), {"frame_numbers": numbers.reshape(shape)}, (
             stack_frames(p, k).reshape(-1, group, 3 * k, *p.shape[2:]) for p in pixels)
     # a pair's padding frame is decoded once: stack_frames repeats it in the last chunk
-    padded = np.concatenate([numbers, np.repeat(numbers[-1:], -len(numbers) % k)])
-    return len(padded) // k, {"frame_numbers": padded.reshape(-1, k) if k > 1 else numbers}, (
-        stack_frames(p, k) for p in pixels)
+    per_input = stack_frame_numbers(numbers, k)
+    return len(per_input), {"frame_numbers": per_input}, (stack_frames(p, k) for p in pixels)
 
 
 def _short_list(values: list) -> str:
@@ -202,7 +199,7 @@ def show(build_dir, inputs, output, backend, frames):
     from ..progress import Progress
     from ..runtime.runner import load
     from ..show.panels import show as render_show
-    from ..inputs.video import is_video, stack_frames, video_pixels
+    from ..inputs.video import is_video, stack_frame_numbers, stack_frames, video_pixels
 
     check_output_path(output, "--output", ".png")
     videos = [p for p in inputs if is_video(p)]
@@ -227,7 +224,7 @@ def show(build_dir, inputs, output, backend, frames):
         pixels, numbers = video_pixels(videos[0], frames, m.image_size, m.preprocess)
         if k > 1:    # pairs of consecutive frames; an odd count repeats the last, as run does
             pixels = stack_frames(pixels, k)
-            numbers = np.concatenate([numbers, np.repeat(numbers[-1:], -len(numbers) % k)]).reshape(-1, k)
+            numbers = stack_frame_numbers(numbers, k)
     elif inputs:
         pixels = np.concatenate([runner.check_input(np.ascontiguousarray(read_pixels(Path(p), m), dtype=np.float32))
                                  for p in inputs])

@@ -157,6 +157,15 @@ def video_pixels(path: str | Path, count: int, size: int, pre: dict) -> tuple[np
     return next(iter_video_pixels(path, numbers, size, pre, batch=count)), numbers
 
 
+def stack_frame_numbers(numbers: np.ndarray, per_input: int) -> np.ndarray:
+    """The frame numbers of stack_frames' inputs, [ceil(F/k), k] (the last repeated as
+    stack_frames repeats it); k = 1: the numbers as they are."""
+    if per_input == 1:
+        return numbers
+    padded = np.concatenate([numbers, np.repeat(numbers[-1:], -len(numbers) % per_input)])
+    return padded.reshape(-1, per_input)
+
+
 def stack_frames(frames: np.ndarray, per_input: int) -> np.ndarray:
     """Frames [F, 3, H, W] as a video build's inputs [ceil(F/k), 3k, H, W]: k consecutive
     frames stacked on the channel axis (Qwen2.5-VL's temporal patch, k = 2); a clip whose

@@ -156,7 +156,8 @@ def _video_outputs(config, pairs: torch.Tensor, dummy: bool) -> tuple[np.ndarray
             features, kept, patches = video_units(runner_for(config), pairs)
     except EvoExportError as e:       # a clip that does not fill a temporal build's groups: a client error
         raise ValueError(str(e)) from None
-    return features.astype(np.float32), kept.astype(np.int64), patches.astype(np.int64)
+    return (features.astype(np.float32, copy=False), kept.astype(np.int64, copy=False),
+            patches.astype(np.int64, copy=False))
 
 
 def _dummy_video(manifest, pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
